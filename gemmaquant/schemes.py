@@ -1,0 +1,134 @@
+"""The registry of quantization schemes, keyed by the names users type (case-insensitive).
+
+The CLI's choices, `gemmaquant schemes`, recipe validation and the README table all read SCHEMES.
+Two families: compressed-tensors safetensors for vLLM, and GGUF presets for llama.cpp / llamafile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import GemmaQuantError
+
+CT, GGUF = "compressed-tensors", "gguf"
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """One compressed-tensors args object (weights or input activations)."""
+
+    num_bits: int
+    type: str  # "float" | "int"
+    strategy: str  # "channel" | "tensor" | "group" | "token"
+    symmetric: bool = True
+    group_size: int | None = None
+    dynamic: bool = False
+    observer: str | None = "minmax"
+
+    def __post_init__(self):
+        if self.type not in ("float", "int"):
+            raise ValueError(f"type {self.type!r}")
+        if self.strategy == "group" and not self.group_size:
+            raise ValueError("group strategy needs group_size")
+
+    def to_config(self, actorder: str | None = None) -> dict:
+        """The minimal key set every vLLM since ct 0.11 accepts (see docs/vllm-formats.md §0)."""
+        return {
+            "num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
+            "group_size": self.group_size, "strategy": self.strategy, "block_structure": None,
+            "dynamic": self.dynamic, "actorder": actorder, "observer": self.observer,
+            "observer_kwargs": {},
+        }
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # what users type
+    family: str  # CT or GGUF
+    summary: str
+    engine: str  # who loads the output
+    label: str  # goes into default output names: gemma-2-9b-it-FP8-dynamic/, gemma-2-2b-it.Q6_K.gguf
+    # compressed-tensors
+    ct_format: str | None = None  # "float-quantized" | "int-quantized" | "pack-quantized"
+    weights: QuantArgs | None = None
+    input_activations: QuantArgs | None = None
+    algorithms: tuple[str, ...] = ()  # allowed algorithms, first is the default
+    # GGUF
+    ftype: int | None = None  # llama.cpp LlamaFileType (general.file_type)
+    default_type: str | None = None  # GGML type most 2-D tensors get
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.family == GGUF
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static input scales and the non-RTN algorithms need activations."""
+        static_act = self.input_activations is not None and not self.input_activations.dynamic
+        return static_act or (bool(self.algorithms) and self.algorithms[0] != "rtn")
+
+
+_CH8F = QuantArgs(8, "float", "channel")
+_TOKEN8F = QuantArgs(8, "float", "token", dynamic=True, observer=None)
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def _add(s: Scheme):
+    SCHEMES[s.name] = s
+
+
+_add(Scheme("fp8", CT, "FP8 E4M3 W8A8: per-channel weight scales, dynamic per-token activations",
+            "vLLM (Hopper/Ada FP8; Marlin W8A16 fallback on Ampere)", "FP8-dynamic",
+            ct_format="float-quantized", weights=_CH8F, input_activations=_TOKEN8F, algorithms=("rtn",)))
+_add(Scheme("fp8-static", CT, "FP8 E4M3 W8A8: per-tensor weight scale, static per-tensor input scale from calibration",
+            "vLLM (Hopper/Ada FP8)", "FP8",
+            ct_format="float-quantized", weights=QuantArgs(8, "float", "tensor"),
+            input_activations=QuantArgs(8, "float", "tensor", observer="minmax"), algorithms=("rtn",)))
+_add(Scheme("int8", CT, "INT8 W8A8: per-channel symmetric weights, dynamic per-token activations, SmoothQuant",
+            "vLLM (T4/Turing and newer; CUTLASS int8)", "INT8-W8A8",
+            ct_format="int-quantized", weights=QuantArgs(8, "int", "channel"),
+            input_activations=QuantArgs(8, "int", "token", dynamic=True, observer=None),
+            algorithms=("smoothquant", "rtn")))
+_add(Scheme("int8-w8a16", CT, "INT8 weight-only, per-channel symmetric, pack-quantized",
+            "vLLM (Marlin/Machete WNA16)", "INT8-W8A16",
+            ct_format="pack-quantized", weights=QuantArgs(8, "int", "channel"), algorithms=("rtn", "gptq")))
+_add(Scheme("w4a16", CT, "INT4 weight-only, group 128, symmetric, pack-quantized, GPTQ",
+            "vLLM (Marlin/Machete WNA16; T4 via exllama/Machete fallbacks)", "W4A16",
+            ct_format="pack-quantized", weights=QuantArgs(4, "int", "group", group_size=128),
+            algorithms=("gptq", "awq", "rtn")))
+_add(Scheme("w4a16-asym", CT, "INT4 weight-only, group 128, asymmetric with zero points, pack-quantized, GPTQ",
+            "vLLM >= 0.8.5 (zero points)", "W4A16-asym",
+            ct_format="pack-quantized", weights=QuantArgs(4, "int", "group", symmetric=False, group_size=128),
+            algorithms=("gptq", "awq", "rtn")))
+
+# GGUF presets: llama.cpp's LlamaFileType values and default tensor types (docs/gguf-gemma.md §4.2).
+for _name, _ftype, _default, _summary in [
+    ("bf16", 32, "BF16", "unquantized bfloat16 (recommended unquantized format for Gemma)"),
+    ("f16", 1, "F16", "unquantized float16 (Gemma activations may overflow fp16 engines)"),
+    ("q8_0", 7, "Q8_0", "8-bit, 32-weight blocks; near-lossless"),
+    ("q6_k", 18, "Q6_K", "6.56 bpw K-quant"),
+    ("q5_k_m", 17, "Q5_K", "5-bit K-quant, attn_v/ffn_down bumped to Q6_K on some layers"),
+    ("q5_k_s", 16, "Q5_K", "5-bit K-quant, small"),
+    ("q4_k_m", 15, "Q4_K", "4-bit K-quant, attn_v/ffn_down bumped to Q6_K on some layers"),
+    ("q4_k_s", 14, "Q4_K", "4-bit K-quant, small"),
+    ("q4_0", 2, "Q4_0", "legacy 4-bit, 32-weight blocks"),
+]:
+    _add(Scheme(_name, GGUF, _summary, "llama.cpp / llamafile / ollama", _name.upper(),
+                ftype=_ftype, default_type=_default))
+
+
+def get_scheme(name: str) -> Scheme:
+    key = name.strip().lower().replace("_", "-") if name else ""
+    for s in SCHEMES.values():
+        if key in (s.name, s.name.replace("_", "-")) or key in s.aliases:
+            return s
+    raise GemmaQuantError(f"unknown scheme {name!r} (allowed: {', '.join(SCHEMES)})")
+
+
+def scheme_table() -> list[dict]:
+    """Rows for `gemmaquant schemes` and the README."""
+    return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
+             "algorithms": ", ".join(s.algorithms) if s.algorithms else "llama.cpp reference"}
+            for s in SCHEMES.values()]
