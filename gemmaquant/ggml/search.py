@@ -1,0 +1,231 @@
+"""The scale searches of `ggml/src/ggml-quants.c`, vectorized over sub-blocks, bit-exact in float32.
+
+Layout: a group of sub-blocks is a `[P, M]` float32 tensor, P = weights per sub-block (8, 16 or
+32) and M = number of sub-blocks; row `x[i]` holds weight i of every sub-block. Per-sub-block
+state is `[M]`. Reductions run as Python loops over the P rows (`acc = acc + term`), because
+ggml sums left to right starting at 0.0f and `sum()`/matmul would reorder and flip rare
+decisions. Candidate loops keep ggml's order and update state with `torch.where`.
+
+Numerics traps handled here (each flips real blocks if ignored):
+* ggml evaluates `a*b*c` as `(a*b)*c` with no FMA (libggml-base is built for baseline x86-64).
+* Divisions stay divisions. `const / tensor` in torch is `reciprocal(t) * const`, and on CUDA
+  `tensor / python_scalar` multiplies by the reciprocal, so both go through `div()` below.
+* torch's float32 CPU `sqrt` is not correctly rounded: `sqrt()` below goes through double.
+* `nearest_int` is emulated bit for bit (add 1.5*2^23, read the mantissa), not with round().
+* `uint8_t` stores wrap (`& 0xFF`) before any MIN/compare that follows them in C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUP_MAX_EPS = float(np.float32(1e-15))
+
+
+def f32(value: float) -> float:
+    """A C float literal: the Python float holding exactly float32(value)."""
+    return float(np.float32(value))
+
+
+def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """True float32 division a / b, with Python-scalar operands turned into device tensors."""
+    ref = a if isinstance(a, torch.Tensor) else b
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(a, dtype=torch.float32, device=ref.device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.tensor(b, dtype=torch.float32, device=ref.device)
+    return torch.div(a, b)
+
+
+def sqrt(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrtf. torch's float32 CPU sqrt is not (~17% of values are 1 ulp
+    off); a double sqrt rounded to float is exact (53 >= 2*24 + 2 bits, so no double rounding)."""
+    return torch.sqrt(v.double()).float()
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: round half to even for |v| < 2^22 (and its exact bits beyond). int32."""
+    bits = (v + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(terms: torch.Tensor, start_at_zero: bool = True) -> torch.Tensor:
+    """Left-to-right sum over dim 0 of [P, M]. `0.0f + t0` turns a leading -0.0 into +0.0."""
+    acc = terms[0] + 0.0 if start_at_zero else terms[0].clone()
+    for i in range(1, terms.shape[0]):
+        acc += terms[i]
+    return acc
+
+
+def first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`if (|x_i| > amax) {amax = |x_i|; max = x_i;}` from amax = max = 0: (amax, signed max)."""
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        ax = x[i].abs()
+        take = ax > amax
+        amax = torch.where(take, ax, amax)
+        mx = torch.where(take, x[i], mx)
+    return amax, mx
+
+
+def running_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`min = max = x[0]; if (x_i < min) min = x_i; if (x_i > max) max = x_i;` (keeps ±0 as C)."""
+    mn, mx = x[0].clone(), x[0].clone()
+    for i in range(1, x.shape[0]):
+        mn = torch.where(x[i] < mn, x[i], mn)
+        mx = torch.where(x[i] > mx, x[i], mx)
+    return mn, mx
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): symmetric scale search.
+
+    x, qw: [P, M]. Returns (scale [M], L [P, M] int32 in 0..2*nmax-1). The scale is negative when
+    the largest-|x| weight is positive, so that weight maps to code 0 (= -nmax).
+    """
+    amax, mx = first_abs_max(x)
+    w = qw if qw is not None else x * x
+    wx = w * x
+
+    # |iscale * x| <= nmax + 1 because |x| <= |mx|, so round() equals nearest_int here; codes
+    # stay float32 (-nmax..nmax-1) until the end.
+    def candidate(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        l = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+        return l, seq_sum(wx * l), seq_sum((w * l) * l)
+
+    L, sumlx, suml2 = candidate(div(float(-nmax), mx))
+    scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        c = -(np.float32(nmax) + np.float32(0.1) * np.float32(step))
+        l, sumlx, suml2 = candidate(div(float(c), mx))
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(take, div(sumlx, suml2), scale)
+        best = torch.where(take, scale * sumlx, best)
+        L = torch.where(take, l, L)
+    zero = amax < GROUP_MAX_EPS  # (also masks the inf/NaN grids of those sub-blocks)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L.to(torch.int32) + nmax)
+
+
+def _grid_codes(
+    x: torch.Tensor, iscale: torch.Tensor, cur_min: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, nmax: int
+) -> torch.Tensor:
+    """clamp(nearest_int(iscale * (x - cur_min)), 0, nmax) as float32 codes [P, M].
+
+    round() equals nearest_int only below 2^22. The argument is monotone in x, so its extremes are
+    at mn and mx; when cur_min > mn and mx - cur_min is tiny they can exceed 2^22 and ggml's
+    nearest_int returns mantissa garbage, which we then reproduce exactly (rare: a slow path).
+    """
+    v = iscale * (x - cur_min)
+    edge = torch.maximum((iscale * (mn - cur_min)).abs(), (iscale * (mx - cur_min)).abs())
+    if bool((edge >= 4194304.0).any()):
+        return nearest_int(v).clamp_(0, nmax).float()
+    return torch.round(v).clamp_(0, nmax)
+
+
+def make_qkx(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants (qkx3=False) / make_qkx3_quants (qkx3=True) with use_mad=false.
+
+    Asymmetric search x ≈ scale*L - the_min. x, w: [P, M]. Returns (scale [M], the_min [M], L
+    [P, M] int32 in 0..nmax). The grid of candidate k is built around `cur_min`, which starts at
+    min(x, 0) and becomes the min of every accepted candidate.
+    """
+    mn, mx = running_min_max(x)
+    wx = w * x
+    sum_w = seq_sum(w, start_at_zero=False)
+    sum_x = seq_sum(wx, start_at_zero=False)
+    mn = torch.where(mn > 0, 0.0, mn)
+    degenerate = (mx <= mn) if qkx3 else (mx == mn)
+
+    iscale = div(float(nmax), mx - mn)
+    scale = div(1.0, iscale)
+    L = torch.round(iscale * (x - mn)).clamp_(0, nmax)  # 0 <= iscale*(x - mn) <= nmax: exact
+    diff = (scale * L + mn) - x
+    best = seq_sum(w * (diff * diff))
+    cur_min = mn
+    for step in range(nstep + 1):
+        c = (np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
+        iscale = div(float(c), mx - cur_min)
+        lf = _grid_codes(x, iscale, cur_min, mn, mx, nmax)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
+        this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
+        clip = this_min > 0
+        this_min = torch.where(clip, 0.0, this_min)
+        this_scale = torch.where(clip, div(sum_xl, sum_l2), this_scale)
+        diff = (this_scale * lf + this_min) - x
+        err = seq_sum(w * (diff * diff))
+        take = (D > 0) & (err < best)
+        L = torch.where(take, lf, L)
+        best = torch.where(take, err, best)
+        scale = torch.where(take, this_scale, scale)
+        cur_min = torch.where(take, this_min, cur_min)
+    scale = torch.where(degenerate, 0.0, scale)
+    the_min = -torch.where(degenerate, mn, cur_min)
+    return scale, the_min, torch.where(degenerate, 0, L.to(torch.int32))
+
+
+def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants(n, nmax, x, L, quant_weights): quantize non-negative sub-block scales.
+
+    x, w: [8, B] (the 8 scales or mins of each K-quant block). Returns (scale [B], L [8, B] int32
+    holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
+    """
+    mx = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        mx = torch.where(mx > x[i], mx, x[i])  # MAX(max, x[i])
+    zero = mx < GROUP_MAX_EPS
+
+    iscale = div(float(nmax), mx)
+    L = nearest_int(iscale * x) & 0xFF
+    scale = div(1.0, iscale)
+    diff = x - scale * L.float()
+    best = seq_sum((w * diff) * diff)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        c = np.float32(0.1) * np.float32(step) + np.float32(nmax)
+        iscale_k = div(float(c), mx)
+        scale_k = div(1.0, iscale_k)
+        l = nearest_int(iscale_k * x).clamp_(max=nmax)
+        diff = x - scale_k * l.float()
+        mse = seq_sum((w * diff) * diff)
+        take = mse < best
+        best = torch.where(take, mse, best)
+        iscale = torch.where(take, iscale_k, iscale)
+
+    L = nearest_int(iscale * x).clamp_(max=nmax) & 0xFF
+    wx = w * x
+    Lf = L.float()
+    sumlx = seq_sum(wx * Lf)
+    suml2 = seq_sum((w * Lf) * Lf)
+    rows = list(L.unbind(0))
+    for _ in range(5):
+        n_changed = 0
+        for i in range(x.shape[0]):
+            li = rows[i].float()
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = nearest_int(div(x[i] * sl2, slx)).clamp_(max=nmax)
+            nl = new_l.float()
+            slx_new = slx + wx[i] * nl
+            sl2_new = sl2 + (w[i] * nl) * nl
+            take = (slx > 0) & (sl2 > 0) & (new_l != rows[i])
+            take &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+            rows[i] = torch.where(take, new_l & 0xFF, rows[i])
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+            n_changed += int(take.any())
+        if n_changed == 0:  # a pass without change leaves every block as it was: later passes are no-ops
+            break
+    L = torch.stack(rows)
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)

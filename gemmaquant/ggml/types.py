@@ -1,0 +1,67 @@
+"""GGML tensor types we read and write, and their block geometry (`ggml/src/ggml-common.h`).
+
+A quantized row of `n` weights is `n / block` consecutive blocks of `bytes` bytes each; rows are
+consecutive. Only the types gemmaquant produces or reads back are listed.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from gemmaquant.errors import GemmaQuantError
+
+QK_K = 256  # super-block size of the K-quants
+
+
+class GGMLType(IntEnum):
+    """`enum ggml_type` values, as stored in a GGUF tensor info."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    BF16 = 30
+
+
+# type -> (weights per block, bytes per block). Sums follow the field order of the C structs.
+BLOCK: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q4_0: (32, 2 + 16),  # d f16, qs[16]
+    GGMLType.Q4_1: (32, 2 + 2 + 16),  # d, m, qs[16]
+    GGMLType.Q5_0: (32, 2 + 4 + 16),  # d, qh u32, qs[16]
+    GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),  # d, m, qh u32, qs[16]
+    GGMLType.Q8_0: (32, 2 + 32),  # d, qs int8[32]
+    GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),  # d, dmin, scales[12], qs[128]
+    GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # d, dmin, scales, qh[32], qs[128]
+    GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128], qh[64], scales[16], d
+}
+
+
+def ggml_type(value: int | str | GGMLType) -> GGMLType:
+    """Look a type up by number or name ("Q6_K", "q6_k"), with an error listing the supported ones."""
+    try:
+        if isinstance(value, str):
+            return GGMLType[value.upper()]
+        return GGMLType(value)
+    except (KeyError, ValueError):
+        allowed = ", ".join(f"{t.name} ({int(t)})" for t in GGMLType)
+        raise GemmaQuantError(f"unsupported GGML type {value!r}; supported: {allowed}") from None
+
+
+def row_bytes(qtype: GGMLType, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` weights; the row must be a whole number of blocks."""
+    qtype = ggml_type(qtype)
+    block, nbytes = BLOCK[qtype]
+    if n_per_row <= 0 or n_per_row % block != 0:
+        raise GemmaQuantError(
+            f"row size {n_per_row} is not a positive multiple of the {qtype.name} block of {block}"
+        )
+    return n_per_row // block * nbytes

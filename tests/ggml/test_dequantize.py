@@ -1,0 +1,76 @@
+"""Our torch dequantizers against the `gguf` package's numpy ones: bit-equal float32 output on
+bytes from our quantizer, from llama.cpp's, on random bytes, and on the demo GGUF's real tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemmaquant.errors import GemmaQuantError
+from gemmaquant.ggml.dequantize import dequantize
+from gemmaquant.ggml.quantize import quantize
+from gemmaquant.ggml.types import GGMLType, row_bytes
+from tests.ggml.demo_gguf import quantized_tensor
+from tests.ggml.libggml import ggml_quantize, require_libggml
+from tests.ggml.test_quantize import FLOAT_TYPES, QUANT_TYPES, synthetic
+
+gguf = pytest.importorskip("gguf")
+
+
+def gguf_dequantize(data: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(int(qtype))).reshape(shape).astype(np.float32)
+
+
+def assert_bit_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
+    """Same float32 bits; NaNs only need to be NaN on both sides (payloads of random bytes vary)."""
+    o = ours.cpu().numpy()
+    assert o.dtype == np.float32 and o.shape == ref.shape
+    differ = o.view(np.uint32) != ref.view(np.uint32)
+    differ &= ~(np.isnan(o) & np.isnan(ref))
+    assert not differ.any(), f"{int(differ.sum())} of {differ.size} values differ"
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+def test_bytes_from_our_quantizer(qtype: GGMLType) -> None:
+    w = synthetic(64, 512)
+    data = quantize(w, qtype)
+    assert_bit_equal(dequantize(data, qtype, w.shape), gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_bytes_from_libggml_with_imatrix(qtype: GGMLType) -> None:
+    require_libggml()
+    w = synthetic(32, 1024, seed=3)
+    data = ggml_quantize(w, qtype, torch.rand(1024) + 0.1)
+    assert_bit_equal(dequantize(data, qtype, w.shape), gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+def test_random_bytes_and_flat_input(qtype: GGMLType) -> None:
+    # Every bit pattern: subnormal/inf/NaN scales, 6-bit scale packings with all high bits set.
+    shape = (8, 512)
+    data = torch.randint(0, 256, (shape[0] * row_bytes(qtype, shape[1]),), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(int(qtype)))  # fmt: skip
+    assert_bit_equal(dequantize(data, qtype, shape), gguf_dequantize(data.numpy().reshape(shape[0], -1), qtype, shape))
+
+
+DEMO_TENSORS = ["blk.0.attn_output.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight",
+                "blk.0.attn_v.weight", "token_embd.weight"]  # fmt: skip
+
+
+def test_real_demo_tensors(request: pytest.FixtureRequest) -> None:
+    # The Q4_K_M demo file holds Q4_K, Q5_0, Q6_K and Q8_0 tensors among these.
+    seen = set()
+    for name in DEMO_TENSORS:
+        qtype, data, shape = quantized_tensor(request.config, name, max_rows=1024)
+        ours = dequantize(torch.from_numpy(data), qtype, shape)
+        assert_bit_equal(ours, gguf_dequantize(data, qtype, shape))
+        seen.add(qtype)
+    assert seen >= {GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K, GGMLType.Q8_0}, seen
+
+
+def test_size_mismatch_is_a_user_error() -> None:
+    with pytest.raises(GemmaQuantError, match="Q6_K data of 100 bytes does not match shape"):
+        dequantize(torch.zeros(100, dtype=torch.uint8), GGMLType.Q6_K, (1, 256))
