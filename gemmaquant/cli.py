@@ -1,0 +1,239 @@
+"""The `gemmaquant` command line: each command parses, calls the library, renders with rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_INTERRUPTED, GemmaQuantError
+
+app = typer.Typer(
+    add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Quantize Gemma 1/2/3 checkpoints for vLLM (FP8/INT8/INT4 safetensors) and llama.cpp (GGUF), "
+         "and measure the drift with a built-in forward pass.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _set_threads(threads: Optional[int]):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _write_json(path: Optional[Path], data: dict):
+    if path is None:
+        return
+    text = json.dumps(data, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to measure perplexity on."),
+    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate at most N chunks (default: all)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+):
+    """Perplexity of MODEL on a text, by llama-perplexity's method (ppl ± stderr, tokens/s)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .evaluate import open_for_eval
+
+    _set_threads(threads)
+    runner = open_for_eval(model, dtype=dtype, device=device)
+    chunk_ids = runner.chunks(text, ctx, chunks)
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                  TimeRemainingColumn(), console=err, disable=quiet, transient=True) as bar:
+        task = bar.add_task("eval", total=len(chunk_ids))
+        res = runner.perplexity(chunk_ids, progress=lambda i: bar.update(task, completed=i))
+    data = {"model": model, "text": str(text), "dtype": str(runner.dtype).replace("torch.", ""),
+            "device": device, **res.to_dict()}
+    _write_json(json_path, data)
+    if not quiet and str(json_path) != "-":
+        t = Table(title=f"perplexity of {model}", show_header=False)
+        t.add_row("ppl", f"{res.ppl:.4f} ± {res.ppl_stderr:.4f}")
+        t.add_row("tokens scored", f"{res.tokens_scored} ({res.chunks} chunks of {res.ctx})")
+        t.add_row("speed", f"{res.tokens_per_second:.1f} tokens/s ({res.seconds:.1f} s)")
+        t.add_row("compute", f"{data['dtype']} on {device}")
+        out.print(t)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="rtn, gptq, awq, awq+gptq, smoothquant (per scheme)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", help="Tokens per calibration sample (default 512)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength (default 0.5)."),
+    imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix", help="GGUF: compute an importance matrix from calibration text."),
+    imatrix_file: Optional[Path] = typer.Option(None, "--imatrix-file", help="GGUF: use a llama.cpp imatrix file (GGUF or legacy .dat)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and estimated size; write nothing."),
+    device: str = typer.Option("cpu", "--device", help="Device for calibration passes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+):
+    """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
+    from .checkpoint import resolve_model
+    from .quantize import QuantizeOptions, check_family, default_output, run_quantize
+    from .recipes import load_recipe
+    from .schemes import get_scheme
+
+    _set_threads(threads)
+    settings: dict = {}
+    if recipe:
+        r = load_recipe(recipe)
+        settings = dict(r.settings)
+        if scheme and get_scheme(scheme).name != r.scheme.name:
+            raise GemmaQuantError(f"--scheme {scheme} contradicts recipe {r.name} (scheme {r.scheme.name})")
+        scheme = r.scheme.name
+    if not scheme:
+        raise GemmaQuantError("give --scheme or --recipe (schemes: see `gemmaquant schemes`)")
+    s = get_scheme(scheme)
+    check_family(s, out_path)
+    explicit = dict(algorithm=algorithm, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
+                    alpha=alpha, imatrix=imatrix)
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    if settings.get("calib") is not None:
+        settings["calib"] = Path(settings["calib"])
+    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device,
+                           command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
+    ckpt = resolve_model(model)
+    out_p = out_path or default_output(ckpt, s)
+    if dry_run:
+        from .plan_view import render_plan
+
+        render_plan(ckpt, s, out_p, opts, out, json_out)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, disable=quiet or json_out, transient=True) as bar:
+        task = bar.add_task("writing", total=None)
+
+        def progress(i, n, plan):
+            bar.update(task, total=n, completed=i, description=f"{plan.name}")
+
+        summary = run_quantize(ckpt, s, out_p, opts, progress=progress)
+    if json_out:
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        from .plan_view import render_summary
+
+        render_summary(summary, out)
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Output imatrix file (llama.cpp GGUF imatrix format)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
+    calib_samples: int = typer.Option(128, "--calib-samples"),
+    calib_len: int = typer.Option(512, "--calib-len"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Compute an importance matrix with the built-in forward pass and save it as llama.cpp does."""
+    from .checkpoint import resolve_model
+    from .export.atomic import atomic_output
+    from .imatrix import compute_imatrix
+
+    _set_threads(threads)
+    ckpt = resolve_model(model)
+    im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len)
+    with atomic_output(out_path, force=force, kind="file") as tmp:
+        im.save(tmp)
+    out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}")
+
+
+@app.command("recipes")
+def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """List the shipped recipes (use with `gemmaquant quantize MODEL --recipe NAME`)."""
+    from .recipes import load_recipe, shipped_recipes
+
+    rows = []
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        rows.append({"recipe": name, "scheme": r.scheme.name, "model": r.model or "",
+                     "description": r.description, "settings": r.settings})
+    if json_out:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    t = Table(title="gemmaquant recipes")
+    for col in ("recipe", "scheme", "model", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["recipe"], r["scheme"], r["model"], r["description"])
+    out.print(t)
+
+
+@app.command("schemes")
+def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """List the quantization schemes and GGUF presets."""
+    from .schemes import scheme_table
+
+    rows = scheme_table()
+    if json_out:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    t = Table(title="gemmaquant schemes")
+    for col in ("scheme", "format", "engine", "what"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["scheme"], r["format"], r["engine"], r["what"])
+    out.print(t)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main():
+    signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM cleans up like Ctrl-C
+    try:
+        app(standalone_mode=False)
+    except GemmaQuantError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing was left at the output path")
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

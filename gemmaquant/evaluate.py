@@ -1,0 +1,53 @@
+"""Open a model for evaluation and run perplexity on it (the library side of `gemmaquant eval`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint, resolve_model
+from .loading import load_model, resolve_dtype
+from .model import Gemma
+from .perplexity import PerplexityResult, chunk_tokens, perplexity, read_text
+
+
+@dataclass
+class EvalModel:
+    model: Gemma
+    tokenizer: object  # gemmaquant.tokenizer.Tokenizer
+    device: str
+    name: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def chunks(self, text_path: str | Path, ctx: int, n_chunks: int | None) -> torch.Tensor:
+        tokens = self.tokenizer.encode(read_text(text_path), add_bos=True)
+        return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=str(text_path))
+
+    def logits(self, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        return self.model(ids.to(self.device), logits_from=first)
+
+    def perplexity(self, chunks: torch.Tensor, progress: Callable[[int], None] | None = None) -> PerplexityResult:
+        return perplexity(self.logits, chunks, progress)
+
+
+def open_for_eval(model: str, dtype: str = "auto", device: str = "cpu") -> EvalModel:
+    """MODEL: an HF directory, repo id or 'demo' (dense), a `.gguf` file (any Gemma 1/2/3 GGUF,
+    llama.cpp's included) or a compressed-tensors directory; quantized weights stay packed."""
+    from .artifact import artifact_kind, open_artifact
+
+    dt = resolve_dtype(dtype, device)
+    if artifact_kind(model) != "hf":
+        art = open_artifact(model, dt, device)
+        return EvalModel(model=art.model, tokenizer=art.tokenizer, device=device, name=art.name)
+    from .tokenizer import load_tokenizer
+
+    ckpt: Checkpoint = resolve_model(model)
+    tok = load_tokenizer(ckpt.path)
+    m = load_model(ckpt, dt, device)
+    return EvalModel(model=m, tokenizer=tok, device=device, name=ckpt.name)

@@ -1,0 +1,101 @@
+"""What `quantize --dry-run` prints (the per-tensor plan and the estimated size) and the final summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import Checkpoint
+from .schemes import Scheme
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
+    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
+    cfg = ckpt.config
+    w = scheme.weights
+    rows = []
+    for name, shape in cfg.expected_shapes().items():
+        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if not is_linear:
+            why = "embedding (tied LM head): kept" if "embed_tokens" in name else "norm: copied byte for byte"
+            rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
+            continue
+        n, k = shape
+        if scheme.ct_format == "pack-quantized":
+            groups = k // w.group_size if w.strategy == "group" else 1
+            b = n * k * w.num_bits // 8 + n * groups * 2 + 16
+            if not w.symmetric:
+                b += math.ceil(n * w.num_bits / 32) * groups * 4
+            t = f"int{w.num_bits} packed" + (f" g{w.group_size}" if w.strategy == "group" else " per-channel")
+        else:
+            b = n * k + (n * 2 if w.strategy == "channel" else 2)
+            if scheme.input_activations is not None and not scheme.input_activations.dynamic:
+                b += 2
+            t = ("fp8 e4m3" if w.type == "float" else "int8") + f" per-{w.strategy}"
+        rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    return rows
+
+
+def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
+    from .ggml.types import row_bytes
+    from .gguf.plan import plan_types
+
+    rows = []
+    for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):
+        n_rows = p.numel // p.n_per_row
+        rows.append({"tensor": p.name, "shape": list(p.shape), "type": p.type.name,
+                     "bytes": n_rows * row_bytes(p.type, p.n_per_row), "note": p.reason})
+    return rows
+
+
+def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console: Console, as_json: bool):
+    rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
+        else ct_plan(ckpt, scheme)
+    total = sum(r["bytes"] for r in rows)
+    params = ckpt.config.param_count()
+    if as_json:
+        sys.stdout.write(json.dumps({"output": str(out_path), "scheme": scheme.name, "estimated_bytes": total,
+                                     "bits_per_weight": 8 * total / params, "tensors": rows}, indent=2) + "\n")
+        return
+    t = Table(title=f"plan: {ckpt.name} → {out_path} ({scheme.name})")
+    for col in ("tensor", "shape", "type", "bytes", "note"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["tensor"], "×".join(map(str, r["shape"])), r["type"], _human(r["bytes"]), r["note"])
+    console.print(t)
+    console.print(f"estimated output: {_human(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
+                  f"+ metadata; source {_human(ckpt.weight_nbytes())}. Nothing was written (--dry-run).")
+
+
+def render_summary(summary, console: Console):
+    t = Table(title=f"wrote {summary.output}", show_header=False)
+    t.add_row("scheme", f"{summary.scheme} ({summary.family})")
+    t.add_row("time", f"{summary.seconds:.1f} s")
+    t.add_row("size", f"{_human(summary.output_bytes)} (source {_human(summary.source_bytes)}, "
+                      f"{summary.bits_per_weight:.2f} bits per weight)")
+    t.add_row("peak memory", _human(summary.peak_rss_bytes))
+    if summary.types:
+        t.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(summary.types.items())))
+    kinds: dict[str, int] = {}
+    for _, why in summary.unquantized:
+        kinds[why] = kinds.get(why, 0) + 1
+    for why, n in kinds.items():
+        t.add_row("left unquantized", f"{n} tensors: {why}")
+    for note in summary.notes:
+        if note:
+            t.add_row("note", note)
+    console.print(t)

@@ -1,0 +1,173 @@
+"""The quantize pipeline: load → (calibrate) → write → verify, for both output families.
+
+    checkpoint ──► calibrate (calibrated schemes, --imatrix) ──► compressed-tensors writer ─► DIR/
+                                                          └──► GGUF writer ──────────────► FILE.gguf
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import GemmaQuantError
+from .schemes import Scheme
+
+
+@dataclass
+class QuantizeOptions:
+    algorithm: str | None = None
+    calib: Path | None = None
+    calib_samples: int = 128
+    calib_len: int = 512
+    alpha: float = 0.5
+    imatrix: bool = False
+    imatrix_file: Path | None = None
+    force: bool = False
+    device: str = "cpu"
+    command: str = ""
+
+
+@dataclass
+class QuantizeSummary:
+    output: Path
+    scheme: str
+    family: str
+    seconds: float
+    output_bytes: int
+    source_bytes: int
+    params: int
+    bits_per_weight: float
+    peak_rss_bytes: int
+    notes: list[str] = field(default_factory=list)
+    unquantized: list[tuple[str, str]] = field(default_factory=list)  # (tensor, why)
+    types: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "scheme": self.scheme, "format": self.family,
+                "seconds": round(self.seconds, 3), "output_bytes": self.output_bytes,
+                "source_bytes": self.source_bytes, "params": self.params,
+                "bits_per_weight": round(self.bits_per_weight, 4), "peak_rss_bytes": self.peak_rss_bytes,
+                "notes": self.notes, "unquantized": [{"tensor": t, "why": w} for t, w in self.unquantized],
+                "tensor_types": self.types}
+
+
+def default_output(ckpt: Checkpoint, scheme: Scheme) -> Path:
+    """gemma-2-2b-it.Q6_K.gguf / gemma-2-9b-it-FP8-dynamic (in the current directory)."""
+    name = "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+    if scheme.is_gguf:
+        return Path(f"{name}.{scheme.label}.gguf")
+    return Path(f"{name}-{scheme.label}")
+
+
+def check_family(scheme: Scheme, out: Path | None) -> None:
+    if out is not None and out.suffix == ".gguf" and not scheme.is_gguf:
+        raise GemmaQuantError(f"{out}: a .gguf output needs a GGUF scheme, not '{scheme.name}' "
+                              "(GGUF schemes: bf16, f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q4_0)")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
+                 progress=None) -> QuantizeSummary:
+    t0 = time.perf_counter()
+    check_family(scheme, out)
+    if scheme.is_gguf:
+        summary = _gguf(ckpt, scheme, out, opts, progress)
+    else:
+        summary = _compressed_tensors(ckpt, scheme, out, opts)
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_bytes = peak_rss()
+    return summary
+
+
+def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
+    from .gguf.imatrix_io import read_imatrix
+    from .gguf.writer import write_gguf
+
+    imatrix = imatrix_meta = None
+    notes = []
+    if opts.imatrix and opts.imatrix_file:
+        raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
+    if opts.imatrix_file:
+        im = read_imatrix(opts.imatrix_file)
+        imatrix, imatrix_meta = im.importance, im.meta()
+        notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
+    elif opts.imatrix:
+        from .imatrix import compute_imatrix
+
+        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                   seq_len=opts.calib_len, device=opts.device)
+        im = computed.to_imatrix()
+        imatrix, imatrix_meta = im.importance, im.meta()
+        notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}")
+    rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
+                     progress=progress)
+    params = sum(p.numel for p in rep.plans)
+    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
+    if rep.n_fallback:
+        notes.append(f"{rep.n_fallback} tensors took llama.cpp's fallback type (row length not a multiple of 256)")
+    return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=rep.file_bytes,
+                           source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * rep.file_bytes / params, peak_rss_bytes=0, notes=notes,
+                           unquantized=unq, types=rep.type_counts)
+
+
+def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
+    from .calib.pipeline import calibrate
+    from .export.safetensors_out import write_compressed_tensors
+
+    if opts.imatrix or opts.imatrix_file:
+        raise GemmaQuantError(f"--imatrix/--imatrix-file apply to GGUF schemes only, not {scheme.name}")
+    from .calib.pipeline import _check_algorithm
+
+    algorithm = _check_algorithm(scheme, opts.algorithm, False)
+    needs = scheme.needs_calibration if opts.algorithm is None else algorithm not in (None, "rtn") or \
+        scheme.needs_calibration
+    quantized = overrides = input_scales = None
+    calibration_note = "none (round-to-nearest needs no data)"
+    algo_note = "round-to-nearest (RTN), compressed-tensors min-max scales"
+    notes = []
+    if needs:
+        res = calibrate(ckpt, scheme, algorithm=algorithm, calib_path=opts.calib, n_samples=opts.calib_samples,
+                        seq_len=opts.calib_len, alpha=opts.alpha, device=opts.device, progress=True)
+        quantized = res.packed(scheme.ct_format) if res.quantized else None
+        overrides = res.overrides or None
+        input_scales = res.input_scales or None
+        src = str(opts.calib) if opts.calib else "gemmaquant's built-in calibration text"
+        calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens from {src}"
+        algo_note = _algorithm_note(algorithm, opts)
+        notes.append(res.notes)
+    rep = write_compressed_tensors(ckpt, scheme, out, quantized=quantized, overrides=overrides,
+                                   input_scales=input_scales, force=opts.force, command=opts.command,
+                                   algorithm_note=algo_note, calibration_note=calibration_note,
+                                   actorder="weight" if algorithm in ("gptq", "awq+gptq") else None)
+    size = _size(out)
+    params = ckpt.config.param_count()
+    return QuantizeSummary(output=out, scheme=scheme.name, family="compressed-tensors", seconds=0,
+                           output_bytes=size, source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * size / params, peak_rss_bytes=0, notes=notes + [algo_note],
+                           unquantized=list(getattr(rep, "unquantized", [])),
+                           types=dict(getattr(rep, "type_counts", {})))
+
+
+def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:
+    if algorithm == "smoothquant":
+        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then RTN"
+    if algorithm == "gptq":
+        return "GPTQ (damping 0.01, static act-order, block 128), no g_idx"
+    if algorithm == "awq":
+        return "AWQ-style activation-aware scale search (20-point grid), then RTN"
+    if algorithm == "awq+gptq":
+        return "AWQ scale search, then GPTQ"
+    return "round-to-nearest (RTN) with static input scales from calibration"
