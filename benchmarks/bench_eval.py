@@ -1,0 +1,121 @@
+"""Eval on the demo model: speed of our forward pass vs transformers vs llama.cpp, and perplexity agreement.
+
+    python benchmarks/bench_eval.py [--chunks 6] [--threads 2] [--ppl-chunks 0]
+
+Speed: the same chunks of ctx 512 of ../shared/data/dev-eval.txt, the same thread count, each engine
+computing logits for the second half of each chunk only (llama-perplexity's work); tokens/s counts
+processed tokens (ctx per chunk, like llama.cpp's prompt-eval rate), median over chunks.
+Perplexity: ours (bf16 weights, bf16 and float32 compute) vs llama.cpp on a bf16 GGUF of the same
+weights (written by gemmaquant, byte-identical to convert_hf_to_gguf.py --outtype bf16), full text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_ppl import LlamaCpp  # noqa: E402
+
+from gemmaquant.checkpoint import resolve_model  # noqa: E402
+from gemmaquant.loading import load_model  # noqa: E402
+from gemmaquant.perplexity import chunk_tokens, perplexity, read_text  # noqa: E402
+from gemmaquant.tokenizer import load_tokenizer  # noqa: E402
+
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-eval.txt"
+
+
+def timed(fn, chunks, first):
+    times = []
+    with torch.inference_mode():
+        fn(chunks[:1, :64], 32)  # warm-up
+        for c in chunks:
+            t0 = time.perf_counter()
+            fn(c[None], first)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--ppl-chunks", type=int, default=0, help="chunks for the ppl comparison (0 = all)")
+    ap.add_argument("--gguf", type=Path, default=None, help="bf16 GGUF of the demo (default: write one)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ckpt = resolve_model("demo")
+    tok = load_tokenizer(ckpt.path)
+    text = read_text(TEXT)
+    ids = chunk_tokens(tok.encode(text, add_bos=True), a.ctx, tok.bos_id, a.chunks)
+    first = a.ctx // 2
+    rows = []
+
+    def row(name, times):
+        med = statistics.median(times)
+        rows.append((name, a.ctx / med, med))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = load_model(ckpt, dtype)
+        row(f"gemmaquant ({str(dtype)[6:]})", timed(lambda x, f: m(x, logits_from=f), ids, first))
+        del m
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    row("transformers 5.23 (float32, sdpa)",
+        timed(lambda x, f: hf(x, logits_to_keep=x.shape[1] - f).logits, ids, first))
+    del hf
+
+    tmp = tempfile.TemporaryDirectory()
+    gguf_path = a.gguf
+    if gguf_path is None:
+        from gemmaquant.gguf.writer import write_gguf
+
+        gguf_path = Path(tmp.name) / "demo.BF16.gguf"
+        write_gguf(ckpt, "bf16", gguf_path)
+    lc = LlamaCpp(str(gguf_path), n_ctx=a.ctx, n_threads=a.threads)
+    lc.chunk_logits(ids[0, :64].tolist(), 32)
+    times = []
+    for c in ids:
+        t0 = time.perf_counter()
+        lc.chunk_logits(c.tolist(), first)
+        times.append(time.perf_counter() - t0)
+    row("llama.cpp (bf16 GGUF, llama-cpp-python 0.3.36)", times)
+
+    base = next(r for r in rows if r[0].startswith("transformers"))[1]
+    print(f"\n### Eval speed, demo model (Gemma 3 270M), ctx {a.ctx}, {a.chunks} chunks, {a.threads} threads\n")
+    print("| engine | tokens/s (median) | s/chunk | vs transformers |")
+    print("|---|---:|---:|---:|")
+    for name, tps, med in rows:
+        print(f"| {name} | {tps:.0f} | {med:.2f} | {tps / base:.2f}x |")
+
+    # perplexity agreement, full text (or --ppl-chunks)
+    n = a.ppl_chunks or None
+    lres = lc.perplexity(text, a.ctx, n)
+    ours_tokens = tok.encode(text, add_bos=True)
+    same_tokens = ours_tokens == lres["tokens"]
+    all_ids = chunk_tokens(ours_tokens, a.ctx, tok.bos_id, n)
+    print(f"\n### Perplexity, demo model, dev-eval.txt, ctx {a.ctx}, {len(all_ids)} chunks\n")
+    print(f"tokenization identical to llama.cpp's: {same_tokens} ({len(ours_tokens)} tokens)\n")
+    print("| engine | ppl | ± | vs llama.cpp |")
+    print("|---|---:|---:|---:|")
+    print(f"| llama.cpp bf16 GGUF | {lres['ppl']:.4f} | {lres['ppl_stderr']:.4f} | — |")
+    for dtype in (torch.bfloat16, torch.float32):
+        m = load_model(ckpt, dtype)
+        r = perplexity(lambda x, f: m(x, logits_from=f), all_ids)
+        print(f"| gemmaquant {str(dtype)[6:]} compute | {r.ppl:.4f} | {r.ppl_stderr:.4f} | "
+              f"{100 * (r.ppl / lres['ppl'] - 1):+.3f}% |")
+        del m
+    lc.close()
+
+
+if __name__ == "__main__":
+    main()
