@@ -154,11 +154,17 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None)
     size = _size(out)
     params = ckpt.config.param_count()
+    unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
+           if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
+    unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
+    errs = list(rep.weight_error.values())
+    if errs:
+        notes.append(f"relative weight error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
     return QuantizeSummary(output=out, scheme=scheme.name, family="compressed-tensors", seconds=0,
                            output_bytes=size, source_bytes=ckpt.weight_nbytes(), params=params,
-                           bits_per_weight=8 * size / params, peak_rss_bytes=0, notes=notes + [algo_note],
-                           unquantized=list(getattr(rep, "unquantized", [])),
-                           types=dict(getattr(rep, "type_counts", {})))
+                           bits_per_weight=8 * size / params, peak_rss_bytes=0,
+                           notes=notes + [algo_note] + rep.notes[:3],
+                           unquantized=unq, types={f"{scheme.label} Linears": len(rep.quantized)})
 
 
 def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:

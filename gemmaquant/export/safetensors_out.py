@@ -268,12 +268,15 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              calibration_note: str = "none (round-to-nearest needs no data)",
                              drift: dict | None = None, input_scales: dict[str, float | torch.Tensor] | None = None,
                              actorder: str | None = None, base_model: str | None = None,
-                             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> Report:
+                             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
+                             overrides: dict[str, torch.Tensor] | None = None) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
     quantized: {module name: Packed} from a calibrated algorithm (GPTQ, AWQ, SmoothQuant); other
         Linears are rounded to nearest here. input_scales: {module name: absmax(x)/448} for schemes
-        with static activations (fp8-static), unless the module's Packed carries one."""
+        with static activations (fp8-static), unless the module's Packed carries one.
+    overrides: {tensor name: tensor} replacing copied tensors (the norms SmoothQuant/AWQ folded scales
+        into); same dtype and shape as the source tensor."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
     if ckpt.config.multimodal:
@@ -305,6 +308,14 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                               "it takes no input scales")
     for m, p in quantized.items():  # fail before writing anything
         _check_packed(p, next(u for u in units if u.module == m))
+    overrides = dict(overrides or {})
+    copied = {u.source for u in units if u.module is None}
+    for name, t in overrides.items():
+        if name not in copied:
+            raise GemmaQuantError(f"override '{name}' is not a copied (non-Linear) tensor of {ckpt.path}")
+        if t.dtype != ckpt.dtype(name) or tuple(t.shape) != ckpt.shape(name):
+            raise GemmaQuantError(f"override '{name}': {t.dtype} {list(t.shape)} does not match the source "
+                                  f"{ckpt.dtype(name)} {list(ckpt.shape(name))}")
 
     shards = _shards(units, max_shard_bytes)
     names = [SINGLE_NAME] if len(shards) == 1 else \
@@ -323,7 +334,12 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                 f.write(header)
                 for u in shard:
                     bar.update(task, tensor=u.source)
-                    if u.module is None:
+                    if u.module is None and u.source in overrides:
+                        t = overrides[u.source].detach().cpu().contiguous()
+                        _check_finite(t, u.source, ckpt.file_of(u.source))
+                        parts = {u.source: _bytes_of(t)}
+                        report.notes.append(f"{u.source}: rewritten (calibration folded scales into it)")
+                    elif u.module is None:
                         _check_finite(ckpt.tensor(u.source), u.source, ckpt.file_of(u.source))
                         parts = {u.source: ckpt.raw_bytes(u.source)}
                         report.copied.append(u.source)
