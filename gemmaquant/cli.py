@@ -191,12 +191,21 @@ def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     out.print(t)
 
 
+from .inspect_cli import inspect_cmd  # noqa: E402
+
+app.command("inspect")(inspect_cmd)
+
+
 @app.command("schemes")
-def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")):
+def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+                markdown: bool = typer.Option(False, "--markdown", help="Print the README's markdown table.")):
     """List the quantization schemes and GGUF presets."""
-    from .schemes import scheme_table
+    from .schemes import scheme_markdown, scheme_table
 
     rows = scheme_table()
+    if markdown:
+        sys.stdout.write(scheme_markdown())
+        return
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return

@@ -95,7 +95,7 @@ _add(Scheme("int8-w8a16", CT, "INT8 weight-only, per-channel symmetric, pack-qua
             "vLLM (Marlin/Machete WNA16)", "INT8-W8A16",
             ct_format="pack-quantized", weights=QuantArgs(8, "int", "channel"), algorithms=("rtn", "gptq")))
 _add(Scheme("w4a16", CT, "INT4 weight-only, group 128, symmetric, pack-quantized, GPTQ",
-            "vLLM (Marlin/Machete WNA16; T4 via exllama/Machete fallbacks)", "W4A16",
+            "vLLM (WNA16 kernels: Marlin/Machete on Ampere+)", "W4A16",
             ct_format="pack-quantized", weights=QuantArgs(4, "int", "group", group_size=128),
             algorithms=("gptq", "awq", "rtn")))
 _add(Scheme("w4a16-asym", CT, "INT4 weight-only, group 128, asymmetric with zero points, pack-quantized, GPTQ",
@@ -127,8 +127,24 @@ def get_scheme(name: str) -> Scheme:
     raise GemmaQuantError(f"unknown scheme {name!r} (allowed: {', '.join(SCHEMES)})")
 
 
+def _gguf_algorithms(s: Scheme) -> str:
+    if s.default_type in ("BF16", "F16"):
+        return "conversion only"
+    if s.default_type == "Q8_0":
+        return "llama.cpp's rounding (ignores an imatrix)"
+    return "llama.cpp's scale search; optional --imatrix"
+
+
 def scheme_table() -> list[dict]:
     """Rows for `gemmaquant schemes` and the README."""
     return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
-             "algorithms": ", ".join(s.algorithms) if s.algorithms else "llama.cpp reference"}
+             "algorithms": ", ".join(s.algorithms) if s.algorithms else _gguf_algorithms(s)}
             for s in SCHEMES.values()]
+
+
+def scheme_markdown() -> str:
+    """The README's scheme table (tests check the README carries exactly this)."""
+    lines = ["| scheme | format | loads in | what | algorithms |", "|---|---|---|---|---|"]
+    for r in scheme_table():
+        lines.append(f"| `{r['scheme']}` | {r['format']} | {r['engine']} | {r['what']} | {r['algorithms']} |")
+    return "\n".join(lines) + "\n"
