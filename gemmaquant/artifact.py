@@ -1,0 +1,312 @@
+"""Open a quantized artifact — a GGUF file (ours or llama.cpp's), one of our compressed-tensors
+directories, or a plain bf16 HF directory — as a `Gemma` running the built-in forward pass.
+
+Quantized weights stay packed (see qlinear.py); the tied embedding / LM head is a QuantEmbedding
+so a 262k-row table is never expanded to float32 at once. Norm weights are kept in float32.
+
+GGUF hyperparameters follow what llama.cpp's loader does, not what HF configs say
+(docs/gguf-gemma.md §1.2): SWA pattern 2 (gemma2) / 6 (gemma3) unless a pattern key is stored,
+gemma2 window 4096 when absent, sliding-layer RoPE base 10000 when `rope.freq_base_swa` is absent,
+queries scaled by 1/sqrt(head_dim) except the 27B sizes (46 gemma2 / 62 gemma3 layers), which use
+1/sqrt(n_embd/n_head); norms are stored +1 and converted back to HF's (1 + w) form.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import FULL, SLIDING, GemmaConfig, config_from_dict
+from .errors import GemmaQuantError
+from .gguf_file import GGUFFile
+from .ggml.types import BLOCK, GGMLType
+from .model import Gemma
+from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
+
+GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+
+
+class QuantGemma(Gemma):
+    """Gemma whose embedding (and optional separate LM head) are QuantEmbedding modules."""
+
+    def __init__(self, cfg: GemmaConfig, compute_dtype: torch.dtype):
+        super().__init__(cfg)
+        self.compute_dtype = compute_dtype
+        self.lm_head: QuantEmbedding | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(ids).to(self.compute_dtype)
+        return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
+
+    def layer_context(self, seq_len: int, device=None, dtype=None):
+        from .model import make_layer_context
+
+        return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
+                                  dtype or self.compute_dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        table = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        logits = table.logits(self.model.norm(h))
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@dataclass
+class Artifact:
+    model: Gemma
+    tokenizer: object
+    kind: str  # "gguf" | "compressed-tensors" | "hf"
+    path: Path
+    name: str
+    files: list[Path]
+    formats: dict[str, int] = field(default_factory=dict)  # Linear format -> count
+    linear_weights: int = 0  # weights in the decoder Linears
+    linear_bytes: int = 0  # their stored bytes, scales and zero points included
+
+    @property
+    def config(self) -> GemmaConfig:
+        return self.model.cfg
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    @property
+    def bpw_linear(self) -> float:
+        return 8.0 * self.linear_bytes / self.linear_weights if self.linear_weights else float("nan")
+
+    @property
+    def bpw_file(self) -> float:
+        return 8.0 * self.size_bytes / self.config.param_count()
+
+
+def artifact_kind(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return "gguf"
+        raise GemmaQuantError(f"{p}: not a GGUF file and not a model directory")
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            qc = json.loads((p / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise GemmaQuantError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+        if qc is None:
+            return "hf"
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method != "compressed-tensors":
+            raise GemmaQuantError(f"{p}: quantization_config.quant_method {method!r} is not supported "
+                                  "(allowed: compressed-tensors)")
+        return "compressed-tensors"
+    return "hf"  # 'demo', a hub id, or a path checkpoint.py explains
+
+
+def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Artifact:
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        return _open_gguf(Path(path), dtype, device)
+    if kind == "compressed-tensors":
+        from .ct_artifact import open_ct
+
+        return open_ct(Path(path), dtype, device)
+    from .checkpoint import resolve_model
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    ckpt = resolve_model(path)
+    model = load_model(ckpt, dtype, device)
+    files = sorted(p for p in ckpt.path.iterdir() if p.suffix == ".safetensors")
+    n = sum(math.prod(s) for k, s in ckpt.config.linear_shapes().items()) * ckpt.config.num_hidden_layers
+    nbytes = sum(ckpt.raw_bytes(f"model.layers.{i}.{k}.weight").nbytes for i in range(ckpt.config.num_hidden_layers)
+                 for k in ckpt.config.linear_shapes())
+    fmt = str(ckpt.dtype("model.layers.0.mlp.up_proj.weight")).replace("torch.", "")
+    return Artifact(model, load_tokenizer(ckpt.path), "hf", ckpt.path, ckpt.name, files,
+                    {fmt: 7 * ckpt.config.num_hidden_layers}, n, nbytes)
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+def _u(gf: GGUFFile, key: str, default=None):
+    v = gf.get(key, default)
+    if v is None:
+        raise GemmaQuantError(f"{gf.path}: metadata key '{key}' is missing")
+    return v
+
+
+def gguf_config(gf: GGUFFile) -> GemmaConfig:
+    arch = gf.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise GemmaQuantError(f"{gf.path}: GGUF architecture {arch!r} is not a Gemma text model "
+                              f"(allowed: {', '.join(GGUF_ARCHS)})")
+    a = arch
+    mt = GGUF_ARCHS[arch]
+    n_layers = int(_u(gf, f"{a}.block_count"))
+    hidden = int(_u(gf, f"{a}.embedding_length"))
+    heads = int(_u(gf, f"{a}.attention.head_count"))
+    head_dim = int(gf.get(f"{a}.attention.key_length", hidden // heads))
+    if "token_embd.weight" not in gf.tensors:
+        raise GemmaQuantError(f"{gf.path}: tensor 'token_embd.weight' is missing")
+    vocab = gf.tensors["token_embd.weight"].shape[0]
+    theta = float(gf.get(f"{a}.rope.freq_base", 10000.0))
+    d = dict(
+        model_type=mt, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers,
+        intermediate_size=int(_u(gf, f"{a}.feed_forward_length")), num_attention_heads=heads,
+        num_key_value_heads=int(gf.get(f"{a}.attention.head_count_kv", heads)), head_dim=head_dim,
+        rms_norm_eps=float(gf.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(gf.get(f"{a}.context_length", 8192)), rope_theta=theta,
+        bos_token_id=gf.get("tokenizer.ggml.bos_token_id"), eos_token_id=gf.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=gf.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch == "gemma":
+        d["layer_types"] = [FULL] * n_layers
+        return config_from_dict(d, where=str(gf.path))
+    big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
+    d["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+    d["attn_logit_softcapping"] = gf.get(f"{a}.attn_logit_softcapping")
+    d["final_logit_softcapping"] = gf.get(f"{a}.final_logit_softcapping")
+    window = gf.get(f"{a}.attention.sliding_window", 4096 if arch == "gemma2" else None)
+    pattern = gf.get(f"{a}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if hasattr(pattern, "__len__"):  # per-layer flags (true = sliding)
+        sliding = [bool(x) for x in pattern][:n_layers]
+    else:  # llama.cpp set_swa_pattern: layer il slides iff il % n < n - 1
+        sliding = [int(pattern) == 0 or il % int(pattern) < int(pattern) - 1 for il in range(n_layers)]
+    if not window:
+        sliding = [False] * n_layers
+    d["sliding_window"] = int(window) if window else None
+    d["layer_types"] = [SLIDING if s else FULL for s in sliding]
+    d["rope_local_base_freq"] = float(gf.get(f"{a}.rope.freq_base_swa", 10000.0 if arch == "gemma3" else theta))
+    if gf.get(f"{a}.rope.scaling.type") == "linear":
+        d["rope_scaling"] = {"rope_type": "linear", "factor": float(_u(gf, f"{a}.rope.scaling.factor"))}
+    return config_from_dict(d, where=str(gf.path))
+
+
+def _first_bad_block(raw: torch.Tensor, qtype: GGMLType) -> int | None:
+    """Byte offset (within the tensor) of the first block whose fp16 scale/min (or float value) is
+    NaN/Inf, else None. Only the scale fields are read: codes are always finite."""
+    flat = raw.reshape(-1)
+    if qtype == GGMLType.F32:
+        bad = ~torch.isfinite(flat.view(torch.float32))
+        unit = 4
+    elif qtype in (GGMLType.F16, GGMLType.BF16):
+        bad = ~torch.isfinite(flat.view(torch.float16 if qtype == GGMLType.F16 else torch.bfloat16))
+        unit = 2
+    else:
+        _, unit = BLOCK[qtype]
+        blocks = flat.view(-1, unit)
+        fields = {GGMLType.Q6_K: [208]}.get(qtype, [0, 2] if qtype in (
+            GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K) else [0])
+        bad = torch.zeros(blocks.shape[0], dtype=torch.bool)
+        for f in fields:
+            half = blocks[:, f:f + 2].contiguous().view(torch.int16).view(-1)
+            bad |= (half & 0x7C00) == 0x7C00  # fp16 exponent all ones: Inf or NaN
+    idx = torch.nonzero(bad)
+    return None if idx.numel() == 0 else int(idx[0, 0]) * unit
+
+
+def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
+    from .gguf.names import hf_name
+
+    gf = GGUFFile(path)
+    cfg = gguf_config(gf)
+    expected = cfg.expected_shapes()
+    tensors: dict[str, str] = {}  # HF name -> GGUF name
+    for name, info in gf.tensors.items():
+        try:
+            hf = hf_name(name, cfg.generation)
+        except GemmaQuantError:
+            raise GemmaQuantError(f"{path}: unexpected tensor '{name}' for a {gf.get('general.architecture')} "
+                                  "model") from None
+        want = expected.get(hf, (cfg.vocab_size, cfg.hidden_size) if hf == "lm_head.weight" else None)
+        if tuple(info.shape) != tuple(want):
+            raise GemmaQuantError(f"{path}: tensor '{name}' has shape {list(info.shape)}, the metadata "
+                                  f"implies {list(want)}")
+        bad = _first_bad_block(gf.raw(name), info.qtype)
+        if bad is not None:
+            raise GemmaQuantError(f"{path}: tensor '{name}' has a NaN/Inf scale in the {info.qtype.name} block "
+                                  f"at byte offset {info.offset + bad} (corrupt)")
+        tensors[hf] = name
+    for hf in expected:
+        if hf not in tensors:
+            raise GemmaQuantError(f"{path}: tensor for '{hf}' is missing")
+
+    def qlin(hf: str) -> QuantLinear:
+        info = gf.tensors[tensors[hf]]
+        raw = gf.raw(tensors[hf])
+        if info.qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            return DenseLinear(raw.view({GGMLType.F32: torch.float32, GGMLType.F16: torch.float16,
+                                         GGMLType.BF16: torch.bfloat16}[info.qtype]))
+        return GGMLLinear(raw, info.qtype, *info.shape)
+
+    def norm(hf: str) -> torch.Tensor:  # stored as HF value + 1; F32 per the converter
+        info = gf.tensors[tensors[hf]]
+        if info.qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {info.qtype.name} (expected F32)")
+        return qlin(hf).weight.reshape(-1).float() - 1.0
+
+    model = _assemble(cfg, dtype, qlin, norm)
+    if "lm_head.weight" in tensors:
+        model.lm_head = QuantEmbedding(qlin("lm_head.weight"))
+    formats, n, nbytes = _linear_stats(model)
+    return Artifact(model.to(device), _gguf_tokenizer(gf), "gguf", path, path.name, [path], formats, n, nbytes)
+
+
+def _assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
+    """A QuantGemma whose Linears come from `qlin(hf_name)` and norms from `norm(hf_name)` (HF form)."""
+    with torch.device("meta"):
+        model = QuantGemma(cfg, dtype)
+    model.eval().requires_grad_(False)
+    model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
+    for i, layer in enumerate(model.layers):
+        for suffix in cfg.linear_shapes():
+            parent, attr = suffix.split(".")
+            setattr(getattr(layer, parent), attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+    for name, module in model.named_modules():
+        if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+            module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"unfilled tensors: {left[:3]}"
+    return model
+
+
+def _linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:
+    formats: dict[str, int] = {}
+    n = nbytes = 0
+    for layer in model.layers:
+        for m in layer.modules():
+            if isinstance(m, QuantLinear):
+                formats[m.fmt] = formats.get(m.fmt, 0) + 1
+                n += m.weight_count
+                nbytes += m.nbytes
+    return formats, n, nbytes
+
+
+def _gguf_tokenizer(gf: GGUFFile):
+    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*)."""
+    model = gf.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.model {model!r} is not supported (allowed: llama, "
+                              "the SentencePiece vocabulary Gemma uses)")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import Tokenizer
+    from .tokenizer_json import tokenizer_json_text
+
+    tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):
+        raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.tokens/scores/token_type are missing or differ in length")
+    pieces = list(zip(tokens, scores.tolist(), types.tolist()))
+    bos, eos, unk = (gf.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown"))
+    backend = HFTokenizer.from_str(tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3,
+                                                       bos_id=bos if bos is not None else 2, add_bos=False))
+    backend.post_processor = None  # Tokenizer.encode adds BOS itself
+    return Tokenizer(backend, bos_id=bos, eos_ids=[] if eos is None else [int(eos)],
+                     add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)), source=gf.path)

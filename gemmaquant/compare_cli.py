@@ -1,0 +1,270 @@
+"""`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] --text FILE`: drift of quantized artifacts.
+
+The lead registers it in cli.py with `app.command("compare")(compare_cmd)`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import GemmaQuantError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def _formats(fmts: dict[str, int]) -> str:
+    return ", ".join(f"{k}×{v}" for k, v in sorted(fmts.items(), key=lambda kv: -kv[1]))
+
+
+def _progress(label: str, total: int, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                   TimeRemainingColumn(), console=err, disable=quiet, transient=True)
+    return bar
+
+
+def _run(bar, label, total, fn):
+    with bar:
+        task = bar.add_task(label, total=total)
+        return fn(lambda i: bar.update(task, completed=i))
+
+
+def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
+                   layer_chunks: int, use_cache: bool, quiet: bool):
+    """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
+    from .artifact import open_artifact
+    from .drift import base_cache_key, compute_base_ref, load_cached, save_cached
+    from .perplexity import chunk_tokens, read_text
+
+    raw_text = read_text(text)
+    key = base_cache_key(base, raw_text.encode("utf-8"), ctx, chunks, dtype, topk, layer_chunks)
+    ref = load_cached(key) if use_cache else None
+    if ref is not None:
+        if not quiet:
+            err.print(f"[dim]base logits from the cache ({key[:12]})[/]")
+        return ref, ref.summary
+    art = open_artifact(base, dtype, device)
+    tokens = art.tokenizer.encode(raw_text, add_bos=True)
+    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=str(text))
+    bar = _progress("base", len(ids), quiet)
+    ref = _run(bar, "base", len(ids), lambda p: compute_base_ref(art.model, ids, topk, layer_chunks, p))
+    ref.summary = _summary(art)
+    ref.summary["text_tokens"] = len(tokens)
+    if use_cache:
+        save_cached(key, ref)
+    return ref, ref.summary
+
+
+def _summary(art) -> dict:
+    from .drift import SHAPE_FIELDS
+
+    cfg = art.config
+    return {"name": art.name, "path": str(art.path), "kind": art.kind, "size_bytes": art.size_bytes,
+            "bpw_linear": art.bpw_linear, "bpw_file": art.bpw_file, "formats": art.formats,
+            "config": {"model_type": cfg.model_type, **{f: getattr(cfg, f) for f in SHAPE_FIELDS}}}
+
+
+def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 512, chunks: Optional[int] = None,
+                      dtype: str = "auto", device: str = "cpu", topk: int = 128, layer_chunks: int = 1,
+                      use_cache: bool = True, quiet: bool = True) -> dict:
+    """The library side of `compare`: a JSON-able report."""
+    from types import SimpleNamespace
+
+    from .artifact import open_artifact
+    from .drift import FP16_MAX, check_compatible, compare
+    from .loading import resolve_dtype
+    from .perplexity import read_text
+
+    dt = resolve_dtype(dtype, device)
+    ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
+    base_cfg = SimpleNamespace(**base_sum["config"])
+    from .drift import ppl_stats
+
+    base_ppl, base_err = ppl_stats(ref.nll.reshape(-1))
+    report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
+                       "act_site": ref.act_site,
+                       "fp16_overflow_layers": [i for i, v in enumerate(ref.act_max) if not v <= FP16_MAX]},
+              "text": str(text), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
+              "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
+              "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
+    raw_text = None
+    for a in artifacts:
+        art = open_artifact(a, dt, device)
+        check_compatible(base_cfg, art.config, base, a)
+        bar = _progress(art.name, len(ref.chunks), quiet)
+        d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
+        raw_text = raw_text or read_text(text)
+        same_tok = art.tokenizer.encode(raw_text, add_bos=True)[: ref.chunks.numel()]
+        flat = ref.chunks.reshape(-1).tolist()
+        tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
+        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
+        del art
+    return report
+
+
+def render_table(rep: dict) -> Table:
+    b = rep["base"]
+    t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {Path(rep['text']).name} "
+                    f"· {rep['dtype']}")
+    for col in ("artifact", "weights", "size", "bpw lin/file", "ppl", "Δppl %", "KL mean", "KL p99",
+                "top-1", "worst layer err", "max |act|"):
+        t.add_column(col, justify="left" if col in ("artifact", "weights") else "right")
+    t.add_row(b["name"] + " (base)", _formats(b["formats"]), _size(b["size_bytes"]),
+              f"{b['bpw_linear']:.2f}/{b['bpw_file']:.2f}", f"{b['ppl']:.4f}", "", "", "", "", "",
+              _act(b["act_max"], b["fp16_overflow_layers"]))
+    for a in rep["artifacts"]:
+        errs = a["layer_rel_error"]
+        worst = f"L{max(range(len(errs)), key=errs.__getitem__)}: {max(errs):.3f}" if errs else "–"
+        t.add_row(a["name"] + ("" if a["tokenizer_match"] else " [yellow](tokenizer differs)[/]"),
+                  _formats(a["formats"]), _size(a["size_bytes"]), f"{a['bpw_linear']:.2f}/{a['bpw_file']:.2f}",
+                  f"{a['ppl']:.4f}", f"{a['delta_ppl_pct']:+.2f}", f"{a['kl_mean']:.4f}", f"{a['kl_p99']:.4f}",
+                  f"{a['top1']:.3f}", worst, _act(a["act_max"], a["fp16_overflow_layers"]))
+    return t
+
+
+def _act(amax: list[float], over: list[int]) -> str:
+    top = max(amax) if amax else float("nan")
+    if over:
+        return f"[bold red]{top:.4g} > fp16 max (layers {', '.join(map(str, over))})[/]"
+    return f"{top:.4g}"
+
+
+def layer_table(rep: dict) -> Table:
+    t = Table(title="per layer: relative output error (on the base's inputs) / max |activation|")
+    t.add_column("layer", justify="right")
+    t.add_column(rep["base"]["name"] + " max|act|", justify="right")
+    for a in rep["artifacts"]:
+        t.add_column(a["name"], justify="right")
+    for i, v in enumerate(rep["base"]["act_max"]):
+        row = [str(i), _flag(v)]
+        for a in rep["artifacts"]:
+            e = a["layer_rel_error"][i] if a["layer_rel_error"] else float("nan")
+            row.append(f"{e:.4f} / {_flag(a['act_max'][i])}")
+        t.add_row(*row)
+    return t
+
+
+def _flag(v: float) -> str:
+    return f"[bold red]{v:.4g}![/]" if not v <= 65504.0 else f"{v:.4g}"
+
+
+def markdown(rep: dict) -> str:
+    b = rep["base"]
+    lines = [f"# Drift report: {b['name']}", "",
+             f"Text `{rep['text']}`, {rep['chunks']} chunks of {rep['ctx']} tokens (llama-perplexity method), "
+             f"compute {rep['dtype']} on {rep['device']}. KL(base‖artifact): {rep['kl_method']}.", "",
+             "| artifact | weights | size | bpw (Linears / file) | ppl | Δppl % | KL mean | KL p99 | top-1 | max abs act |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| {b['name']} (base) | {_formats(b['formats'])} | {_size(b['size_bytes'])} | "
+             f"{b['bpw_linear']:.2f} / {b['bpw_file']:.2f} | {b['ppl']:.4f} ± {b['ppl_stderr']:.4f} | | | | | "
+             f"{max(b['act_max']):.4g} |"]
+    for a in rep["artifacts"]:
+        lines.append(f"| {a['name']} | {_formats(a['formats'])} | {_size(a['size_bytes'])} | "
+                     f"{a['bpw_linear']:.2f} / {a['bpw_file']:.2f} | {a['ppl']:.4f} ± {a['ppl_stderr']:.4f} | "
+                     f"{a['delta_ppl_pct']:+.2f} | {a['kl_mean']:.5f} | {a['kl_p99']:.5f} | {a['top1']:.4f} | "
+                     f"{max(a['act_max']):.4g} |")
+    over = {x["name"]: x["fp16_overflow_layers"] for x in [b] + rep["artifacts"] if x["fp16_overflow_layers"]}
+    lines += ["", "## float16 range", ""]
+    if over:
+        lines += [f"- **{k}**: activations pass 65504 (float16's largest value) in layers "
+                  f"{', '.join(map(str, v))}; an fp16 engine would overflow. Serve in bf16." for k, v in over.items()]
+    else:
+        lines.append("No activation passes 65504; float16 engines would not overflow on this text.")
+    lines += ["", "## Per layer", "", "Relative output error of each layer fed the base's input "
+              "(‖L_a(h) − L_b(h)‖ / ‖L_b(h) − h‖), and max |activation|.", "",
+              "| layer | base max act | " + " | ".join(a["name"] for a in rep["artifacts"]) + " |",
+              "|---:|---:|" + "---:|" * len(rep["artifacts"])]
+    for i, v in enumerate(b["act_max"]):
+        cells = [f"{a['layer_rel_error'][i]:.4f} / {a['act_max'][i]:.4g}" if a["layer_rel_error"] else "–"
+                 for a in rep["artifacts"]]
+        lines.append(f"| {i} | {v:.4g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GemmaQuantError("--plot needs matplotlib: pip install 'gemmaquant[plot]'") from None
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for a in rep["artifacts"]:
+        kl = np.clip(np.asarray(a["kl_values"]), 1e-8, None)
+        ax1.hist(kl, bins=np.logspace(-8, 1.5, 60), histtype="step", label=a["name"])
+        if a["layer_rel_error"]:
+            ax2.plot(range(len(a["layer_rel_error"])), a["layer_rel_error"], marker="o", label=a["name"])
+    ax1.set(xscale="log", xlabel="KL(base ‖ artifact) per token (nats)", ylabel="tokens",
+            title="KL distribution")
+    ax2.set(xlabel="layer", ylabel="relative output error", yscale="log", title="per-layer error")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_cmd(
+    base: str = typer.Argument(..., help="The unquantized model: HF directory, repo id, or 'demo'."),
+    artifacts: List[str] = typer.Argument(..., help="Quantized artifacts: GGUF files or compressed-tensors dirs."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text to measure on."),
+    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most N chunks (default: all)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown report to PATH."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of the KL distribution and per-layer error (needs matplotlib)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder)."),
+    layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the base's logits even if cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+):
+    """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if topk < 1:
+        raise GemmaQuantError(f"--topk {topk}: must be at least 1")
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise GemmaQuantError("--plot needs matplotlib: pip install 'gemmaquant[plot]'") from None
+    rep = compare_artifacts(base, artifacts, text, ctx, chunks, dtype, device, topk, layer_chunks,
+                            use_cache=not no_cache, quiet=quiet)
+    if json_path is not None:
+        data = json.dumps(rep, indent=2) + "\n"
+        if str(json_path) == "-":
+            sys.stdout.write(data)
+        else:
+            json_path.write_text(data)
+    if markdown_path is not None:
+        markdown_path.write_text(markdown(rep))
+    if plot_path is not None:
+        plot(rep, plot_path)
+    if not quiet and str(json_path) != "-":
+        out.print(render_table(rep))
+        out.print(layer_table(rep))
