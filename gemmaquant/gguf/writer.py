@@ -1,0 +1,237 @@
+"""Write a Gemma checkpoint as a GGUF file identical to `convert_hf_to_gguf.py --outtype bf16` followed
+by `llama-quantize <preset>` (docs/gguf-gemma.md §1, §4, §7.7), streaming one tensor at a time.
+
+What the reference pipeline does to each tensor, and so do we:
+* 2-D weights: the converter stores them as BF16 (an f32/f16 source is rounded to bf16 here), and
+  llama-quantize widens that to f32 exactly and quantizes (or copies, for BF16). So we quantize
+  f32(bf16(w)) with the planned type.
+* Norms: f32(w) + 1 (HF computes x*(1+w), llama.cpp x*w), stored F32; an f16 source adds 1 in f16.
+
+Memory: the header (keys + tensor infos) is written first with `gguf.GGUFWriter`, whose KV packing
+is the converter's. Tensor data is then streamed by us in row slabs from the mmap'd safetensors
+(GGUFWriter.write_tensors_to_file wants every array alive at once), so peak RSS is a slab plus
+the quantizer's temporaries. The file goes to a temporary name, is read back with GGUFReader and
+checked key by key and tensor by tensor (type, shape, sha256 of the bytes), then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import GemmaQuantError
+from ..export.atomic import atomic_output, check_output
+from ..ggml.quantize import quantize
+from ..ggml.types import GGMLType, row_bytes
+from ..schemes import Scheme
+from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
+from .plan import TensorPlan, fallback_count, plan_types, preset
+from .vocab import add_vocab
+
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
+SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
+_NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
+CONVERT_FTYPE_BF16 = 32  # the converter's general.file_type; llama-quantize replaces it
+
+
+@dataclass
+class Report:
+    path: Path
+    scheme: str
+    plans: list[TensorPlan]
+    n_fallback: int
+    file_bytes: int
+    n_keys: int
+    seconds: float
+    sha256: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its bytes
+    imatrix_used: list[str] = field(default_factory=list)  # tensors whose bytes used importance weights
+
+    @property
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.plans:
+            out[p.type.name] = out.get(p.type.name, 0) + 1
+        return out
+
+
+def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The per-column importance llama-quantize would pass for this tensor, or None.
+
+    It looks entries up only for tensors it converts (target != the BF16 source), uses one of
+    exactly n_per_row values, ignores a wrong-sized token_embd entry and aborts on any other."""
+    if imatrix is None or p.type in (GGMLType.F32, GGMLType.BF16) or p.name not in imatrix:
+        return None
+    v = imatrix[p.name].detach().to(torch.float32).reshape(-1)
+    if v.numel() != p.n_per_row:
+        if p.name == "token_embd.weight":
+            return None
+        raise GemmaQuantError(f"imatrix entry '{p.name}' has {v.numel()} values; the tensor has "
+                              f"{p.n_per_row} columns (was the imatrix computed on another model?)")
+    if not torch.isfinite(v).all():
+        raise GemmaQuantError(f"imatrix entry '{p.name}' contains non-finite values")
+    return v
+
+
+def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
+    """Yield the tensor's GGUF bytes as numpy uint8 arrays, a slab of rows at a time."""
+    src = ckpt.tensor(p.hf_name)
+    if tuple(src.shape) != p.shape:
+        raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' has shape {list(src.shape)}, "
+                              f"expected {list(p.shape)}")
+    if src.dim() == 1:
+        if p.norm and src.dtype == torch.float16:
+            x = (src + 1).float()  # the converter keeps f16 tensors f16 and adds 1 there
+        else:
+            x = src.float() + 1.0 if p.norm else src.float()
+        yield x.contiguous().numpy().view(np.uint8)
+        return
+    rows, n = p.shape
+    step = max(1, SLAB_VALUES // n)
+    for r in range(0, rows, step):
+        x = src[r:r + step].to(torch.bfloat16)  # the converter's BF16 intermediate
+        if not torch.isfinite(x).all():
+            raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' contains NaN/inf values")
+        yield quantize(x, p.type, qw).numpy()
+
+
+def _expected_value(v: gguf.GGUFValue):
+    """Writer-side value in the form `_read_value` gives it back (bytes for strings)."""
+    def scalar(x, t):
+        if t == gguf.GGUFValueType.STRING:
+            return x.encode("utf-8") if isinstance(x, str) else bytes(x)
+        if t == gguf.GGUFValueType.BOOL:
+            return bool(x)
+        return _np_cast(x, t)
+    if v.type == gguf.GGUFValueType.ARRAY:
+        sub = v.sub_type or gguf.GGUFValueType.get_type(v.value[0])
+        return sub, [scalar(x, sub) for x in v.value]
+    return None, scalar(v.value, v.type)
+
+
+_NP = {gguf.GGUFValueType.UINT8: np.uint8, gguf.GGUFValueType.INT8: np.int8,
+       gguf.GGUFValueType.UINT16: np.uint16, gguf.GGUFValueType.INT16: np.int16,
+       gguf.GGUFValueType.UINT32: np.uint32, gguf.GGUFValueType.INT32: np.int32,
+       gguf.GGUFValueType.FLOAT32: np.float32, gguf.GGUFValueType.UINT64: np.uint64,
+       gguf.GGUFValueType.INT64: np.int64, gguf.GGUFValueType.FLOAT64: np.float64}
+
+
+def _np_cast(x, t):
+    return np.array([x]).astype(_NP[t])[0].item()
+
+
+def _read_value(f: gguf.ReaderField):
+    t = f.types[0]
+    if t == gguf.GGUFValueType.ARRAY:
+        sub = f.types[-1]
+        return sub, [_part_value(f.parts[i], sub) for i in f.data]
+    return None, _part_value(f.parts[f.data[0]], t)
+
+
+def _part_value(part: np.ndarray, t):
+    if t == gguf.GGUFValueType.STRING:
+        return bytes(part)
+    if t == gguf.GGUFValueType.BOOL:
+        return bool(part[0])
+    return part[0].item()
+
+
+def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPlan],
+                sha256: dict[str, str]) -> int:
+    """Re-read `path` and check it holds exactly the intended keys (order, types, values) and
+    tensors (order, type, shape, bytes). Returns the number of keys checked."""
+    r = gguf.GGUFReader(path)
+    fields = [(k, f) for k, f in r.fields.items() if not k.startswith("GGUF.")]
+    if [k for k, _ in fields] != list(kv):
+        raise GemmaQuantError(f"{path}: written keys differ from the intended ones (internal error)")
+    for k, f in fields:
+        want = kv[k]
+        if f.types[0] != want.type or _read_value(f) != _expected_value(want):
+            raise GemmaQuantError(f"{path}: key '{k}' reads back differently (internal error)")
+    if [t.name for t in r.tensors] != [p.name for p in plans]:
+        raise GemmaQuantError(f"{path}: written tensors differ from the plan (internal error)")
+    for t, p in zip(r.tensors, plans):
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if int(t.tensor_type) != int(p.type) or shape != p.shape:
+            raise GemmaQuantError(f"{path}: tensor '{p.name}' reads back as {t.tensor_type.name} "
+                                  f"{list(shape)} (internal error)")
+        if hashlib.sha256(np.ascontiguousarray(t.data).view(np.uint8)).hexdigest() != sha256[p.name]:
+            raise GemmaQuantError(f"{path}: tensor '{p.name}' bytes read back differently (internal error)")
+    return len(fields)
+
+
+def build_header(ckpt: Checkpoint, scheme: Scheme, plans: list[TensorPlan],
+                 imatrix_meta: dict | None) -> gguf.GGUFWriter:
+    """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
+    c = ckpt.config
+    w = gguf.GGUFWriter(None, ARCH[c.generation])
+    total = sum(p.numel for p in plans)
+    add_model_kvs(w, ckpt.path, c, file_type=CONVERT_FTYPE_BF16, total_params=total)
+    arrays = add_vocab(w, ckpt.path, c.generation, c.vocab_size)
+    if len(arrays.tokens) != c.vocab_size:  # the Gemma 3 converter cuts token_embd to the token list
+        raise GemmaQuantError(f"{ckpt.path}: {len(arrays.tokens)} tokens for vocab_size {c.vocab_size}")
+    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta)
+    for p in plans:
+        rows = p.numel // p.n_per_row
+        nbytes = rows * row_bytes(p.type, p.n_per_row)
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.type)
+    return w
+
+
+def _pad(fout, n: int) -> None:
+    fout.write(b"\0" * (-n % ALIGNMENT))
+
+
+def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
+               imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
+               force: bool = False,
+               progress: Callable[[int, int, TensorPlan], None] | None = None) -> Report:
+    """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
+
+    `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
+    `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
+    `progress(i, n, plan)` is called before each tensor."""
+    t0 = time.perf_counter()
+    s = preset(scheme)
+    out_path = Path(out_path)
+    check_output(out_path, force=force)
+    plans = plan_types(ckpt.config, s, imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
+    if imatrix is not None and imatrix_meta is None:
+        imatrix_meta = {"entries_count": len(imatrix)}
+    qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
+    w = build_header(ckpt, s, plans, imatrix_meta)
+    kv = dict(w.kv_data[0])
+    sha: dict[str, str] = {}
+    with atomic_output(out_path, force=force, kind="file") as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        _pad(fout, fout.tell())
+        for i, p in enumerate(plans):
+            if progress:
+                progress(i, len(plans), p)
+            h, n = hashlib.sha256(), 0
+            for chunk in _tensor_slabs(ckpt, p, qws[p.name]):
+                buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+                fout.write(buf)
+                h.update(buf)
+                n += len(buf)
+            want = w.tensors[0][p.name].nbytes
+            if n != want:
+                raise GemmaQuantError(f"tensor '{p.name}': wrote {n} bytes, expected {want} (internal error)")
+            sha[p.name] = h.hexdigest()
+            _pad(fout, n)
+        w.close()
+        n_keys = verify_file(tmp, kv, plans, sha)
+        size = tmp.stat().st_size
+    return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,
+                  time.perf_counter() - t0, sha,
+                  [p.name for p in plans if qws[p.name] is not None and p.type not in _NO_IMATRIX])
