@@ -1,17 +1,23 @@
-"""Dequantization throughput: gemmaquant's torch kernels vs the `gguf` package's numpy ones.
+"""GGML kernel throughput: gemmaquant's torch dequantizers vs the `gguf` package's numpy ones, and
+(with --quantize) gemmaquant's quantizers vs llama.cpp's own C quantizer (libggml-base).
 
-    python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 5] [--device cpu]
-        [--quantize] [--threads N]
+    python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 7] [--threads N]
+        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix]
 
-Prints a markdown table of median values/s per GGML type (and checks the outputs are bit-equal).
-With --quantize it also times our quantizer (`gemmaquant.ggml.quantize`) per type on a
-N(0, 0.02) tensor of --qrows x --cols, without an imatrix.
+Prints markdown tables of median M values/s per GGML type, checking every output first (dequant:
+bit-equal to gguf's; quantize: byte-equal to libggml's when it loads). Two clocks: `wall`
+(what a user waits) and `cpu` (process CPU time: on a shared, overloaded machine the wall clock
+mostly measures the scheduler, while CPU time still compares the work done). Calls alternate
+between the implementations so that load changes hit both alike. "ours out=" dequantizes into a
+reused buffer (no page faults on fresh memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import gguf
@@ -20,67 +26,111 @@ import torch
 
 from gemmaquant.ggml.dequantize import dequantize
 from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.types import GGMLType
+from gemmaquant.ggml.types import GGMLType, ggml_type
 
 TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
          GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16]  # fmt: skip
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _medians(fns: list, repeats: int) -> list[tuple[float, float]]:
+    """(median wall seconds, median CPU seconds) per function, calls interleaved."""
+    for fn in fns:
+        fn()  # warm-up
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[i].append(time.perf_counter() - w0)
+            cpu[i].append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
+
+
+def _libggml():
+    """llama.cpp's ggml_quantize_chunk via the test binding, or None when llama_cpp is absent."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    try:
+        from tests.ggml.libggml import _load, ggml_quantize  # noqa: PLC0415
+    except ImportError:
+        return None
+    return ggml_quantize if _load()[0] is not None else None
+
+
+def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
+    n = args.rows * args.cols
+    print(f"\nDequantize {args.rows}x{args.cols} ({n / 1e6:.1f} M values), M values/s, wall | cpu:\n")
+    print("| type | gguf numpy | ours | ours out= | ours / numpy (wall) | ours / numpy (cpu) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    shape = (args.rows, args.cols)
+    buf = torch.empty(shape)
+    for qtype in types:
+        # Valid blocks from our quantizer on a 64-row slab, tiled to the full size.
+        data = quantize(torch.randn(64, args.cols) * 0.02, qtype).repeat(args.rows // 64, 1)
+        data_np = data.numpy()
+        gtype = gguf.GGMLQuantizationType(int(qtype))
+        ref = gguf.quants.dequantize(data_np, gtype).astype(np.float32)
+        assert np.array_equal(dequantize(data, qtype, shape).numpy().view(np.uint32), ref.view(np.uint32))
+        (wn, cn), (wo, co), (wb, cb) = _medians(
+            [
+                lambda: gguf.quants.dequantize(data_np, gtype),
+                lambda: dequantize(data, qtype, shape),
+                lambda: dequantize(data, qtype, shape, out=buf),
+            ],
+            args.repeats,
+        )
+        m = n / 1e6
+        print(
+            f"| {qtype.name} | {m / wn:.0f} \\| {m / cn:.0f} | {m / wo:.0f} \\| {m / co:.0f} "
+            f"| {m / wb:.0f} \\| {m / cb:.0f} | {wn / wo:.1f}x | {cn / co:.1f}x |"
+        )
+
+
+def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
+    ggml = _libggml()
+    w = torch.randn(args.qrows, args.cols) * 0.02
+    im = torch.rand(args.cols) * 3 if args.imatrix else None
+    kind = "with an imatrix" if args.imatrix else "no imatrix"
+    print(f"\nQuantize {args.qrows}x{args.cols} N(0, 0.02), {kind}, M values/s, wall | cpu:\n")
+    print("| type | ours | llama.cpp C (1 thread) | C / ours (cpu) |")
+    print("|---|---:|---:|---:|")
+    m = w.numel() / 1e6
+    for qtype in types:
+        if qtype in (GGMLType.F16, GGMLType.BF16):
+            continue
+        fns = [lambda: quantize(w, qtype, im)]
+        if ggml is not None:
+            assert torch.equal(quantize(w, qtype, im), ggml(w, qtype, im)), qtype
+            fns.append(lambda: ggml(w, qtype, im))
+        times = _medians(fns, max(1, args.repeats // 2))
+        (wo, co) = times[0]
+        c_col, ratio = "n/a", "n/a"
+        if ggml is not None:
+            wc, cc = times[1]
+            c_col, ratio = f"{m / wc:.0f} \\| {m / cc:.0f}", f"{co / cc:.0f}x"
+        print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quantize", action="store_true")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--types", default=",".join(t.name for t in TYPES))
+    ap.add_argument("--quantize", action="store_true", help="also time the quantizers")
     ap.add_argument("--qrows", type=int, default=256)
+    ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    n = args.rows * args.cols
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {n / 1e6:.1f} M values\n")
-    print("| type | gguf numpy (M values/s) | gemmaquant torch (M values/s) | speed-up |")
-    print("|---|---:|---:|---:|")
-    for qtype in TYPES:
-        # Valid blocks from our quantizer on a 64-row slab, tiled to the full size.
-        slab = quantize(torch.randn(64, args.cols) * 0.02, qtype)
-        data = slab.repeat(args.rows // 64, 1)
-        data_np = data.numpy()
-        dev = data.to(args.device)
-        gtype = gguf.GGMLQuantizationType(int(qtype))
-        ref = gguf.quants.dequantize(data_np, gtype)
-        ours = dequantize(dev, qtype, (args.rows, args.cols))
-        assert np.array_equal(ours.cpu().numpy().view(np.uint32), ref.astype(np.float32).view(np.uint32))
-
-        def run_ours() -> None:
-            dequantize(dev, qtype, (args.rows, args.cols))
-            if dev.is_cuda:
-                torch.cuda.synchronize()
-
-        t_np = _median_seconds(lambda: gguf.quants.dequantize(data_np, gtype), args.repeats)
-        t_ours = _median_seconds(run_ours, args.repeats)
-        print(f"| {qtype.name} | {n / t_np / 1e6:.0f} | {n / t_ours / 1e6:.0f} | {t_np / t_ours:.1f}x |")
-
+    types = [ggml_type(t) for t in args.types.split(",")]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load:.1f}")
+    bench_dequant(args, types)
     if args.quantize:
-        print(f"\nQuantize (no imatrix), {args.qrows}x{args.cols} N(0, 0.02):\n")
-        print("| type | gemmaquant quantize (M values/s) |")
-        print("|---|---:|")
-        w = (torch.randn(args.qrows, args.cols) * 0.02).to(args.device)
-        for qtype in TYPES:
-            t = _median_seconds(lambda: quantize(w, qtype), max(1, args.repeats // 2))
-            print(f"| {qtype.name} | {w.numel() / t / 1e6:.1f} |")
+        bench_quantize(args, types)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
 """GGML block dequantizers in plain torch (CPU or CUDA), bit-equal to `gguf.quants.dequantize`.
 
-Each `_<type>(blocks [nb, bytes] uint8) -> [nb, block] float32` evaluates the same float32
+Each kernel `_<type>(b [nb, bytes] uint8, out [nb, block] float32)` writes the same float32
 expression as gguf-py's numpy code, in the same association, e.g. Q4_K is `(d*sc)*q - dmin*m`
-(two roundings per weight, never an FMA). Integer codes become float exactly, first: torch's
-mixed int8*float kernels are ~2x slower than a cast followed by in-place float ops. Work runs in
-chunks of blocks so intermediates stay in cache and memory stays bounded.
+(two roundings per weight, never an FMA).
+
+Speed (CPU): the bit unpacking runs SWAR on int64 words (8 codes per element, masks such as
+0x0F0F0F0F0F0F0F0F), centring (`q - 8`) runs on int8 bytes, and only then do codes become
+float32, with one conversion into `out` and in-place multiplies. Integer codes convert exactly,
+so converting first changes no bit; torch's mixed int8*float kernels are ~3x slower than a
+cast followed by in-place float ops. Fields are copied into contiguous buffers first because
+blocks of 18/22/34/210 bytes do not keep 8-byte words aligned. Interleaving low and high nibbles
+is one `stack` of byte runs; torch copies runs of >= 64 bytes with vector code and shorter ones
+byte by byte, so Q6_K merges its qh bits before interleaving, into 64-byte runs. Tensor-by-tensor
+shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~10-20 launches.
 """
 
 from __future__ import annotations
@@ -16,105 +24,161 @@ import torch
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
-CHUNK_VALUES = 1 << 18  # weights per chunk (1 MB of float32 output)
+# Weights per chunk: 2 MB of float32 output. A torch op costs ~5 us of dispatch here, so chunks
+# must be large; 512K beat 32K..128K (launch-bound) and 4M (out of cache) on a 2-core EPYC.
+CHUNK_VALUES = 1 << 19
 
 
-def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The f16 field at byte `offset` of every block, as float32 [nb, 1]."""
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
+def _bytes8(byte: int) -> int:
+    """A byte repeated in all 8 bytes of an int64 word (byte < 0x80 keeps the word positive)."""
+    return int.from_bytes(bytes([byte]) * 8, "little")
 
 
-def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
-    """[nb, k] bytes -> [nb, k/group, 2, group]: low nibbles of each `group` bytes, then high ones."""
-    qs = qs.reshape(qs.shape[0], -1, 1, group)
-    return torch.cat([qs & 0x0F, qs >> 4], dim=2)
+LO4 = _bytes8(0x0F)  # low nibble of every byte
+BIT4 = _bytes8(0x10)  # bit 4 of every byte
+BITS45 = _bytes8(0x30)  # bits 4..5 of every byte
 
 
-def _bits(bytes_: torch.Tensor) -> torch.Tensor:
-    """[nb, k] bytes -> [nb, k, 8] bit planes: [..., b] is bit b of each byte."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bytes_.device)
-    return (bytes_.unsqueeze(-1) >> shifts) & 1
+def _words(field: torch.Tensor) -> torch.Tensor:
+    """[nb, k] bytes (k a multiple of 8) -> a contiguous [nb, k/8] int64 copy."""
+    return field.contiguous().view(torch.int64)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].view(torch.int8).float().mul_(_f16(b, 0))
+def _halves(b: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """`count` consecutive f16 fields from byte `offset` of every block, as float32 [nb, count]."""
+    return b[:, offset : offset + 2 * count].contiguous().view(torch.float16).float()
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 2:], 16).view(torch.int8).reshape(b.shape[0], 32) - 8
-    return q.float().mul_(_f16(b, 0))
+def _nibbles(w: torch.Tensor) -> torch.Tensor:
+    """[..., g, k] int64 words -> [..., g, 2, 8k] uint8 codes 0..15: for each group of 8k bytes,
+    their low nibbles, then their high nibbles (the order of every ggml 4-bit type).
+
+    The interleave is one `stack` of uint8 runs of 8k bytes: torch copies runs of >= 64 bytes
+    with vector code and shorter ones element by element (~0.2 ns/byte then)."""
+    lo = (w & LO4).view(torch.uint8)
+    hi = (w >> 4).bitwise_and_(LO4).view(torch.uint8)  # (>> is arithmetic; the mask drops the fill)
+    return torch.stack([lo, hi], dim=-2)
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], 32)
-    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+# Byte v -> the int64 word whose byte j has bit j of v at bit 4 (Q5_0/Q5_1 qh spreading).
+_SPREAD = torch.tensor(
+    [sum(((v >> j) & 1) << (8 * j + 4) for j in range(8)) for v in range(256)], dtype=torch.int64
+)
 
 
-def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
-    """5-bit codes 0..31 of Q5_0/Q5_1: low nibbles from qs, bit 4 from the u32 qh (bit j -> q_j)."""
-    ql = _nibbles(b[:, qh_at + 4 :], 16).reshape(b.shape[0], 32)
-    qh = _bits(b[:, qh_at : qh_at + 4]).reshape(b.shape[0], 32)
-    return ql | (qh << 4)
+def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b[:, 2:].view(torch.int8))
+    out.mul_(_halves(b, 0, 1))  # gguf: d * x
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    return (_q5(b, 2).view(torch.int8) - 16).float().mul_(_f16(b, 0))
+def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    q = _nibbles(_words(b[:, 2:]).view(-1, 1, 2)).view(torch.int8).view(out.shape).sub_(8)
+    out.copy_(q)
+    out.mul_(_halves(b, 0, 1))
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    return _q5(b, 4).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    dm = _halves(b, 0, 2)
+    out.copy_(_nibbles(_words(b[:, 4:]).view(-1, 1, 2)).view(torch.uint8).view(out.shape))
+    out.mul_(dm[:, :1]).add_(dm[:, 1:])  # gguf: (d * q) + m
 
 
-def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """12 packed bytes -> 6-bit (sc [nb, 8], m [nb, 8]) as uint8 (get_scale_min_k4)."""
-    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
-    return sc, mn
+def _q5_codes(b: torch.Tensor, qh_at: int) -> torch.Tensor:
+    """5-bit codes 0..31 of Q5_0/Q5_1 as [nb, 32] uint8: low nibbles from qs, bit 4 from qh, the
+    little-endian u32 whose bit j is bit 4 of code j (spread by a byte -> word table)."""
+    q = _nibbles(_words(b[:, qh_at + 4 :]).view(-1, 1, 2)).view(-1, 32).view(torch.int64)
+    q |= _SPREAD.to(b.device)[b[:, qh_at : qh_at + 4].to(torch.int32)]
+    return q.view(torch.uint8).view(-1, 32)
+
+
+def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_q5_codes(b, 2).view(torch.int8).sub_(16))
+    out.mul_(_halves(b, 0, 1))
+
+
+def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    dm = _halves(b, 0, 2)
+    out.copy_(_q5_codes(b, 4))
+    out.mul_(dm[:, :1]).add_(dm[:, 1:])
+
+
+_SHIFT_0_4 = torch.tensor([0, 4], dtype=torch.int32)
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K: (d*sc, dmin*m) as float32 [nb, 8, 1]."""
-    sc, m = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)
-    dm = (_f16(b, 2) * m).unsqueeze(-1)
-    return d, dm
+    """Q4_K/Q5_K: (d*sc, dmin*m) as float32 [nb, 8, 1]: get_scale_min_k4 on little-endian u32 words.
+
+    Word 0 holds sc[0:4] in its bytes' low 6 bits and the top 2 bits of sc[4:8] above them; word 1
+    the same for the mins; word 2 the low 4 bits of sc[4:8] (low nibbles) and of m[4:8] (high)."""
+    w = b[:, 4:16].contiguous().view(torch.int32)  # [nb, 3]
+    dm, md = w[:, 0:2], w[:, 2:3]
+    r = torch.empty((b.shape[0], 2, 2), dtype=torch.int32, device=b.device)  # [nb, sc|m, j<4|j>=4]
+    torch.bitwise_and(dm, 0x3F3F3F3F, out=r[:, :, 0])
+    hi = (dm >> 2).bitwise_and_(0x30303030)
+    hi |= torch.bitwise_right_shift(md, _SHIFT_0_4.to(b.device)).bitwise_and_(0x0F0F0F0F)
+    r[:, :, 1] = hi
+    s = r.view(torch.uint8).float()  # [nb, 2, 8]
+    s *= _halves(b, 0, 2)[:, :, None]  # gguf: d * sc, dmin * m
+    return s[:, 0, :, None], s[:, 1, :, None]
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     d, dm = _k_scales(b)
-    q = _nibbles(b[:, 16:], 32).reshape(b.shape[0], 8, 32)
-    return q.float().mul_(d).sub_(dm).reshape(b.shape[0], QK_K)
+    out.copy_(_nibbles(_words(b[:, 16:]).view(-1, 4, 4)).view(torch.uint8).view(out.shape))
+    out.view(-1, 8, 32).mul_(d).sub_(dm)  # gguf: d * q - dm
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
-    d, dm = _k_scales(b)
-    ql = _nibbles(b[:, 48:], 32).reshape(b.shape[0], 8, 32)
-    # qh[l] bit j is bit 4 of weight 32j + l.
-    qh = _bits(b[:, 16:48]).transpose(1, 2)  # [nb, 8, 32]
-    return (ql | (qh << 4)).float().mul_(d).sub_(dm).reshape(b.shape[0], QK_K)
+def _shifted(w: torch.Tensor, shifts: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Copies of `w` shifted left by each of `shifts` (negative: right), stacked at `dim`. Scalar
+    shifts: torch's tensor-by-tensor shifts are ~20x slower than these."""
+    return torch.stack([w << s if s >= 0 else w >> -s for s in shifts], dim=dim)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
-    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8)).unsqueeze(-1)  # [nb, 16, 1]
-    ql = _nibbles(b[:, :128], 64).reshape(nb, 2, 4, 32)  # [half, (l<32 lo, l>=32 lo, hi, hi), l]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
-    qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> shifts) & 3
-    q = (ql | (qh << 4)).view(torch.int8) - 32
-    return q.reshape(nb, 16, 16).float().mul_(d).reshape(nb, QK_K)
+    d, dm = _k_scales(b)
+    w = _words(b[:, 16:])  # [nb, 20]: qh[32] then qs[128]
+    qs, qh = w[:, 4:].view(nb, 4, 4), w[:, :4]  # [block, 32-byte chunk c, word], [block, word]
+    # qh[l] bit j is bit 4 of weight 32j + l; sub-block 2c takes the low nibbles of chunk c and
+    # bit 2c, sub-block 2c+1 the high nibbles and bit 2c+1. Per chunk, bit 2c is moved to bit 4
+    # (and so bit 2c+1 to bit 5) before the nibbles are interleaved.
+    qhc = _shifted(qh, (4, 2, 0, -2), dim=1)  # [block, c, word]
+    lo = (qs & LO4).bitwise_or_(qhc & BIT4)
+    hi = (qs >> 4).bitwise_and_(LO4).bitwise_or_((qhc >> 1).bitwise_and_(BIT4))
+    q = torch.stack([lo.view(torch.uint8), hi.view(torch.uint8)], dim=2)  # [block, c, lo|hi, 32]
+    out.copy_(q.view(out.shape))
+    out.view(nb, 8, 32).mul_(d).sub_(dm)
 
 
-def _bf16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.bfloat16).float()
+def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    """Per 128-weight half h and l < 32, the quarters k = 0..3 (weights 128h + 32k + l) take the low
+    nibble of ql[64h + l], of ql[64h + 32 + l], the high nibbles of the same, and bits 2k..2k+1 of
+    qh[32h + l] as bits 4..5; the code minus 32 times d*scale[sub-block of 16]."""
+    nb = b.shape[0]
+    w = _words(b[:, :192])  # [nb, 24]: ql[128] then qh[64]
+    ql, qh = w[:, :16].view(nb, 2, 8), w[:, 16:].view(nb, 2, 1, 4)  # [block, half, word]
+    # Per half, qh2 = [qh << 2, qh] for ql parts 0 | 1: `qh2 << 2` then holds bits 0-1 | 2-3 at
+    # bits 4-5 (for the low nibbles), `qh2 >> 2` bits 4-5 | 6-7 (for the high nibbles); the
+    # sign fill of the arithmetic >> lands only in bits the masks drop.
+    qh2 = torch.cat([qh << 2, qh], dim=2).view(nb, 2, 8)
+    lo = (ql & LO4).bitwise_or_((qh2 << 2).bitwise_and_(BITS45))  # quarters 0, 1
+    hi = (ql >> 4).bitwise_and_(LO4).bitwise_or_((qh2 >> 2).bitwise_and_(BITS45))  # quarters 2, 3
+    q = torch.stack([lo.view(torch.int8), hi.view(torch.int8)], dim=2)  # [block, half, lo|hi, 64]
+    scale = b[:, 192:208].view(torch.int8).float().mul_(_halves(b, 208, 1))  # gguf: d * scales
+    out.copy_(q.view(out.shape).sub_(32))
+    out.view(nb, 16, 16).mul_(scale[:, :, None])
 
 
-def _f16_all(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float()
+def _f32(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.contiguous().view(torch.float32))
 
 
-def _f32(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float32).clone()
+def _f16_all(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.contiguous().view(torch.float16))
+
+
+def _bf16(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.contiguous().view(torch.bfloat16))
 
 
 _KERNELS = {
@@ -132,9 +196,17 @@ _KERNELS = {
 }
 
 
-def dequantize(data: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+def dequantize(
+    data: torch.Tensor,
+    qtype: GGMLType | int | str,
+    shape: tuple[int, ...] | torch.Size,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """GGML bytes (uint8, [rows, row_bytes] or flat) -> float32 tensor of `shape` (torch order,
-    the last dimension is the row). Runs on the device of `data`."""
+    the last dimension is the row). Runs on the device of `data`.
+
+    `out`, a contiguous float32 tensor of `shape` on that device, is filled and returned instead
+    of a new tensor: reusing one saves the page faults of fresh memory (~0.4 ns/value here)."""
     qtype = ggml_type(qtype)
     block, nbytes = BLOCK[qtype]
     shape = tuple(int(s) for s in shape)
@@ -148,10 +220,17 @@ def dequantize(data: torch.Tensor, qtype: GGMLType | int | str, shape: tuple[int
             f"{qtype.name} data of {data.numel()} bytes does not match shape {shape} "
             f"({n // block * nbytes} bytes expected)"
         )
-    blocks = data.reshape(-1, nbytes)
-    out = torch.empty((n // block, block), dtype=torch.float32, device=data.device)
-    step = max(1, CHUNK_VALUES // block)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=data.device)
+    elif (out.dtype, tuple(out.shape), out.device) != (torch.float32, shape, data.device) or not out.is_contiguous():
+        raise GemmaQuantError(
+            f"dequantize out= must be a contiguous float32 {shape} tensor on {data.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    blocks, rows = data.reshape(-1, nbytes), out.view(-1, block)
+    # One GPU launch set for the whole tensor; CPU chunks that fit in cache.
+    step = blocks.shape[0] if data.is_cuda else max(1, CHUNK_VALUES // block)
     kernel = _KERNELS[qtype]
     for i in range(0, blocks.shape[0], step):
-        out[i : i + step] = kernel(blocks[i : i + step]).reshape(-1, block)
-    return out.reshape(shape)
+        kernel(blocks[i : i + step], rows[i : i + step])
+    return out

@@ -2,9 +2,14 @@
 
 Layout: a group of sub-blocks is a `[P, M]` float32 tensor, P = weights per sub-block (8, 16 or
 32) and M = number of sub-blocks; row `x[i]` holds weight i of every sub-block. Per-sub-block
-state is `[M]`. Reductions run as Python loops over the P rows (`acc = acc + term`), because
-ggml sums left to right starting at 0.0f and `sum()`/matmul would reorder and flip rare
-decisions. Candidate loops keep ggml's order and update state with `torch.where`.
+state is `[M]`. Reductions add the P rows strictly left to right (`seq_sum`), because ggml sums
+that way starting at 0.0f and `sum()`/matmul would reorder and flip rare decisions. Candidate
+loops keep ggml's order and update per-sub-block state with `torch.where`.
+
+Speed (CPU): a torch op costs ~5 us of dispatch and a float32 pass over a 1 MB tensor ~80 us,
+so the searches work in place on buffers allocated once per call, keep the accepted candidate's
+parameters rather than its codes (a [P, M] `where` per step is the slowest pass) and rebuild the
+codes once at the end.
 
 Numerics traps handled here (each flips real blocks if ignored):
 * ggml evaluates `a*b*c` as `(a*b)*c` with no FMA (libggml-base is built for baseline x86-64).
@@ -32,10 +37,21 @@ def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     """True float32 division a / b, with Python-scalar operands turned into device tensors."""
     ref = a if isinstance(a, torch.Tensor) else b
     if not isinstance(a, torch.Tensor):
-        a = torch.tensor(a, dtype=torch.float32, device=ref.device)
+        a = _scalar(a, ref.device)
     if not isinstance(b, torch.Tensor):
-        b = torch.tensor(b, dtype=torch.float32, device=ref.device)
+        b = _scalar(b, ref.device)
     return torch.div(a, b)
+
+
+_SCALARS: dict[tuple[float, str], torch.Tensor] = {}
+
+
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float32 tensor (torch.tensor() costs ~20 us a call; the searches make ~10^4)."""
+    key = (float(value), str(device))
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return _SCALARS[key]
 
 
 def sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -51,11 +67,33 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 
 def seq_sum(terms: torch.Tensor, start_at_zero: bool = True) -> torch.Tensor:
-    """Left-to-right sum over dim 0 of [P, M]. `0.0f + t0` turns a leading -0.0 into +0.0."""
-    acc = terms[0] + 0.0 if start_at_zero else terms[0].clone()
-    for i in range(1, terms.shape[0]):
-        acc += terms[i]
-    return acc
+    """Left-to-right float32 sum over dim -2 of [..., P, M]. `0.0f + t0` turns a leading -0.0
+    into +0.0; with start_at_zero=False the sum starts from t0 itself (`float s = t[0];`).
+
+    One op: `index_add_` with an all-zero index adds the P rows into one accumulator strictly in
+    index order (ATen's CPU kernel loops over the index, one vectorized `acc += row` each; alpha 1
+    keeps `acc + 1*row` exact even as an FMA), so this is ggml's order without P-1 launches."""
+    p = terms.shape[-2]
+    if terms.is_cuda:  # CUDA's index_add_ uses atomics (any order): add row by row
+        acc = terms[..., 0, :] + 0.0 if start_at_zero else terms[..., 0, :].clone()
+        for i in range(1, p):
+            acc += terms[..., i, :]
+        return acc
+    if start_at_zero:
+        acc = terms.new_zeros(terms.shape[:-2] + (1, terms.shape[-1]))
+        return acc.index_add_(-2, _zeros_index(p, terms.device), terms).squeeze(-2)
+    acc = terms[..., :1, :].clone()
+    return acc.index_add_(-2, _zeros_index(p - 1, terms.device), terms[..., 1:, :]).squeeze(-2)
+
+
+_ZERO_INDEX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _zeros_index(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    if key not in _ZERO_INDEX:
+        _ZERO_INDEX[key] = torch.zeros(n, dtype=torch.int64, device=device)
+    return _ZERO_INDEX[key]
 
 
 def first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,52 +117,69 @@ def running_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mn, mx
 
 
+def _qx_grid(nmax: int) -> list[float]:
+    """make_qx_quants' candidate iscale numerators: -nmax, then -(nmax + 0.1*is) for is = -9..9
+    except 0, each a float32 C expression."""
+    steps = [s for s in range(-9, 10) if s != 0]
+    return [float(-nmax)] + [float(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps]
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): symmetric scale search.
 
     x, qw: [P, M]. Returns (scale [M], L [P, M] int32 in 0..2*nmax-1). The scale is negative when
     the largest-|x| weight is positive, so that weight maps to code 0 (= -nmax).
+
+    Each candidate is 6 in-place passes over [P, M] buffers allocated once and one `seq_sum` for
+    both sums. The codes are a pure function of the candidate's iscale, so the scan keeps the
+    accepted iscale per sub-block and rebuilds L once. (Evaluating all 19 candidates as one
+    [S, P, M] batch was slower: the same traffic, out of cache.)
     """
     amax, mx = first_abs_max(x)
     w = qw if qw is not None else x * x
     wx = w * x
+    l, terms = torch.empty_like(x), x.new_empty((2,) + tuple(x.shape))
 
     # |iscale * x| <= nmax + 1 because |x| <= |mx|, so round() equals nearest_int here; codes
     # stay float32 (-nmax..nmax-1) until the end.
-    def candidate(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        l = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
-        return l, seq_sum(wx * l), seq_sum((w * l) * l)
+    def candidate(c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iscale = div(c, mx)
+        torch.mul(x, iscale, out=l).round_().clamp_(-nmax, nmax - 1)
+        torch.mul(wx, l, out=terms[0])  # (w*x)*l
+        torch.mul(w, l, out=terms[1]).mul_(l)  # (w*l)*l
+        sumlx, suml2 = seq_sum(terms)
+        return iscale, sumlx, suml2
 
-    L, sumlx, suml2 = candidate(div(float(-nmax), mx))
+    grid = _qx_grid(nmax)
+    sel, sumlx, suml2 = candidate(grid[0])
     scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
     best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        c = -(np.float32(nmax) + np.float32(0.1) * np.float32(step))
-        l, sumlx, suml2 = candidate(div(float(c), mx))
+    for c in grid[1:]:
+        iscale, sumlx, suml2 = candidate(c)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         scale = torch.where(take, div(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
-        L = torch.where(take, l, L)
+        sel = torch.where(take, iscale, sel)
+    L = torch.mul(x, sel, out=l).round_().clamp_(-nmax, nmax - 1)
     zero = amax < GROUP_MAX_EPS  # (also masks the inf/NaN grids of those sub-blocks)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L.to(torch.int32) + nmax)
 
 
 def _grid_codes(
-    x: torch.Tensor, iscale: torch.Tensor, cur_min: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, nmax: int
+    out: torch.Tensor, x: torch.Tensor, iscale: torch.Tensor, cur_min: torch.Tensor, mn: torch.Tensor,
+    mx: torch.Tensor, nmax: int,
 ) -> torch.Tensor:
-    """clamp(nearest_int(iscale * (x - cur_min)), 0, nmax) as float32 codes [P, M].
+    """out = clamp(nearest_int(iscale * (x - cur_min)), 0, nmax) as float32 codes [P, M].
 
     round() equals nearest_int only below 2^22. The argument is monotone in x, so its extremes are
     at mn and mx; when cur_min > mn and mx - cur_min is tiny they can exceed 2^22 and ggml's
     nearest_int returns mantissa garbage, which we then reproduce exactly (rare: a slow path).
     """
-    v = iscale * (x - cur_min)
-    edge = torch.maximum((iscale * (mn - cur_min)).abs(), (iscale * (mx - cur_min)).abs())
+    v = torch.sub(x, cur_min, out=out).mul_(iscale)
+    edge = torch.maximum((iscale * (mn - cur_min)).abs_(), (iscale * (mx - cur_min)).abs_())
     if bool((edge >= 4194304.0).any()):
-        return nearest_int(v).clamp_(0, nmax).float()
-    return torch.round(v).clamp_(0, nmax)
+        return out.copy_(nearest_int(v).clamp_(0, nmax))
+    return v.round_().clamp_(0, nmax)
 
 
 def make_qkx(
@@ -134,7 +189,9 @@ def make_qkx(
 
     Asymmetric search x ≈ scale*L - the_min. x, w: [P, M]. Returns (scale [M], the_min [M], L
     [P, M] int32 in 0..nmax). The grid of candidate k is built around `cur_min`, which starts at
-    min(x, 0) and becomes the min of every accepted candidate.
+    min(x, 0) and becomes the min of every accepted candidate, so the steps run in order; each
+    step is ~12 in-place passes over [P, M] buffers allocated once, and one `seq_sum` for its
+    three sums.
     """
     mn, mx = running_min_max(x)
     wx = w * x
@@ -149,25 +206,33 @@ def make_qkx(
     diff = (scale * L + mn) - x
     best = seq_sum(w * (diff * diff))
     cur_min = mn
+    # L is a pure function of (iscale, grid min): keep the accepted pair per sub-block, not the
+    # codes (a where over [P, M] per step costs more than the whole grid), and rebuild L once.
+    sel_iscale, sel_min = iscale, mn
+    lf, terms = torch.empty_like(x), x.new_empty((3,) + tuple(x.shape))  # terms: w*l, w*l*l, w*l*x
     for step in range(nstep + 1):
         c = (np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
         iscale = div(float(c), mx - cur_min)
-        lf = _grid_codes(x, iscale, cur_min, mn, mx, nmax)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
+        _grid_codes(lf, x, iscale, cur_min, mn, mx, nmax)
+        wl = torch.mul(w, lf, out=terms[0])
+        torch.mul(wl, lf, out=terms[1])
+        torch.mul(wl, x, out=terms[2])
+        sum_l, sum_l2, sum_xl = seq_sum(terms)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         clip = this_min > 0
         this_min = torch.where(clip, 0.0, this_min)
         this_scale = torch.where(clip, div(sum_xl, sum_l2), this_scale)
-        diff = (this_scale * lf + this_min) - x
-        err = seq_sum(w * (diff * diff))
+        diff = torch.mul(lf, this_scale, out=terms[0]).add_(this_min).sub_(x)  # (scale*l + min) - x
+        err = seq_sum(diff.mul_(diff).mul_(w))  # w * (diff*diff)
         take = (D > 0) & (err < best)
-        L = torch.where(take, lf, L)
+        sel_iscale = torch.where(take, iscale, sel_iscale)
+        sel_min = torch.where(take, cur_min, sel_min)
         best = torch.where(take, err, best)
         scale = torch.where(take, this_scale, scale)
         cur_min = torch.where(take, this_min, cur_min)
+    L = _grid_codes(lf, x, sel_iscale, sel_min, mn, mx, nmax)
     scale = torch.where(degenerate, 0.0, scale)
     the_min = -torch.where(degenerate, mn, cur_min)
     return scale, the_min, torch.where(degenerate, 0, L.to(torch.int32))

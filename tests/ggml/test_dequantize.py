@@ -71,6 +71,18 @@ def test_real_demo_tensors(request: pytest.FixtureRequest) -> None:
     assert seen >= {GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K, GGMLType.Q8_0}, seen
 
 
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
+def test_into_reused_out_buffer(qtype: GGMLType) -> None:
+    w = synthetic(16, 1024, seed=5)
+    data = ggml_quantize(w, qtype) if qtype != GGMLType.F16 else quantize(w, qtype)
+    out = torch.full(tuple(w.shape), float("nan"))
+    got = dequantize(data, qtype, w.shape, out=out)
+    assert got is out
+    assert_bit_equal(out, gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
+    with pytest.raises(GemmaQuantError, match="out= must be a contiguous float32"):
+        dequantize(data, qtype, w.shape, out=torch.empty(4, 4))
+
+
 def test_size_mismatch_is_a_user_error() -> None:
     with pytest.raises(GemmaQuantError, match="Q6_K data of 100 bytes does not match shape"):
         dequantize(torch.zeros(100, dtype=torch.uint8), GGMLType.Q6_K, (1, 256))
