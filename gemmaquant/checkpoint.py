@@ -72,10 +72,11 @@ class Checkpoint:
             try:
                 data = json.loads(index.read_text(encoding="utf-8"))
                 weight_map = data["weight_map"]
-                if not isinstance(weight_map, dict):
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+                raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object of "
+                                      "tensor name -> shard file name)") from None
             shard_names = sorted(set(weight_map.values()), key=str)
             for s in shard_names:
                 p = _safe_child(self.path, s, str(index))

@@ -217,6 +217,15 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     out.print(t)
 
 
+def _register_extra_commands():
+    from .compare_cli import compare_cmd
+
+    app.command("compare")(compare_cmd)
+
+
+_register_extra_commands()
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -224,7 +233,11 @@ def _on_sigterm(signum, frame):
 def main():
     signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM cleans up like Ctrl-C
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
+        if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130) and returns its code
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except GemmaQuantError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -165,7 +165,7 @@ def _rope(d: dict, model_type: str) -> tuple[float, float, float]:
 def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[str, ...]:
     lt = d.get("layer_types")
     if lt is not None:
-        if len(lt) != n_layers or any(t not in (SLIDING, FULL) for t in lt):
+        if not isinstance(lt, list) or len(lt) != n_layers or any(t not in (SLIDING, FULL) for t in lt):
             raise GemmaQuantError(
                 f"{where}: 'layer_types' must list {n_layers} entries of "
                 f"'{SLIDING}'/'{FULL}', got {lt!r}"
@@ -180,6 +180,16 @@ def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[s
 
 
 def config_from_dict(raw: dict, where: str = "config.json") -> GemmaConfig:
+    """Validate a config.json object. Any value of the wrong JSON type is a one-line error."""
+    try:
+        return _config_from_dict(raw, where)
+    except GemmaQuantError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        raise GemmaQuantError(f"{where}: a value has the wrong type or range ({type(e).__name__}: {e})") from None
+
+
+def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
     if not isinstance(raw, dict):
         raise GemmaQuantError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     mt = raw.get("model_type")
@@ -231,7 +241,7 @@ def config_from_dict(raw: dict, where: str = "config.json") -> GemmaConfig:
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(d.get("rms_norm_eps", dflt["rms_norm_eps"])),
-        max_position_embeddings=int(d.get("max_position_embeddings", dflt["max_position_embeddings"])),
+        max_position_embeddings=_positive_int(d, "max_position_embeddings", where, dflt["max_position_embeddings"]),
         rope_theta=theta,
         rope_local_theta=local_theta,
         rope_scaling_factor=factor,
@@ -260,4 +270,6 @@ def load_config(path: str | Path) -> GemmaConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GemmaQuantError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise GemmaQuantError(f"{path}: not valid JSON (nested too deeply)") from None
     return config_from_dict(raw, where=str(path))

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import Checkpoint, resolve_model
+from .errors import GemmaQuantError
 from .loading import load_model, resolve_dtype
 from .model import Gemma
 from .perplexity import PerplexityResult, chunk_tokens, perplexity, read_text
@@ -26,7 +27,12 @@ class EvalModel:
         return self.model.dtype
 
     def chunks(self, text_path: str | Path, ctx: int, n_chunks: int | None) -> torch.Tensor:
-        tokens = self.tokenizer.encode(read_text(text_path), add_bos=True)
+        # llama-perplexity tokenizes with BOS and without parsing special-token text
+        tokens = self.tokenizer.encode(read_text(text_path), add_bos=True, parse_special=False)
+        vocab = self.model.cfg.vocab_size
+        if tokens and max(tokens) >= vocab:
+            raise GemmaQuantError(f"{self.name}: the tokenizer produced id {max(tokens)} but the model has "
+                                  f"{vocab} embedding rows (tokenizer of another model?)")
         return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=str(text_path))
 
     def logits(self, ids: torch.Tensor, first: int = 0) -> torch.Tensor:

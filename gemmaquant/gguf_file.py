@@ -87,8 +87,8 @@ class _Cursor:
             if etype == STRING:
                 self.need(count * 8, what)  # each string takes at least its length field
                 return [self.string(what) for _ in range(count)]
-            if etype == ARRAY:
-                return [self.value(ARRAY, what) for _ in range(count)]
+            if etype == ARRAY:  # llama.cpp itself rejects nested arrays; so do we (no unbounded recursion)
+                raise GemmaQuantError(f"{self.path}: {what}: nested arrays are not valid GGUF metadata (corrupt)")
             raise GemmaQuantError(f"{self.path}: {what}: unknown array element type {etype} (corrupt)")
         raise GemmaQuantError(f"{self.path}: {what}: unknown value type {vtype} at byte offset {self.pos - 4} (corrupt)")
 
@@ -136,7 +136,10 @@ class GGUFFile:
             t = cur.scalar("I", what)
             rel = cur.scalar("Q", what)
             infos.append((name, ne, t, rel, start))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(align, (bool, str, list, float, np.ndarray)) or not isinstance(align, (int, np.integer)):
+            raise GemmaQuantError(f"{self.path}: general.alignment must be an unsigned integer, got {align!r}")
+        align = int(align)
         if align <= 0 or align & (align - 1):
             raise GemmaQuantError(f"{self.path}: general.alignment {align} is not a power of two")
         self.data_start = -(-cur.pos // align) * align

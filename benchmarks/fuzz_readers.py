@@ -1,0 +1,334 @@
+"""Fuzz the readers gemmaquant owns with hypothesis, for a bounded time each (issue 8 §4).
+
+    python benchmarks/fuzz_readers.py [--seconds 20] [--only gguf_header,safetensors] [--save DIR]
+
+Each reader gets inputs derived from a small valid seed file: byte flips, 32/64-bit fields overwritten
+with extreme values (0, 2^31, 2^32-1, 2^60, 2^63-1, 2^64-1, the file size), truncation, insertion and
+deletion, so most inputs get past the magic and exercise the length/offset checks. Structured readers
+(recipes, config.json, index files) get random JSON/TOML values in place of valid ones.
+
+Pass: the reader returns or raises GemmaQuantError. Failures: any other exception (kept with its input,
+`--save` writes them for tests/reliability/test_fuzz_regressions.py), an example slower than
+--max-example-seconds (a hang), or peak RSS growing by more than --max-rss-mb (an allocation the
+header should have refused). Prints a markdown table: executions, seconds, failures per reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemmaquant.errors import GemmaQuantError  # noqa: E402
+
+INTERESTING = [0, 1, 2, 7, 255, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**60, 2**63 - 1, 2**64 - 1]
+
+
+# -- seeds -------------------------------------------------------------------------------------------
+def seed_gguf(tmp: Path) -> bytes:
+    import gguf
+
+    p = tmp / "seed.gguf"
+    w = gguf.GGUFWriter(p, "gemma3")
+    w.add_uint32("general.alignment", 32)
+    w.add_string("general.name", "seed")
+    w.add_array("tokenizer.ggml.tokens", ["<pad>", "<eos>", "a"])
+    w.add_array("tokenizer.ggml.scores", [0.0, -1.0, -2.0])
+    w.add_tensor("token_embd.weight", np.ones((3, 32), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((2, 34), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return p.read_bytes()
+
+
+def seed_safetensors(tmp: Path) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"a": torch.ones(2, 3, dtype=torch.bfloat16), "b": torch.arange(4, dtype=torch.int32),
+                 "c": torch.zeros(0)}, metadata={"format": "pt"})
+
+
+def seed_spm(tmp: Path) -> bytes:
+    from gemmaquant.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
+
+    pieces = [("<pad>", 0.0, CONTROL), ("<eos>", 0.0, CONTROL), ("<bos>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN),
+              ("<0x00>", 0.0, BYTE), ("\u2581a", -1.0, NORMAL), ("b", -2.0, NORMAL)]
+    return encode_model_proto(pieces, unk_id=3, bos_id=2, eos_id=1, pad_id=0, bos_piece="<bos>")
+
+
+def seed_imatrix_legacy(tmp: Path) -> bytes:
+    name = b"blk.0.attn_q.weight"
+    return (struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 4, 4) + struct.pack("<4f", 1, 2, 3, 4)
+            + struct.pack("<ii", 10, 4) + b"data")
+
+
+def seed_imatrix_gguf(tmp: Path) -> bytes:
+    import torch
+
+    from gemmaquant.gguf.imatrix_io import write_imatrix
+
+    p = tmp / "seed.imatrix.gguf"
+    write_imatrix(p, {"blk.0.attn_q.weight": torch.ones(32)}, {"blk.0.attn_q.weight": 4}, datasets=["d"],
+                  chunk_count=1, chunk_size=32)
+    return p.read_bytes()
+
+
+# -- byte mutations -------------------------------------------------------------------------------------
+def mutated(seed: bytes):
+    edit = st.tuples(st.sampled_from(["flip", "u32", "u64", "cut", "insert", "delete", "byte"]),
+                     st.integers(0, len(seed)), st.integers(0, 2**64 - 1), st.binary(max_size=16))
+    return st.lists(edit, min_size=1, max_size=4).map(lambda edits: apply_edits(seed, edits))
+
+
+def apply_edits(seed: bytes, edits) -> bytes:
+    b = bytearray(seed)
+    for kind, pos, v, blob in edits:
+        pos = min(pos, len(b))
+        big = INTERESTING[v % len(INTERESTING)] if v % 3 else v
+        if kind == "flip" and pos < len(b):
+            b[pos] ^= 1 << (v % 8)
+        elif kind == "byte" and pos < len(b):
+            b[pos] = v & 0xFF
+        elif kind == "u32":
+            b[pos:pos + 4] = struct.pack("<I", big & 0xFFFFFFFF)
+        elif kind == "u64":
+            b[pos:pos + 8] = struct.pack("<Q", (len(seed) if v % 7 == 0 else big) & (2**64 - 1))
+        elif kind == "cut":
+            del b[pos:]
+        elif kind == "insert":
+            b[pos:pos] = blob
+        elif kind == "delete":
+            del b[pos:pos + 1 + v % 16]
+    return bytes(b)
+
+
+# -- structured inputs -------------------------------------------------------------------------------
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+
+def _st_file(header, body_len: int, deep: int) -> bytes:
+    h = json.dumps(header, default=str).encode() if deep == 0 else b"[" * deep + b"]" * deep
+    return struct.pack("<Q", len(h)) + h + b"\0" * body_len
+
+
+# safetensors headers with random JSON where the dtype / shape / data_offsets / __metadata__ go.
+st_entry = st.fixed_dictionaries({}, optional={"dtype": st.sampled_from(["F32", "BF16", "I8", "F8_E4M3", "C64"]) | json_values,
+                                               "shape": st.lists(st.integers(-1, 2**40), max_size=3) | json_values,
+                                               "data_offsets": st.lists(st.integers(-1, 2**62), max_size=3) | json_values})
+st_headers = st.builds(_st_file, st.dictionaries(st.sampled_from(["a", "b", "__metadata__"]), st_entry | json_values,
+                                                 max_size=3),
+                       st.integers(0, 64), st.sampled_from([0] * 9 + [50_000]))
+
+
+def with_random_values(base: dict):
+    keys = sorted(base) + ["text_config", "rope_scaling", "rope_parameters", "layer_types", "quantization_config"]
+    return st.dictionaries(st.sampled_from(keys), json_values, max_size=4).map(lambda d: {**base, **d})
+
+
+def _recipe_toml(d: dict) -> str:
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v) if v == v and abs(v) != float("inf") else "nan"
+        return json.dumps(str(v))
+    return "".join(f"{k} = {val(v)}\n" for k, v in d.items())
+
+
+recipe_values = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True),
+                          st.text(max_size=10), st.sampled_from(["fp8", "q4_k_m", "w4a16", "gptq", "rtn", "awq"]))
+recipes = st.dictionaries(st.sampled_from(["scheme", "algorithm", "calib_samples", "calib_len", "alpha", "imatrix",
+                                            "model", "description", "calib", "bogus"]), recipe_values, max_size=6)
+
+
+# -- targets -----------------------------------------------------------------------------------------------
+class Targets:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.file = tmp / "input.bin"
+        self._ckpt = None
+
+    def _to_file(self, data: bytes, name: str = "input.bin") -> Path:
+        p = self.tmp / name
+        p.write_bytes(data)
+        return p
+
+    def gguf_header(self, data: bytes):
+        from gemmaquant.gguf_header import read_gguf_header
+
+        read_gguf_header(self._to_file(data))
+
+    def gguf_file(self, data: bytes):
+        from gemmaquant.gguf_file import GGUFFile
+
+        GGUFFile(self._to_file(data)).close()
+
+    def safetensors(self, data: bytes):
+        from gemmaquant.safetensors_io import SafetensorsFile
+
+        f = SafetensorsFile(self._to_file(data))
+        for k in f.keys():
+            f.get(k)
+        f.close()
+
+    def spm_proto(self, data: bytes):
+        from gemmaquant.spm_proto import decode_model_proto
+
+        decode_model_proto(data)
+
+    def imatrix(self, data: bytes):
+        from gemmaquant.gguf.imatrix_io import read_imatrix
+
+        read_imatrix(self._to_file(data))
+
+    def recipe(self, d: dict):
+        from gemmaquant.recipes import load_recipe
+
+        load_recipe(str(self._to_file(_recipe_toml(d).encode(), "r.toml")))
+
+    def recipe_bytes(self, data: bytes):
+        from gemmaquant.recipes import load_recipe
+
+        load_recipe(str(self._to_file(data, "r.toml")))
+
+    def config(self, d: dict):
+        from gemmaquant.config import config_from_dict
+
+        config_from_dict(d)
+
+    def index(self, wm):
+        from gemmaquant.checkpoint import Checkpoint
+
+        d = self._tiny_ckpt()
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+        Checkpoint(d).close()
+
+    def _tiny_ckpt(self) -> Path:
+        if self._ckpt is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.test_checkpoint import write_ckpt
+
+            self._ckpt = self.tmp / "ckpt"
+            write_ckpt(self._ckpt)
+            (self._ckpt / "model.safetensors").rename(self._ckpt / "shard.safetensors")
+        return self._ckpt
+
+
+TINY_CFG = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+            "sliding_window": 4}
+
+
+def plan(tmp: Path) -> dict:
+    """reader -> (strategy, target)."""
+    t = Targets(tmp)
+    import gemmaquant.checkpoint  # noqa: F401 - imported before RSS is measured
+    import gemmaquant.gguf.imatrix_io  # noqa: F401
+    import gemmaquant.recipes  # noqa: F401
+    names = st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "", ".", "..",
+                             "missing.safetensors", "a\x00b"])
+    weight_maps = st.one_of(json_values, st.dictionaries(st.text(max_size=30), names | json_values, max_size=5),
+                            st.builds(lambda extra: {"model.norm.weight": "shard.safetensors", **extra},
+                                      st.dictionaries(st.text(max_size=30), names, max_size=3)))
+    return {
+        "gguf_header (inspect)": (mutated(seed_gguf(tmp)), t.gguf_header),
+        "gguf_file (eval/compare)": (mutated(seed_gguf(tmp)), t.gguf_file),
+        "safetensors_io": (mutated(seed_safetensors(tmp)), t.safetensors),
+        "safetensors_io (header JSON)": (st_headers, t.safetensors),
+        "spm_proto": (mutated(seed_spm(tmp)), t.spm_proto),
+        "imatrix_io (legacy .dat)": (mutated(seed_imatrix_legacy(tmp)), t.imatrix),
+        "imatrix_io (GGUF)": (mutated(seed_imatrix_gguf(tmp)), t.imatrix),
+        "recipes (values)": (recipes, t.recipe),
+        "recipes (bytes)": (mutated(b'scheme = "q4_k_m"\nalgorithm = "rtn"\ncalib_samples = 8\nalpha = 0.5\n'),
+                            t.recipe_bytes),
+        "config.json": (with_random_values(TINY_CFG), t.config),
+        "checkpoint index": (weight_maps, t.index),
+    }
+
+
+def fuzz(strategy, target, seconds: float, max_example_s: float) -> dict:
+    stats = {"runs": 0, "failures": [], "slowest": 0.0}
+
+    @settings(max_examples=100, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def one(data):
+        t0 = time.perf_counter()
+        try:
+            target(data)
+        except GemmaQuantError:
+            pass
+        except Exception as e:  # noqa: BLE001 - anything else is a finding
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            stats["failures"].append((f"{type(e).__name__} at {Path(where.filename).name}:{where.lineno}",
+                                      str(e)[:160], data))
+        dt = time.perf_counter() - t0
+        stats["slowest"] = max(stats["slowest"], dt)
+        if dt > max_example_s:
+            stats["failures"].append((f"slow example ({dt:.2f} s)", "", data))
+        stats["runs"] += 1
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t_end = time.monotonic() + seconds
+    t0 = time.monotonic()
+    while time.monotonic() < t_end:
+        one()
+    stats["seconds"] = time.monotonic() - t0
+    stats["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="time per reader")
+    ap.add_argument("--only", default="", help="comma-separated reader name prefixes")
+    ap.add_argument("--save", type=Path, help="write failing inputs here")
+    ap.add_argument("--max-example-seconds", type=float, default=2.0)
+    ap.add_argument("--max-rss-mb", type=float, default=256.0)
+    args = ap.parse_args(argv)
+    rows, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="gq-fuzz-") as tmp:
+        readers = plan(Path(tmp))
+        for name, (strategy, target) in readers.items():
+            if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+                continue
+            s = fuzz(strategy, target, args.seconds, args.max_example_seconds)
+            kinds = sorted({f[0] for f in s["failures"]})
+            if s["rss_growth_mb"] > args.max_rss_mb:
+                kinds.append(f"RSS grew {s['rss_growth_mb']:.0f} MB")
+            bad += bool(kinds)
+            rows.append((name, s["runs"], s["seconds"], len(s["failures"]), s["slowest"], s["rss_growth_mb"], kinds))
+            for i, (kind, msg, data) in enumerate(s["failures"][:3]):
+                print(f"[{name}] {kind}: {msg}", file=sys.stderr)
+                if args.save:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                    safe = name.split()[0]
+                    raw = data if isinstance(data, bytes) else json.dumps(data, default=str).encode()
+                    (args.save / f"{safe}-{i}.bin").write_bytes(raw)
+    print("| reader | executions | seconds | failures | slowest example (s) | peak RSS growth (MB) | kinds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, runs, secs, nf, slow, rss, kinds in rows:
+        print(f"| {name} | {runs} | {secs:.1f} | {nf} | {slow:.3f} | {rss:.1f} | {'; '.join(kinds) or '-'} |")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
