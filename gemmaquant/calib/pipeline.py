@@ -1,0 +1,182 @@
+"""calibrate(): token batches → layer-by-layer statistics → per-Linear results for the writers.
+
+  scheme / algorithm          statistics           propagation   result
+  int8 + smoothquant          absmax               float         norms folded (overrides), int8 codes
+  int8 + smoothquant+gptq     absmax, xtx          quantized     same, int8 codes by GPTQ
+  w4a16(-asym) / int8-w8a16:
+      gptq                    xtx                  quantized     codes/scales (GPTQ)
+      awq                     abs_sum, xtx         quantized     norms folded, codes/scales (RTN)
+      awq+gptq                abs_sum, xtx         quantized     norms folded, codes/scales (GPTQ)
+  fp8-static                  absmax               float         input_scales = absmax/448
+  GGUF --imatrix              sum_sq               float         imatrix (Σx², count) per Linear
+"Quantized" propagation feeds layer i+1 the outputs of the already-quantized layers 0..i (GPTQ's
+sequential mode); "float" propagation is the float model (SmoothQuant's and llama-imatrix's statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import GemmaQuantError
+from ..schemes import Scheme, get_scheme
+from .awq import awq_layer
+from .data import calibration_batches, load_tokenizer_for
+from .fold import MAPPINGS, consumer_names
+from .gptq import gptq_quantize
+from .intq import WeightQuant, rtn, split_rows
+from .runner import run_layers
+from .smoothquant import smooth_layer
+
+FP8_MAX = 448.0
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
+
+
+@dataclass
+class CalibResult:
+    # full Linear name (`model.layers.3.mlp.down_proj`) → quantized weight; when an algorithm folded
+    # scales, EVERY Linear of the model is here and must be written from it
+    quantized: dict[str, WeightQuant] = field(default_factory=dict)
+    # HF tensor name → new tensor in the stored dtype (the norms SmoothQuant/AWQ folded scales into)
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_scales: dict[str, float] = field(default_factory=dict)  # Linear name → static fp8 scale
+    imatrix: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # name → (Σx² [in] f32, count)
+    notes: str = ""
+
+    def packed(self, ct_format: str) -> dict:
+        """`quantized` in the compressed-tensors writer's dataclasses (`write_compressed_tensors`)."""
+        return {name: to_packed(q, ct_format) for name, q in self.quantized.items()}
+
+
+def to_packed(q: WeightQuant, ct_format: str):
+    """One result → ct.quantize.IntQuantized (int-quantized W8A8) or PackQuantized (pack-quantized)."""
+    from ..ct.quantize import IntQuantized, pack_int
+
+    if ct_format == "int-quantized":
+        if q.bits != 8 or q.group_size is not None or q.zero_point is not None:
+            raise ValueError("int-quantized holds symmetric per-channel INT8 only")
+        return IntQuantized(weight=q.codes, weight_scale=q.scale)
+    if ct_format == "pack-quantized":
+        return pack_int(q.codes, q.scale, q.zero_point, q.bits)
+    raise ValueError(f"no integer results for compressed-tensors format {ct_format!r}")
+
+
+def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None = None,
+              calib_path: Path | None = None, n_samples: int = 128, seq_len: int = 512,
+              alpha: float = 0.8, imatrix: bool = False, ids: torch.Tensor | None = None,
+              tokenizer=None, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
+              batch_size: int = 4, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
+              mappings=MAPPINGS, progress: bool = False, sink=None) -> CalibResult:
+    """Run the calibration `scheme` (+ `algorithm`, default: the scheme's first) needs.
+
+    alpha: SmoothQuant migration strength. 0.8 by default: on Gemma 3 270M (W8A8, per-token int8
+    activations) it gave KL 0.016 vs bf16 against 0.022 for the paper's 0.5 and 0.035 for RTN
+    (benchmarks/bench_calib_quality.py).
+    `ids` [n, S] bypasses tokenization (tests, benchmarks). GGUF schemes calibrate only with `imatrix`.
+    `sink(name, WeightQuant)`, if given, receives each Linear's result as its layer finishes instead of
+    `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
+    """
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    algorithm = _check_algorithm(scheme, algorithm, imatrix)
+    notes: list[str] = []
+    res = CalibResult()
+    stored = {n: ckpt.dtype(n) for n in ckpt.names()}
+
+    kinds, sequential, on_layer = set(), False, None
+    if imatrix:
+        kinds |= {"sum_sq"}
+    static_fp8 = scheme.input_activations is not None and not scheme.input_activations.dynamic
+    if static_fp8:
+        kinds |= {"absmax"}
+    if algorithm == "smoothquant":
+        kinds |= {"absmax"}
+    elif algorithm == "smoothquant+gptq":
+        kinds |= {"absmax", "xtx"}
+        sequential = True
+    elif algorithm in ("gptq", "awq", "awq+gptq"):
+        kinds |= {"xtx"} | ({"abs_sum"} if "awq" in algorithm else set())
+        sequential = True
+    if not kinds:
+        return CalibResult(notes=f"{scheme.name} with {algorithm}: nothing to calibrate")
+
+    w = scheme.weights
+    if algorithm not in (None, "rtn") and (w is None or w.type != "int"):
+        raise GemmaQuantError(f"algorithm {algorithm} needs an integer weight scheme, not {scheme.name}")
+    gs = w.group_size if w is not None and w.strategy == "group" else None
+
+    def on_layer(i, layer, stats):
+        prefix = f"model.layers.{i}."
+        local = {name[len(prefix):]: st for name, st in stats.items()}
+        for name, st in stats.items():  # statistics of the float inputs (before any folding)
+            if imatrix:
+                res.imatrix[name] = (st.sum_sq.float().clone(), st.count)
+            if static_fp8:
+                res.input_scales[name] = st.absmax.max().item() / FP8_MAX
+        if algorithm is None or algorithm == "rtn":
+            return
+        norm_dtype = stored[prefix + "input_layernorm.weight"]
+        if algorithm.startswith("smoothquant"):
+            norms = smooth_layer(layer, local, alpha=alpha, mappings=mappings, stored_dtype=norm_dtype)
+        elif "awq" in algorithm:
+            norms = awq_layer(layer, local, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
+                              mappings=mappings, stored_dtype=norm_dtype, n_grid=awq_grid)
+        else:
+            norms = {}
+        for attr, t in norms.items():
+            res.overrides[prefix + attr + ".weight"] = t
+        for mapping in MAPPINGS:  # Linears reading one input share H: quantize their rows together
+            suffixes = consumer_names(mapping)
+            lins = [layer.get_submodule(sfx) for sfx in suffixes]
+            W = torch.cat([lin.weight.detach() for lin in lins])
+            if algorithm.endswith("gptq"):
+                try:
+                    q = gptq_quantize(W, local[suffixes[0]].xtx, bits=w.num_bits, group_size=gs,
+                                      symmetric=w.symmetric, damp=damp, act_order=act_order)
+                except ValueError as e:
+                    raise GemmaQuantError(f"GPTQ failed on {prefix + suffixes[0]}: {e}") from None
+            else:
+                q = rtn(W, w.num_bits, gs, w.symmetric)
+            for sfx, lin, part in zip(suffixes, lins, split_rows(q, [lin.out_features for lin in lins])):
+                if sink is None:
+                    res.quantized[prefix + sfx] = part
+                else:
+                    sink(prefix + sfx, part)
+                if sequential:  # the next layers calibrate on this layer's quantized outputs
+                    with torch.no_grad():
+                        lin.weight.copy_(part.dequantize().to(lin.weight.dtype))
+
+    if ids is None:
+        tokenizer = tokenizer or load_tokenizer_for(ckpt.path)
+        ids = calibration_batches(tokenizer, calib_path, n_samples, seq_len, seed,
+                                  bos_id=ckpt.config.bos_token_id, notes=notes)
+    run_layers(ckpt, ids, kinds=kinds, on_layer=on_layer, sequential=sequential, dtype=dtype,
+               device=device, batch_size=batch_size, progress=progress)
+    n, s = ids.shape
+    notes.append(f"calibrated {scheme.name}"
+                 + (f" with {algorithm}" if algorithm not in (None, "rtn") else "")
+                 + (" + imatrix" if imatrix else "") + f" on {n} × {s} tokens")
+    res.notes = "; ".join(notes)
+    return res
+
+
+def _check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str | None:
+    if scheme.is_gguf:
+        if algorithm not in (None, "rtn"):
+            raise GemmaQuantError(f"GGUF scheme {scheme.name} takes no --algorithm (use --imatrix)")
+        return None
+    if imatrix:
+        raise GemmaQuantError(f"--imatrix applies to GGUF schemes only, not {scheme.name}")
+    allowed = tuple(scheme.algorithms)
+    if "gptq" in allowed and "awq" in allowed:
+        allowed += ("awq+gptq",)
+    if "smoothquant" in allowed:
+        allowed += ("smoothquant+gptq",)
+    if algorithm is None:
+        return allowed[0] if allowed else None
+    if algorithm not in allowed:
+        raise GemmaQuantError(f"algorithm {algorithm!r} does not apply to {scheme.name} "
+                              f"(allowed: {', '.join(allowed) or 'none'})")
+    return algorithm

@@ -1,0 +1,100 @@
+"""Layer-by-layer calibration driver: only the embedding rows in use and ONE decoder layer are resident.
+
+    ids [n, S] ──embed──► h [n, S, hidden] (float32, kept on the host for all samples)
+    for each layer i:   load_layer(i) → hooked pass over h in mini-batches (statistics)
+                        → on_layer(i, layer, stats) quantizes / folds the layer in place
+                        → h = layer(h)   (the *modified* layer when `sequential`, as GPTQ does,
+                                          so layer i+1 is calibrated on what it will really see)
+                        → the layer is freed
+With `sequential=False` the outputs come from the float layer in the statistics pass itself (one pass
+per layer), which is what llama-imatrix and SmoothQuant's float statistics want.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import Checkpoint
+from ..errors import GemmaQuantError
+from ..loading import load_layer
+from ..model import DecoderLayer, make_layer_context
+from .stats import InputStats, attach
+
+# on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
+OnLayer = Callable[[int, DecoderLayer, dict[str, InputStats]], None]
+
+
+def embed_ids(ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ids [n, S] → scaled embeddings [n, S, hidden], as `Gemma.embed` computes them in `dtype`.
+
+    Reads only the rows in use from the memory-mapped table (the 262k-row Gemma 3 table stays on disk).
+    """
+    table = ckpt.tensor("model.embed_tokens.weight")
+    if ids.numel() and (int(ids.max()) >= table.shape[0] or int(ids.min()) < 0):
+        raise GemmaQuantError(
+            f"{ckpt.path}: the tokenizer produced token id {int(ids.max())}, but the model's vocabulary has "
+            f"{table.shape[0]} rows (tokenizer files from another model?)")
+    h = F.embedding(ids, table).to(dtype)
+    # sqrt(hidden) rounded to the compute dtype, like transformers and vLLM
+    return h * torch.tensor(math.sqrt(ckpt.config.hidden_size), dtype=dtype)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), transient=True)
+
+
+def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer | None = None,
+               sequential: bool = True, dtype: torch.dtype = torch.float32, device="cpu",
+               batch_size: int = 4, layers: range | None = None, progress: bool = False) -> torch.Tensor:
+    """Drive calibration over `layers` (default: all); returns the final hidden states [n, S, hidden]."""
+    cfg = ckpt.config
+    n, seq = ids.shape
+    layers = range(cfg.num_hidden_layers) if layers is None else layers
+    with torch.no_grad():
+        h = embed_ids(ckpt, ids, dtype)
+        ctx = make_layer_context(cfg, seq, torch.device(device), dtype)
+        out = torch.empty_like(h)
+        bar = _progress(progress, len(layers))
+        task = bar.add_task("", total=len(layers)) if bar else None
+        if bar:
+            bar.start()
+        try:
+            for i in layers:
+                if bar:
+                    bar.update(task, description=f"layer {i}")
+                layer = load_layer(ckpt, i, dtype, device)
+                stats, handles = attach(layer, f"model.layers.{i}.", kinds)
+                try:
+                    _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                if on_layer is not None:
+                    on_layer(i, layer, stats)
+                del stats
+                if sequential:
+                    _pass(layer, h, out, ctx, batch_size, device, keep=True)
+                h, out = out, h
+                del layer
+                if bar:
+                    bar.advance(task)
+        finally:
+            if bar:
+                bar.stop()
+    return h
+
+
+def _pass(layer, h, out, ctx, batch_size, device, keep: bool) -> None:
+    for b in range(0, h.shape[0], batch_size):
+        y = layer(h[b:b + batch_size].to(device), ctx)
+        if keep:
+            out[b:b + batch_size] = y.to(out.device)
