@@ -87,7 +87,7 @@ def quantize_cmd(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", help="Tokens per calibration sample (default 512)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength (default 0.5)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength (default 0.8)."),
     imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix", help="GGUF: compute an importance matrix from calibration text."),
     imatrix_file: Optional[Path] = typer.Option(None, "--imatrix-file", help="GGUF: use a llama.cpp imatrix file (GGUF or legacy .dat)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),

@@ -22,7 +22,7 @@ class QuantizeOptions:
     calib: Path | None = None
     calib_samples: int = 128
     calib_len: int = 512
-    alpha: float = 0.5
+    alpha: float = 0.8
     imatrix: bool = False
     imatrix_file: Path | None = None
     force: bool = False
@@ -78,10 +78,27 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions) -> int:
+    """The output's size, an upper bound within ~100 KB: tensor data from the --dry-run plan (exact);
+    the side files (tokenizer, configs) that a compressed-tensors directory copies and that bound a
+    GGUF's vocab metadata; per GGUF tensor its info record and alignment padding; 64 KiB for the
+    remaining metadata, model card and index."""
+    from .plan_view import ct_plan, gguf_plan
+
+    rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
+        else ct_plan(ckpt, scheme)
+    per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
+    return (sum(r["bytes"] + per_tensor for r in rows) + sum(p.stat().st_size for p in ckpt.side_files())
+            + (64 << 10))
+
+
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
                  progress=None) -> QuantizeSummary:
+    from .diskspace import check_free_space
+
     t0 = time.perf_counter()
     check_family(scheme, out)
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))  # before any calibration time
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress)
     else:
@@ -158,12 +175,15 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
            if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
     unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
     errs = list(rep.weight_error.values())
-    if errs:
+    if overrides:
+        notes.append(f"{len(overrides)} norm tensors rewritten by scale folding (weights differ from the source "
+                     "by design; measure the drift with `gemmaquant compare`)")
+    elif errs:
         notes.append(f"relative weight error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
     return QuantizeSummary(output=out, scheme=scheme.name, family="compressed-tensors", seconds=0,
                            output_bytes=size, source_bytes=ckpt.weight_nbytes(), params=params,
                            bits_per_weight=8 * size / params, peak_rss_bytes=0,
-                           notes=notes + [algo_note] + rep.notes[:3],
+                           notes=notes + [algo_note],
                            unquantized=unq, types={f"{scheme.label} Linears": len(rep.quantized)})
 
 
