@@ -191,11 +191,6 @@ def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     out.print(t)
 
 
-from .inspect_cli import inspect_cmd  # noqa: E402
-
-app.command("inspect")(inspect_cmd)
-
-
 @app.command("schemes")
 def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
                 markdown: bool = typer.Option(False, "--markdown", help="Print the README's markdown table.")):
@@ -218,8 +213,11 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
 
 def _register_extra_commands():
+    """Commands whose modules carry their own option definitions."""
     from .compare_cli import compare_cmd
+    from .inspect_cli import inspect_cmd
 
+    app.command("inspect")(inspect_cmd)
     app.command("compare")(compare_cmd)
 
 
