@@ -4,6 +4,20 @@ Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
 then the data. Every claim of the header is checked against the file before any tensor is touched
 (offsets inside the file, no overlaps, size = prod(shape) * itemsize), so a truncated or corrupt
 file gives an error naming the file and tensor instead of a crash or a huge allocation.
+
+Memory: pages of a file mapping that were read count in the process's RSS until they are unmapped
+or the kernel reclaims them, so streaming an 18 GB checkpoint through one mmap would report an
+18 GB peak RSS. Pages are therefore dropped from the mapping once consumed, with
+madvise(MADV_DONTNEED) on the page-aligned range (the page cache keeps them, so a re-read is a minor
+fault, not a disk read):
+* automatically: tensors handed out by `get`/`raw_bytes` are remembered process-wide, oldest first,
+  and once they add up to more than RESIDENT_WINDOW bytes the oldest are dropped (a reader that
+  walks the model tensor by tensor or layer by layer stays flat without knowing about this);
+* explicitly: `release_pages(view)` drops the pages under a view at once, and `stream_bytes(buf)`
+  yields a buffer in chunks, dropping each chunk's pages after the consumer is done with it.
+Dropping is always correct for these mappings: they are private (copy-on-write) and never written,
+so an unmodified page that is touched again is simply faulted back in from the file. A caller that
+wrote into a view would lose its change, which is why views are read-only by contract.
 """
 
 from __future__ import annotations
@@ -13,8 +27,12 @@ import math
 import mmap
 import os
 import struct
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import GemmaQuantError
@@ -26,6 +44,38 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+PAGE = mmap.PAGESIZE
+# Bytes of handed-out tensors allowed to stay mapped-in before the oldest are dropped (env override
+# for experiments: GEMMAQUANT_RESIDENT_MB). Larger than one Gemma 2 9B decoder layer in bf16 (396 MB).
+RESIDENT_WINDOW = int(os.environ.get("GEMMAQUANT_RESIDENT_MB", "512")) << 20
+STREAM_CHUNK = 64 << 20  # stream_bytes' chunk: big enough for full-speed write()/hash calls
+_CAN_DROP = hasattr(mmap, "MADV_DONTNEED")
+_OPEN: "weakref.WeakSet[SafetensorsFile]" = weakref.WeakSet()  # mappings release_pages may touch
+
+
+class _Recent:
+    """Tensors handed out, oldest first, with their byte ranges in the mapping: (file, start) -> end."""
+
+    def __init__(self):
+        self.ranges: OrderedDict[tuple[int, int], tuple[weakref.ref, int, int]] = OrderedDict()
+        self.total = 0
+
+    def touch(self, f: "SafetensorsFile", start: int, end: int) -> None:
+        key = (id(f), start)
+        if key in self.ranges:
+            self.ranges.move_to_end(key)
+            return
+        self.ranges[key] = (weakref.ref(f), start, end)
+        self.total += end - start
+        while self.total > RESIDENT_WINDOW and len(self.ranges) > 1:  # the newest one always stays
+            _, (ref, a, b) = self.ranges.popitem(last=False)
+            self.total -= b - a
+            old = ref()
+            if old is not None:
+                old._drop(a, b)
+
+
+_RECENT = _Recent()
 
 
 class SafetensorsFile:
@@ -49,9 +99,13 @@ class SafetensorsFile:
             header = json.loads(self._fh.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise GemmaQuantError(f"{self.path}: header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise GemmaQuantError(f"{self.path}: header is not valid JSON (nested too deeply)") from None
         if not isinstance(header, dict):
             raise GemmaQuantError(f"{self.path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise GemmaQuantError(f"{self.path}: header '__metadata__' is not a JSON object")
         self._data_start = 8 + n
         data_len = size - self._data_start
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -61,12 +115,12 @@ class SafetensorsFile:
             if not isinstance(info, dict):
                 raise GemmaQuantError(f"{where}: header entry is not an object")
             dt = info.get("dtype")
-            if dt not in DTYPES:
+            if not isinstance(dt, str) or dt not in DTYPES:
                 raise GemmaQuantError(f"{where}: unsupported dtype {dt!r} (allowed: {', '.join(DTYPES)})")
             shape, offs = info.get("shape"), info.get("data_offsets")
-            if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
+            if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)):
                 raise GemmaQuantError(f"{where}: bad shape {shape!r}")
-            if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+            if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                     or not 0 <= offs[0] <= offs[1]):
                 raise GemmaQuantError(f"{where}: bad data_offsets {offs!r}")
             if offs[1] > data_len:
@@ -86,6 +140,13 @@ class SafetensorsFile:
             if b0 < a1:
                 raise GemmaQuantError(f"{self.path}: tensors '{an}' and '{bn}' overlap in the data section")
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self._size = size
+        self._base = 0
+        if self._mm is not None:
+            probe = np.frombuffer(self._mm, dtype=np.uint8, count=1)  # the mapping's address
+            self._base = probe.ctypes.data
+            del probe  # a live export would make close() fail
+            _OPEN.add(self)
 
     def keys(self):
         return self.entries.keys()
@@ -102,6 +163,8 @@ class SafetensorsFile:
 
     def raw_bytes(self, name: str) -> memoryview:
         _, _, a, b = self.entries[name]
+        if b > a:
+            _RECENT.touch(self, self._data_start + a, self._data_start + b)
         return memoryview(self._mm)[self._data_start + a:self._data_start + b]
 
     def get(self, name: str) -> torch.Tensor:
@@ -111,10 +174,29 @@ class SafetensorsFile:
         dt, shape, a, b = self.entries[name]
         if b == a:
             return torch.empty(shape, dtype=dt)
+        _RECENT.touch(self, self._data_start + a, self._data_start + b)
         t = torch.frombuffer(self._mm, dtype=dt, count=math.prod(shape), offset=self._data_start + a)
         return t.view(shape)
 
+    def release(self, name: str | None = None) -> None:
+        """Drop the resident pages of tensor `name` (all of the mapping for None); views stay valid."""
+        if name is None:
+            self._drop(0, self._size)
+        else:
+            _, _, a, b = self.entries[name]
+            self._drop(self._data_start + a, self._data_start + b)
+
+    def _drop(self, start: int, end: int) -> None:
+        """madvise(DONTNEED) on [start, end) of the mapping, widened to whole pages. Widening can
+        drop a neighbour tensor's edge pages too; harmless, they fault back in unchanged."""
+        if not _CAN_DROP or self._mm is None or self._mm.closed or end <= start:
+            return
+        a = start - start % PAGE
+        b = min(self._size, end + (-end % PAGE))
+        self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
     def close(self):
+        _OPEN.discard(self)
         # Views handed out keep the mapping alive through the buffer protocol; closing the file
         # handle is always safe, closing the map is only safe when no view is left.
         try:
@@ -129,3 +211,41 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _span(buf: torch.Tensor | memoryview | np.ndarray) -> tuple[int, int]:
+    """[first, last+1) byte addresses a tensor / buffer covers (strides may be any, not negative)."""
+    if isinstance(buf, torch.Tensor):
+        if buf.numel() == 0:
+            return 0, 0
+        extent = sum((n - 1) * st for n, st in zip(buf.shape, buf.stride())) + 1
+        return buf.data_ptr(), buf.data_ptr() + extent * buf.element_size()
+    arr = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, memoryview) else buf
+    if arr.nbytes == 0:
+        return 0, 0
+    lo, hi = np.byte_bounds(arr) if hasattr(np, "byte_bounds") else np.lib.array_utils.byte_bounds(arr)
+    return lo, hi
+
+
+def release_pages(buf: torch.Tensor | memoryview | np.ndarray) -> int:
+    """Drop the resident pages under `buf` if it is a view of an open SafetensorsFile mapping (a
+    no-op for any other memory, whose contents MADV_DONTNEED would destroy). Returns the bytes
+    released. Call it when done with a view: its pages stop counting in RSS."""
+    lo, hi = _span(buf)
+    if hi <= lo:
+        return 0
+    for f in list(_OPEN):
+        if f._mm is not None and f._base <= lo and hi <= f._base + f._size:
+            f._drop(lo - f._base, hi - f._base)
+            return hi - lo
+    return 0
+
+
+def stream_bytes(buf: memoryview, chunk: int = STREAM_CHUNK) -> Iterator[memoryview]:
+    """`buf` in chunks of `chunk` bytes; each chunk's pages are released once the consumer asks for
+    the next one (so copying or hashing a 2 GB mapped tensor keeps ~`chunk` bytes resident)."""
+    buf = memoryview(buf).cast("B")
+    for i in range(0, len(buf), chunk):
+        part = buf[i:i + chunk]
+        yield part
+        release_pages(part)
