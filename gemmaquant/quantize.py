@@ -69,6 +69,14 @@ def check_family(scheme: Scheme, out: Path | None) -> None:
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere, which may include the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

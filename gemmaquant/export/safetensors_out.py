@@ -32,7 +32,7 @@ from ..checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..ct.dequantize import dequantize
 from ..ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
 from ..errors import GemmaQuantError, OutputError
-from ..safetensors_io import DTYPE_NAMES, SafetensorsFile
+from ..safetensors_io import DTYPE_NAMES, SafetensorsFile, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from .atomic import atomic_output, check_output
 from .model_card import is_repo_id, render_model_card, source_license
@@ -210,9 +210,10 @@ def _check_finite(t: torch.Tensor, name: str, where: Path) -> None:
 def _linear_packed(ckpt: Checkpoint, u: _Unit, scheme: Scheme, given: Packed | None, input_scale,
                    num_bits: int) -> tuple[Packed, float]:
     """The Linear's tensors (given, or round-to-nearest in float32) and its relative weight error."""
-    w = ckpt.tensor(u.source)
-    _check_finite(w, u.source, ckpt.file_of(u.source))
-    w = w.float()
+    src = ckpt.tensor(u.source)
+    _check_finite(src, u.source, ckpt.file_of(u.source))
+    w = src.float()
+    release_pages(src)  # the bf16 source pages leave RSS; w is a private copy
     p = given if given is not None else quantize_for(w, scheme.ct_format, scheme.weights, input_scale=input_scale)
     return p, _rel_error(p, w, num_bits)
 
@@ -249,7 +250,10 @@ def _verify(out: Path, files: dict[str, list[_Out]], digests: dict[str, str]) ->
                 if f.dtype(o.name) != o.dtype or f.shape(o.name) != o.shape:
                     raise OutputError(f"{out / fname}: '{o.name}' reads back as {f.dtype(o.name)} "
                                       f"{list(f.shape(o.name))}, meant {o.dtype} {list(o.shape)}")
-                if hashlib.blake2b(f.raw_bytes(o.name), digest_size=16).hexdigest() != digests[o.name]:
+                h = hashlib.blake2b(digest_size=16)
+                for part in stream_bytes(f.raw_bytes(o.name)):  # read-back pages released per chunk
+                    h.update(part)
+                if h.hexdigest() != digests[o.name]:
                     raise OutputError(f"{out / fname}: bytes of '{o.name}' differ from those written")
 
 
@@ -340,7 +344,10 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                         parts = {u.source: _bytes_of(t)}
                         report.notes.append(f"{u.source}: rewritten (calibration folded scales into it)")
                     elif u.module is None:
-                        _check_finite(ckpt.tensor(u.source), u.source, ckpt.file_of(u.source))
+                        src_view = ckpt.tensor(u.source).reshape(-1)
+                        for i in range(0, src_view.numel(), 1 << 24):  # a 1.8 GB embedding: 32 MB at a time
+                            _check_finite(src_view[i:i + (1 << 24)], u.source, ckpt.file_of(u.source))
+                            release_pages(src_view[i:i + (1 << 24)])  # copied below, also released behind
                         parts = {u.source: ckpt.raw_bytes(u.source)}
                         report.copied.append(u.source)
                     else:
@@ -351,8 +358,11 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                         report.quantized.append(u.module)
                     for name, buf in parts.items():
                         f.seek(len(header) + offsets[name])
-                        f.write(buf)
-                        digests[name] = hashlib.blake2b(buf, digest_size=16).hexdigest()
+                        h = hashlib.blake2b(digest_size=16)
+                        for part in stream_bytes(buf):  # mapped source pages released per chunk
+                            f.write(part)
+                            h.update(part)
+                        digests[name] = h.hexdigest()
                     bar.advance(task)
         if len(names) > 1:
             index = {"metadata": {"total_size": report.tensor_bytes},

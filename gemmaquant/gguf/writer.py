@@ -31,6 +31,7 @@ from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output, check_output
 from ..ggml.quantize import quantize
 from ..ggml.types import GGMLType, row_bytes
+from ..safetensors_io import release_pages
 from ..schemes import Scheme
 from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
 from .plan import TensorPlan, fallback_count, plan_types, preset
@@ -96,10 +97,12 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
     rows, n = p.shape
     step = max(1, SLAB_VALUES // n)
     for r in range(0, rows, step):
-        x = src[r:r + step].to(torch.bfloat16)  # the converter's BF16 intermediate
+        view = src[r:r + step]
+        x = view.to(torch.bfloat16)  # the converter's BF16 intermediate
         if not torch.isfinite(x).all():
             raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' contains NaN/inf values")
         yield quantize(x, p.type, qw).numpy()
+        release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab is the view)
 
 
 def _expected_value(v: gguf.GGUFValue):
@@ -162,9 +165,24 @@ def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPla
         if int(t.tensor_type) != int(p.type) or shape != p.shape:
             raise GemmaQuantError(f"{path}: tensor '{p.name}' reads back as {t.tensor_type.name} "
                                   f"{list(shape)} (internal error)")
-        if hashlib.sha256(np.ascontiguousarray(t.data).view(np.uint8)).hexdigest() != sha256[p.name]:
+        if _file_sha256(path, int(t.data_offset), int(t.n_bytes)) != sha256[p.name]:
             raise GemmaQuantError(f"{path}: tensor '{p.name}' bytes read back differently (internal error)")
     return len(fields)
+
+
+def _file_sha256(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> str:
+    """sha256 of bytes [offset, offset+n) read with read() calls: pages read through the reader's
+    memmap would count in RSS, up to the whole output (5 GB for a 9B Q4_K_M)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while n > 0:
+            b = f.read(min(n, chunk))
+            if not b:
+                break
+            h.update(b)
+            n -= len(b)
+    return h.hexdigest()
 
 
 def build_header(ckpt: Checkpoint, scheme: Scheme, plans: list[TensorPlan],

@@ -1,0 +1,149 @@
+"""Wall time, peak RSS and output bytes of `gemmaquant quantize` on real model shapes, beside llama.cpp's
+`convert_hf_to_gguf.py` + llama-quantize on the same checkpoint (issue 6 §2).
+
+    python benchmarks/make_synthetic.py gemma-2-9b /tmp/synth/gemma-2-9b
+    python benchmarks/bench_streaming.py /tmp/synth/gemma-2-9b fp8 q4_k_m --llamacpp q4_k_m --out /tmp/bench
+    python benchmarks/bench_streaming.py --table /tmp/bench/results.jsonl
+
+Every step runs in its own process; peak RSS is that process's VmHWM (the high-water mark of its
+image since exec, read from /proc at exit), which, unlike ru_maxrss, does not include pages the
+forking parent held. Outputs are deleted after measuring (they can be 10+ GB); results are appended
+as JSON lines. llama.cpp's converter comes from the llama-cpp-python 0.3.36 sdist (the library's own
+tree, `tests/gguf/llamacpp_ref.llamacpp_tree`), llama-quantize is `llama_cpp.llama_model_quantize`
+with nthread = the CPU count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_HWM = """
+import atexit, sys
+def _hwm():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    sys.stderr.write("VmHWM-bytes %d\\n" % (int(line.split()[1]) * 1024))
+atexit.register(_hwm)
+"""
+_GEMMAQUANT = _HWM + """
+from gemmaquant.cli import main
+sys.argv = ["gemmaquant"] + sys.argv[1:]
+main()
+"""
+_CONVERT = _HWM + """
+tree = sys.argv[1]
+sys.path.insert(1, tree + "/gguf-py")
+sys.path.insert(0, tree)
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "bf16"]
+convert_hf_to_gguf.main()
+"""
+_QUANTIZE = _HWM + """
+import ctypes, os, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3])
+p.nthread = os.cpu_count()
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
+sys.exit(rc)
+"""
+LLAMA_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18, "q4_0": 2}
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+def _run(code: str, args: list[str], log: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of `python -c code args`; raises with the log tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as lf:
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    if r.returncode != 0:
+        raise SystemExit(f"{args}: exit {r.returncode}\n{text[-3000:]}")
+    hwm = [int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("VmHWM-bytes ")]
+    return wall, hwm[-1]
+
+
+def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] = ()) -> dict:
+    out = out_dir / (f"{model.name}.{scheme}.gguf" if not scheme.startswith(("fp8", "int8", "w4", "w8"))
+                     else f"{model.name}-{scheme}")
+    wall, rss = _run(_GEMMAQUANT, ["quantize", str(model), "--scheme", scheme, "-o", str(out), "-q", *extra],
+                     out_dir / f"gq-{model.name}-{scheme}.log")
+    size = _size(out)
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    return {"tool": "gemmaquant", "model": model.name, "scheme": scheme + (" " + " ".join(extra) if extra else ""),
+            "seconds": round(wall, 1), "peak_rss_bytes": rss, "output_bytes": size}
+
+
+def bench_llamacpp(model: Path, preset: str, out_dir: Path) -> list[dict]:
+    sys.path.insert(0, str(REPO))
+    from tests.gguf.llamacpp_ref import llamacpp_tree
+
+    tree = llamacpp_tree()
+    bf16 = out_dir / f"{model.name}.lcpp-bf16.gguf"
+    quant = out_dir / f"{model.name}.lcpp-{preset}.gguf"
+    w1, r1 = _run(_CONVERT, [str(tree), str(model), str(bf16)], out_dir / f"lcpp-convert-{model.name}.log")
+    s1 = _size(bf16)
+    w2, r2 = _run(_QUANTIZE, [str(bf16), str(quant), str(LLAMA_FTYPES[preset])],
+                  out_dir / f"lcpp-quantize-{model.name}-{preset}.log")
+    s2 = _size(quant)
+    bf16.unlink()
+    quant.unlink()
+    return [{"tool": "llama.cpp convert_hf_to_gguf (bf16)", "model": model.name, "scheme": "bf16",
+             "seconds": round(w1, 1), "peak_rss_bytes": r1, "output_bytes": s1},
+            {"tool": "llama.cpp llama-quantize", "model": model.name, "scheme": preset,
+             "seconds": round(w2, 1), "peak_rss_bytes": r2, "output_bytes": s2},
+            {"tool": "llama.cpp both steps", "model": model.name, "scheme": preset,
+             "seconds": round(w1 + w2, 1), "peak_rss_bytes": max(r1, r2), "output_bytes": s2}]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | tool | scheme | wall s | peak RSS GiB | output GB |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tool']} | {r['scheme']} | {r['seconds']:.1f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['output_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", type=Path)
+    ap.add_argument("schemes", nargs="*", help="gemmaquant schemes to run (fp8, q4_k_m, fp8-static, ...)")
+    ap.add_argument("--llamacpp", action="append", default=[], help="llama.cpp preset to run (q4_k_m, q8_0)")
+    ap.add_argument("--calib-samples", type=int, help="for calibrated schemes: --calib-samples N")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench"))
+    ap.add_argument("--table", type=Path, help="print a results.jsonl as a markdown table and exit")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(table([json.loads(ln) for ln in a.table.read_text().splitlines() if ln.strip()]))
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = a.out / "results.jsonl"
+    for scheme in a.schemes:
+        extra = ["--calib-samples", str(a.calib_samples)] if a.calib_samples else []
+        rows = [bench_gemmaquant(a.model, scheme, a.out, extra)]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+            with open(results, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    for preset in a.llamacpp:
+        for r in bench_llamacpp(a.model, preset, a.out):
+            print(json.dumps(r), flush=True)
+            with open(results, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
