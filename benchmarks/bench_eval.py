@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--ppl-chunks", type=int, default=0, help="chunks for the ppl comparison (0 = all)")
     ap.add_argument("--gguf", type=Path, default=None, help="bf16 GGUF of the demo (default: write one)")
+    ap.add_argument("--no-ppl", action="store_true", help="speed table only")
+    ap.add_argument("--ppl-dtypes", default="float32,bfloat16", help="our compute dtypes for the ppl table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ckpt = resolve_model("demo")
@@ -97,6 +99,9 @@ def main():
     for name, tps, med in rows:
         print(f"| {name} | {tps:.0f} | {med:.2f} | {tps / base:.2f}x |")
 
+    if a.no_ppl:
+        lc.close()
+        return
     # perplexity agreement, full text (or --ppl-chunks)
     n = a.ppl_chunks or None
     lres = lc.perplexity(text, a.ctx, n)
@@ -108,7 +113,7 @@ def main():
     print("| engine | ppl | ± | vs llama.cpp |")
     print("|---|---:|---:|---:|")
     print(f"| llama.cpp bf16 GGUF | {lres['ppl']:.4f} | {lres['ppl_stderr']:.4f} | — |")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (getattr(torch, d) for d in a.ppl_dtypes.split(",")):
         m = load_model(ckpt, dtype)
         r = perplexity(lambda x, f: m(x, logits_from=f), all_ids)
         print(f"| gemmaquant {str(dtype)[6:]} compute | {r.ppl:.4f} | {r.ppl_stderr:.4f} | "
