@@ -2,7 +2,7 @@
 with 130, says so in one line, and leaves neither the output nor a temporary (`.<name>.tmp-*`).
 
 The signal is sent once the temporary exists, i.e. while tensors are being written. GGUF: a tiny
-2-layer model at Q4_K_M (the K-quant scale search keeps the write busy for seconds). Safetensors: a
+12-layer model at Q4_K_M (the K-quant scale search keeps the write busy for seconds). Safetensors: a
 tiny model writes in well under a second, too fast to hit reliably, so the demo model (Gemma 3 270M,
 FP8) is used there.
 """
@@ -56,9 +56,11 @@ def _check(res, out: Path):
 
 def test_sigint_during_gguf_write(tmp_path):
     src = tmp_path / "tiny"
-    write_tiny(src, TINY_G3)
+    # 12 layers, ~12 M K-quant values: the write lasts seconds even on an idle machine
+    write_tiny(src, dict(TINY_G3, num_hidden_layers=12, intermediate_size=1024))
     out = tmp_path / "out" / "tiny.Q4_K_M.gguf"
-    res = _interrupt_mid_write(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--quiet"], out, signal.SIGINT)
+    res = _interrupt_mid_write(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--quiet"], out, signal.SIGINT,
+                               settle=0.05)
     _check(res, out)
 
 
