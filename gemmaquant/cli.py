@@ -230,6 +230,9 @@ def _on_sigterm(signum, frame):
 
 def main():
     signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM cleans up like Ctrl-C
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: restore it so an interrupt always removes partial output.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rv = app(standalone_mode=False)
         if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130) and returns its code

@@ -120,29 +120,44 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
 
 
 def render_table(rep: dict) -> Table:
+    """One column per model (base first), one row per metric: readable in an 80-column terminal."""
     b = rep["base"]
     t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {Path(rep['text']).name} "
                     f"· {rep['dtype']}")
-    for col in ("artifact", "weights", "size", "bpw lin/file", "ppl", "Δppl %", "KL mean", "KL p99",
-                "top-1", "worst layer err", "max |act|"):
-        t.add_column(col, justify="left" if col in ("artifact", "weights") else "right")
-    t.add_row(b["name"] + " (base)", _formats(b["formats"]), _size(b["size_bytes"]),
-              f"{b['bpw_linear']:.2f}/{b['bpw_file']:.2f}", f"{b['ppl']:.4f}", "", "", "", "", "",
-              _act(b["act_max"], b["fp16_overflow_layers"]))
+    t.add_column("metric")
+    t.add_column(b["name"] + " (base)", justify="right")
     for a in rep["artifacts"]:
+        t.add_column(a["name"] + ("" if a["tokenizer_match"] else " [yellow](tokenizer differs)[/]"),
+                     justify="right")
+    arts = rep["artifacts"]
+
+    def worst(a):
         errs = a["layer_rel_error"]
-        worst = f"L{max(range(len(errs)), key=errs.__getitem__)}: {max(errs):.3f}" if errs else "–"
-        t.add_row(a["name"] + ("" if a["tokenizer_match"] else " [yellow](tokenizer differs)[/]"),
-                  _formats(a["formats"]), _size(a["size_bytes"]), f"{a['bpw_linear']:.2f}/{a['bpw_file']:.2f}",
-                  f"{a['ppl']:.4f}", f"{a['delta_ppl_pct']:+.2f}", f"{a['kl_mean']:.4f}", f"{a['kl_p99']:.4f}",
-                  f"{a['top1']:.3f}", worst, _act(a["act_max"], a["fp16_overflow_layers"]))
+        return f"L{max(range(len(errs)), key=errs.__getitem__)}: {max(errs):.3f}" if errs else "–"
+
+    rows = [
+        ("weights", _formats(b["formats"]), [_formats(a["formats"]) for a in arts]),
+        ("size", _size(b["size_bytes"]), [_size(a["size_bytes"]) for a in arts]),
+        ("bits/weight (Linears / file)", f"{b['bpw_linear']:.2f} / {b['bpw_file']:.2f}",
+         [f"{a['bpw_linear']:.2f} / {a['bpw_file']:.2f}" for a in arts]),
+        ("ppl", f"{b['ppl']:.4f} ± {b['ppl_stderr']:.3f}", [f"{a['ppl']:.4f} ± {a['ppl_stderr']:.3f}" for a in arts]),
+        ("Δppl", "", [f"{a['delta_ppl_pct']:+.2f}%" for a in arts]),
+        ("KL mean / p99", "", [f"{a['kl_mean']:.4f} / {a['kl_p99']:.4f}" for a in arts]),
+        ("top-1 agreement", "", [f"{a['top1']:.3f}" for a in arts]),
+        ("worst layer rel. error", "", [worst(a) for a in arts]),
+        ("max |activation|", _act(b["act_max"], b["fp16_overflow_layers"]),
+         [_act(a["act_max"], a["fp16_overflow_layers"]) for a in arts]),
+    ]
+    for name, base, vals in rows:
+        t.add_row(name, base, *vals)
     return t
 
 
 def _act(amax: list[float], over: list[int]) -> str:
     top = max(amax) if amax else float("nan")
     if over:
-        return f"[bold red]{top:.4g} > fp16 max (layers {', '.join(map(str, over))})[/]"
+        span = f"{over[0]}–{over[-1]}" if over == list(range(over[0], over[-1] + 1)) else ",".join(map(str, over))
+        return f"[bold red]{top:.4g} > fp16 (layers {span})[/]"
     return f"{top:.4g}"
 
 

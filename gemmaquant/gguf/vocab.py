@@ -19,6 +19,7 @@ generation writes `add_space_prefix = false` (without it llama.cpp prepends a sp
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,15 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, generation: int, vocab_s
     writer.add_token_list(arrays.tokens)
     writer.add_token_scores(arrays.scores)
     writer.add_token_types(arrays.types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(arrays.tokens)).add_to_gguf(writer, quiet=True)
+    # gguf's SpecialVocab logs a warning for Gemma's <bos>-separated pair template (the converter
+    # prints it too); it changes nothing in the file, so keep it off our users' terminals
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        gguf.SpecialVocab(model_dir, n_vocab=len(arrays.tokens)).add_to_gguf(writer, quiet=True)
+    finally:
+        log.setLevel(level)
     if generation == 1:  # CodeGemma FIM ids; only eot has a writer method
         sv = gguf.SpecialVocab(model_dir, load_merges=False,
                                special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
