@@ -54,3 +54,23 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
 
 def test_every_key_is_documented():
     assert all(desc for _, desc in KEYS.values())
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_runs_end_to_end_and_llama_cpp_loads_it(demo_dir, tmp_path):
+    """`gemmaquant quantize demo --recipe gemma-3-270m-q8_0`: the recipe's scheme, a GGUF llama.cpp loads."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "g.gguf"
+    r = subprocess.run([sys.executable, "-m", "gemmaquant.cli", "quantize", str(demo_dir), "--recipe",
+                        "gemma-3-270m-q8_0", "-o", str(out), "--json"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["scheme"] == "q8_0" and summary["tensor_types"] == {"F32": 109, "Q8_0": 127}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    toks = llm.tokenize(b"The GNU General Public License", add_bos=True)
+    llm.eval(toks)
+    assert llm.n_tokens == len(toks)
