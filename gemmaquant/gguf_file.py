@@ -119,10 +119,17 @@ class GGUFFile:
             raise GemmaQuantError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} keys, "
                                   f"impossible in {self.file_size} bytes (corrupt)")
         self.metadata: dict[str, object] = {}
+        # key -> (GGUF value type, array element type or None), in file order
+        self.types: dict[str, tuple[int, int | None]] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             vtype = cur.scalar("I", f"metadata '{key}' type")
+            etype = None
+            if vtype == ARRAY:  # peek: value() reads the element type again
+                cur.need(4, f"metadata '{key}'")
+                (etype,) = struct.unpack_from("<I", cur.buf, cur.pos)
             self.metadata[key] = cur.value(vtype, f"metadata '{key}'")
+            self.types[key] = (vtype, etype)
         infos = []
         for i in range(n_tensors):
             start = cur.pos

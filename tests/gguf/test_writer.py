@@ -147,3 +147,45 @@ def test_demo_presets_identical(demo, tmp_path, preset):
     got = write_gguf(Checkpoint(d), preset, tmp_path / "ours.gguf").path
     assert got.stat().st_size == want.stat().st_size
     assert got.read_bytes() == want.read_bytes()
+
+
+def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_path):
+    """The read-back check uses our own reader (fast); it must see exactly what gguf.GGUFReader
+    sees, and fail, naming the key or tensor, when the file differs from the intent."""
+    import gguf
+
+    from gemmaquant.gguf.plan import plan_types
+    from gemmaquant.gguf.writer import build_header, verify_file
+
+    d, _ = tiny["gemma3"]
+    ck = Checkpoint(d)
+    rep = write_gguf(ck, "q4_k_m", tmp_path / "a.gguf")
+    s = get_scheme("q4_k_m")
+    plans = plan_types(ck.config, s, False, has_lm_head=False)
+    kv = dict(build_header(ck, s, plans, None).kv_data[0])
+    assert verify_file(rep.path, kv, plans, rep.sha256) == len(kv)
+
+    from gemmaquant.gguf_file import GGUFFile
+    ours, theirs = GGUFFile(rep.path), gguf.GGUFReader(rep.path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.metadata) == list(fields)
+    for k, f in fields.items():
+        assert ours.types[k] == (int(f.types[0]), int(f.types[-1]) if len(f.types) > 1 else None), k
+        got = ours.metadata[k]
+        assert (got.tolist() if isinstance(got, np.ndarray) else got) == f.contents(), k
+    assert [(t.name, int(t.data_offset)) for t in theirs.tensors] == [(t.name, t.offset) for t in ours.tensors.values()]
+    ours.close()
+
+    bad_kv = dict(kv)
+    key = "gemma3.attention.head_count"
+    bad_kv[key] = gguf.GGUFValue(kv[key].value + 1, kv[key].type)
+    with pytest.raises(GemmaQuantError, match=f"key '{key}'"):
+        verify_file(rep.path, bad_kv, plans, rep.sha256)
+
+    info = GGUFFile(rep.path).tensors["blk.0.ffn_down.weight"]
+    data = bytearray(rep.path.read_bytes())
+    data[info.offset + 5] ^= 1
+    corrupt = tmp_path / "b.gguf"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(GemmaQuantError, match="tensor 'blk.0.ffn_down.weight' bytes"):
+        verify_file(corrupt, kv, plans, rep.sha256)
