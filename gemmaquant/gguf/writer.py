@@ -17,7 +17,11 @@ the quantizer's temporaries. The file goes to a temporary name, is read back wit
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,27 +87,64 @@ def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> t
 
 
 def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
-    """Yield the tensor's GGUF bytes as numpy uint8 arrays, a slab of rows at a time."""
+    """Yield jobs, one per slab of rows in file order: each is a callable returning the slab's GGUF
+    bytes as a numpy uint8 array. Jobs are independent, so workers may run them concurrently."""
     src = ckpt.tensor(p.hf_name)
     if tuple(src.shape) != p.shape:
         raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' has shape {list(src.shape)}, "
                               f"expected {list(p.shape)}")
     if src.dim() == 1:
-        if p.norm and src.dtype == torch.float16:
-            x = (src + 1).float()  # the converter keeps f16 tensors f16 and adds 1 there
-        else:
-            x = src.float() + 1.0 if p.norm else src.float()
-        yield x.contiguous().numpy().view(np.uint8)
+        def norm_job():
+            if p.norm and src.dtype == torch.float16:
+                x = (src + 1).float()  # the converter keeps f16 tensors f16 and adds 1 there
+            else:
+                x = src.float() + 1.0 if p.norm else src.float()
+            return x.contiguous().numpy().view(np.uint8)
+        yield norm_job
         return
     rows, n = p.shape
     step = max(1, SLAB_VALUES // n)
-    for r in range(0, rows, step):
-        view = src[r:r + step]
+
+    def slab_job(view: torch.Tensor):
         x = view.to(torch.bfloat16)  # the converter's BF16 intermediate
         if not torch.isfinite(x).all():
             raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' contains NaN/inf values")
-        yield quantize(x, p.type, qw).numpy()
-        release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab is the view)
+        out = quantize(x, p.type, qw).numpy()
+        release_pages(view)  # the slab's source pages leave RSS (a BF16 slab is the view itself)
+        return out
+
+    for r in range(0, rows, step):
+        yield partial(slab_job, src[r:r + step])
+
+
+def _run_ordered(jobs, workers: int):
+    """Run (tag, job) pairs on `workers` threads, yielding (tag, result) in submission order.
+
+    Each torch op runs on one thread meanwhile (restored after): the quantizers are chains of
+    ~1 MB ops, and with torch's own 2-thread ops every op ends in a barrier; on a busy machine a
+    descheduled partner thread stalls it for a time slice (measured 30x slower under load), while
+    independent slabs on single-threaded workers just share the CPU. At most 2 x workers slabs are
+    in flight, so memory stays a few slabs' temporaries."""
+    if workers <= 1:
+        for tag, job in jobs:
+            yield tag, job()
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="gguf-quant")
+    pending: deque = deque()
+    try:
+        for tag, job in jobs:
+            pending.append((tag, pool.submit(job)))
+            while len(pending) > 2 * workers:
+                t, f = pending.popleft()
+                yield t, f.result()
+        while pending:
+            t, f = pending.popleft()
+            yield t, f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: running slabs finish (< 1 s), queued ones drop
+        torch.set_num_threads(before)
 
 
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
@@ -179,11 +220,34 @@ def _file_sha256(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> str:
     return h.hexdigest()
 
 
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter with array values packed by numpy / one join instead of one `_pack_val` call per
+    element: the 262k-entry tokens, scores and types arrays took ~2 s. Same bytes (the tests
+    compare whole files with convert_hf_to_gguf.py's); anything unusual goes to the original."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        t = gguf.GGUFValueType
+        if (vtype != t.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, (list, tuple)) or len(val) < 256 or len(set(map(type, val))) != 1):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = t.get_type(val[0])
+        if ltype == t.STRING:
+            enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+            lengths = np.array([len(e) for e in enc], dtype="<u8")
+            body = b"".join(lb + e for lb, e in zip(map(bytes, lengths.reshape(-1, 1).view(np.uint8)), enc))
+        elif ltype in (t.INT32, t.FLOAT32, t.BOOL):
+            body = np.array(val, dtype={t.INT32: "<i4", t.FLOAT32: "<f4", t.BOOL: "?"}[ltype]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = (struct.pack("<I", int(vtype)) if add_vtype else b"") + struct.pack("<IQ", int(ltype), len(val))
+        return head + body
+
+
 def build_header(ckpt: Checkpoint, scheme: Scheme, plans: list[TensorPlan],
                  imatrix_meta: dict | None) -> gguf.GGUFWriter:
     """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
     c = ckpt.config
-    w = gguf.GGUFWriter(None, ARCH[c.generation])
+    w = _Writer(None, ARCH[c.generation])
     total = sum(p.numel for p in plans)
     add_model_kvs(w, ckpt.path, c, file_type=CONVERT_FTYPE_BF16, total_params=total)
     arrays = add_vocab(w, ckpt.path, c.generation, c.vocab_size)
@@ -201,15 +265,24 @@ def _pad(fout, n: int) -> None:
     fout.write(b"\0" * (-n % ALIGNMENT))
 
 
+def _finish_tensor(fout, w: gguf.GGUFWriter, p: TensorPlan, n: int, h, sha: dict[str, str]) -> None:
+    want = w.tensors[0][p.name].nbytes
+    if n != want:
+        raise GemmaQuantError(f"tensor '{p.name}': wrote {n} bytes, expected {want} (internal error)")
+    sha[p.name] = h.hexdigest()
+    _pad(fout, n)
+
+
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
-               force: bool = False,
+               force: bool = False, workers: int | None = None,
                progress: Callable[[int, int, TensorPlan], None] | None = None) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
     `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
     `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
-    `progress(i, n, plan)` is called before each tensor."""
+    `progress(i, n, plan)` is called before each tensor is written. `workers`: quantizing threads
+    (default: torch's thread count); the bytes do not depend on it."""
     t0 = time.perf_counter()
     s = preset(scheme)
     out_path = Path(out_path)
@@ -227,20 +300,21 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         w.write_ti_data_to_file()
         fout = w.fout[0]
         _pad(fout, fout.tell())
-        for i, p in enumerate(plans):
-            if progress:
-                progress(i, len(plans), p)
-            h, n = hashlib.sha256(), 0
-            for chunk in _tensor_slabs(ckpt, p, qws[p.name]):
-                buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
-                fout.write(buf)
-                h.update(buf)
-                n += len(buf)
-            want = w.tensors[0][p.name].nbytes
-            if n != want:
-                raise GemmaQuantError(f"tensor '{p.name}': wrote {n} bytes, expected {want} (internal error)")
-            sha[p.name] = h.hexdigest()
-            _pad(fout, n)
+        jobs = ((i, job) for i, p in enumerate(plans) for job in _tensor_slabs(ckpt, p, qws[p.name]))
+        current, h, n = -1, None, 0
+        for i, chunk in _run_ordered(jobs, workers or torch.get_num_threads()):
+            if i != current:
+                if current >= 0:
+                    _finish_tensor(fout, w, plans[current], n, h, sha)
+                current, h, n = i, hashlib.sha256(), 0
+                if progress:
+                    progress(i, len(plans), plans[i])
+            buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            fout.write(buf)
+            h.update(buf)
+            n += len(buf)
+        if current >= 0:
+            _finish_tensor(fout, w, plans[current], n, h, sha)
         w.close()
         n_keys = verify_file(tmp, kv, plans, sha)
         size = tmp.stat().st_size
