@@ -129,14 +129,13 @@ def quantize_cmd(
 
         render_plan(ckpt, s, out_p, opts, out, json_out)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import byte_progress
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err, disable=quiet or json_out, transient=True) as bar:
-        task = bar.add_task("writing", total=None)
+    with byte_progress(not (quiet or json_out), console=err) as bar:
+        task = bar.add_task(f"writing {s.label}", total=None, tensor="")
 
-        def progress(i, n, plan):
-            bar.update(task, total=n, completed=i, description=f"{plan.name}")
+        def progress(done, total, plan):
+            bar.update(task, total=total, completed=done, tensor=plan.name)
 
         summary = run_quantize(ckpt, s, out_p, opts, progress=progress)
     if json_out:

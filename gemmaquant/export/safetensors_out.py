@@ -34,6 +34,7 @@ from ..ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
 from ..errors import GemmaQuantError, OutputError
 from ..safetensors_io import DTYPE_NAMES, SafetensorsFile, release_pages, stream_bytes
 from ..schemes import CT, Scheme
+from ..progress import byte_progress
 from .atomic import atomic_output, check_output
 from .model_card import is_repo_id, render_model_card, source_license
 
@@ -257,13 +258,8 @@ def _verify(out: Path, files: dict[str, list[_Out]], digests: dict[str, str]) ->
                     raise OutputError(f"{out / fname}: bytes of '{o.name}' differ from those written")
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+def _source_bytes(ckpt: Checkpoint, u) -> int:
+    return math.prod(ckpt.shape(u.source)) * ckpt.dtype(u.source).itemsize
 
 
 def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
@@ -330,8 +326,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                     source_bytes=ckpt.weight_nbytes())
     num_bits = scheme.weights.num_bits
     digests: dict[str, str] = {}
-    with atomic_output(out_dir, force=force, kind="dir") as tmp, _progress(progress) as bar:
-        task = bar.add_task(f"writing {scheme.label}", total=len(units), tensor="")
+    with atomic_output(out_dir, force=force, kind="dir") as tmp, byte_progress(progress) as bar:
+        task = bar.add_task(f"writing {scheme.label}", total=sum(_source_bytes(ckpt, u) for u in units), tensor="")
         for fname, shard in zip(names, shards):
             header, offsets = _header(files[fname])
             with open(tmp / fname, "wb") as f:
@@ -363,7 +359,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                             f.write(part)
                             h.update(part)
                         digests[name] = h.hexdigest()
-                    bar.advance(task)
+                    bar.advance(task, _source_bytes(ckpt, u))
         if len(names) > 1:
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}

@@ -87,8 +87,8 @@ def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> t
 
 
 def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
-    """Yield jobs, one per slab of rows in file order: each is a callable returning the slab's GGUF
-    bytes as a numpy uint8 array. Jobs are independent, so workers may run them concurrently."""
+    """Yield (job, source view) per slab of rows in file order: each job is a callable returning the
+    slab's GGUF bytes as a numpy uint8 array. Jobs are independent: workers may run them concurrently."""
     src = ckpt.tensor(p.hf_name)
     if tuple(src.shape) != p.shape:
         raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' has shape {list(src.shape)}, "
@@ -100,7 +100,7 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
             else:
                 x = src.float() + 1.0 if p.norm else src.float()
             return x.contiguous().numpy().view(np.uint8)
-        yield norm_job
+        yield norm_job, src
         return
     rows, n = p.shape
     step = max(1, SLAB_VALUES // n)
@@ -109,12 +109,11 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
         x = view.to(torch.bfloat16)  # the converter's BF16 intermediate
         if not torch.isfinite(x).all():
             raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' contains NaN/inf values")
-        out = quantize(x, p.type, qw).numpy()
-        release_pages(view)  # the slab's source pages leave RSS (a BF16 slab is the view itself)
-        return out
+        return quantize(x, p.type, qw).numpy()
 
     for r in range(0, rows, step):
-        yield partial(slab_job, src[r:r + step])
+        view = src[r:r + step]
+        yield partial(slab_job, view), view
 
 
 def _run_ordered(jobs, workers: int):
@@ -281,7 +280,7 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
 
     `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
     `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
-    `progress(i, n, plan)` is called before each tensor is written. `workers`: quantizing threads
+    `progress(done, total, plan)` is called after each slab is written (source bytes). `workers`: quantizing threads
     (default: torch's thread count); the bytes do not depend on it."""
     t0 = time.perf_counter()
     s = preset(scheme)
@@ -300,19 +299,23 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         w.write_ti_data_to_file()
         fout = w.fout[0]
         _pad(fout, fout.tell())
-        jobs = ((i, job) for i, p in enumerate(plans) for job in _tensor_slabs(ckpt, p, qws[p.name]))
-        current, h, n = -1, None, 0
-        for i, chunk in _run_ordered(jobs, workers or torch.get_num_threads()):
+        jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
+        total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
+        current, h, n, done = -1, None, 0, 0
+        for (i, view), chunk in _run_ordered(jobs, workers or torch.get_num_threads()):
             if i != current:
                 if current >= 0:
                     _finish_tensor(fout, w, plans[current], n, h, sha)
                 current, h, n = i, hashlib.sha256(), 0
-                if progress:
-                    progress(i, len(plans), plans[i])
             buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
             fout.write(buf)
             h.update(buf)
             n += len(buf)
+            del buf, chunk
+            release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
+            done += view.numel() * view.element_size()
+            if progress:
+                progress(done, total, plans[i])
         if current >= 0:
             _finish_tensor(fout, w, plans[current], n, h, sha)
         w.close()
