@@ -120,3 +120,9 @@ def test_compare_report_and_cache(tmp_path, monkeypatch):
     md = compare_cli.markdown(rep)
     assert "| fp8 |" in md and "Δppl" in md
     json.dumps(rep)
+    pytest.importorskip("matplotlib")
+    compare_cli.plot(rep, tmp_path / "drift.png")
+    from matplotlib import image
+
+    png = image.imread(tmp_path / "drift.png")  # a real PNG: 12 x 4.5 in at 120 dpi
+    assert png.shape[:2] == (540, 1440) and png[..., :3].std() > 0.01
