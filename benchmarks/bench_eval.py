@@ -1,10 +1,14 @@
 """Eval on the demo model: speed of our forward pass vs transformers vs llama.cpp, and perplexity agreement.
 
     python benchmarks/bench_eval.py [--chunks 6] [--threads 2] [--ppl-chunks 0]
+    python benchmarks/bench_eval.py --artifacts demo A.gguf CT_DIR ... [--chunks 4] [--rounds 2]
 
 Speed: the same chunks of ctx 512 of ../shared/data/dev-eval.txt, the same thread count, each engine
 computing logits for the second half of each chunk only (llama-perplexity's work); tokens/s counts
 processed tokens (ctx per chunk, like llama.cpp's prompt-eval rate), median over chunks.
+--artifacts: `gemmaquant eval MODEL --json -` for each model in its own process, in --rounds rounds
+(models alternate, so load changes hit all alike): median s/chunk per model over all its chunks, the
+ratio to the first model (the bf16 `demo`), ppl, and peak RSS of the process (os.wait4's ru_maxrss).
 Perplexity: ours (bf16 weights, bf16 and float32 compute) vs llama.cpp on a bf16 GGUF of the same
 weights (written by gemmaquant, byte-identical to convert_hf_to_gguf.py --outtype bf16), full text.
 """
@@ -12,7 +16,10 @@ weights (written by gemmaquant, byte-identical to convert_hf_to_gguf.py --outtyp
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +49,43 @@ def timed(fn, chunks, first):
     return times
 
 
+def eval_run(model: str, a) -> dict:
+    """One `gemmaquant eval` in a child process: its JSON result plus the child's peak RSS in MiB."""
+    cmd = [sys.executable, "-m", "gemmaquant.cli", "eval", model, "--text", str(TEXT), "--ctx", str(a.ctx),
+           "--chunks", str(a.chunks), "--threads", str(a.threads), "--json", "-", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode})")
+    res = json.loads(stdout)
+    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux: KiB
+    return res
+
+
+def bench_artifacts(a) -> None:
+    runs: dict[str, list[dict]] = {m: [] for m in a.artifacts}
+    for _ in range(a.rounds):
+        for m in a.artifacts:
+            runs[m].append(eval_run(m, a))
+    spc = {m: statistics.median(r["seconds"] / r["chunks"] for r in rs) for m, rs in runs.items()}
+    base = spc[a.artifacts[0]]
+    print(f"\n### Eval of quantized artifacts, demo model, ctx {a.ctx}, {a.chunks} chunks x {a.rounds} rounds, "
+          f"{a.threads} threads\n")
+    print("| model | s/chunk (median) | tokens/s | vs first | ppl | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m, rs in runs.items():
+        r = rs[-1]
+        print(f"| {m} | {spc[m]:.2f} | {a.ctx / spc[m]:.0f} | {spc[m] / base:.2f}x | {r['ppl']:.4f} "
+              f"| {max(x['peak_rss_mib'] for x in rs):.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", nargs="+", default=None,
+                    help="time `gemmaquant eval` on these models (the first is the baseline) and stop")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
@@ -52,6 +94,8 @@ def main():
     ap.add_argument("--no-ppl", action="store_true", help="speed table only")
     ap.add_argument("--ppl-dtypes", default="float32,bfloat16", help="our compute dtypes for the ppl table")
     a = ap.parse_args()
+    if a.artifacts:
+        return bench_artifacts(a)
     torch.set_num_threads(a.threads)
     ckpt = resolve_model("demo")
     tok = load_tokenizer(ckpt.path)

@@ -2,14 +2,17 @@
 (with --quantize) gemmaquant's quantizers vs llama.cpp's own C quantizer (libggml-base).
 
     python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 7] [--threads N]
-        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix]
+        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix] [--ct]
 
 Prints markdown tables of median M values/s per GGML type, checking every output first (dequant:
 bit-equal to gguf's; quantize: byte-equal to libggml's when it loads). Two clocks: `wall`
 (what a user waits) and `cpu` (process CPU time: on a shared, overloaded machine the wall clock
 mostly measures the scheduler, while CPU time still compares the work done). Calls alternate
 between the implementations so that load changes hit both alike. "ours out=" dequantizes into a
-reused buffer (no page faults on fresh memory).
+reused buffer (no page faults on fresh memory); "ours" and gguf numpy both return fresh memory
+(ours 2 MiB-aligned and advised for transparent huge pages, see `empty_f32`).
+--ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
+`decompress` on the same tensors (bit-equal, checked), both returning fresh bf16 tensors.
 """
 
 from __future__ import annotations
@@ -111,6 +114,44 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
         print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
 
 
+def bench_ct(args: argparse.Namespace) -> None:
+    from compressed_tensors.compressors.naive_quantized.base import (  # noqa: PLC0415
+        FloatQuantizationCompressor, IntQuantizationCompressor)
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: PLC0415
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: PLC0415
+
+    from gemmaquant.ct import dequantize as ct_dequantize  # noqa: PLC0415
+    from gemmaquant.ct import quantize_fp8, quantize_int8, quantize_pack  # noqa: PLC0415
+
+    w = (torch.randn(args.rows, args.cols) * 0.02).to(torch.bfloat16)
+    cases = [  # (name, packed, our num_bits, ct compressor, ct quantization args)
+        ("FP8 channel", quantize_fp8(w, "channel"), None, FloatQuantizationCompressor,
+         dict(num_bits=8, type="float", strategy="channel")),
+        ("FP8 tensor", quantize_fp8(w, "tensor"), None, FloatQuantizationCompressor,
+         dict(num_bits=8, type="float", strategy="tensor")),
+        ("INT8 channel", quantize_int8(w), None, IntQuantizationCompressor,
+         dict(num_bits=8, type="int", strategy="channel")),
+        ("INT4 g128 sym", quantize_pack(w, 4, group_size=128, symmetric=True), 4, PackedQuantizationCompressor,
+         dict(num_bits=4, type="int", strategy="group", group_size=128)),
+        ("INT4 g128 asym", quantize_pack(w, 4, group_size=128, symmetric=False), 4, PackedQuantizationCompressor,
+         dict(num_bits=4, type="int", strategy="group", group_size=128, symmetric=False)),
+    ]
+    m = w.numel() / 1e6
+    print(f"\ncompressed-tensors formats, {args.rows}x{args.cols} -> bf16, M values/s, wall | cpu:\n")
+    print("| format | compressed-tensors | ours | ours / ct (cpu) |")
+    print("|---|---:|---:|---:|")
+    for name, p, bits, comp, qa in cases:
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**qa))
+        tensors = p.tensors()
+
+        def theirs(comp=comp, tensors=tensors, scheme=scheme):
+            return comp.decompress(tensors, scheme)["weight"]
+
+        assert torch.equal(ct_dequantize(p, bits), theirs()), name
+        (wc, cc), (wo, co) = _medians([theirs, lambda p=p, bits=bits: ct_dequantize(p, bits)], args.repeats)
+        print(f"| {name} | {m / wc:.0f} \\| {m / cc:.0f} | {m / wo:.0f} \\| {m / co:.0f} | {cc / co:.1f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2048)
@@ -120,6 +161,7 @@ def main() -> None:
     ap.add_argument("--quantize", action="store_true", help="also time the quantizers")
     ap.add_argument("--qrows", type=int, default=256)
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
+    ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -131,6 +173,8 @@ def main() -> None:
     bench_dequant(args, types)
     if args.quantize:
         bench_quantize(args, types)
+    if args.ct:
+        bench_ct(args)
 
 
 if __name__ == "__main__":

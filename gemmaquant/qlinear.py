@@ -19,6 +19,8 @@ Numerics:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +96,36 @@ def ggml_act_quant(x: Tensor, qtype: GGMLType) -> Tensor:
     return out.reshape(x.shape)
 
 
+# -- a reused buffer for dequantized weights --------------------------------------------------------
+# Dequantizing into fresh CPU memory costs a page fault per 4 KiB written (about as much as the
+# unpacking itself on a busy 2-core EPYC), and every forward of every layer would pay it again. So
+# forward passes write their weights into one buffer per (device, dtype), reused by each layer in
+# turn and grown to the largest weight met: memory stays the artifact plus one dequantized layer
+# (or LM-head chunk). Only without autograd: F.linear keeps its weight for the backward pass, and a
+# later layer would overwrite it.
+_SCRATCH: dict[tuple[torch.device, torch.dtype, bool], Tensor] = {}
+
+
+def scratch(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """A contiguous `shape` view of the shared buffer (its contents are garbage), or None when
+    autograd is recording. Valid until the next call for the same device and dtype."""
+    if torch.is_grad_enabled():
+        return None
+    device = torch.device(device)
+    key = (device, dtype, torch.is_inference_mode_enabled())  # inference tensors are a separate kind
+    n = math.prod(shape)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        _SCRATCH[key] = buf = None  # free the old one first
+        _SCRATCH[key] = buf = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def free_scratch() -> None:
+    """Drop the shared buffers (e.g. after evaluating a model, before loading another)."""
+    _SCRATCH.clear()
+
+
 # -- modules --------------------------------------------------------------------------------------
 class QuantLinear(nn.Module):
     """Base class: `dequantize(start, stop)` gives rows [start, stop) of the weight, [rows, in]."""
@@ -107,8 +139,17 @@ class QuantLinear(nn.Module):
     def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def weight_for(self, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows [start, stop) of the weight in x.dtype, for immediate use by a matmul: it may live in
+        the shared scratch buffer, which the next layer overwrites."""
+        w = self.dequantize(start, stop)
+        if w.dtype == x.dtype:
+            return w
+        buf = scratch(tuple(w.shape), w.device, x.dtype)
+        return w.to(x.dtype) if buf is None else buf.copy_(w)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.weight_for(x))
 
     @property
     def nbytes(self) -> int:
@@ -155,10 +196,15 @@ class GGMLLinear(QuantLinear):
         rows = self.data[start:stop]
         return dequantize_ggml_rows(rows, self.qtype, self.in_features)
 
+    def weight_for(self, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        rows = self.data[start:stop]
+        buf = scratch((rows.shape[0], self.in_features), rows.device)
+        return dequantize_ggml_rows(rows, self.qtype, self.in_features, out=buf).to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.llama_act:
             x = ggml_act_quant(x, self.qtype).to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.weight_for(x))
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows `ids` (any shape) dequantized → [*ids.shape, in]."""
@@ -166,14 +212,15 @@ class GGMLLinear(QuantLinear):
         return dequantize_ggml_rows(rows, self.qtype, self.in_features).view(*ids.shape, self.in_features)
 
 
-def dequantize_ggml_rows(rows: Tensor, qtype: GGMLType, n_per_row: int) -> Tensor:
-    """uint8 [R, row_bytes] → float32 [R, n_per_row] (float types are reinterpreted, not converted)."""
+def dequantize_ggml_rows(rows: Tensor, qtype: GGMLType, n_per_row: int, out: Tensor | None = None) -> Tensor:
+    """uint8 [R, row_bytes] → float32 [R, n_per_row], into `out` when given (float types are
+    reinterpreted in their own dtype, not converted, and ignore `out`)."""
     if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         dt = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
         return rows.contiguous().view(dt)
     from .ggml.dequantize import dequantize
 
-    return dequantize(rows.contiguous(), qtype, (rows.shape[0], n_per_row))
+    return dequantize(rows.contiguous(), qtype, (rows.shape[0], n_per_row), out=out)
 
 
 class FP8Linear(QuantLinear):
@@ -200,7 +247,7 @@ class FP8Linear(QuantLinear):
         if self.act is None:
             return super().forward(x)
         xq, sx = fp8_act_quant(x, self.input_scale if self.act == "static" else None)
-        y = F.linear(xq, self.weight.float())
+        y = F.linear(xq, _as_float32(self.weight))
         return (y * sx * self.weight_scale.float().reshape(-1)).to(x.dtype)
 
 
@@ -232,7 +279,7 @@ class Int8Linear(QuantLinear):
                                 self.input_zero_point if static else None)
         # int8·int8 products summed in float32: exact while |sum| < 2^24, which holds for K·127²
         # up to K ≈ 1040 and is within a few float32 ulps beyond (vLLM accumulates in int32).
-        y = F.linear(xq, self.weight.float())
+        y = F.linear(xq, _as_float32(self.weight))
         return (y * sx * self.weight_scale.float().reshape(-1)).to(x.dtype)
 
 
@@ -254,6 +301,12 @@ class PackedLinear(QuantLinear):
         w = dequantize_packed(self.weight_packed, self.weight_scale, (self.out_features, self.in_features),
                               self.num_bits, self.weight_zero_point)
         return w[start:stop]
+
+
+def _as_float32(w: Tensor) -> Tensor:
+    """FP8/INT8 codes as float32 (exact), in the scratch buffer when autograd is off."""
+    buf = scratch(tuple(w.shape), w.device)
+    return w.float() if buf is None else buf.copy_(w)
 
 
 class QuantEmbedding(nn.Module):
@@ -281,5 +334,5 @@ class QuantEmbedding(nn.Module):
         out = h.new_empty(*h.shape[:-1], self.num_embeddings)
         for start in range(0, self.num_embeddings, self.chunk_rows):
             stop = min(start + self.chunk_rows, self.num_embeddings)
-            out[..., start:stop] = F.linear(h, self.table.dequantize(start, stop).to(h.dtype))
+            out[..., start:stop] = F.linear(h, self.table.weight_for(h, start, stop))
         return out

@@ -145,3 +145,35 @@ def test_int8_static_asymmetric_input():
     ref = F.linear(fake_quantize(x, s, zp, args), wref)
     ours = Int8Linear(q8.weight, q8.weight_scale, act="static", input_scale=s, input_zero_point=zp)(x)
     assert _rel(ours, ref) < 1e-4
+
+
+def test_forward_without_autograd_reuses_one_buffer_and_stays_exact():
+    """Inference forwards dequantize into the shared scratch buffer: layers of other formats and
+    shapes in turn, and an LM head in chunks, each equal to its reference; with autograd on,
+    the weight is a fresh tensor and backward works."""
+    from gemmaquant.qlinear import free_scratch
+
+    free_scratch()
+    mods, refs = [], []
+    for i, (qtype, n) in enumerate([("Q4_K", 48), ("Q8_0", 96), ("Q6_K", 32)]):
+        t = GGMLType[qtype]
+        w = _w(n=n, seed=10 + i)
+        data = ggml_quantize(w, t)
+        mods.append(GGMLLinear(data, t, *w.shape))
+        ref = gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType(int(t))).astype(np.float32)
+        refs.append(torch.from_numpy(ref).reshape(w.shape))
+    f = quantize_fp8(_w(n=64, seed=20).to(torch.bfloat16), "channel")
+    fp8 = FP8Linear(f.weight, f.weight_scale, act="dynamic")
+    x = _x()
+    with torch.no_grad():
+        fp8_expect = fp8(x)
+    emb = QuantEmbedding(mods[1], chunk_rows=40)
+    with torch.inference_mode():
+        for _ in range(2):
+            for m, ref in zip(mods, refs):
+                assert torch.equal(m(x), F.linear(x, ref))
+            assert torch.equal(emb.logits(x)[..., 40:80], F.linear(x, refs[1][40:80]))
+            assert torch.equal(fp8(x), fp8_expect)
+    xg = x.clone().requires_grad_()
+    mods[0](xg).sum().backward()
+    assert torch.allclose(xg.grad, refs[0].sum(0).expand_as(x), rtol=1e-5, atol=1e-5)

@@ -17,7 +17,9 @@ shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~1
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 
 import torch
 
@@ -27,6 +29,38 @@ from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 # Weights per chunk: 2 MB of float32 output. A torch op costs ~5 us of dispatch here, so chunks
 # must be large; 512K beat 32K..128K (launch-bound) and 4M (out of cache) on a 2-core EPYC.
 CHUNK_VALUES = 1 << 19
+
+
+HUGE_PAGE = 1 << 21  # x86-64/arm64 transparent huge page
+MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
+_madvise = None  # libc's madvise once looked up; False where unavailable
+
+
+def _advise_huge(addr: int, length: int) -> None:
+    global _madvise
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform == "linux" else False
+            if _madvise:
+                _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        _madvise(addr, length, MADV_HUGEPAGE)  # advice only: a failure changes nothing
+
+
+def empty_f32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A fresh contiguous float32 tensor. Large CPU ones start on a 2 MiB boundary in memory
+    advised for transparent huge pages: first writes then fault once per 2 MiB instead of once per
+    4 KiB, which made writing a fresh 32 MiB output ~3x faster here (THP mode `madvise`, the usual
+    default; with `never` the advice is ignored). Costs up to 2 MiB of slack per tensor."""
+    n = math.prod(shape)
+    if torch.device(device).type != "cpu" or n * 4 < 4 * HUGE_PAGE:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    raw = torch.empty(n * 4 + HUGE_PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE_PAGE
+    _advise_huge(raw.data_ptr() + skip, n * 4 // HUGE_PAGE * HUGE_PAGE)
+    return raw[skip : skip + n * 4].view(torch.float32).view(shape)
 
 
 def _bytes8(byte: int) -> int:
@@ -206,7 +240,7 @@ def dequantize(
     the last dimension is the row). Runs on the device of `data`.
 
     `out`, a contiguous float32 tensor of `shape` on that device, is filled and returned instead
-    of a new tensor: reusing one saves the page faults of fresh memory (~0.4 ns/value here)."""
+    of a new tensor: reusing one saves the page faults of fresh memory (see `empty_f32`)."""
     qtype = ggml_type(qtype)
     block, nbytes = BLOCK[qtype]
     shape = tuple(int(s) for s in shape)
@@ -221,7 +255,7 @@ def dequantize(
             f"({n // block * nbytes} bytes expected)"
         )
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=data.device)
+        out = empty_f32(shape, data.device)
     elif (out.dtype, tuple(out.shape), out.device) != (torch.float32, shape, data.device) or not out.is_contiguous():
         raise GemmaQuantError(
             f"dequantize out= must be a contiguous float32 {shape} tensor on {data.device}, "

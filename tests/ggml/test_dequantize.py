@@ -86,3 +86,13 @@ def test_into_reused_out_buffer(qtype: GGMLType) -> None:
 def test_size_mismatch_is_a_user_error() -> None:
     with pytest.raises(GemmaQuantError, match="Q6_K data of 100 bytes does not match shape"):
         dequantize(torch.zeros(100, dtype=torch.uint8), GGMLType.Q6_K, (1, 256))
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_large_fresh_output_on_huge_pages(qtype: GGMLType) -> None:
+    # 8 MiB of float32 output: allocated 2 MiB-aligned and advised for huge pages (empty_f32)
+    w = synthetic(64, 512, seed=7)
+    data = quantize(w, qtype).repeat(64, 1)
+    got = dequantize(data, qtype, (4096, 512))
+    assert got.is_contiguous() and got.data_ptr() % (1 << 21) == 0
+    assert_bit_equal(got, gguf_dequantize(data.numpy(), qtype, (4096, 512)))
