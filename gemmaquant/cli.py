@@ -153,17 +153,33 @@ def imatrix_cmd(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_len: int = typer.Option(512, "--calib-len"),
+    llama_chunks_: bool = typer.Option(
+        False, "--llama-chunks",
+        help="Cut the text as llama-imatrix does: consecutive --calib-len chunks of the whole text "
+             "(first token of each overwritten by BOS), at most --calib-samples; gives llama-imatrix's "
+             "statistics for the same text (run it with --parse-special)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """Compute an importance matrix with the built-in forward pass and save it as llama.cpp does."""
     from .checkpoint import resolve_model
     from .export.atomic import atomic_output
-    from .imatrix import compute_imatrix
+    from .imatrix import compute_imatrix, llama_chunks
 
     _set_threads(threads)
     ckpt = resolve_model(model)
-    im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len)
+    ids = dataset = None
+    if llama_chunks_:
+        from .calib.data import default_text, load_tokenizer_for, read_text
+
+        text = read_text(calib) if calib is not None else default_text()
+        tok_ids = load_tokenizer_for(ckpt.path).encode(text, add_bos=True, parse_special=True)
+        try:
+            ids = llama_chunks(tok_ids, calib_len, ckpt.config.bos_token_id, calib_samples)
+        except ValueError as e:
+            raise GemmaQuantError(f"{calib or 'the default calibration text'}: {e} (--calib-len)") from None
+        dataset = str(calib) if calib is not None else "default_calib.txt"
+    im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset)
     with atomic_output(out_path, force=force, kind="file") as tmp:
         im.save(tmp)
     out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}")
