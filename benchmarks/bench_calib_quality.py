@@ -1,6 +1,9 @@
 """Quality of the calibrated algorithms on the demo model (Gemma 3 270M) vs its bf16 weights.
 
-    python benchmarks/bench_calib_quality.py [--model DIR] [--calib-samples 32] [--calib-len 256]
+    OMP_NUM_THREADS=1 python benchmarks/bench_calib_quality.py [--model DIR] [--calib-samples 32] [--calib-len 256]
+
+(OMP_NUM_THREADS=1 on a shared 2-core machine: GPTQ's per-column loop is thousands of tiny ops, and with
+two contended OpenMP threads it ran several times slower than with one.)
 
 Each variant's weights are replaced by their dequantized values in our forward pass (fake-quant); the
 W8A8 int8 variants also fake-quantize every Linear input per token, symmetric int8, as vLLM computes
@@ -107,7 +110,15 @@ def main():
         **{f"int8 W8A8 smoothquant+gptq a={a}": dict(scheme="int8", algorithm="smoothquant+gptq", alpha=a,
                                                       act=True) for a in args.alpha},
         "w4a16 rtn": dict(fn=lambda w: rtn(w, 4, 128, True).dequantize()),
+        "w4a16 rtn mse": dict(fn=lambda w: rtn(w, 4, 128, True, mse=True).dequantize()),
+        # "gptq" is the default: clip search + scale refit (calibrate's gptq_mse / gptq_refit)
+        "w4a16 gptq plain": dict(scheme="w4a16", algorithm="gptq", kw=dict(gptq_mse=False, gptq_refit=False)),
+        "w4a16 gptq mse": dict(scheme="w4a16", algorithm="gptq", kw=dict(gptq_refit=False)),
+        "w4a16 gptq refit": dict(scheme="w4a16", algorithm="gptq", kw=dict(gptq_mse=False)),
         "w4a16 gptq": dict(scheme="w4a16", algorithm="gptq"),
+        "w4a16 gptq damp 0.1": dict(scheme="w4a16", algorithm="gptq", kw=dict(damp=0.1)),
+        "w4a16 gptq no act-order": dict(scheme="w4a16", algorithm="gptq", kw=dict(act_order=False)),
+        "w4a16 gptq float-target": dict(scheme="w4a16", algorithm="gptq", kw=dict(float_target=True)),
         "w4a16 awq": dict(scheme="w4a16", algorithm="awq"),
         "w4a16 awq+gptq": dict(scheme="w4a16", algorithm="awq+gptq"),
         "w4a16-asym rtn": dict(fn=lambda w: rtn(w, 4, 128, False).dequantize()),
@@ -121,7 +132,8 @@ def main():
             continue
         t0 = time.time()
         if "scheme" in v:
-            res = calibrate(ck, v["scheme"], algorithm=v["algorithm"], ids=calib, alpha=v.get("alpha", 0.5))
+            res = calibrate(ck, v["scheme"], algorithm=v["algorithm"], ids=calib, alpha=v.get("alpha", 0.5),
+                            **v.get("kw", {}))
             set_weights(res.quantized, res.overrides)
         else:
             set_weights(fn=v["fn"])

@@ -199,7 +199,8 @@ def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:
     if algorithm == "smoothquant":
         return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then RTN"
     if algorithm == "gptq":
-        return "GPTQ (damping 0.01, static act-order, block 128), no g_idx"
+        return ("GPTQ (damping 0.01, static act-order, block 128, per-group MSE clip search, "
+                "least-squares scale refit), no g_idx")
     if algorithm == "awq":
         return "AWQ-style activation-aware scale search (20-point grid), then RTN"
     if algorithm == "awq+gptq":

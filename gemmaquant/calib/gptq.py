@@ -12,13 +12,21 @@ keeps groups CONTIGUOUS in the original column order, so no g_idx is needed on d
 scale/zero point is computed when the first of its columns comes up, from the group's *current*
 (error-compensated) weights — exactly what plain GPTQ does at each group start, generalised to a
 permuted order. Without act-order this is the published algorithm (groups found at column j ≡ 0 mod gs).
+
+Two refinements of the group scales (both optional, both can only lower the calibration loss they
+measure):
+  * mse: the scale found at group entry comes from a clip search (`search_qparams`) weighting column
+    j's rounding error by 1/Hinv[j, j]², the loss GPTQ's own update charges for it (OBQ);
+  * refit: after all codes are fixed, each row's group scales are re-solved by least squares on the
+    layer's true loss: ŵ = Σ_g s_g·(q_g − z_g) is linear in s, so s = (BᵀHB)⁻¹BᵀHw with B the row's
+    codes spread over the group columns — G unknowns per row (5 for a 640-wide input).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .intq import WeightQuant, minmax_qparams, qrange
+from .intq import WeightQuant, minmax_qparams, qrange, search_qparams
 
 _MAX_DAMP_TRIES = 6
 
@@ -41,11 +49,17 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int | None,
                   symmetric: bool = True, damp: float = 0.01, act_order: bool = True,
-                  block_size: int = 128) -> WeightQuant:
+                  block_size: int = 128, mse: bool = False, refit: bool = False) -> WeightQuant:
     """W [out, in] (any float), H [in, in] = Σ xᵀx of the layer input → codes/scales/zero points.
 
-    group_size None: one scale per output row (per-channel).
+    group_size None: one scale per output row (per-channel). mse / refit: see the module docstring.
     """
+    q = _gptq(W, H, bits=bits, group_size=group_size, symmetric=symmetric, damp=damp, act_order=act_order,
+              block_size=block_size, mse=mse)
+    return refit_scales(W, H, q) if refit else q
+
+
+def _gptq(W, H, *, bits, group_size, symmetric, damp, act_order, block_size, mse) -> WeightQuant:
     rows, cols = W.shape
     gs = cols if group_size is None else group_size
     if cols % gs:
@@ -62,51 +76,94 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
     W = W[:, perm]
     Hinv = _inverse_cholesky(H[perm][:, perm], damp).float()
 
+    # Column-major working copies (one row of Wt = one input column), so the per-column loop touches
+    # contiguous memory; Python-side bookkeeping avoids a tensor op per column.
     n_groups = cols // gs
-    scale = torch.zeros(rows, n_groups)
-    zero = torch.zeros(rows, n_groups)
-    have = torch.zeros(n_groups, dtype=torch.bool)
-    group_of = perm // gs  # permuted position → group (of its original column)
-    codes = torch.zeros(rows, cols)  # in permuted order
+    Wt = W.T.contiguous()  # [cols, rows], permuted order
+    scale = torch.zeros(n_groups, rows)
+    zero = torch.zeros(n_groups, rows)
+    have = [False] * n_groups
+    group_of = (perm // gs).tolist()  # permuted position → group (of its original column)
+    codes = torch.zeros(cols, rows)  # permuted order
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = group_of[i1 + i].item()
+            g = group_of[i1 + i]
             if not have[g]:
-                cur = _current_group(W, W1, Err1, Hinv, invperm[g * gs:(g + 1) * gs], i1, i2, i)
-                s, z = minmax_qparams(cur, bits, symmetric)
-                scale[:, g] = s
-                zero[:, g] = 0 if z is None else z
+                pos = invperm[g * gs:(g + 1) * gs]
+                cur = _current_group(Wt, W1, Err1, Hinv, pos, i1, i2, i)
+                if mse:
+                    imp = Hinv[pos, pos].pow(-2)
+                    sg, zg = search_qparams(cur, bits, symmetric, importance=imp[None, :])
+                else:
+                    sg, zg = minmax_qparams(cur, bits, symmetric)
+                scale[g] = sg
+                zero[g] = 0 if zg is None else zg
                 have[g] = True
-            w = W1[:, i]
-            s, z = scale[:, g], zero[:, g]
-            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
-            codes[:, i1 + i] = q
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            w = W1[i]
+            sc, z = scale[g], zero[g]
+            q = torch.clamp(torch.round(w / sc) + z, qmin, qmax)
+            codes[i1 + i] = q
+            err = (w - (q - z) * sc) / Hinv1[i, i]
+            W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+            Err1[i] = err
+        Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1
 
+    codes = codes.T
+    scale, zero = scale.T, zero.T
     codes = codes[:, invperm].to(torch.int8)
     zp = None if symmetric else zero.to(torch.int8)
     return WeightQuant(codes, scale.to(torch.bfloat16), zp, bits, group_size)
 
 
-def _current_group(W, W1, Err1, Hinv, positions, i1, i2, i):
+def _current_group(Wt, W1, Err1, Hinv, positions, i1, i2, i):
     """Current (error-compensated) values [rows, gs] of the columns at permuted `positions` (all ≥ i1+i).
 
-    Columns inside the block are up to date in W1; those after it still miss the updates from this
-    block's first i columns, which are applied here without touching W.
+    Wt [cols, rows], W1/Err1 [block, rows] (column-major). Columns inside the block are up to date in
+    W1; those after it still miss the updates from this block's first i columns, which are applied here
+    without touching Wt.
     """
-    out = torch.empty(W.shape[0], len(positions))
+    out = torch.empty(len(positions), Wt.shape[1])
     inside = positions < i2
     if inside.any():
-        out[:, inside] = W1[:, positions[inside] - i1]
+        out[inside] = W1[positions[inside] - i1]
     after = positions[~inside]
     if len(after):
-        out[:, ~inside] = W[:, after] - Err1[:, :i] @ Hinv[i1:i1 + i, after]
-    return out
+        out[~inside] = Wt[after] - Hinv[i1:i1 + i, after].T @ Err1[:i]
+    return out.T
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, q: WeightQuant, ridge: float = 1e-6) -> WeightQuant:
+    """Least-squares group scales for fixed codes: per row, min_s (w − Bs)ᵀ H (w − Bs) (float64).
+
+    Rows where the bf16-rounded solution does not lower the loss (or goes non-positive) keep their scale.
+    """
+    rows, cols = W.shape
+    gs = cols if q.group_size is None else q.group_size
+    G = cols // gs
+    H = H.double()
+    W = W.double()
+    c = q.codes.double()
+    if q.zero_point is not None:
+        c = c - q.zero_point.double().repeat_interleave(gs, dim=1)
+    A = torch.empty(rows, G, G, dtype=torch.float64)
+    for h in range(G):  # A[r, g, h] = c_rgᵀ H_gh c_rh
+        T = c[:, h * gs:(h + 1) * gs] @ H[h * gs:(h + 1) * gs]  # [rows, cols]
+        A[:, :, h] = (c * T).view(rows, G, gs).sum(-1)
+    b = (c * (W @ H)).view(rows, G, gs).sum(-1)  # [rows, G]
+    A = A + ridge * A.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None] * torch.eye(G, dtype=A.dtype)
+    s_new = torch.linalg.solve(A, b).to(torch.bfloat16).double()
+
+    def loss(s):  # per row (w − ŵ)ᵀ H (w − ŵ)
+        d = W - c * s.repeat_interleave(gs, dim=1)
+        return ((d @ H) * d).sum(1)
+
+    s_old = q.scale.double()
+    s_new = torch.where((c.view(rows, G, gs) == 0).all(-1), s_old, s_new)  # an all-zero group: any scale
+    ok = (s_new > 0).all(1) & (loss(s_new) < loss(s_old))
+    scale = torch.where(ok[:, None], s_new, s_old).to(torch.bfloat16)
+    return WeightQuant(q.codes, scale, q.zero_point, q.bits, q.group_size)

@@ -8,6 +8,10 @@
                         → the layer is freed
 With `sequential=False` the outputs come from the float layer in the statistics pass itself (one pass
 per layer), which is what llama-imatrix and SmoothQuant's float statistics want.
+With `float_target=True` (sequential only) a second stream h_f runs through the float layers beside the
+quantized stream h; each mini-batch goes through the (still float) layer twice, first from h_f, storing
+every hooked Linear's input, then from h with the statistics hooks, so "xfx" can pair both inputs of
+the same token. One more pass per layer and one more [n, S, hidden] buffer.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GemmaQuantError
 from ..loading import load_layer
 from ..model import DecoderLayer, make_layer_context
-from .stats import InputStats, attach
+from .stats import InputStats, Pairing, attach
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
 OnLayer = Callable[[int, DecoderLayer, dict[str, InputStats]], None]
@@ -54,8 +58,11 @@ def _progress(enabled: bool, total: int):
 
 def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer | None = None,
                sequential: bool = True, dtype: torch.dtype = torch.float32, device="cpu",
-               batch_size: int = 4, layers: range | None = None, progress: bool = False) -> torch.Tensor:
+               batch_size: int = 4, layers: range | None = None, progress: bool = False,
+               float_target: bool = False) -> torch.Tensor:
     """Drive calibration over `layers` (default: all); returns the final hidden states [n, S, hidden]."""
+    if float_target and not sequential:
+        raise ValueError("float_target needs sequential=True (without it both streams are the float one)")
     cfg = ckpt.config
     n, seq = ids.shape
     layers = range(cfg.num_hidden_layers) if layers is None else layers
@@ -63,6 +70,8 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
         h = embed_ids(ckpt, ids, dtype)
         ctx = make_layer_context(cfg, seq, torch.device(device), dtype)
         out = torch.empty_like(h)
+        h_f = h.clone() if float_target else None
+        out_f = torch.empty_like(h) if float_target else None
         bar = _progress(progress, len(layers))
         task = bar.add_task("", total=len(layers)) if bar else None
         if bar:
@@ -72,9 +81,14 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
                 if bar:
                     bar.update(task, description=f"layer {i}")
                 layer = load_layer(ckpt, i, dtype, device)
-                stats, handles = attach(layer, f"model.layers.{i}.", kinds)
+                pair = Pairing() if float_target else None
+                stats, handles = attach(layer, f"model.layers.{i}.", kinds, pair)
                 try:
-                    _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
+                    if float_target:
+                        _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair)
+                        h_f, out_f = out_f, h_f
+                    else:
+                        _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
                 finally:
                     for hd in handles:
                         hd.remove()
@@ -98,3 +112,13 @@ def _pass(layer, h, out, ctx, batch_size, device, keep: bool) -> None:
         y = layer(h[b:b + batch_size].to(device), ctx)
         if keep:
             out[b:b + batch_size] = y.to(out.device)
+
+
+def _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair: Pairing) -> None:
+    """Per mini-batch: the float stream (hooks store its Linear inputs, its output is kept), then the
+    quantized stream (hooks pair its inputs with the stored ones)."""
+    for b in range(0, h.shape[0], batch_size):
+        pair.float_pass = True
+        out_f[b:b + batch_size] = layer(h_f[b:b + batch_size].to(device), ctx).to(out_f.device)
+        pair.float_pass = False
+        layer(h[b:b + batch_size].to(device), ctx)

@@ -5,6 +5,8 @@ For an input x [tokens, in] a Linear's statistics are per input channel j:
   * abs_sum_j = Σ_t |x_tj|                 (AWQ's activation salience, mean |x| = abs_sum / count)
   * sum_sq_j  = Σ_t x_tj²                  (llama.cpp's imatrix `in_sum2`, with `counts` = count)
   * xtx       = Σ_t x_tᵀ x_t  [in, in]     (GPTQ's Hessian H = 2·xtx/count up to a scale GPTQ ignores)
+  * xfx       = Σ_t f_tᵀ x_t  [in, in]     (f_t: the same token's input in the FLOAT model, x_t in the
+                                            partly quantized one; GPTQ's float target, see pipeline.py)
 Vectors accumulate in float64; xtx accumulates in float32 (a [14336, 14336] float64 Hessian of a
 Gemma 2 9B down_proj would be 1.6 GB; per-mini-batch float32 products summed into a float32 total
 lose ~1e-6 relative, far below GPTQ's 1% damping).
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-KINDS = ("absmax", "abs_sum", "sum_sq", "xtx")
+KINDS = ("absmax", "abs_sum", "sum_sq", "xtx", "xfx")
 
 # HF suffix of every decoder-layer Linear → the hooked Linear whose input it shares.
 INPUT_OF = {
@@ -45,8 +47,10 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # [in] float64
     sum_sq: torch.Tensor | None = None  # [in] float64
     xtx: torch.Tensor | None = None  # [in, in] float32
+    xfx: torch.Tensor | None = None  # [in, in] float32, rows: float-model channel, columns: x's
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        """x [..., in]; ref: the float model's input for the same tokens (needed for "xfx")."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, in]
         self.count += x.shape[0]
         if "absmax" in self.kinds:
@@ -61,6 +65,11 @@ class InputStats:
         if "xtx" in self.kinds:
             p = x.T @ x
             self.xtx = p if self.xtx is None else self.xtx.add_(p)
+        if "xfx" in self.kinds:
+            if ref is None:
+                raise ValueError("xfx needs the float model's input (run_layers(float_target=True))")
+            p = ref.reshape(-1, x.shape[-1]).float().T @ x
+            self.xfx = p if self.xfx is None else self.xfx.add_(p)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -71,10 +80,21 @@ class InputStats:
         return (self.sum_sq / max(self.count, 1)).float()
 
 
-def attach(layer: nn.Module, prefix: str, kinds) -> tuple[dict[str, InputStats], list]:
+class Pairing:
+    """Shared state of a paired pass (runner's float_target): while `float_pass` the hooks only store
+    each hooked Linear's input in `inputs`; otherwise they update the statistics with `inputs` as ref."""
+
+    def __init__(self):
+        self.float_pass = False
+        self.inputs: dict[str, torch.Tensor] = {}
+
+
+def attach(layer: nn.Module, prefix: str, kinds, pair: Pairing | None = None
+           ) -> tuple[dict[str, InputStats], list]:
     """Hook `layer` (a DecoderLayer); returns ({full Linear name: stats}, hook handles).
 
     `prefix` is the layer's HF prefix (`model.layers.3.`). Remove the handles when done.
+    `pair` (needed for "xfx") pairs each token's input with the float model's, see `Pairing`.
     """
     kinds = frozenset(kinds)
     bad = kinds - set(KINDS)
@@ -82,9 +102,18 @@ def attach(layer: nn.Module, prefix: str, kinds) -> tuple[dict[str, InputStats],
         raise ValueError(f"unknown statistics {sorted(bad)} (allowed: {', '.join(KINDS)})")
     shared: dict[str, InputStats] = {}
     handles = []
+
+    def hook(st, suffix, x):
+        if pair is None:
+            st.update(x)
+        elif pair.float_pass:
+            pair.inputs[suffix] = x.detach()
+        else:
+            st.update(x, pair.inputs[suffix])
+
     for suffix in sorted(set(INPUT_OF.values())):
         st = shared[suffix] = InputStats(kinds)
         mod = layer.get_submodule(suffix)
-        handles.append(mod.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0])))
+        handles.append(mod.register_forward_pre_hook(lambda _m, args, st=st, k=suffix: hook(st, k, args[0])))
     stats = {prefix + s: shared[src] for s, src in INPUT_OF.items()}
     return stats, handles

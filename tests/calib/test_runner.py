@@ -164,3 +164,31 @@ def test_default_text_is_packaged_and_varied():
         assert marker in t, marker
     b = calibration_batches(_ByteTokenizer(), None, n_samples=4, seq_len=128)
     assert b.shape == (4, 128)
+
+
+def test_float_target_pairs_float_and_quantized_inputs(tiny):
+    """xfx = Fᵀ X: F from the float model, X from the model whose earlier layers are quantized."""
+    ids = torch.randint(0, 256, (3, SEQ), generator=torch.Generator().manual_seed(4))
+    got, new_weights = {}, {}
+
+    def on_layer(i, layer, st):
+        got.update({n: (s.xfx.clone(), s.xtx.clone()) for n, s in st.items()})
+        for n, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(rtn(m.weight, 4, 32, True).dequantize())
+                new_weights[f"model.layers.{i}.{n}.weight"] = m.weight.clone()
+
+    run_layers(tiny, ids, kinds={"xtx", "xfx"}, on_layer=on_layer, sequential=True, float_target=True,
+               batch_size=2)
+    model = load_model(tiny)
+    F = _whole_model_inputs(model, ids)
+    model.load_state_dict(new_weights, strict=False)
+    X = _whole_model_inputs(model, ids)
+    for i in range(tiny.config.num_hidden_layers):  # a layer's first Linear reads only earlier layers' output
+        n = f"model.layers.{i}.self_attn.q_proj"
+        xfx, xtx = got[n]
+        tol = 1e-4 * X[n].pow(2).sum(0).max().item()
+        torch.testing.assert_close(xfx.double(), F[n].T @ X[n], rtol=1e-4, atol=tol)
+        torch.testing.assert_close(xtx.double(), X[n].T @ X[n], rtol=1e-4, atol=tol)
+    last = f"model.layers.{tiny.config.num_hidden_layers - 1}.self_attn.q_proj"
+    assert not torch.allclose(F[last], X[last], rtol=1e-3)  # the two streams really differ
