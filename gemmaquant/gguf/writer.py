@@ -17,12 +17,15 @@ the quantizer's temporaries. The file goes to a temporary name, is read back wit
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import struct
+import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,14 +119,14 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
         yield partial(slab_job, view), view
 
 
-def _run_ordered(jobs, workers: int):
+def _run_ordered(jobs, workers: int, window: Callable[[], int] | None = None):
     """Run (tag, job) pairs on `workers` threads, yielding (tag, result) in submission order.
 
     Each torch op runs on one thread meanwhile (restored after): the quantizers are chains of
     ~1 MB ops, and with torch's own 2-thread ops every op ends in a barrier; on a busy machine a
     descheduled partner thread stalls it for a time slice (measured 30x slower under load), while
-    independent slabs on single-threaded workers just share the CPU. At most 2 x workers slabs are
-    in flight, so memory stays a few slabs' temporaries."""
+    independent slabs on single-threaded workers just share the CPU. At most `window()` (default
+    2 x workers) slabs are in flight or done-but-unconsumed: a few slabs' temporaries and outputs."""
     if workers <= 1:
         for tag, job in jobs:
             yield tag, job()
@@ -135,7 +138,7 @@ def _run_ordered(jobs, workers: int):
     try:
         for tag, job in jobs:
             pending.append((tag, pool.submit(job)))
-            while len(pending) > 2 * workers:
+            while len(pending) > (window() if window else 2 * workers):
                 t, f = pending.popleft()
                 yield t, f.result()
         while pending:
@@ -144,6 +147,72 @@ def _run_ordered(jobs, workers: int):
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: running slabs finish (< 1 s), queued ones drop
         torch.set_num_threads(before)
+
+
+class _Header:
+    """Build the header (keys + tensor infos: the 262k-entry vocabulary parsed from tokenizer.model
+    and tokenizer.json, then packed) and write it at the start of `tmp`, in a forked child process
+    on Linux, so it runs while the workers quantize the first slabs (~3 s of the demo's ~9 s).
+    Elsewhere, or with one worker, it is built in place. `result()` -> the intended keys (for the
+    read-back check) once the header is on disk."""
+
+    def __init__(self, tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan],
+                 imatrix_meta: dict | None, background: bool):
+        self._args = (tmp, ckpt, s, plans, imatrix_meta)
+        self._kv = None
+        self._proc = None
+        if background and sys.platform == "linux":
+            ctx = multiprocessing.get_context("fork")
+            self._recv, send = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_header_child, args=(send, *self._args), daemon=True)
+            self._proc.start()
+            send.close()
+
+    def result(self) -> dict:
+        if self._kv is not None:
+            return self._kv
+        if self._proc is None:
+            self._kv = _write_header(*self._args)
+            return self._kv
+        try:
+            ok, payload = self._recv.recv()
+        except EOFError:  # the child died without a word (killed)
+            self._proc.join()
+            raise GemmaQuantError(f"building the GGUF header failed (child exit code {self._proc.exitcode})") from None
+        self._proc.join()
+        if not ok:
+            raise payload
+        self._kv = payload
+        return self._kv
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():  # Ctrl-C or an error elsewhere
+            self._proc.terminate()
+            self._proc.join()
+
+
+def _write_header(tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan], imatrix_meta: dict | None) -> dict:
+    w = build_header(ckpt, s, plans, imatrix_meta)
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    _pad(fout, fout.tell())
+    w.close()
+    return dict(w.kv_data[0])
+
+
+def _header_child(send, *args) -> None:
+    try:
+        send.send((True, _write_header(*args)))
+    except BaseException as e:  # noqa: BLE001 - report anything; the parent re-raises it
+        try:
+            send.send((False, e if isinstance(e, (GemmaQuantError, OSError)) else
+                       GemmaQuantError(f"building the GGUF header failed: {type(e).__name__}: {e}")))
+        except Exception:  # unpicklable: a plain message
+            send.send((False, GemmaQuantError(f"building the GGUF header failed: {type(e).__name__}: {e}")))
+    finally:
+        send.close()
 
 
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
@@ -264,8 +333,8 @@ def _pad(fout, n: int) -> None:
     fout.write(b"\0" * (-n % ALIGNMENT))
 
 
-def _finish_tensor(fout, w: gguf.GGUFWriter, p: TensorPlan, n: int, h, sha: dict[str, str]) -> None:
-    want = w.tensors[0][p.name].nbytes
+def _finish_tensor(fout, p: TensorPlan, n: int, h, sha: dict[str, str]) -> None:
+    want = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
     if n != want:
         raise GemmaQuantError(f"tensor '{p.name}': wrote {n} bytes, expected {want} (internal error)")
     sha[p.name] = h.hexdigest()
@@ -290,35 +359,44 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     if imatrix is not None and imatrix_meta is None:
         imatrix_meta = {"entries_count": len(imatrix)}
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
-    w = build_header(ckpt, s, plans, imatrix_meta)
-    kv = dict(w.kv_data[0])
+    n_workers = workers or torch.get_num_threads()
     sha: dict[str, str] = {}
     with atomic_output(out_path, force=force, kind="file") as tmp:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        _pad(fout, fout.tell())
-        jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
-        total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
-        current, h, n, done = -1, None, 0, 0
-        for (i, view), chunk in _run_ordered(jobs, workers or torch.get_num_threads()):
-            if i != current:
+        header = _Header(tmp, ckpt, s, plans, imatrix_meta, background=n_workers > 1)
+        try:
+            jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
+            total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
+            fout, kv = None, None
+            # until the header is on disk the finished slabs wait in memory: up to 16 more of them
+            # (16 x a 4 M-value slab's output, <= 128 MB), so the workers keep going meanwhile
+            window = lambda: 2 * n_workers + (16 if fout is None else 0)  # noqa: E731
+            current, h, n, done = -1, None, 0, 0
+            for (i, view), chunk in _run_ordered(jobs, n_workers, window):
+                if fout is None:
+                    kv = header.result()
+                    fout = open(tmp, "r+b")
+                    fout.seek(0, os.SEEK_END)
+                if i != current:
+                    if current >= 0:
+                        _finish_tensor(fout, plans[current], n, h, sha)
+                    current, h, n = i, hashlib.sha256(), 0
+                buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+                fout.write(buf)
+                h.update(buf)
+                n += len(buf)
+                del buf, chunk
+                release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
+                done += view.numel() * view.element_size()
+                if progress:
+                    progress(done, total, plans[i])
+            if fout is None:  # no tensors at all
+                kv = header.result()
+            else:
                 if current >= 0:
-                    _finish_tensor(fout, w, plans[current], n, h, sha)
-                current, h, n = i, hashlib.sha256(), 0
-            buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
-            fout.write(buf)
-            h.update(buf)
-            n += len(buf)
-            del buf, chunk
-            release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
-            done += view.numel() * view.element_size()
-            if progress:
-                progress(done, total, plans[i])
-        if current >= 0:
-            _finish_tensor(fout, w, plans[current], n, h, sha)
-        w.close()
+                    _finish_tensor(fout, plans[current], n, h, sha)
+                fout.close()
+        finally:
+            header.close()
         n_keys = verify_file(tmp, kv, plans, sha)
         size = tmp.stat().st_size
     return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,

@@ -189,3 +189,18 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     corrupt.write_bytes(bytes(data))
     with pytest.raises(GemmaQuantError, match="tensor 'blk.0.ffn_down.weight' bytes"):
         verify_file(corrupt, kv, plans, rep.sha256)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_header_error_is_reported_and_nothing_is_left(tiny, tmp_path, workers):
+    """The header (vocabulary) is built in a forked child while workers quantize; its errors must
+    reach the caller as the same one-line error, with nothing left at the output path."""
+    import shutil
+
+    d, _ = tiny["gemma3"]
+    broken = tmp_path / "m"
+    shutil.copytree(d, broken)
+    (broken / "tokenizer.model").write_bytes(b"\x0a\x05oops")  # truncated protobuf
+    with pytest.raises(GemmaQuantError, match="tokenizer.model"):
+        write_gguf(Checkpoint(broken), "q8_0", tmp_path / "out" / "x.gguf", workers=workers)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
