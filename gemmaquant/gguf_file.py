@@ -71,25 +71,19 @@ class _Cursor:
             raise GemmaQuantError(f"{self.path}: {what} at byte offset {start} is not valid UTF-8 (corrupt)") from None
 
     def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in a row (the 262k-token vocabulary): one tight loop, then one check."""
+        """`count` strings in a row (the 262k-token vocabulary): one tight loop; on any problem the
+        checked per-string path re-reads them and raises naming the offset."""
         buf, pos, size, unpack = self.buf, self.pos, self.size, struct.Struct("<Q").unpack_from
-        raw = []
-        for _ in range(count):
-            if pos + 8 > size:
-                break
-            (n,) = unpack(buf, pos)
-            pos += 8
-            raw.append(buf[pos:pos + n])
-            pos += n
-        if len(raw) < count or pos > size:
-            for _ in range(count):  # report where it breaks, as the slow path does
-                self.string(what)
         try:
-            out = [bytes(r).decode("utf-8") for r in raw]
-        except UnicodeDecodeError:
-            for _ in range(count):  # string() raises naming the bad one's offset
-                self.string(what)
-            raise
+            out = []
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                if pos + 8 + n > size:
+                    raise ValueError
+                out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"))
+                pos += 8 + n
+        except (struct.error, ValueError):  # UnicodeDecodeError is a ValueError
+            return [self.string(what) for _ in range(count)]
         self.pos = pos
         return out
 

@@ -17,10 +17,8 @@ the quantizer's temporaries. The file goes to a temporary name, is read back wit
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import struct
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -119,14 +117,14 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
         yield partial(slab_job, view), view
 
 
-def _run_ordered(jobs, workers: int, window: Callable[[], int] | None = None):
+def _run_ordered(jobs, workers: int):
     """Run (tag, job) pairs on `workers` threads, yielding (tag, result) in submission order.
 
     Each torch op runs on one thread meanwhile (restored after): the quantizers are chains of
     ~1 MB ops, and with torch's own 2-thread ops every op ends in a barrier; on a busy machine a
     descheduled partner thread stalls it for a time slice (measured 30x slower under load), while
-    independent slabs on single-threaded workers just share the CPU. At most `window()` (default
-    2 x workers) slabs are in flight or done-but-unconsumed: a few slabs' temporaries and outputs."""
+    independent slabs on single-threaded workers just share the CPU. At most 2 x workers slabs are
+    in flight or done-but-unconsumed: a few slabs' temporaries and outputs."""
     if workers <= 1:
         for tag, job in jobs:
             yield tag, job()
@@ -138,7 +136,7 @@ def _run_ordered(jobs, workers: int, window: Callable[[], int] | None = None):
     try:
         for tag, job in jobs:
             pending.append((tag, pool.submit(job)))
-            while len(pending) > (window() if window else 2 * workers):
+            while len(pending) > 2 * workers:
                 t, f = pending.popleft()
                 yield t, f.result()
         while pending:
@@ -149,49 +147,8 @@ def _run_ordered(jobs, workers: int, window: Callable[[], int] | None = None):
         torch.set_num_threads(before)
 
 
-class _Header:
-    """Build the header (keys + tensor infos: the 262k-entry vocabulary parsed from tokenizer.model
-    and tokenizer.json, then packed) and write it at the start of `tmp`, in a forked child process
-    on Linux, so it runs while the workers quantize the first slabs (~3 s of the demo's ~9 s).
-    Elsewhere, or with one worker, it is built in place. `result()` -> the intended keys (for the
-    read-back check) once the header is on disk."""
-
-    def __init__(self, tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None, background: bool):
-        self._args = (tmp, ckpt, s, plans, imatrix_meta)
-        self._kv = None
-        self._proc = None
-        if background and sys.platform == "linux":
-            ctx = multiprocessing.get_context("fork")
-            self._recv, send = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=_header_child, args=(send, *self._args), daemon=True)
-            self._proc.start()
-            send.close()
-
-    def result(self) -> dict:
-        if self._kv is not None:
-            return self._kv
-        if self._proc is None:
-            self._kv = _write_header(*self._args)
-            return self._kv
-        try:
-            ok, payload = self._recv.recv()
-        except EOFError:  # the child died without a word (killed)
-            self._proc.join()
-            raise GemmaQuantError(f"building the GGUF header failed (child exit code {self._proc.exitcode})") from None
-        self._proc.join()
-        if not ok:
-            raise payload
-        self._kv = payload
-        return self._kv
-
-    def close(self) -> None:
-        if self._proc is not None and self._proc.is_alive():  # Ctrl-C or an error elsewhere
-            self._proc.terminate()
-            self._proc.join()
-
-
 def _write_header(tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan], imatrix_meta: dict | None) -> dict:
+    """Write the header (keys, tensor infos, padding) as the start of `tmp`; returns the keys."""
     w = build_header(ckpt, s, plans, imatrix_meta)
     w.write_header_to_file(tmp)
     w.write_kv_data_to_file()
@@ -200,19 +157,6 @@ def _write_header(tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan
     _pad(fout, fout.tell())
     w.close()
     return dict(w.kv_data[0])
-
-
-def _header_child(send, *args) -> None:
-    try:
-        send.send((True, _write_header(*args)))
-    except BaseException as e:  # noqa: BLE001 - report anything; the parent re-raises it
-        try:
-            send.send((False, e if isinstance(e, (GemmaQuantError, OSError)) else
-                       GemmaQuantError(f"building the GGUF header failed: {type(e).__name__}: {e}")))
-        except Exception:  # unpicklable: a plain message
-            send.send((False, GemmaQuantError(f"building the GGUF header failed: {type(e).__name__}: {e}")))
-    finally:
-        send.close()
 
 
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
@@ -300,9 +244,9 @@ class _Writer(gguf.GGUFWriter):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         ltype = t.get_type(val[0])
         if ltype == t.STRING:
-            enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
-            lengths = np.array([len(e) for e in enc], dtype="<u8")
-            body = b"".join(lb + e for lb, e in zip(map(bytes, lengths.reshape(-1, 1).view(np.uint8)), enc))
+            u64 = struct.Struct("<Q").pack
+            enc = (v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val)
+            body = b"".join(u64(len(e)) + e for e in enc)
         elif ltype in (t.INT32, t.FLOAT32, t.BOOL):
             body = np.array(val, dtype={t.INT32: "<i4", t.FLOAT32: "<f4", t.BOOL: "?"}[ltype]).tobytes()
         else:
@@ -362,20 +306,13 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     n_workers = workers or torch.get_num_threads()
     sha: dict[str, str] = {}
     with atomic_output(out_path, force=force, kind="file") as tmp:
-        header = _Header(tmp, ckpt, s, plans, imatrix_meta, background=n_workers > 1)
-        try:
-            jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
-            total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
-            fout, kv = None, None
-            # until the header is on disk the finished slabs wait in memory: up to 16 more of them
-            # (16 x a 4 M-value slab's output, <= 128 MB), so the workers keep going meanwhile
-            window = lambda: 2 * n_workers + (16 if fout is None else 0)  # noqa: E731
-            current, h, n, done = -1, None, 0, 0
-            for (i, view), chunk in _run_ordered(jobs, n_workers, window):
-                if fout is None:
-                    kv = header.result()
-                    fout = open(tmp, "r+b")
-                    fout.seek(0, os.SEEK_END)
+        kv = _write_header(tmp, ckpt, s, plans, imatrix_meta)
+        jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
+        total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
+        current, h, n, done = -1, None, 0, 0
+        with open(tmp, "r+b") as fout:
+            fout.seek(0, os.SEEK_END)
+            for (i, view), chunk in _run_ordered(jobs, n_workers):
                 if i != current:
                     if current >= 0:
                         _finish_tensor(fout, plans[current], n, h, sha)
@@ -389,14 +326,8 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                 done += view.numel() * view.element_size()
                 if progress:
                     progress(done, total, plans[i])
-            if fout is None:  # no tensors at all
-                kv = header.result()
-            else:
-                if current >= 0:
-                    _finish_tensor(fout, plans[current], n, h, sha)
-                fout.close()
-        finally:
-            header.close()
+            if current >= 0:
+                _finish_tensor(fout, plans[current], n, h, sha)
         n_keys = verify_file(tmp, kv, plans, sha)
         size = tmp.stat().st_size
     return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,

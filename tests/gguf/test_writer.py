@@ -193,8 +193,8 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_header_error_is_reported_and_nothing_is_left(tiny, tmp_path, workers):
-    """The header (vocabulary) is built in a forked child while workers quantize; its errors must
-    reach the caller as the same one-line error, with nothing left at the output path."""
+    """A header (vocabulary) error, with one worker or several, reaches the caller as the one-line
+    error, with nothing left at the output path."""
     import shutil
 
     d, _ = tiny["gemma3"]
