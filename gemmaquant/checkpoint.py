@@ -10,12 +10,14 @@ import json
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import GemmaConfig, load_config
 from .errors import GemmaQuantError
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
+
+if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to parse a config or headers
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -121,8 +123,8 @@ class Checkpoint:
                 raise GemmaQuantError(
                     f"{self.path}: tensor '{name}' has shape {list(got)}, config.json implies {list(shape)}"
                 )
-            dt = self.dtype(name)
-            if not dt.is_floating_point:
+            dt = self.dtype_name(name)
+            if dt not in FLOAT_DTYPES:
                 raise GemmaQuantError(
                     f"{self.path}: tensor '{name}' is {dt}; expected a bf16/f16/f32 source checkpoint "
                     "(is this already quantized?)"
@@ -152,15 +154,20 @@ class Checkpoint:
         f, s = self._file(name)
         return f.shape(s)
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> "torch.dtype":
         f, s = self._file(name)
         return f.dtype(s)
+
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype as safetensors names it ('BF16')."""
+        f, s = self._file(name)
+        return f.dtype_name(s)
 
     def raw_bytes(self, name: str) -> memoryview:
         f, s = self._file(name)
         return f.raw_bytes(s)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> "torch.Tensor":
         """A zero-copy view of the stored tensor, in its stored dtype."""
         f, s = self._file(name)
         return f.get(s)

@@ -25,9 +25,9 @@ err = Console(stderr=True)
 
 
 def _set_threads(threads: Optional[int]):
-    import torch
+    if threads:  # torch is only imported here when asked: `quantize` to GGUF overlaps its import with the header
+        import torch
 
-    if threads:
         torch.set_num_threads(threads)
 
 

@@ -177,7 +177,7 @@ def _qc_summary(qc) -> dict | None:
 
 
 def _inspect_dir(d: Path, only: list[Path] | None = None) -> dict:
-    from .safetensors_io import DTYPE_NAMES, SafetensorsFile
+    from .safetensors_io import SafetensorsFile
 
     raw = _read_config(d) if only is None else None
     paths = only if only is not None else _shard_paths(d)
@@ -191,9 +191,9 @@ def _inspect_dir(d: Path, only: list[Path] | None = None) -> dict:
         f = SafetensorsFile(sp)
         try:
             for name in f.keys():
-                dt, shape = f.dtype(name), f.shape(name)
-                stored.append((name, DTYPE_NAMES[dt], shape, f.nbytes(name), sp.name))
-                if name.endswith(".weight_shape") and shape == (2,) and DTYPE_NAMES[dt] in ("I64", "I32"):
+                dt, shape = f.dtype_name(name), f.shape(name)
+                stored.append((name, dt, shape, f.nbytes(name), sp.name))
+                if name.endswith(".weight_shape") and shape == (2,) and dt in ("I64", "I32"):
                     packed_shapes[name[: -len(".weight_shape")]] = [int(x) for x in f.get(name).tolist()]
         finally:
             f.close()

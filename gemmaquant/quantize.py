@@ -117,13 +117,29 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
 
 def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
+    from .export.atomic import check_output
+    from .gguf.header import start_header
+
+    if opts.imatrix and opts.imatrix_file:
+        raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
+    header = None
+    if not (opts.imatrix or opts.imatrix_file):
+        # the header (mostly the vocabulary) builds in its own process while torch is imported here
+        check_output(out, force=opts.force)
+        header = start_header(ckpt, scheme)
+    try:
+        return _gguf_write(ckpt, scheme, out, opts, progress, header)
+    finally:
+        if header is not None:
+            header.close()
+
+
+def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
     from .gguf.imatrix_io import read_imatrix
     from .gguf.writer import write_gguf
 
     imatrix = imatrix_meta = None
     notes = []
-    if opts.imatrix and opts.imatrix_file:
-        raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
     if opts.imatrix_file:
         im = read_imatrix(opts.imatrix_file)
         imatrix, imatrix_meta = im.importance, im.meta()
@@ -137,7 +153,7 @@ def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}")
     rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
-                     progress=progress)
+                     progress=progress, header=header)
     params = sum(p.numel for p in rep.plans)
     unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
     if rep.n_fallback:

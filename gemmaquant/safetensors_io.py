@@ -32,17 +32,41 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .errors import GemmaQuantError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype -> bytes per element. torch is imported only when a tensor is handed out, so
+# reading headers and configs (plans, the GGUF header job) does not pay its ~1.5 s import.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_DTYPES: dict = {}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype name (imports torch on first use)."""
+    if not _DTYPES:
+        import torch
+        _DTYPES.update({k: getattr(torch, v) for k, v in _TORCH_NAMES.items()})
+    return _DTYPES[name]
+
+
+def dtype_name(dt: "torch.dtype") -> str:
+    """The safetensors name of a torch dtype ('BF16' for torch.bfloat16)."""
+    torch_dtype("F32")
+    for k, v in _DTYPES.items():
+        if v == dt:
+            return k
+    raise KeyError(dt)
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 PAGE = mmap.PAGESIZE
 # Bytes of handed-out tensors allowed to stay mapped-in before the oldest are dropped (env override
@@ -108,15 +132,15 @@ class SafetensorsFile:
             raise GemmaQuantError(f"{self.path}: header '__metadata__' is not a JSON object")
         self._data_start = 8 + n
         data_len = size - self._data_start
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # dtype name, shape, [a, b)
         spans = []
         for name, info in header.items():
             where = f"{self.path}: tensor '{name}'"
             if not isinstance(info, dict):
                 raise GemmaQuantError(f"{where}: header entry is not an object")
             dt = info.get("dtype")
-            if not isinstance(dt, str) or dt not in DTYPES:
-                raise GemmaQuantError(f"{where}: unsupported dtype {dt!r} (allowed: {', '.join(DTYPES)})")
+            if not isinstance(dt, str) or dt not in ITEMSIZE:
+                raise GemmaQuantError(f"{where}: unsupported dtype {dt!r} (allowed: {', '.join(ITEMSIZE)})")
             shape, offs = info.get("shape"), info.get("data_offsets")
             if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)):
                 raise GemmaQuantError(f"{where}: bad shape {shape!r}")
@@ -127,12 +151,12 @@ class SafetensorsFile:
                 raise GemmaQuantError(
                     f"{where}: data ends at byte {self._data_start + offs[1]} but the file has {size} bytes (truncated?)"
                 )
-            nbytes = math.prod(shape) * DTYPES[dt].itemsize
+            nbytes = math.prod(shape) * ITEMSIZE[dt]
             if nbytes != offs[1] - offs[0]:
                 raise GemmaQuantError(
                     f"{where}: shape {shape} of {dt} needs {nbytes} bytes but data_offsets span {offs[1] - offs[0]}"
                 )
-            self.entries[name] = (DTYPES[dt], tuple(shape), offs[0], offs[1])
+            self.entries[name] = (dt, tuple(shape), offs[0], offs[1])
             if nbytes:
                 spans.append((offs[0], offs[1], name))
         spans.sort()
@@ -154,7 +178,11 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> "torch.dtype":
+        return torch_dtype(self.entries[name][0])
+
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype as safetensors names it ('BF16'), without importing torch."""
         return self.entries[name][0]
 
     def nbytes(self, name: str) -> int:
@@ -171,7 +199,10 @@ class SafetensorsFile:
         """The tensor as a zero-copy view of the mapping (read it, don't keep it past close())."""
         if name not in self.entries:
             raise GemmaQuantError(f"{self.path}: no tensor named '{name}'")
-        dt, shape, a, b = self.entries[name]
+        import torch
+
+        name_dt, shape, a, b = self.entries[name]
+        dt = torch_dtype(name_dt)
         if b == a:
             return torch.empty(shape, dtype=dt)
         _RECENT.touch(self, self._data_start + a, self._data_start + b)
@@ -215,7 +246,7 @@ class SafetensorsFile:
 
 def _span(buf: torch.Tensor | memoryview | np.ndarray) -> tuple[int, int]:
     """[first, last+1) byte addresses a tensor / buffer covers (strides may be any, not negative)."""
-    if isinstance(buf, torch.Tensor):
+    if not isinstance(buf, (memoryview, np.ndarray)):  # a torch.Tensor
         if buf.numel() == 0:
             return 0, 0
         extent = sum((n - 1) * st for n, st in zip(buf.shape, buf.stride())) + 1

@@ -32,7 +32,7 @@ from ..checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..ct.dequantize import dequantize
 from ..ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
 from ..errors import GemmaQuantError, OutputError
-from ..safetensors_io import DTYPE_NAMES, SafetensorsFile, release_pages, stream_bytes
+from ..safetensors_io import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from ..progress import byte_progress
 from .atomic import atomic_output, check_output
@@ -183,7 +183,7 @@ def _header(outs: list[_Out]) -> tuple[bytes, dict[str, int]]:
     order = sorted(outs, key=lambda o: -o.dtype.itemsize)  # stable: plan order within a size
     offsets, pos, entries = {}, 0, {"__metadata__": {"format": "pt"}}
     for o in order:
-        entries[o.name] = {"dtype": DTYPE_NAMES[o.dtype], "shape": list(o.shape),
+        entries[o.name] = {"dtype": dtype_name(o.dtype), "shape": list(o.shape),
                            "data_offsets": [pos, pos + o.nbytes]}
         offsets[o.name] = pos
         pos += o.nbytes

@@ -7,19 +7,18 @@ What the reference pipeline does to each tensor, and so do we:
   f32(bf16(w)) with the planned type.
 * Norms: f32(w) + 1 (HF computes x*(1+w), llama.cpp x*w), stored F32; an f16 source adds 1 in f16.
 
-Memory: the header (keys + tensor infos) is written first with `gguf.GGUFWriter`, whose KV packing
-is the converter's. Tensor data is then streamed by us in row slabs from the mmap'd safetensors
+Memory: the header (keys + tensor infos, `header.py`) is packed by `gguf.GGUFWriter`, as the converter's
+is, in a background process while the first slabs are quantized. Tensor data is streamed by us in row
+slabs from the mmap'd safetensors
 (GGUFWriter.write_tensors_to_file wants every array alive at once), so peak RSS is a slab plus
 the quantizer's temporaries. The file goes to a temporary name, is read back with our validating reader
-(`gguf_file.GGUFFile`) and checked key by key and tensor by tensor (type, shape, sha256 of the bytes), then renamed into place.
+(`gguf_file.GGUFFile`) and checked key by key and tensor by tensor (type, shape, CRC-32 of the bytes), then renamed into place.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import struct
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,16 +36,16 @@ from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output, check_output
 from ..ggml.quantize import quantize
 from ..ggml.types import GGMLType, row_bytes
-from ..safetensors_io import release_pages
+from ..safetensors_io import ITEMSIZE, release_pages
 from ..schemes import Scheme
-from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
+from .header import ALIGNMENT, HeaderJob
 from .plan import TensorPlan, fallback_count, plan_types, preset
-from .vocab import add_vocab
 
-ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
 _NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
-CONVERT_FTYPE_BF16 = 32  # the converter's general.file_type; llama-quantize replaces it
+# Until the header arrives from its process, finished slabs wait in memory, up to this many bytes;
+# then the writer waits for it. The demo's header is ready after ~0.5 s of quantizing (~30 MB).
+HEADER_WAIT_BYTES = 512 << 20
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Report:
     file_bytes: int
     n_keys: int
     seconds: float
-    sha256: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its bytes
+    crc32: dict[str, int] = field(default_factory=dict)  # tensor name -> CRC-32 of its bytes
     imatrix_used: list[str] = field(default_factory=list)  # tensors whose bytes used importance weights
 
     @property
@@ -147,18 +146,6 @@ def _run_ordered(jobs, workers: int):
         torch.set_num_threads(before)
 
 
-def _write_header(tmp: Path, ckpt: Checkpoint, s: Scheme, plans: list[TensorPlan], imatrix_meta: dict | None) -> dict:
-    """Write the header (keys, tensor infos, padding) as the start of `tmp`; returns the keys."""
-    w = build_header(ckpt, s, plans, imatrix_meta)
-    w.write_header_to_file(tmp)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
-    _pad(fout, fout.tell())
-    w.close()
-    return dict(w.kv_data[0])
-
-
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
     """Does a value read back by `GGUFFile` (strings decoded, numeric arrays as numpy) equal the
     writer-side `GGUFValue`, type included? Numbers compare after the cast the writer applies."""
@@ -190,7 +177,7 @@ _NP = {gguf.GGUFValueType.UINT8: np.uint8, gguf.GGUFValueType.INT8: np.int8,
 
 
 def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPlan],
-                sha256: dict[str, str]) -> int:
+                crc32: dict[str, int]) -> int:
     """Re-read `path` and check it holds exactly the intended keys (order, types, values) and
     tensors (order, type, shape, bytes). Returns the number of keys checked.
 
@@ -210,91 +197,104 @@ def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPla
             if int(t.qtype) != int(p.type) or t.shape != tuple(p.shape):
                 raise GemmaQuantError(f"{path}: tensor '{p.name}' reads back as {t.qtype.name} "
                                       f"{list(t.shape)} (internal error)")
-            if _file_sha256(path, t.offset, t.nbytes) != sha256[p.name]:
+            if _file_crc32(path, t.offset, t.nbytes) != crc32[p.name]:
                 raise GemmaQuantError(f"{path}: tensor '{p.name}' bytes read back differently (internal error)")
     finally:
         r.close()
     return len(kv)
 
 
-def _file_sha256(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> str:
-    """sha256 of bytes [offset, offset+n) read with read() calls: pages read through the reader's
-    memmap would count in RSS, up to the whole output (5 GB for a 9B Q4_K_M)."""
-    h = hashlib.sha256()
+def _file_crc32(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> int:
+    """CRC-32 of bytes [offset, offset+n) read with read() calls: pages read through the reader's
+    memmap would count in RSS, up to the whole output (5 GB for a 9B Q4_K_M). CRC-32 (zlib, ~3.4 GB/s
+    here) rather than sha256 (~1.5 GB/s): it checks our own write, nobody forges it."""
+    crc = 0
     with open(path, "rb") as f:
         f.seek(offset)
         while n > 0:
             b = f.read(min(n, chunk))
             if not b:
                 break
-            h.update(b)
+            crc = zlib.crc32(b, crc)
             n -= len(b)
-    return h.hexdigest()
-
-
-class _Writer(gguf.GGUFWriter):
-    """GGUFWriter with array values packed by numpy / one join instead of one `_pack_val` call per
-    element: the 262k-entry tokens, scores and types arrays took ~2 s. Same bytes (the tests
-    compare whole files with convert_hf_to_gguf.py's); anything unusual goes to the original."""
-
-    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        t = gguf.GGUFValueType
-        if (vtype != t.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
-                or not isinstance(val, (list, tuple)) or len(val) < 256 or len(set(map(type, val))) != 1):
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        ltype = t.get_type(val[0])
-        if ltype == t.STRING:
-            u64 = struct.Struct("<Q").pack
-            enc = (v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val)
-            body = b"".join(u64(len(e)) + e for e in enc)
-        elif ltype in (t.INT32, t.FLOAT32, t.BOOL):
-            body = np.array(val, dtype={t.INT32: "<i4", t.FLOAT32: "<f4", t.BOOL: "?"}[ltype]).tobytes()
-        else:
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        head = (struct.pack("<I", int(vtype)) if add_vtype else b"") + struct.pack("<IQ", int(ltype), len(val))
-        return head + body
-
-
-def build_header(ckpt: Checkpoint, scheme: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None) -> gguf.GGUFWriter:
-    """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
-    c = ckpt.config
-    w = _Writer(None, ARCH[c.generation])
-    total = sum(p.numel for p in plans)
-    add_model_kvs(w, ckpt.path, c, file_type=CONVERT_FTYPE_BF16, total_params=total)
-    arrays = add_vocab(w, ckpt.path, c.generation, c.vocab_size)
-    if len(arrays.tokens) != c.vocab_size:  # the Gemma 3 converter cuts token_embd to the token list
-        raise GemmaQuantError(f"{ckpt.path}: {len(arrays.tokens)} tokens for vocab_size {c.vocab_size}")
-    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta)
-    for p in plans:
-        rows = p.numel // p.n_per_row
-        nbytes = rows * row_bytes(p.type, p.n_per_row)
-        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.type)
-    return w
+    return crc
 
 
 def _pad(fout, n: int) -> None:
     fout.write(b"\0" * (-n % ALIGNMENT))
 
 
-def _finish_tensor(fout, p: TensorPlan, n: int, h, sha: dict[str, str]) -> None:
-    want = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
-    if n != want:
-        raise GemmaQuantError(f"tensor '{p.name}': wrote {n} bytes, expected {want} (internal error)")
-    sha[p.name] = h.hexdigest()
-    _pad(fout, n)
+class _DataWriter:
+    """Writes the header and then the slabs in file order, padding each tensor to ALIGNMENT and
+    keeping its CRC-32. Slabs that finish before the header is built wait in memory (up to
+    HEADER_WAIT_BYTES; then it waits for the header), so the workers never idle on it."""
+
+    def __init__(self, fout, plans: list[TensorPlan], header: HeaderJob, total: int, progress):
+        self.fout, self.plans, self.header, self.total, self.progress = fout, plans, header, total, progress
+        self.kv: dict | None = None
+        self.crcs: dict[str, int] = {}
+        self.waiting: list = []
+        self.waiting_bytes = 0
+        self.current, self.crc, self.n, self.done = -1, 0, 0, 0
+
+    def add(self, i: int, view: torch.Tensor, chunk: np.ndarray) -> None:
+        if self.kv is not None:
+            self._put(i, view, chunk)
+            return
+        self.waiting.append((i, view, chunk))
+        self.waiting_bytes += chunk.nbytes
+        if self.header.ready() or self.waiting_bytes >= HEADER_WAIT_BYTES:
+            self._write_header()
+
+    def finish(self) -> tuple[dict, dict[str, int]]:
+        if self.kv is None:
+            self._write_header()
+        if self.current >= 0:
+            self._end_tensor()
+        return self.kv, self.crcs
+
+    def _write_header(self) -> None:
+        head, self.kv = self.header.result()
+        self.fout.write(head)
+        for w in self.waiting:
+            self._put(*w)
+        self.waiting.clear()
+
+    def _put(self, i: int, view: torch.Tensor, chunk: np.ndarray) -> None:
+        if i != self.current:
+            if self.current >= 0:
+                self._end_tensor()
+            self.current, self.crc, self.n = i, 0, 0
+        buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
+        self.fout.write(buf)
+        self.crc = zlib.crc32(buf, self.crc)
+        self.n += len(buf)
+        release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
+        self.done += view.numel() * view.element_size()
+        if self.progress:
+            self.progress(self.done, self.total, self.plans[i])
+
+    def _end_tensor(self) -> None:
+        p = self.plans[self.current]
+        want = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
+        if self.n != want:
+            raise GemmaQuantError(f"tensor '{p.name}': wrote {self.n} bytes, expected {want} (internal error)")
+        self.crcs[p.name] = self.crc
+        _pad(self.fout, self.n)
 
 
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
-               force: bool = False, workers: int | None = None,
+               force: bool = False, workers: int | None = None, header: HeaderJob | None = None,
                progress: Callable[[int, int, TensorPlan], None] | None = None) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
     `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
     `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
     `progress(done, total, plan)` is called after each slab is written (source bytes). `workers`: quantizing threads
-    (default: torch's thread count); the bytes do not depend on it."""
+    (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already
+    started for this output (`header.start_header`), e.g. before torch was imported; by default one
+    is started here (in a background process for a real vocabulary)."""
     t0 = time.perf_counter()
     s = preset(scheme)
     out_path = Path(out_path)
@@ -304,32 +304,25 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         imatrix_meta = {"entries_count": len(imatrix)}
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
-    sha: dict[str, str] = {}
-    with atomic_output(out_path, force=force, kind="file") as tmp:
-        kv = _write_header(tmp, ckpt, s, plans, imatrix_meta)
-        jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
-        total = sum(p.numel * ckpt.dtype(p.hf_name).itemsize for p in plans)
-        current, h, n, done = -1, None, 0, 0
-        with open(tmp, "r+b") as fout:
-            fout.seek(0, os.SEEK_END)
-            for (i, view), chunk in _run_ordered(jobs, n_workers):
-                if i != current:
-                    if current >= 0:
-                        _finish_tensor(fout, plans[current], n, h, sha)
-                    current, h, n = i, hashlib.sha256(), 0
-                buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
-                fout.write(buf)
-                h.update(buf)
-                n += len(buf)
-                del buf, chunk
-                release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
-                done += view.numel() * view.element_size()
-                if progress:
-                    progress(done, total, plans[i])
-            if current >= 0:
-                _finish_tensor(fout, plans[current], n, h, sha)
-        n_keys = verify_file(tmp, kv, plans, sha)
-        size = tmp.stat().st_size
+    if header is None:
+        header = HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta)
+    elif header.scheme.name != s.name or header.plans != plans or header.imatrix_meta != imatrix_meta:
+        header.close()
+        raise GemmaQuantError(f"{out_path}: the header job was started for another scheme, plan or imatrix "
+                              "(internal error)")
+    try:
+        with atomic_output(out_path, force=force, kind="file") as tmp:
+            jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
+            total = sum(p.numel * ITEMSIZE[ckpt.dtype_name(p.hf_name)] for p in plans)
+            with open(tmp, "wb") as fout:
+                out = _DataWriter(fout, plans, header, total, progress)
+                for (i, view), chunk in _run_ordered(jobs, n_workers):
+                    out.add(i, view, chunk)
+                kv, crcs = out.finish()
+            n_keys = verify_file(tmp, kv, plans, crcs)
+            size = tmp.stat().st_size
+    finally:
+        header.close()
     return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,
-                  time.perf_counter() - t0, sha,
+                  time.perf_counter() - t0, crcs,
                   [p.name for p in plans if qws[p.name] is not None and p.type not in _NO_IMATRIX])

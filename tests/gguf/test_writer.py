@@ -154,16 +154,17 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     sees, and fail, naming the key or tensor, when the file differs from the intent."""
     import gguf
 
+    from gemmaquant.gguf.header import header_bytes
     from gemmaquant.gguf.plan import plan_types
-    from gemmaquant.gguf.writer import build_header, verify_file
+    from gemmaquant.gguf.writer import verify_file
 
     d, _ = tiny["gemma3"]
     ck = Checkpoint(d)
     rep = write_gguf(ck, "q4_k_m", tmp_path / "a.gguf")
     s = get_scheme("q4_k_m")
     plans = plan_types(ck.config, s, False, has_lm_head=False)
-    kv = dict(build_header(ck, s, plans, None).kv_data[0])
-    assert verify_file(rep.path, kv, plans, rep.sha256) == len(kv)
+    _, kv = header_bytes(ck.path, ck.config, s, plans, None)
+    assert verify_file(rep.path, kv, plans, rep.crc32) == len(kv)
 
     from gemmaquant.gguf_file import GGUFFile
     ours, theirs = GGUFFile(rep.path), gguf.GGUFReader(rep.path)
@@ -180,7 +181,7 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     key = "gemma3.attention.head_count"
     bad_kv[key] = gguf.GGUFValue(kv[key].value + 1, kv[key].type)
     with pytest.raises(GemmaQuantError, match=f"key '{key}'"):
-        verify_file(rep.path, bad_kv, plans, rep.sha256)
+        verify_file(rep.path, bad_kv, plans, rep.crc32)
 
     info = GGUFFile(rep.path).tensors["blk.0.ffn_down.weight"]
     data = bytearray(rep.path.read_bytes())
@@ -188,19 +189,87 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     corrupt = tmp_path / "b.gguf"
     corrupt.write_bytes(bytes(data))
     with pytest.raises(GemmaQuantError, match="tensor 'blk.0.ffn_down.weight' bytes"):
-        verify_file(corrupt, kv, plans, rep.sha256)
+        verify_file(corrupt, kv, plans, rep.crc32)
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_header_error_is_reported_and_nothing_is_left(tiny, tmp_path, workers):
-    """A header (vocabulary) error, with one worker or several, reaches the caller as the one-line
-    error, with nothing left at the output path."""
+def test_header_error_is_reported_and_nothing_is_left(tiny, tmp_path, workers, background):
+    """A header (vocabulary) error, built inline or in the header process, with one worker or
+    several, reaches the caller as the one-line error, with nothing left at the output path."""
     import shutil
+
+    from gemmaquant.gguf.header import HeaderJob, start_header
 
     d, _ = tiny["gemma3"]
     broken = tmp_path / "m"
     shutil.copytree(d, broken)
     (broken / "tokenizer.model").write_bytes(b"\x0a\x05oops")  # truncated protobuf
-    with pytest.raises(GemmaQuantError, match="tokenizer.model"):
-        write_gguf(Checkpoint(broken), "q8_0", tmp_path / "out" / "x.gguf", workers=workers)
+    ck = Checkpoint(broken)
+    plan = start_header(ck, "q8_0")  # inline for a tiny vocabulary; the process is asked for below
+    job = HeaderJob(ck.path, ck.config, plan.scheme, plan.plans, None, background=background)
+    assert (job._proc is not None) == background
+    with pytest.raises(GemmaQuantError, match="tokenizer.model") as e:
+        write_gguf(ck, "q8_0", tmp_path / "out" / "x.gguf", workers=workers, header=job)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert job._proc is None  # the process was waited for
+
+
+@pytest.mark.parametrize("kind,preset", [("gemma3", "q6_k"), ("gemma1", "bf16"), ("gemma2", "q4_k_m")])
+def test_header_built_in_its_process_gives_the_same_file(tiny, tmp_path, kind, preset):
+    """The header process (used for real vocabularies, which the tiny models lack) writes the same
+    bytes as llama.cpp's pipeline, whether slabs wait for it or it waits for them."""
+    pytest.importorskip("llama_cpp")
+    from gemmaquant.gguf import writer
+    from gemmaquant.gguf.header import HeaderJob, start_header
+
+    d, ref_bf16 = tiny[kind]
+    want = ref.quantize(ref_bf16, tmp_path / "ref.gguf", get_scheme(preset).ftype).read_bytes()
+    ck = Checkpoint(d)
+    plan = start_header(ck, preset)
+    for wait_bytes in (writer.HEADER_WAIT_BYTES, 0):
+        job = HeaderJob(ck.path, ck.config, plan.scheme, plan.plans, None, background=True)
+        assert job._proc is not None
+        writer.HEADER_WAIT_BYTES, saved = wait_bytes, writer.HEADER_WAIT_BYTES
+        try:
+            got = write_gguf(ck, preset, tmp_path / f"ours{wait_bytes}.gguf", header=job, workers=2).path
+        finally:
+            writer.HEADER_WAIT_BYTES = saved
+        assert got.read_bytes() == want
+
+
+def test_a_stopped_header_process_is_an_error_not_a_hang(tiny, tmp_path):
+    import signal
+
+    from gemmaquant.gguf.header import HeaderJob, start_header
+
+    ck = Checkpoint(tiny["gemma3"][0])
+    plan = start_header(ck, "q8_0")
+    job = HeaderJob(ck.path, ck.config, plan.scheme, plan.plans, None, background=True)
+    job._proc.send_signal(signal.SIGKILL)
+    with pytest.raises(GemmaQuantError, match="building the GGUF header failed \\(child exit code -9\\)"):
+        write_gguf(ck, "q8_0", tmp_path / "x.gguf", header=job)
+    assert not list(tmp_path.iterdir())
+
+
+def test_header_job_for_another_output_is_refused(tiny, tmp_path):
+    from gemmaquant.gguf.header import start_header
+
+    ck = Checkpoint(tiny["gemma3"][0])
+    with pytest.raises(GemmaQuantError, match="header job was started for another"):
+        write_gguf(ck, "q8_0", tmp_path / "x.gguf", header=start_header(ck, "q6_k"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_header_and_plans_need_no_torch():
+    """`quantize` to GGUF starts the header process before torch's ~1.5 s import: the modules it
+    needs up to then must not import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.checkpoint, gemmaquant.gguf.header, "
+            "gemmaquant.plan_view, gemmaquant.diskspace, gemmaquant.export.atomic, gemmaquant.gguf.plan; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
