@@ -7,10 +7,18 @@
 
 Every step runs in its own process; peak RSS is that process's VmHWM (the high-water mark of its
 image since exec, read from /proc at exit), which, unlike ru_maxrss, does not include pages the
-forking parent held. Outputs are deleted after measuring (they can be 10+ GB); results are appended
+forking parent held. gemmaquant's GGUF writer forks worker processes, whose memory VmHWM does not
+see, so the harness also samples the whole process tree every 0.2 s and records the peak of its summed
+Pss (each shared page divided among the processes mapping it: forked workers are not double-counted)
+and summed Rss (an upper bound). Outputs are deleted after measuring (they can be 10+ GB); results are appended
 as JSON lines. llama.cpp's converter comes from the llama-cpp-python 0.3.36 sdist (the library's own
 tree, `tests/gguf/llamacpp_ref.llamacpp_tree`), llama-quantize is `llama_cpp.llama_model_quantize`
 with nthread = the CPU count.
+
+`--cold` starts each tool's first step with an empty page cache (sync, then `echo 3 >
+/proc/sys/vm/drop_caches`, which needs root): on a 24 GiB machine an 18.5 GB checkpoint is partly
+cached after whichever tool read it last, so without it the order of the runs decides who reads from
+disk. llama-quantize then reads the converter's fresh file from the cache, as it would in practice.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,18 +65,84 @@ sys.exit(rc)
 LLAMA_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18, "q4_0": 2}
 
 
+def drop_caches() -> None:
+    """Empty the page cache (root only); raises if the kernel refuses."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root or without --cold")
+
+
 def _size(p: Path) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(sum of Pss, sum of Rss) in bytes over `pid` and its descendants, from smaps_rollup. Pss
+    shares each page among the processes mapping it, so forked workers are not double-counted."""
+    pss = rss = 0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return pss, rss
+
+
+class _Sampler(threading.Thread):
+    """Peak of the process tree's summed Pss (and Rss), sampled every 0.2 s while it runs."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_pss, self.peak_rss = pid, 0, 0
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.2):
+            pss, rss = _tree_memory(self.pid)
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+
+
+LAST_TREE: dict = {}  # the last _run's sampled peaks
+
+
 def _run(code: str, args: list[str], log: Path) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `python -c code args`; raises with the log tail on failure."""
+    """(wall seconds, peak RSS bytes) of `python -c code args`; raises with the log tail on failure.
+    Peak RSS is the main process's VmHWM; the sampled peaks of the whole process tree (worker
+    processes included) are left in LAST_TREE."""
     t0 = time.perf_counter()
     with open(log, "w") as lf:
-        r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+        sampler = _Sampler(proc.pid)
+        sampler.start()
+        proc.wait()
+        sampler.stop.set()
+        sampler.join()
+        r = proc
     wall = time.perf_counter() - t0
+    LAST_TREE.update(pss=sampler.peak_pss, rss=sampler.peak_rss)
     text = log.read_text(errors="replace")
     if r.returncode != 0:
         raise SystemExit(f"{args}: exit {r.returncode}\n{text[-3000:]}")
@@ -75,7 +150,9 @@ def _run(code: str, args: list[str], log: Path) -> tuple[float, int]:
     return wall, hwm[-1]
 
 
-def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] = ()) -> dict:
+def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] = (), cold: bool = False) -> dict:
+    if cold:
+        drop_caches()
     out = out_dir / (f"{model.name}.{scheme}.gguf" if not scheme.startswith(("fp8", "int8", "w4", "w8"))
                      else f"{model.name}-{scheme}")
     wall, rss = _run(_GEMMAQUANT, ["quantize", str(model), "--scheme", scheme, "-o", str(out), "-q", *extra],
@@ -83,36 +160,47 @@ def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] =
     size = _size(out)
     shutil.rmtree(out) if out.is_dir() else out.unlink()
     return {"tool": "gemmaquant", "model": model.name, "scheme": scheme + (" " + " ".join(extra) if extra else ""),
-            "seconds": round(wall, 1), "peak_rss_bytes": rss, "output_bytes": size}
+            "seconds": round(wall, 1), "peak_rss_bytes": rss, "output_bytes": size, "cold": cold,
+            "tree_peak_pss_bytes": LAST_TREE["pss"], "tree_peak_rss_bytes": LAST_TREE["rss"]}
 
 
-def bench_llamacpp(model: Path, preset: str, out_dir: Path) -> list[dict]:
+def bench_llamacpp(model: Path, preset: str, out_dir: Path, cold: bool = False) -> list[dict]:
     sys.path.insert(0, str(REPO))
     from tests.gguf.llamacpp_ref import llamacpp_tree
 
     tree = llamacpp_tree()
     bf16 = out_dir / f"{model.name}.lcpp-bf16.gguf"
     quant = out_dir / f"{model.name}.lcpp-{preset}.gguf"
+    if cold:
+        drop_caches()
     w1, r1 = _run(_CONVERT, [str(tree), str(model), str(bf16)], out_dir / f"lcpp-convert-{model.name}.log")
+    t1 = dict(LAST_TREE)
     s1 = _size(bf16)
     w2, r2 = _run(_QUANTIZE, [str(bf16), str(quant), str(LLAMA_FTYPES[preset])],
                   out_dir / f"lcpp-quantize-{model.name}-{preset}.log")
+    t2 = dict(LAST_TREE)
     s2 = _size(quant)
     bf16.unlink()
     quant.unlink()
     return [{"tool": "llama.cpp convert_hf_to_gguf (bf16)", "model": model.name, "scheme": "bf16",
-             "seconds": round(w1, 1), "peak_rss_bytes": r1, "output_bytes": s1},
+             "seconds": round(w1, 1), "peak_rss_bytes": r1, "output_bytes": s1, "cold": cold,
+             "tree_peak_pss_bytes": t1["pss"], "tree_peak_rss_bytes": t1["rss"]},
             {"tool": "llama.cpp llama-quantize", "model": model.name, "scheme": preset,
-             "seconds": round(w2, 1), "peak_rss_bytes": r2, "output_bytes": s2},
+             "seconds": round(w2, 1), "peak_rss_bytes": r2, "output_bytes": s2, "cold": False,
+             "tree_peak_pss_bytes": t2["pss"], "tree_peak_rss_bytes": t2["rss"]},
             {"tool": "llama.cpp both steps", "model": model.name, "scheme": preset,
-             "seconds": round(w1 + w2, 1), "peak_rss_bytes": max(r1, r2), "output_bytes": s2}]
+             "seconds": round(w1 + w2, 1), "peak_rss_bytes": max(r1, r2), "output_bytes": s2, "cold": cold,
+             "tree_peak_pss_bytes": max(t1["pss"], t2["pss"]), "tree_peak_rss_bytes": max(t1["rss"], t2["rss"])}]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | tool | scheme | wall s | peak RSS GiB | output GB |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines = ["| model | tool | scheme | wall s | peak RSS GiB | tree peak PSS GiB | output GB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        pss = r.get("tree_peak_pss_bytes")
         lines.append(f"| {r['model']} | {r['tool']} | {r['scheme']} | {r['seconds']:.1f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['output_bytes'] / 1e9:.2f} |")
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {'—' if pss is None else f'{pss / 2**30:.2f}'} | "
+                     f"{r['output_bytes'] / 1e9:.2f} |")
     return "\n".join(lines)
 
 
@@ -122,7 +210,9 @@ def main(argv=None):
     ap.add_argument("schemes", nargs="*", help="gemmaquant schemes to run (fp8, q4_k_m, fp8-static, ...)")
     ap.add_argument("--llamacpp", action="append", default=[], help="llama.cpp preset to run (q4_k_m, q8_0)")
     ap.add_argument("--calib-samples", type=int, help="for calibrated schemes: --calib-samples N")
+    ap.add_argument("--calib-len", type=int, help="for calibrated schemes: --calib-len L")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench"))
+    ap.add_argument("--cold", action="store_true", help="empty the page cache before each tool (root)")
     ap.add_argument("--table", type=Path, help="print a results.jsonl as a markdown table and exit")
     a = ap.parse_args(argv)
     if a.table:
@@ -131,14 +221,15 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     results = a.out / "results.jsonl"
     for scheme in a.schemes:
-        extra = ["--calib-samples", str(a.calib_samples)] if a.calib_samples else []
-        rows = [bench_gemmaquant(a.model, scheme, a.out, extra)]
+        extra = (["--calib-samples", str(a.calib_samples)] if a.calib_samples else []) + \
+            (["--calib-len", str(a.calib_len)] if a.calib_len else [])
+        rows = [bench_gemmaquant(a.model, scheme, a.out, extra, a.cold)]
         for r in rows:
             print(json.dumps(r), flush=True)
             with open(results, "a") as f:
                 f.write(json.dumps(r) + "\n")
     for preset in a.llamacpp:
-        for r in bench_llamacpp(a.model, preset, a.out):
+        for r in bench_llamacpp(a.model, preset, a.out, a.cold):
             print(json.dumps(r), flush=True)
             with open(results, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -9,7 +9,6 @@ mapping, grows by the extra source/output bytes; a streaming one by no more than
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -129,10 +128,18 @@ def test_estimate_bounds_the_real_output(wide, tmp_path):
 def test_release_pages_drops_rss_and_keeps_data(wide):
     from gemmaquant.safetensors_io import SafetensorsFile, release_pages, stream_bytes
 
-    def resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     shard = sorted(wide[8].glob("*.safetensors"))[-1]
+
+    def resident() -> int:
+        """Resident bytes of this file's mapping (not the whole process: other memory moves too)."""
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        for i, line in enumerate(lines):
+            head = line.split()
+            if "-" in head[0] and int(head[0].split("-")[0], 16) == f._base:
+                rss = next(ln for ln in lines[i + 1:] if ln.startswith("Rss:"))
+                return int(rss.split()[1]) * 1024
+        raise AssertionError("mapping not found in /proc/self/smaps")
+
     with SafetensorsFile(shard) as f:
         name = max(f.keys(), key=f.nbytes)
         t = f.get(name)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +32,12 @@ from ..checkpoint import Checkpoint
 from ..gguf_file import GGUFFile
 from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output, check_output
-from ..ggml.quantize import quantize
 from ..ggml.types import GGMLType, row_bytes
 from ..safetensors_io import ITEMSIZE, release_pages
 from ..schemes import Scheme
 from .header import ALIGNMENT, HeaderJob
 from .plan import TensorPlan, fallback_count, plan_types, preset
+from .workers import CHEAP, Slab, quantize_rows, run_ordered
 
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
 _NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
@@ -86,9 +84,10 @@ def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> t
     return v
 
 
-def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
-    """Yield (job, source view) per slab of rows in file order: each job is a callable returning the
-    slab's GGUF bytes as a numpy uint8 array. Jobs are independent: workers may run them concurrently."""
+def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | None):
+    """Yield (source view, job, slab) per slab of rows in file order: `job` returns the slab's GGUF
+    bytes as a numpy uint8 array here; `slab` (or None) names the same work for a worker process
+    (`workers.Slab`), given to the searches only. Jobs are independent: they may run concurrently."""
     src = ckpt.tensor(p.hf_name)
     if tuple(src.shape) != p.shape:
         raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' has shape {list(src.shape)}, "
@@ -100,50 +99,14 @@ def _tensor_slabs(ckpt: Checkpoint, p: TensorPlan, qw: torch.Tensor | None):
             else:
                 x = src.float() + 1.0 if p.norm else src.float()
             return x.contiguous().numpy().view(np.uint8)
-        yield norm_job, src
+        yield src, norm_job, None
         return
     rows, n = p.shape
     step = max(1, SLAB_VALUES // n)
-
-    def slab_job(view: torch.Tensor):
-        x = view.to(torch.bfloat16)  # the converter's BF16 intermediate
-        if not torch.isfinite(x).all():
-            raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' contains NaN/inf values")
-        return quantize(x, p.type, qw).numpy()
-
     for r in range(0, rows, step):
-        view = src[r:r + step]
-        yield partial(slab_job, view), view
-
-
-def _run_ordered(jobs, workers: int):
-    """Run (tag, job) pairs on `workers` threads, yielding (tag, result) in submission order.
-
-    Each torch op runs on one thread meanwhile (restored after): the quantizers are chains of
-    ~1 MB ops, and with torch's own 2-thread ops every op ends in a barrier; on a busy machine a
-    descheduled partner thread stalls it for a time slice (measured 30x slower under load), while
-    independent slabs on single-threaded workers just share the CPU. At most 2 x workers slabs are
-    in flight or done-but-unconsumed: a few slabs' temporaries and outputs."""
-    if workers <= 1:
-        for tag, job in jobs:
-            yield tag, job()
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="gguf-quant")
-    pending: deque = deque()
-    try:
-        for tag, job in jobs:
-            pending.append((tag, pool.submit(job)))
-            while len(pending) > 2 * workers:
-                t, f = pending.popleft()
-                yield t, f.result()
-        while pending:
-            t, f = pending.popleft()
-            yield t, f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: running slabs finish (< 1 s), queued ones drop
-        torch.set_num_threads(before)
+        view = src[r:r + step]  # no page is read here: a worker process reads its own mapping
+        slab = None if p.type in CHEAP else Slab(i, r, min(rows, r + step))
+        yield view, partial(quantize_rows, ckpt.path, p, view, qw), slab
 
 
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
@@ -312,11 +275,12 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                               "(internal error)")
     try:
         with atomic_output(out_path, force=force, kind="file") as tmp:
-            jobs = (((i, view), job) for i, p in enumerate(plans) for job, view in _tensor_slabs(ckpt, p, qws[p.name]))
+            jobs = (((i, view), job, slab) for i, p in enumerate(plans)
+                    for view, job, slab in _tensor_slabs(ckpt, i, p, qws[p.name]))
             total = sum(p.numel * ITEMSIZE[ckpt.dtype_name(p.hf_name)] for p in plans)
             with open(tmp, "wb") as fout:
                 out = _DataWriter(fout, plans, header, total, progress)
-                for (i, view), chunk in _run_ordered(jobs, n_workers):
+                for (i, view), chunk in run_ordered(jobs, n_workers, (ckpt.path, plans, qws)):
                     out.add(i, view, chunk)
                 kv, crcs = out.finish()
             n_keys = verify_file(tmp, kv, plans, crcs)

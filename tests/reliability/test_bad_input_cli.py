@@ -176,6 +176,17 @@ def _(tmp, good):
     return _q(d, tmp)
 
 
+@case("NaN in a weight, K-quant (quantized in a worker process)", 2, "'model.layers.0.mlp.up_proj.weight' contains NaN/inf")
+def _(tmp, good):
+    from safetensors.torch import load_file
+
+    t = load_file(good / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"][7, 1] = float("nan")
+    d = tmp / "nan"
+    write_tiny(d, TINY_1L, tensors=t)
+    return _q(d, tmp, "q4_k_m")
+
+
 @case("Inf in a weight, compressed-tensors output", 2, "NaN")
 def _(tmp, good):
     from safetensors.torch import load_file

@@ -53,3 +53,22 @@ def test_same_bytes_with_1_and_2_threads(src, tmp_path, capsys, scheme, out_name
     a, b = (_digests(o) for o in outs)
     assert a == b
     assert any(n.endswith((".gguf", ".safetensors")) for n in a)
+
+
+@pytest.mark.parametrize("scheme,out_name", [("q4_k_m", "t.Q4_K_M.gguf"), ("q4_0", "t.Q4_0.gguf")])
+def test_gguf_same_bytes_from_worker_processes_and_threads(src, tmp_path, capsys, monkeypatch, scheme, out_name):
+    """On Linux the GGUF searches run in forked worker processes (GEMMAQUANT_GGUF_WORKERS=threads
+    keeps them on threads): the bytes must not depend on where a slab was quantized."""
+    from gemmaquant.gguf.workers import processes_available
+
+    if not processes_available():
+        pytest.skip("no fork here: threads only")
+    outs = []
+    for mode in ("processes", "threads"):
+        monkeypatch.setenv("GEMMAQUANT_GGUF_WORKERS", mode)
+        out = tmp_path / mode / out_name
+        res = run_cli(["quantize", src, "--scheme", scheme, "-o", out, "--threads", 2, "--quiet"], capsys)
+        assert res.code == 0, res.stderr
+        outs.append(out)
+    a, b = (_digests(o) for o in outs)
+    assert a == b
