@@ -26,8 +26,9 @@ import torch
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
-# Weights per chunk: 2 MB of float32 output. A torch op costs ~5 us of dispatch here, so chunks
-# must be large; 512K beat 32K..128K (launch-bound) and 4M (out of cache) on a 2-core EPYC.
+# Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
+# dispatch, so chunks must be large; 512K beat 32K..128K (launch-bound) and 4M (out of cache) on a
+# 2-core EPYC, and on a 2-core Xeon (2 MiB L2) a 1M chunk split over 2 threads beat 512K by ~1.4x.
 CHUNK_VALUES = 1 << 19
 
 
@@ -79,19 +80,22 @@ def _words(field: torch.Tensor) -> torch.Tensor:
 
 
 def _halves(b: torch.Tensor, offset: int, count: int) -> torch.Tensor:
-    """`count` consecutive f16 fields from byte `offset` of every block, as float32 [nb, count]."""
-    return b[:, offset : offset + 2 * count].contiguous().view(torch.float16).float()
+    """`count` consecutive f16 fields from byte `offset` of every block, as float32 [nb, count].
+
+    Read through an int16 view of the whole blocks (every block size and field offset is even):
+    one strided f16 -> f32 conversion, ~3x faster than first gathering the 2-byte runs."""
+    return b.view(torch.int16)[:, offset // 2 : offset // 2 + count].view(torch.float16).float()
 
 
 def _nibbles(w: torch.Tensor) -> torch.Tensor:
     """[..., g, k] int64 words -> [..., g, 2, 8k] uint8 codes 0..15: for each group of 8k bytes,
     their low nibbles, then their high nibbles (the order of every ggml 4-bit type).
 
-    The interleave is one `stack` of uint8 runs of 8k bytes: torch copies runs of >= 64 bytes
-    with vector code and shorter ones element by element (~0.2 ns/byte then)."""
-    lo = (w & LO4).view(torch.uint8)
-    hi = (w >> 4).bitwise_and_(LO4).view(torch.uint8)  # (>> is arithmetic; the mask drops the fill)
-    return torch.stack([lo, hi], dim=-2)
+    The interleave is one `stack` of int64 words (runs of k): copying 8-byte elements costs
+    ~0.07 ns/byte against ~0.1 for the same runs as bytes when runs are short (Q4_0's 16)."""
+    lo = w & LO4
+    hi = (w >> 4).bitwise_and_(LO4)  # (>> is arithmetic; the mask drops the fill)
+    return torch.stack([lo, hi], dim=-2).view(torch.uint8)
 
 
 # Byte v -> the int64 word whose byte j has bit j of v at bit 4 (Q5_0/Q5_1 qh spreading).
@@ -179,7 +183,7 @@ def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     qhc = _shifted(qh, (4, 2, 0, -2), dim=1)  # [block, c, word]
     lo = (qs & LO4).bitwise_or_(qhc & BIT4)
     hi = (qs >> 4).bitwise_and_(LO4).bitwise_or_((qhc >> 1).bitwise_and_(BIT4))
-    q = torch.stack([lo.view(torch.uint8), hi.view(torch.uint8)], dim=2)  # [block, c, lo|hi, 32]
+    q = torch.stack([lo, hi], dim=2).view(torch.uint8)  # [block, c, lo|hi, 32]
     out.copy_(q.view(out.shape))
     out.view(nb, 8, 32).mul_(d).sub_(dm)
 
@@ -197,7 +201,7 @@ def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     qh2 = torch.cat([qh << 2, qh], dim=2).view(nb, 2, 8)
     lo = (ql & LO4).bitwise_or_((qh2 << 2).bitwise_and_(BITS45))  # quarters 0, 1
     hi = (ql >> 4).bitwise_and_(LO4).bitwise_or_((qh2 >> 2).bitwise_and_(BITS45))  # quarters 2, 3
-    q = torch.stack([lo.view(torch.int8), hi.view(torch.int8)], dim=2)  # [block, half, lo|hi, 64]
+    q = torch.stack([lo, hi], dim=2).view(torch.int8)  # [block, half, lo|hi, 64]
     scale = b[:, 192:208].view(torch.int8).float().mul_(_halves(b, 208, 1))  # gguf: d * scales
     out.copy_(q.view(out.shape).sub_(32))
     out.view(nb, 16, 16).mul_(scale[:, :, None])
@@ -261,10 +265,13 @@ def dequantize(
             f"dequantize out= must be a contiguous float32 {shape} tensor on {data.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
+    if data.storage_offset() % 8:  # the kernels view whole blocks as int16 (and fields as int64)
+        data = data.clone()
     blocks, rows = data.reshape(-1, nbytes), out.view(-1, block)
-    # One GPU launch set for the whole tensor; CPU chunks that fit in cache.
-    step = blocks.shape[0] if data.is_cuda else max(1, CHUNK_VALUES // block)
     kernel = _KERNELS[qtype]
+    # One GPU launch set for the whole tensor; on the CPU, chunks of CHUNK_VALUES per thread
+    # (each op splits its chunk between the threads).
+    step = blocks.shape[0] if data.is_cuda else max(1, CHUNK_VALUES * torch.get_num_threads() // block)
     for i in range(0, blocks.shape[0], step):
         kernel(blocks[i : i + step], rows[i : i + step])
     return out

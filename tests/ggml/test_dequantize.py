@@ -96,3 +96,15 @@ def test_large_fresh_output_on_huge_pages(qtype: GGMLType) -> None:
     got = dequantize(data, qtype, (4096, 512))
     assert got.is_contiguous() and got.data_ptr() % (1 << 21) == 0
     assert_bit_equal(got, gguf_dequantize(data.numpy(), qtype, (4096, 512)))
+
+
+@pytest.mark.parametrize("offset", [1, 2, 6])
+def test_bytes_at_any_offset(offset: int) -> None:
+    # The kernels view whole blocks as int16/int64: bytes starting mid-word (a slice of a larger
+    # buffer, as a file mapping can give) are copied to an aligned buffer first, not misread.
+    w = synthetic(8, 512, seed=11)
+    data = quantize(w, GGMLType.Q6_K).reshape(-1)
+    buf = torch.zeros(data.numel() + offset, dtype=torch.uint8)
+    buf[offset:] = data
+    got = dequantize(buf[offset:], GGMLType.Q6_K, tuple(w.shape))
+    assert_bit_equal(got, gguf_dequantize(data.numpy().reshape(8, -1), GGMLType.Q6_K, tuple(w.shape)))
