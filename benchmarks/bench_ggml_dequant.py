@@ -2,7 +2,7 @@
 (with --quantize) gemmaquant's quantizers vs llama.cpp's own C quantizer (libggml-base).
 
     python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 7] [--threads N]
-        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix] [--ct]
+        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix] [--ct] [--compile]
 
 Prints markdown tables of median M values/s per GGML type, checking every output first (dequant:
 bit-equal to gguf's; quantize: byte-equal to libggml's when it loads). Two clocks: `wall`
@@ -11,6 +11,9 @@ mostly measures the scheduler, while CPU time still compares the work done). Cal
 between the implementations so that load changes hit both alike. "ours out=" dequantizes into a
 reused buffer (no page faults on fresh memory); "ours" and gguf numpy both return fresh memory
 (ours 2 MiB-aligned and advised for transparent huge pages, see `empty_f32`).
+--compile adds the torch.compile kernels (`ggml/compiled.py`), fresh and into the reused buffer,
+checked bit-equal with any fallback to the plain path made an error; "compile s" is the first call
+(compiling, or loading inductor's on-disk cache, plus the bit check).
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
 `decompress` on the same tensors (bit-equal, checked), both returning fresh bf16 tensors.
 """
@@ -22,11 +25,13 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import gguf
 import numpy as np
 import torch
 
+from gemmaquant.ggml import compiled
 from gemmaquant.ggml.dequantize import dequantize
 from gemmaquant.ggml.quantize import quantize
 from gemmaquant.ggml.types import GGMLType, ggml_type
@@ -63,8 +68,13 @@ def _libggml():
 def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
     n = args.rows * args.cols
     print(f"\nDequantize {args.rows}x{args.cols} ({n / 1e6:.1f} M values), M values/s, wall | cpu:\n")
-    print("| type | gguf numpy | ours | ours out= | ours / numpy (wall) | ours / numpy (cpu) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    head = "| type | gguf numpy | ours | ours out= |"
+    if args.compile:
+        head += " compiled | compiled out= | compiled / numpy, fresh vs fresh (wall) | (cpu) | compile s |"
+    else:
+        head += " ours / numpy (wall) | ours / numpy (cpu) |"
+    print(head)
+    print("|---" + "|---:" * (head.count("|") - 2) + "|")
     shape = (args.rows, args.cols)
     buf = torch.empty(shape)
     for qtype in types:
@@ -73,20 +83,33 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
         data_np = data.numpy()
         gtype = gguf.GGMLQuantizationType(int(qtype))
         ref = gguf.quants.dequantize(data_np, gtype).astype(np.float32)
-        assert np.array_equal(dequantize(data, qtype, shape).numpy().view(np.uint32), ref.view(np.uint32))
-        (wn, cn), (wo, co), (wb, cb) = _medians(
-            [
-                lambda: gguf.quants.dequantize(data_np, gtype),
-                lambda: dequantize(data, qtype, shape),
-                lambda: dequantize(data, qtype, shape, out=buf),
-            ],
-            args.repeats,
-        )
+        fns = [
+            lambda: gguf.quants.dequantize(data_np, gtype),
+            lambda: dequantize(data, qtype, shape, compiled=False),
+            lambda: dequantize(data, qtype, shape, out=buf, compiled=False),
+        ]
+        assert np.array_equal(fns[1]().numpy().view(np.uint32), ref.view(np.uint32))
+        if args.compile:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", compiled.CompiledDequantWarning)  # no silent plain path
+                got = dequantize(data, qtype, shape, compiled=True)
+            compile_s = time.perf_counter() - t0
+            assert np.array_equal(got.numpy().view(np.uint32), ref.view(np.uint32))
+            fns += [
+                lambda: dequantize(data, qtype, shape, compiled=True),
+                lambda: dequantize(data, qtype, shape, out=buf, compiled=True),
+            ]
+        (wn, cn), (wo, co), (wb, cb), *rest = _medians(fns, args.repeats)
         m = n / 1e6
-        print(
-            f"| {qtype.name} | {m / wn:.0f} \\| {m / cn:.0f} | {m / wo:.0f} \\| {m / co:.0f} "
-            f"| {m / wb:.0f} \\| {m / cb:.0f} | {wn / wo:.1f}x | {cn / co:.1f}x |"
-        )
+        row = f"| {qtype.name} | {m / wn:.0f} \\| {m / cn:.0f} | {m / wo:.0f} \\| {m / co:.0f} | {m / wb:.0f} \\| {m / cb:.0f} |"
+        if args.compile:
+            (wc, cc), (wcb, ccb) = rest
+            row += (f" {m / wc:.0f} \\| {m / cc:.0f} | {m / wcb:.0f} \\| {m / ccb:.0f} | {wn / wc:.1f}x"
+                    f" | {cn / cc:.1f}x | {compile_s:.1f} |")
+        else:
+            row += f" {wn / wo:.1f}x | {cn / co:.1f}x |"
+        print(row)
 
 
 def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
@@ -163,6 +186,7 @@ def main() -> None:
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
     ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (ggml/compiled.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,6 +13,11 @@ blocks of 18/22/34/210 bytes do not keep 8-byte words aligned. Interleaving low 
 is one `stack` of byte runs; torch copies runs of >= 64 bytes with vector code and shorter ones
 byte by byte, so Q6_K merges its qh bits before interleaving, into 64-byte runs. Tensor-by-tensor
 shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~10-20 launches.
+
+`compiled=True` (or `ggml.compiled.set_enabled(True)`, GEMMAQUANT_COMPILE=1) runs the types' fused
+expressions (`ggml/fused.py`) through torch.compile on the CPU instead: one vectorized loop per
+tensor, same bits, 3-5x the plain path's speed (benchmarks/RESULTS.md section 6), after ~1-4 s of
+compiling per type; any failure falls back to these kernels with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 import torch
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.ggml import compiled as _compiled
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
 # Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
@@ -239,12 +245,15 @@ def dequantize(
     qtype: GGMLType | int | str,
     shape: tuple[int, ...] | torch.Size,
     out: torch.Tensor | None = None,
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     """GGML bytes (uint8, [rows, row_bytes] or flat) -> float32 tensor of `shape` (torch order,
     the last dimension is the row). Runs on the device of `data`.
 
     `out`, a contiguous float32 tensor of `shape` on that device, is filled and returned instead
-    of a new tensor: reusing one saves the page faults of fresh memory (see `empty_f32`)."""
+    of a new tensor: reusing one saves the page faults of fresh memory (see `empty_f32`).
+    `compiled`: use the torch.compile kernels (`ggml/compiled.py`, CPU only, same bits); None
+    follows `compiled.set_enabled` / GEMMAQUANT_COMPILE."""
     qtype = ggml_type(qtype)
     block, nbytes = BLOCK[qtype]
     shape = tuple(int(s) for s in shape)
@@ -269,6 +278,8 @@ def dequantize(
         data = data.clone()
     blocks, rows = data.reshape(-1, nbytes), out.view(-1, block)
     kernel = _KERNELS[qtype]
+    if (_compiled.enabled() if compiled is None else compiled) and _compiled.run(blocks, qtype, rows, kernel):
+        return out
     # One GPU launch set for the whole tensor; on the CPU, chunks of CHUNK_VALUES per thread
     # (each op splits its chunk between the threads).
     step = blocks.shape[0] if data.is_cuda else max(1, CHUNK_VALUES * torch.get_num_threads() // block)
