@@ -1,7 +1,7 @@
 """Eval on the demo model: speed of our forward pass vs transformers vs llama.cpp, and perplexity agreement.
 
     python benchmarks/bench_eval.py [--chunks 6] [--threads 2] [--ppl-chunks 0]
-    python benchmarks/bench_eval.py --artifacts demo A.gguf CT_DIR ... [--chunks 4] [--rounds 2]
+    python benchmarks/bench_eval.py --artifacts demo A.gguf CT_DIR ... [--chunks 4] [--rounds 2] [--compile]
 
 Speed: the same chunks of ctx 512 of ../shared/data/dev-eval.txt, the same thread count, each engine
 computing logits for the second half of each chunk only (llama-perplexity's work); tokens/s counts
@@ -9,6 +9,8 @@ processed tokens (ctx per chunk, like llama.cpp's prompt-eval rate), median over
 --artifacts: `gemmaquant eval MODEL --json -` for each model in its own process, in --rounds rounds
 (models alternate, so load changes hit all alike): median s/chunk per model over all its chunks, the
 ratio to the first model (the bf16 `demo`), ppl, and peak RSS of the process (os.wait4's ru_maxrss).
+--compile adds a run of each GGUF with `eval --compile`; its time includes compiling each type on first
+use (or loading inductor's on-disk cache, from the second process on).
 Perplexity: ours (bf16 weights, bf16 and float32 compute) vs llama.cpp on a bf16 GGUF of the same
 weights (written by gemmaquant, byte-identical to convert_hf_to_gguf.py --outtype bf16), full text.
 """
@@ -49,10 +51,16 @@ def timed(fn, chunks, first):
     return times
 
 
+COMPILED = " (compiled)"
+
+
 def eval_run(model: str, a) -> dict:
-    """One `gemmaquant eval` in a child process: its JSON result plus the child's peak RSS in MiB."""
+    """One `gemmaquant eval` in a child process: its JSON result plus the child's peak RSS in MiB.
+    A model named "X (compiled)" runs X with --compile."""
+    extra = ["--compile"] if model.endswith(COMPILED) else []
+    model = model.removesuffix(COMPILED)
     cmd = [sys.executable, "-m", "gemmaquant.cli", "eval", model, "--text", str(TEXT), "--ctx", str(a.ctx),
-           "--chunks", str(a.chunks), "--threads", str(a.threads), "--json", "-", "-q"]
+           "--chunks", str(a.chunks), "--threads", str(a.threads), "--json", "-", "-q", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -65,6 +73,8 @@ def eval_run(model: str, a) -> dict:
 
 
 def bench_artifacts(a) -> None:
+    if a.compile:  # each GGUF also with the torch.compile dequantizers
+        a.artifacts = [x for m in a.artifacts for x in ([m, m + COMPILED] if m.endswith(".gguf") else [m])]
     runs: dict[str, list[dict]] = {m: [] for m in a.artifacts}
     for _ in range(a.rounds):
         for m in a.artifacts:
@@ -86,6 +96,8 @@ def main():
     ap.add_argument("--artifacts", nargs="+", default=None,
                     help="time `gemmaquant eval` on these models (the first is the baseline) and stop")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="with --artifacts: also run each GGUF with `eval --compile` (listed as 'X (compiled)')")
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_options import COMPILE_HELP, set_compile
 from .errors import EXIT_INTERRUPTED, GemmaQuantError
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ def eval_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
 ):
@@ -59,6 +61,7 @@ def eval_cmd(
     from .evaluate import open_for_eval
 
     _set_threads(threads)
+    set_compile(compile_)
     runner = open_for_eval(model, dtype=dtype, device=device)
     chunk_ids = runner.chunks(text, ctx, chunks)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
@@ -67,6 +70,10 @@ def eval_cmd(
         res = runner.perplexity(chunk_ids, progress=lambda i: bar.update(task, completed=i))
     data = {"model": model, "text": str(text), "dtype": str(runner.dtype).replace("torch.", ""),
             "device": device, **res.to_dict()}
+    if compile_:
+        from .ggml.compiled import compiled_types
+
+        data["compiled_dequant"] = compiled_types()  # the types whose compiled kernel ran
     _write_json(json_path, data)
     if not quiet and str(json_path) != "-":
         t = Table(title=f"perplexity of {model}", show_header=False)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_options import COMPILE_HELP, set_compile
 from .errors import GemmaQuantError
 
 out = Console()
@@ -251,6 +252,7 @@ def compare_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder)."),
     layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the base's logits even if cached."),
@@ -261,6 +263,7 @@ def compare_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    set_compile(compile_)
     if topk < 1:
         raise GemmaQuantError(f"--topk {topk}: must be at least 1")
     if plot_path is not None:

@@ -52,3 +52,21 @@ def test_eval_cli_on_the_demo(demo_dir, tmp_path):
     res = json.loads(out.read_text())
     assert res["tokens_scored"] == 2 * (256 - 1 - 128)
     assert 3 < res["ppl"] < 60 and res["ppl_stderr"] > 0  # a 270M base model on English licence text
+
+
+def test_eval_compile_gives_the_same_perplexity(demo_gguf, tmp_path):
+    # llama.cpp's Q4_K_M file holds Q4_K, Q5_0, Q6_K and Q8_0 tensors: each compiled dequantizer must
+    # reproduce the plain one's bits, so the perplexity is the same float, not merely close.
+    res = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"ppl{len(flag)}.json"
+        r = subprocess.run([sys.executable, "-m", "gemmaquant.cli", "eval", str(demo_gguf), "--text", str(TEXT),
+                            "--ctx", "256", "--chunks", "1", "--json", str(out), "--quiet", *flag],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert "dequantizer turned off" not in r.stderr
+        got = json.loads(out.read_text())
+        if flag:  # the compiled path really ran, for every quantized type of the file
+            assert set(got["compiled_dequant"]) >= {"Q4_K", "Q6_K", "Q8_0"}, got["compiled_dequant"]
+        res[bool(flag)] = got["ppl"]
+    assert res[True] == res[False]
