@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-import gguf
 from gemmaquant.artifact import open_artifact
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.gguf.names import gguf_name
 from gemmaquant.gguf_file import GGUFFile
 from gemmaquant.perplexity import chunk_nll
+from tests.llamacpp import open_llama
 from tests.tiny import TINY
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
@@ -191,8 +192,7 @@ def demo_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(demo_gguf):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=str(demo_gguf), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    return open_llama(demo_gguf, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.demo import default_cache_dir, ensure_demo_checkpoint, hf_name
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.gguf_file import GGUFFile
+from tests.llamacpp import open_llama
 
 PROMPT = ("The printing press changed how ideas travelled across Europe. Within fifty years, printing "
           "shops had spread to more than two hundred cities, and")
@@ -81,12 +82,11 @@ def test_tensors_equal_gguf_dequantized(demo_dir, gguf_file):
 @pytest.mark.llamacpp
 def test_transformers_logits_match_llama_cpp(demo_dir, demo_gguf):
     transformers = pytest.importorskip("transformers")
-    llama_cpp = pytest.importorskip("llama_cpp")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32,
                                                                     output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert model.config.sliding_window == 512 and model.config.layer_types[5] == "full_attention"
-    llm = llama_cpp.Llama(model_path=str(demo_gguf), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm = open_llama(demo_gguf, n_ctx=128, logits_all=True, n_threads=2, verbose=False)
     ids = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
     llm.eval(ids)
     ref = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
@@ -104,7 +104,7 @@ def test_transformers_logits_match_llama_cpp(demo_dir, demo_gguf):
 def test_tokenizer_files_match_llama_cpp_vocab(demo_dir, demo_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
     spm = pytest.importorskip("sentencepiece")
-    llm = llama_cpp.Llama(model_path=str(demo_gguf), vocab_only=True, verbose=False)
+    llm = open_llama(demo_gguf, vocab_only=True, verbose=False)
     m = llm._model
     sp = spm.SentencePieceProcessor(model_file=str(demo_dir / "tokenizer.model"))
     cfg = json.loads((demo_dir / "tokenizer_config.json").read_text())

@@ -7,6 +7,7 @@ import pytest
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.recipes import KEYS, load_recipe, shipped_recipes
 from gemmaquant.schemes import SCHEMES
+from tests.llamacpp import open_llama
 
 REQUIRED = {  # the uses the issue asks recipes for
     "gemma-2-9b-it-fp8", "gemma-2-27b-it-fp8", "gemma-7b-it-int8", "gemma-2b-w4a16", "gemma-2-2b-it-w4a16",
@@ -69,8 +70,7 @@ def test_the_demo_recipe_runs_end_to_end_and_llama_cpp_loads_it(demo_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["scheme"] == "q8_0" and summary["tensor_types"] == {"F32": 109, "Q8_0": 127}
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    llm = open_llama(out, n_ctx=64, verbose=False)
     toks = llm.tokenize(b"The GNU General Public License", add_bos=True)
     llm.eval(toks)
     assert llm.n_tokens == len(toks)

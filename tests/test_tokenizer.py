@@ -9,6 +9,7 @@ import pytest
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.tokenizer import load_tokenizer
+from tests.llamacpp import open_llama
 
 DEV_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-eval.txt"
 if not DEV_EVAL.is_file():
@@ -27,8 +28,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def llama_vocab(demo_gguf):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=str(demo_gguf), vocab_only=True, verbose=False)
+    return open_llama(demo_gguf, vocab_only=True, verbose=False)
 
 
 @pytest.fixture(scope="module")

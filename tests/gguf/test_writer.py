@@ -17,6 +17,7 @@ from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError, OutputError
 from gemmaquant.gguf.writer import write_gguf
 from gemmaquant.schemes import get_scheme
+from tests.llamacpp import open_llama
 
 from . import llamacpp_ref as ref
 
@@ -87,9 +88,8 @@ def test_imatrix_file_identical_to_llama_quantize(tiny, tmp_path, preset):
 @pytest.mark.parametrize("kind", ["gemma1", "gemma2", "gemma3"])
 @pytest.mark.parametrize("preset", ["bf16", "q4_k_m", "q4_0"])
 def test_llama_cpp_loads_and_runs(tiny, tmp_path, kind, preset):
-    llama_cpp = pytest.importorskip("llama_cpp")
     path = write_gguf(Checkpoint(tiny[kind][0]), preset, tmp_path / "ours.gguf").path
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    llm = open_llama(path, n_ctx=64, n_threads=1, verbose=False, logits_all=True)
     toks = llm.tokenize(b"abc  de")
     assert toks[0] == 2  # add_bos_token
     assert 264 in toks  # the USER_DEFINED "  " (two spaces) is one token, as in HF
