@@ -108,3 +108,17 @@ def test_bytes_at_any_offset(offset: int) -> None:
     buf[offset:] = data
     got = dequantize(buf[offset:], GGMLType.Q6_K, tuple(w.shape))
     assert_bit_equal(got, gguf_dequantize(data.numpy().reshape(8, -1), GGMLType.Q6_K, tuple(w.shape)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+def test_cuda_matches_cpu(qtype: GGMLType) -> None:
+    # The plain kernels on CUDA: one launch set per tensor, the same bits as on the CPU (random bytes
+    # included, so NaN/inf/subnormal scales take the GPU's paths too).
+    shape = (40, 768)
+    data = torch.randint(0, 256, (shape[0] * row_bytes(qtype, shape[1]),), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(int(qtype)))  # fmt: skip
+    cpu = dequantize(data, qtype, shape)
+    gpu = dequantize(data.cuda(), qtype, shape, compiled=True)  # compiled=True must fall back on CUDA
+    assert gpu.is_cuda
+    assert_bit_equal(gpu, cpu.numpy())
