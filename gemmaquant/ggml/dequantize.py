@@ -16,7 +16,7 @@ shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~1
 
 `compiled=True` (or `ggml.compiled.set_enabled(True)`, GEMMAQUANT_COMPILE=1) runs the types' fused
 expressions (`ggml/fused.py`) through torch.compile on the CPU instead: one vectorized loop per
-tensor, same bits, 3-5x the plain path's speed (benchmarks/RESULTS.md section 6), after ~1-4 s of
+tensor, same bits, 2.5-4.5x the plain path's speed (benchmarks/RESULTS.md section 6), after ~1-4 s of
 compiling per type; any failure falls back to these kernels with a warning.
 """
 
