@@ -3,7 +3,7 @@ modules can import them without importing the app."""
 
 from __future__ import annotations
 
-COMPILE_HELP = ("Dequantize GGUF weights with torch.compile'd kernels (CPU): same bits, 2.5-4.5x faster "
+COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compile'd kernels (CPU): same bits, 2.5-4.5x faster "
                 "dequantization, ~3 s of setup per process (needs a C++ compiler; falls back to the plain "
                 "kernels with a warning). Pays off where dequantization dominates: an eval chunk of the "
                 "demo at ctx 512 runs no faster. Also: GEMMAQUANT_COMPILE=1.")

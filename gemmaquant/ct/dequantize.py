@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ggml import compiled as _compiled
 from .pack import unpack_from_int32
 from .quantize import FloatQuantized, IntQuantized, Packed, PackQuantized
 
@@ -18,7 +19,16 @@ Tensor = torch.Tensor
 
 
 def _grouped(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-    """(q - zp) * scale with scale/zp of shape [1], [N, 1] or [N, G] over q [N, K]."""
+    """(q - zp) * scale with scale/zp of shape [1], [N, 1] or [N, G] over q [N, K]; with the compiled
+    dequantizers on (`ggml.compiled`), one fused loop of the same bits."""
+    if _compiled.enabled():
+        got = _compiled.ct_run(q, scale, zero_point, _grouped_plain)
+        if got is not None:
+            return got
+    return _grouped_plain(q, scale, zero_point)
+
+
+def _grouped_plain(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
     n, k = q.shape
     x = q.to(scale.dtype)
     if scale.ndim == 2 and scale.shape[1] > 1:

@@ -1,4 +1,5 @@
-"""The optional torch.compile path for GGML dequantization (CPU only), with the plain path as fallback.
+"""The optional torch.compile path for dequantization (GGML blocks and compressed-tensors weights, CPU only),
+with the plain path as fallback.
 
 Off by default. `set_enabled(True)`, the CLI's `--compile` or `GEMMAQUANT_COMPILE=1` turn it on;
 `dequantize(..., compiled=True)` asks for it per call. Each type is compiled on first use (about
@@ -46,8 +47,10 @@ def enabled() -> bool:
 
 
 def compiled_types() -> list[str]:
-    """Names of the types that have run compiled in this process (each passed its bit check)."""
-    return sorted(t.name for t in _checked)
+    """Names of the kernels that have run compiled in this process (each passed its bit check): GGML
+    types, and compressed-tensors kernels as e.g. 'ct_scaled(float8_e4m3fn)'."""
+    ct = {f"{k[0]}({str(k[1]).removeprefix('torch.')})" for k in _ct_checked}
+    return sorted({t.name for t in _checked} | ct)
 
 
 def _kernel(qtype: GGMLType) -> Callable | None:
@@ -70,6 +73,56 @@ def _off(qtype: GGMLType, why: str) -> None:
         CompiledDequantWarning,
         stacklevel=3,
     )
+
+
+_ct_kernels: dict[str, Callable | None] = {}
+_ct_checked: set[tuple] = set()
+
+
+def ct_run(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, plain: Callable) -> torch.Tensor | None:
+    """compressed-tensors' (q - zp) * scale with a compiled kernel (`fused.ct_*`); None where the
+    compiled path does not apply or failed (the caller then runs `plain(q, scale, zero_point)`). The
+    first call per kernel and dtypes is compared bit for bit with `plain` on the whole tensor."""
+    if q.is_cuda or q.numel() == 0 or q.ndim != 2:
+        return None
+    from gemmaquant.ggml import fused  # noqa: PLC0415
+
+    grouped = scale.ndim == 2 and scale.shape[1] > 1
+    if grouped and (q.shape[1] % scale.shape[1] or (zero_point is not None and zero_point.shape != scale.shape)):
+        return None  # the plain path raises the clear error
+    name = "ct_scaled" + ("_zp" if zero_point is not None else "")
+    if name not in _ct_kernels:
+        _ct_kernels[name] = torch.compile(getattr(fused, name), fullgraph=True)
+    kernel = _ct_kernels[name]
+    if kernel is None:
+        return None
+    n, k = q.shape
+    args = [q, scale] if zero_point is None else [q, scale, zero_point]
+    if grouped:  # group j of row i as row i*G + j: a [R, C] * [R, 1] loop, which inductor vectorizes
+        g = scale.shape[1]  # with the sizes dynamic (a [N, G, K/G] view with K/G a symbol it does not)
+        args = [q.contiguous().view(n * g, k // g)] + [t.reshape(n * g, 1) for t in args[1:]]
+    for t in args:  # one graph for every weight shape, not one per shape until dims turn dynamic
+        for d in range(t.ndim):
+            if t.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+    try:
+        got = kernel(*args).view(n, k)
+    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the plain path
+        _ct_kernels[name] = None
+        warnings.warn(f"compiled {name} dequantizer turned off ({type(e).__name__}); using the plain torch kernels",
+                      CompiledDequantWarning, stacklevel=3)
+        return None
+    key = (name, q.dtype, scale.dtype, None if zero_point is None else zero_point.dtype)
+    if key not in _ct_checked:
+        ref = plain(q, scale, zero_point)
+        if ref.dtype != got.dtype or not torch.equal(ref.view(torch.int16 if ref.element_size() == 2 else torch.int32),
+                                                     got.view(torch.int16 if got.element_size() == 2 else torch.int32)):
+            _ct_kernels[name] = None
+            warnings.warn(f"compiled {name} dequantizer turned off (its output differs from the plain kernel's bits); "
+                          "using the plain torch kernels", CompiledDequantWarning, stacklevel=3)
+            return ref
+        _ct_checked.add(key)
+    return got
 
 
 def run(blocks: torch.Tensor, qtype: GGMLType, rows: torch.Tensor, plain: Callable) -> bool:

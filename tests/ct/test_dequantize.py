@@ -1,12 +1,16 @@
-"""Our plain-torch dequantization equals compressed-tensors' decompressors bit for bit."""
+"""Our dequantization equals compressed-tensors' decompressors bit for bit: the plain torch kernels and
+the compiled ones."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
 from gemmaquant.ct import (dequantize, dequantize_fp8, dequantize_packed, dequantize_tensors, pack_to_int32,
                            quantize_fp8, quantize_int8, quantize_pack)
+from gemmaquant.ggml import compiled
 
 ct_q = pytest.importorskip("compressed_tensors.quantization")
 from compressed_tensors.compressors.naive_quantized.base import (  # noqa: E402
@@ -14,6 +18,23 @@ from compressed_tensors.compressors.naive_quantized.base import (  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
 
 QArgs, QScheme = ct_q.QuantizationArgs, ct_q.QuantizationScheme
+
+
+@pytest.fixture(autouse=True, params=["plain", "compiled"])
+def path(request):
+    """Every test twice: the plain kernels, and the torch.compile ones (`ggml.compiled`, CPU) with any
+    fallback to the plain path made an error, and at least one compiled kernel required to have run."""
+    was = compiled.enabled()
+    compiled.set_enabled(request.param == "compiled")
+    compiled._ct_checked.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", compiled.CompiledDequantWarning)
+            yield request.param
+        if request.param == "compiled" and request.node.name.split("[")[0] != "test_cuda_matches_cpu":
+            assert compiled._ct_checked, "no compiled kernel ran"
+    finally:
+        compiled.set_enabled(was)
 
 
 def weight(n=40, k=256, seed=0):
