@@ -161,8 +161,12 @@ def bench_ct(args: argparse.Namespace) -> None:
     ]
     m = w.numel() / 1e6
     print(f"\ncompressed-tensors formats, {args.rows}x{args.cols} -> bf16, M values/s, wall | cpu:\n")
-    print("| format | compressed-tensors | ours | ours / ct (cpu) |")
-    print("|---|---:|---:|---:|")
+    if args.compile:
+        print("| format | compressed-tensors | ours | ours compiled | ours / ct (cpu) | compiled / ct (cpu) |")
+        print("|---|---:|---:|---:|---:|---:|")
+    else:
+        print("| format | compressed-tensors | ours | ours / ct (cpu) |")
+        print("|---|---:|---:|---:|")
     for name, p, bits, comp, qa in cases:
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**qa))
         tensors = p.tensors()
@@ -170,9 +174,29 @@ def bench_ct(args: argparse.Namespace) -> None:
         def theirs(comp=comp, tensors=tensors, scheme=scheme):
             return comp.decompress(tensors, scheme)["weight"]
 
+        compiled.set_enabled(False)
         assert torch.equal(ct_dequantize(p, bits), theirs()), name
-        (wc, cc), (wo, co) = _medians([theirs, lambda p=p, bits=bits: ct_dequantize(p, bits)], args.repeats)
-        print(f"| {name} | {m / wc:.0f} \\| {m / cc:.0f} | {m / wo:.0f} \\| {m / co:.0f} | {cc / co:.1f}x |")
+        fns = [theirs, lambda p=p, bits=bits: ct_dequantize(p, bits)]
+        if args.compile:
+            def ours_compiled(p=p, bits=bits):
+                compiled.set_enabled(True)
+                try:
+                    return ct_dequantize(p, bits)
+                finally:
+                    compiled.set_enabled(False)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", compiled.CompiledDequantWarning)  # no silent plain path
+                assert torch.equal(ours_compiled(), theirs()), name
+            fns.append(ours_compiled)
+        (wc, cc), (wo, co), *rest = _medians(fns, args.repeats)
+        row = f"| {name} | {m / wc:.0f} \\| {m / cc:.0f} | {m / wo:.0f} \\| {m / co:.0f} |"
+        if args.compile:
+            (wk, ck), = rest
+            row += f" {m / wk:.0f} \\| {m / ck:.0f} | {cc / co:.1f}x | {cc / ck:.1f}x |"
+        else:
+            row += f" {cc / co:.1f}x |"
+        print(row)
 
 
 def main() -> None:
