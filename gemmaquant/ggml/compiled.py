@@ -53,6 +53,14 @@ def compiled_types() -> list[str]:
     return sorted({t.name for t in _checked} | ct)
 
 
+DIFFERS = "its output differs from the plain kernel's bits"
+
+
+def _why(e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def _kernel(qtype: GGMLType) -> Callable | None:
     if qtype not in _kernels:
         from gemmaquant.ggml.fused import FUSED  # noqa: PLC0415
@@ -66,13 +74,11 @@ def _kernel(qtype: GGMLType) -> Callable | None:
     return _kernels[qtype]
 
 
-def _off(qtype: GGMLType, why: str) -> None:
-    _kernels[qtype] = None
-    warnings.warn(
-        f"compiled {qtype.name} dequantizer turned off ({why}); using the plain torch kernels",
-        CompiledDequantWarning,
-        stacklevel=3,
-    )
+def _off(table: dict, key, name: str, why: str) -> None:
+    """Never use this compiled kernel again in this process, and say why."""
+    table[key] = None
+    warnings.warn(f"compiled {name} dequantizer turned off ({why}); using the plain torch kernels",
+                  CompiledDequantWarning, stacklevel=4)
 
 
 _ct_kernels: dict[str, Callable | None] = {}
@@ -108,18 +114,14 @@ def ct_run(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
     try:
         got = kernel(*args).view(n, k)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the plain path
-        _ct_kernels[name] = None
-        warnings.warn(f"compiled {name} dequantizer turned off ({type(e).__name__}); using the plain torch kernels",
-                      CompiledDequantWarning, stacklevel=3)
+        _off(_ct_kernels, name, name, _why(e))
         return None
     key = (name, q.dtype, scale.dtype, None if zero_point is None else zero_point.dtype)
     if key not in _ct_checked:
         ref = plain(q, scale, zero_point)
         if ref.dtype != got.dtype or not torch.equal(ref.view(torch.int16 if ref.element_size() == 2 else torch.int32),
                                                      got.view(torch.int16 if got.element_size() == 2 else torch.int32)):
-            _ct_kernels[name] = None
-            warnings.warn(f"compiled {name} dequantizer turned off (its output differs from the plain kernel's bits); "
-                          "using the plain torch kernels", CompiledDequantWarning, stacklevel=3)
+            _off(_ct_kernels, name, name, DIFFERS)
             return ref
         _ct_checked.add(key)
     return got
@@ -139,14 +141,14 @@ def run(blocks: torch.Tensor, qtype: GGMLType, rows: torch.Tensor, plain: Callab
     try:
         kernel(blocks, f16, rows)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the plain path
-        _off(qtype, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _off(_kernels, qtype, qtype.name, _why(e))
         return False
     if qtype not in _checked:
         n = min(CHECK_BLOCKS, blocks.shape[0])
         ref = torch.empty_like(rows[:n])
         plain(blocks[:n], ref)
         if not torch.equal(ref.view(torch.int32), rows[:n].view(torch.int32)):
-            _off(qtype, "its output differs from the plain kernel's bits")
+            _off(_kernels, qtype, qtype.name, DIFFERS)
             return False
         _checked.add(qtype)
     return True

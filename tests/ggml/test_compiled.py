@@ -86,15 +86,15 @@ def test_f32_takes_the_plain_path() -> None:
 
 @pytest.fixture
 def fresh_state():
-    """Run with an empty compiled-kernel cache; put the real one back after."""
-    saved = dict(compiled._kernels), set(compiled._checked)
-    compiled._kernels.clear()
-    compiled._checked.clear()
+    """Run with empty compiled-kernel caches; put the real ones back after."""
+    tables = (compiled._kernels, compiled._checked, compiled._ct_kernels, compiled._ct_checked)
+    saved = [t.copy() for t in tables]
+    for t in tables:
+        t.clear()
     yield
-    compiled._kernels.clear()
-    compiled._kernels.update(saved[0])
-    compiled._checked.clear()
-    compiled._checked.update(saved[1])
+    for t, old in zip(tables, saved):
+        t.clear()
+        t.update(old)
 
 
 def test_compile_failure_falls_back_with_a_warning(fresh_state) -> None:
@@ -124,6 +124,31 @@ def test_wrong_bits_are_caught_by_the_first_call_check(fresh_state) -> None:
     with pytest.warns(compiled.CompiledDequantWarning, match="differs from the plain kernel's bits"):
         got = dequantize(data, GGMLType.Q4_K, tuple(w.shape), compiled=True)
     assert_bit_equal(got, gguf_dequantize(data.numpy(), GGMLType.Q4_K, tuple(w.shape)))
+
+
+@pytest.mark.parametrize("why", ["compile fails", "wrong bits"])
+def test_compressed_tensors_fallback(fresh_state, why) -> None:
+    from gemmaquant.ct import dequantize as ct_dequantize
+    from gemmaquant.ct import quantize_fp8
+
+    def broken(q, scale):
+        if why == "compile fails":
+            raise RuntimeError("no C++ compiler found")
+        return (q.float() * scale.float()).to(scale.dtype) * 2  # wrong values
+
+    compiled._ct_kernels["ct_scaled"] = broken
+    p = quantize_fp8((synthetic(16, 256) * 1.0).to(torch.bfloat16), "channel")
+    was = compiled.enabled()
+    try:
+        compiled.set_enabled(False)
+        want = ct_dequantize(p)
+        compiled.set_enabled(True)
+        with pytest.warns(compiled.CompiledDequantWarning, match="ct_scaled dequantizer turned off"):
+            got = ct_dequantize(p)
+    finally:
+        compiled.set_enabled(was)
+    assert torch.equal(got, want)
+    assert compiled._ct_kernels["ct_scaled"] is None
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("on", True), ("0", False), ("", False)])
