@@ -29,7 +29,9 @@ warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the schedu
 
 _enabled = os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 _kernels: dict[GGMLType, Callable | None] = {}  # compiled kernel per type, None once it failed
-_checked: set[GGMLType] = set()
+_checked: set[GGMLType] = set()  # types whose compiled output passed the bit check
+_ct_kernels: dict[str, Callable | None] = {}  # the same for compressed-tensors, per fused.ct_* name
+_ct_checked: set[tuple] = set()  # (name, code dtype, scale dtype, zero-point dtype)
 
 
 class CompiledDequantWarning(UserWarning):
@@ -56,6 +58,12 @@ def compiled_types() -> list[str]:
 DIFFERS = "its output differs from the plain kernel's bits"
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtypes and bit patterns (NaN payloads included), for 2- or 4-byte floats."""
+    bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(bits), b.view(bits))
+
+
 def _why(e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -79,10 +87,6 @@ def _off(table: dict, key, name: str, why: str) -> None:
     table[key] = None
     warnings.warn(f"compiled {name} dequantizer turned off ({why}); using the plain torch kernels",
                   CompiledDequantWarning, stacklevel=4)
-
-
-_ct_kernels: dict[str, Callable | None] = {}
-_ct_checked: set[tuple] = set()
 
 
 def ct_run(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, plain: Callable) -> torch.Tensor | None:
@@ -119,8 +123,7 @@ def ct_run(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
     key = (name, q.dtype, scale.dtype, None if zero_point is None else zero_point.dtype)
     if key not in _ct_checked:
         ref = plain(q, scale, zero_point)
-        if ref.dtype != got.dtype or not torch.equal(ref.view(torch.int16 if ref.element_size() == 2 else torch.int32),
-                                                     got.view(torch.int16 if got.element_size() == 2 else torch.int32)):
+        if not _same_bits(ref, got):
             _off(_ct_kernels, name, name, DIFFERS)
             return ref
         _ct_checked.add(key)
@@ -147,7 +150,7 @@ def run(blocks: torch.Tensor, qtype: GGMLType, rows: torch.Tensor, plain: Callab
         n = min(CHECK_BLOCKS, blocks.shape[0])
         ref = torch.empty_like(rows[:n])
         plain(blocks[:n], ref)
-        if not torch.equal(ref.view(torch.int32), rows[:n].view(torch.int32)):
+        if not _same_bits(ref, rows[:n]):
             _off(_kernels, qtype, qtype.name, DIFFERS)
             return False
         _checked.add(qtype)

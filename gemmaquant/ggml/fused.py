@@ -1,5 +1,6 @@
-"""GGML dequantizers written for torch.compile: one broadcast expression per type, which inductor
-turns into one fused, vectorized C++ loop over the output (read the block bytes, write float32 once).
+"""Dequantizers written for torch.compile: one broadcast expression per GGML type (and `ct_scaled*` for
+compressed-tensors weights), which inductor turns into one fused, vectorized C++ loop over the output
+(read the packed bytes, write the result once).
 
 The eager kernels in `dequantize.py` are the plain path: ~10-20 torch ops per chunk, each a pass
 over memory. These expressions are slower than that run eagerly (every intermediate is built at full
@@ -55,13 +56,13 @@ def _lohi(qs: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return torch.where(lo, qs & 0x0F, qs >> 4)
 
 
-def _q8_0(b, f, out):
-    _store(out, f[:, 0:1].float() * b[:, 2:].view(torch.int8).float())  # gguf: d * x
-
-
 def _lo(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[True, False] along the size-2 dimension of `shape`: low nibbles first, then high."""
-    return torch.tensor([True, False], device=device).view(shape)
+    return _const([1, 0], shape, device, torch.bool)
+
+
+def _q8_0(b, f, out):
+    _store(out, f[:, 0:1].float() * b[:, 2:].view(torch.int8).float())  # gguf: d * x
 
 
 def _q4_0(b, f, out):  # [nb, 2, 16]
