@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from .errors import GemmaQuantError
+from .inputs import open_input
 from .ggml.types import BLOCK, GGMLType
+from .gguf_header import check_no_overlap
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -115,10 +117,7 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as e:
-            raise GemmaQuantError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._fh = open_input(self.path, "a GGUF file")
         self.file_size = os.fstat(self._fh.fileno()).st_size
         if self.file_size < 24:
             raise GemmaQuantError(f"{self.path}: {self.file_size} bytes is too short for a GGUF file")
@@ -140,6 +139,8 @@ class GGUFFile:
         self.types: dict[str, tuple[int, int | None]] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise GemmaQuantError(f"{self.path}: metadata key '{key}' appears twice (corrupt)")
             vtype = cur.scalar("I", f"metadata '{key}' type")
             etype = None
             if vtype == ARRAY:  # peek: value() reads the element type again
@@ -170,6 +171,7 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, t, rel, start in infos:
             self.tensors[name] = self._check_tensor(name, ne, t, rel, start, align)
+        check_no_overlap(self.path, [(t.offset, t.nbytes, t.name) for t in self.tensors.values()])
 
     def _check_tensor(self, name, ne, t, rel, start, align) -> TensorInfo:
         where = f"{self.path}: tensor '{name}' (info at byte offset {start})"

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import GemmaQuantError
+from .inputs import open_input
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,22 @@ _CAN_DROP = hasattr(mmap, "MADV_DONTNEED")
 _OPEN: "weakref.WeakSet[SafetensorsFile]" = weakref.WeakSet()  # mappings release_pages may touch
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a key given twice is ambiguous (readers disagree on which one wins)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 class _Recent:
     """Tensors handed out, oldest first, with their byte ranges in the mapping: (file, start) -> end."""
 
@@ -107,29 +124,38 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as e:
-            raise GemmaQuantError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._fh = open_input(self.path, "a safetensors file")
         size = os.fstat(self._fh.fileno()).st_size
         if size < 8:
             raise GemmaQuantError(f"{self.path}: {size} bytes is too short for a safetensors file")
         (n,) = struct.unpack("<Q", self._fh.read(8))
-        if n > min(MAX_HEADER, size - 8):
+        if n > MAX_HEADER:
+            raise GemmaQuantError(f"{self.path}: header length {n} is larger than the {MAX_HEADER} bytes safetensors "
+                                  "allows (corrupt or not safetensors)")
+        if n > size - 8:
             raise GemmaQuantError(
                 f"{self.path}: header length {n} is larger than the file ({size} bytes): truncated or not safetensors"
             )
         try:
-            header = json.loads(self._fh.read(n).decode("utf-8"))
+            header = json.loads(self._fh.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise GemmaQuantError(f"{self.path}: header has the key '{e.key}' twice (the safetensors library "
+                                  "refuses duplicate keys)") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise GemmaQuantError(f"{self.path}: header is not valid JSON ({e})") from None
         except RecursionError:
             raise GemmaQuantError(f"{self.path}: header is not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer longer than Python's 4300-digit limit
+            raise GemmaQuantError(f"{self.path}: header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise GemmaQuantError(f"{self.path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
         if not isinstance(self.metadata, dict):
             raise GemmaQuantError(f"{self.path}: header '__metadata__' is not a JSON object")
+        for k, v in self.metadata.items():
+            if not isinstance(v, str):
+                raise GemmaQuantError(f"{self.path}: header '__metadata__' value of '{k}' is {type(v).__name__}, "
+                                      "not a string (the safetensors library refuses it)")
         self._data_start = 8 + n
         data_len = size - self._data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # dtype name, shape, [a, b)
