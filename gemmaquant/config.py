@@ -8,8 +8,8 @@ carry a `language_model.` prefix that the checkpoint reader strips.
 
 from __future__ import annotations
 
-import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,16 +123,41 @@ def _require(d: dict, key: str, where: str) -> Any:
     return d[key]
 
 
+# The range each size may take. Gemma's largest (27B) has 62 layers, hidden 5376, ffn 21504, 32
+# heads, a 262k vocabulary and a 128k context; the bounds leave room for larger models while refusing
+# values that would build huge structures (1e9 layers: a billion-entry tuple) or overflow a GGUF uint32.
+INT_RANGES = {
+    "num_hidden_layers": (1, 1024), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 1 << 14),
+    "vocab_size": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24), "sliding_window": (1, 1 << 24),
+    "sliding_window_pattern": (1, 1024),
+}
+
+
+def _int_in(v: Any, key: str, where: str) -> int:
+    lo, hi = INT_RANGES[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+        raise GemmaQuantError(f"{where}: '{key}' must be an integer in {lo}..{hi}, got {v!r}")
+    return int(v)
+
+
 def _positive_int(d: dict, key: str, where: str, default: Any = None) -> int:
     v = d.get(key, default)
     if v is None:
         raise GemmaQuantError(f"{where}: missing required key '{key}'")
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise GemmaQuantError(f"{where}: '{key}' must be a positive integer, got {v!r}")
-    return v
+    return _int_in(v, key, where)
 
 
-def _rope(d: dict, model_type: str) -> tuple[float, float, float]:
+def _number(v: Any, key: str, where: str, hi: float | None = None) -> float:
+    """A finite number > 0 (and < hi): zero, negative or NaN values here gave NaN or 1e10 perplexities."""
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
+    if not ok or (hi is not None and v >= hi):
+        rng = f"a number with 0 < {key} < {hi:g}" if hi is not None else "a finite number > 0"
+        raise GemmaQuantError(f"{where}: '{key}' must be {rng}, got {v!r}")
+    return float(v)
+
+
+def _rope(d: dict, model_type: str, where: str) -> tuple[float, float, float]:
     """(global theta, local theta, global linear factor) from 4.x keys or 5.x rope_parameters."""
     defaults = _DEFAULTS[model_type]
     rp = d.get("rope_parameters")
@@ -140,21 +165,23 @@ def _rope(d: dict, model_type: str) -> tuple[float, float, float]:
     if isinstance(rp, dict) and (FULL in rp or SLIDING in rp):  # 5.x, per layer type
         full = rp.get(FULL, {}) or {}
         local = rp.get(SLIDING, {}) or {}
-        theta = float(full.get("rope_theta", defaults["rope_theta"]))
-        local_theta = float(local.get("rope_theta", defaults.get("rope_local_base_freq", theta)))
+        theta = _number(full.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = _number(local.get("rope_theta", defaults.get("rope_local_base_freq", theta)),
+                              "rope_local_base_freq", where)
         scaling = full
     else:
         if isinstance(rp, dict):  # 5.x, one set for all layers
-            theta = float(rp.get("rope_theta", d.get("rope_theta", defaults["rope_theta"])))
+            theta = _number(rp.get("rope_theta", d.get("rope_theta", defaults["rope_theta"])), "rope_theta", where)
             scaling = rp
         else:
-            theta = float(d.get("rope_theta", defaults["rope_theta"]))
-        local_theta = float(d.get("rope_local_base_freq", defaults.get("rope_local_base_freq", theta)))
+            theta = _number(d.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = _number(d.get("rope_local_base_freq", defaults.get("rope_local_base_freq", theta)),
+                              "rope_local_base_freq", where)
     factor = 1.0
     if isinstance(scaling, dict):
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "linear":
-            factor = float(scaling["factor"])
+            factor = _number(scaling.get("factor"), "rope_scaling.factor", where)
         elif kind not in ("default", None):
             raise GemmaQuantError(
                 f"config.json: rope scaling type {kind!r} is not supported (allowed: default, linear)"
@@ -175,7 +202,8 @@ def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[s
         return (FULL,) * n_layers
     if model_type == "gemma2":  # even layers slide (transformers: not bool(layer_idx % 2))
         return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n_layers))
-    pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+    pattern = _int_in(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6)),
+                      "sliding_window_pattern", where)
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
 
 
@@ -185,7 +213,9 @@ def config_from_dict(raw: dict, where: str = "config.json") -> GemmaConfig:
         return _config_from_dict(raw, where)
     except GemmaQuantError:
         raise
-    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+    except RecursionError:
+        raise GemmaQuantError(f"{where}: nested too deeply") from None
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
         raise GemmaQuantError(f"{where}: a value has the wrong type or range ({type(e).__name__}: {e})") from None
 
 
@@ -220,7 +250,7 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
         )
     hidden = _positive_int(d, "hidden_size", where)
     head_dim = _positive_int(d, "head_dim", where, dflt.get("head_dim", hidden // heads))
-    theta, local_theta, factor = _rope(d, mt)
+    theta, local_theta, factor = _rope(d, mt, where)
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
         raise GemmaQuantError(
@@ -229,8 +259,14 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
     qpas = d.get("query_pre_attn_scalar", dflt.get("query_pre_attn_scalar")) if mt != "gemma" else None
     window = d.get("sliding_window", dflt.get("sliding_window")) if mt != "gemma" else None
     layer_types = _layer_types(d, mt, n_layers, where)
-    if SLIDING in layer_types and not window:
+    if window is not None:
+        window = _int_in(window, "sliding_window", where)
+    elif SLIDING in layer_types:
         raise GemmaQuantError(f"{where}: sliding layers need a positive 'sliding_window'")
+    softcaps = {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = d.get(key, dflt.get(key))
+        softcaps[key] = None if v is None else _number(v, key, where)
     return GemmaConfig(
         model_type=mt,
         vocab_size=_positive_int(d, "vocab_size", where),
@@ -240,15 +276,15 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(d.get("rms_norm_eps", dflt["rms_norm_eps"])),
+        rms_norm_eps=_number(d.get("rms_norm_eps", dflt["rms_norm_eps"]), "rms_norm_eps", where, hi=1),
         max_position_embeddings=_positive_int(d, "max_position_embeddings", where, dflt["max_position_embeddings"]),
         rope_theta=theta,
         rope_local_theta=local_theta,
         rope_scaling_factor=factor,
-        query_pre_attn_scalar=float(qpas if qpas else head_dim),
-        attn_logit_softcapping=d.get("attn_logit_softcapping", dflt.get("attn_logit_softcapping")),
-        final_logit_softcapping=d.get("final_logit_softcapping", dflt.get("final_logit_softcapping")),
-        sliding_window=int(window) if window else None,
+        query_pre_attn_scalar=_number(qpas, "query_pre_attn_scalar", where) if qpas is not None else float(head_dim),
+        attn_logit_softcapping=softcaps["attn_logit_softcapping"],
+        final_logit_softcapping=softcaps["final_logit_softcapping"],
+        sliding_window=window,
         layer_types=layer_types,
         qk_norm=mt == "gemma3_text",
         sandwich_norms=mt != "gemma",
@@ -261,15 +297,11 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
 
 
 def load_config(path: str | Path) -> GemmaConfig:
+    from .inputs import read_json
+
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise GemmaQuantError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GemmaQuantError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise GemmaQuantError(f"{path}: not valid JSON (nested too deeply)") from None
-    return config_from_dict(raw, where=str(path))
+    return config_from_dict(read_json(path, "config.json"), where=str(path))
