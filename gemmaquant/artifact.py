@@ -13,7 +13,6 @@ queries scaled by 1/sqrt(head_dim) except the 27B sizes (46 gemma2 / 62 gemma3 l
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,16 +90,17 @@ class Artifact:
 
 def artifact_kind(path: str | Path) -> str:
     p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as fh:
+    if p.exists() and not p.is_dir():
+        from .inputs import open_input
+
+        with open_input(p, "a model file") as fh:
             if fh.read(4) == b"GGUF":
                 return "gguf"
         raise GemmaQuantError(f"{p}: not a GGUF file and not a model directory")
     if p.is_dir() and (p / "config.json").is_file():
-        try:
-            qc = json.loads((p / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise GemmaQuantError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+        from .inputs import read_json
+
+        qc = read_json(p / "config.json", "config.json").get("quantization_config")
         if qc is None:
             return "hf"
         method = qc.get("quant_method") if isinstance(qc, dict) else None
@@ -109,6 +109,31 @@ def artifact_kind(path: str | Path) -> str:
                                   "(allowed: compressed-tensors)")
         return "compressed-tensors"
     return "hf"  # 'demo', a hub id, or a path checkpoint.py explains
+
+
+def model_info(path: str) -> tuple[GemmaConfig, Path]:
+    """(config, path on disk) of a model argument without loading any weight: the GGUF header, a
+    compressed-tensors config.json, or the HF checkpoint's config and headers (for numbers that
+    must be checked against the model before work starts, and for the output guard)."""
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        gf = GGUFFile(path)
+        try:
+            return gguf_config(gf), Path(path)
+        finally:
+            gf.close()
+    if kind == "compressed-tensors":
+        from .inputs import read_json
+
+        cfg_path = Path(path) / "config.json"
+        return config_from_dict(read_json(cfg_path, "config.json"), where=str(cfg_path)), Path(path)
+    from .checkpoint import resolve_model
+
+    ckpt = resolve_model(path)
+    try:
+        return ckpt.config, ckpt.path
+    finally:
+        ckpt.close()
 
 
 def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Artifact:
@@ -130,7 +155,7 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
     nbytes = sum(ckpt.raw_bytes(f"model.layers.{i}.{k}.weight").nbytes for i in range(ckpt.config.num_hidden_layers)
                  for k in ckpt.config.linear_shapes())
     fmt = str(ckpt.dtype("model.layers.0.mlp.up_proj.weight")).replace("torch.", "")
-    return Artifact(model, load_tokenizer(ckpt.path), "hf", ckpt.path, ckpt.name, files,
+    return Artifact(model, load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size), "hf", ckpt.path, ckpt.name, files,
                     {fmt: 7 * ckpt.config.num_hidden_layers}, n, nbytes)
 
 
@@ -297,12 +322,13 @@ def _gguf_tokenizer(gf: GGUFFile):
                               "the SentencePiece vocabulary Gemma uses)")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, check_vocab_rows
     from .tokenizer_json import tokenizer_json_text
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):
         raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.tokens/scores/token_type are missing or differ in length")
+    check_vocab_rows(len(tokens), gf.tensors["token_embd.weight"].shape[0], gf.path)
     pieces = list(zip(tokens, scores.tolist(), types.tolist()))
     bos, eos, unk = (gf.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown"))
     backend = HFTokenizer.from_str(tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3,

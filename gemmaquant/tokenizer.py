@@ -9,7 +9,6 @@ llama.cpp's `llama_tokenize(..., parse_special=false)` and llama-perplexity do. 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import GemmaQuantError
@@ -70,13 +69,23 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GemmaQuantError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise GemmaQuantError(f"{path}: expected a JSON object")
-    return data
+    from .inputs import read_json
+
+    return read_json(path, path.name)
+
+
+# Embedding rows a checkpoint may have beyond its tokenizer's tokens: unused padding (Gemma 3's
+# multimodal configs: 262,208 rows for 262,145 tokens). More tokens than rows, or many more rows
+# than tokens, means the tokenizer belongs to another model.
+VOCAB_PAD_ROWS = 1024
+
+
+def check_vocab_rows(tokens: int, rows: int, where) -> None:
+    """One line naming both numbers when a tokenizer does not fit the embedding table."""
+    if tokens > rows or rows - tokens > VOCAB_PAD_ROWS:
+        raise GemmaQuantError(f"{where}: the tokenizer has {tokens:,} tokens but the embedding has {rows:,} rows "
+                              f"(a tokenizer of another model?); allowed: as many rows as tokens, or up to "
+                              f"{VOCAB_PAD_ROWS} unused rows more")
 
 
 def _token_text(value) -> str | None:
@@ -86,22 +95,27 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+def load_tokenizer(model_dir: str | Path, rows: int | None = None) -> Tokenizer:
     """tokenizer.json if present, else tokenizer.model; BOS/EOS from tokenizer_config.json and
-    generation_config.json when present."""
+    generation_config.json when present. `rows`: the model's embedding rows, checked against the
+    tokenizer's size (`check_vocab_rows`)."""
     from tokenizers import Tokenizer as HFTokenizer
+
+    from .inputs import MAX_JSON_BYTES, read_bytes
 
     model_dir = Path(model_dir)
     tj, tm = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
     spm_bos = spm_eos = None
-    if tj.is_file():
+    if tj.exists():
+        data = read_bytes(tj, "tokenizer.json", MAX_JSON_BYTES)
         try:
-            backend = HFTokenizer.from_file(str(tj))
+            backend = HFTokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # tokenizers raises its own exception types with a message
-            raise GemmaQuantError(f"{tj}: not a valid tokenizer.json ({e})") from None
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GemmaQuantError(f"{tj}: not a valid tokenizer.json ({msg})") from None
         source = tj
-    elif tm.is_file():
-        spm = decode_model_proto(tm.read_bytes(), what=str(tm))
+    elif tm.exists():
+        spm = decode_model_proto(read_bytes(tm, "tokenizer.model", MAX_JSON_BYTES), what=str(tm))
         if spm.model_type != 2:
             raise GemmaQuantError(f"{tm}: SentencePiece model type {spm.model_type} is not supported; "
                                   "Gemma tokenizers are BPE (2)")
@@ -115,19 +129,22 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     # BOS is added by encode() itself, as the config says, not by the tokenizer's own template.
     backend.post_processor = None
 
-    config = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+    config = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").exists() else {}
     add_bos = config.get("add_bos_token", True)
     if not isinstance(add_bos, bool):
         raise GemmaQuantError(f"{model_dir / 'tokenizer_config.json'}: add_bos_token must be true or false, got {add_bos!r}")
     bos_id = _lookup(backend, _token_text(config.get("bos_token")), spm_bos, "<bos>")
     eos_ids = [i for i in [_lookup(backend, _token_text(config.get("eos_token")), spm_eos, "<eos>")] if i is not None]
     gen = model_dir / "generation_config.json"
-    if gen.is_file():
+    if gen.exists():
         eos = _read_json(gen).get("eos_token_id")
         for i in eos if isinstance(eos, list) else [eos]:
             if isinstance(i, int) and i not in eos_ids:
                 eos_ids.append(i)
-    return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos=add_bos, source=source)
+    tok = Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos=add_bos, source=source)
+    if rows is not None:
+        check_vocab_rows(tok.vocab_size, rows, source)
+    return tok
 
 
 def _lookup(backend, name: str | None, fallback: int | None, default_piece: str) -> int | None:

@@ -86,15 +86,54 @@ def header_bytes(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: li
                  imatrix_meta: dict | None) -> tuple[bytes, dict]:
     """The header as bytes (magic, counts, keys, tensor infos, zero padding to ALIGNMENT), written
     by GGUFWriter's own methods into memory, and the keys ({name: GGUFValue}, for the read-back check)."""
-    w = build_header(model_dir, config, scheme, plans, imatrix_meta)
+    try:
+        w = build_header(model_dir, config, scheme, plans, imatrix_meta)
+    except GemmaQuantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the gguf package's own readers of the model's side files
+        _diagnose(Path(model_dir))
+        raise GemmaQuantError(f"{model_dir}: building the GGUF header failed ({type(e).__name__}: {e})") from None
     buf = io.BytesIO()
     w.fout, w.state = [buf], WriterState.EMPTY  # an open output: GGUFWriter writes into `buf`
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    except (struct.error, OverflowError, ValueError, TypeError) as e:
+        raise GemmaQuantError(_unpackable(w, Path(model_dir), e)) from None
     n = buf.tell()
     buf.write(b"\0" * (-n % ALIGNMENT))
     return buf.getvalue(), dict(w.kv_data[0])
+
+
+# Where the value of a key comes from, for messages: the converter takes sampling defaults from
+# generation_config.json, tokenizer keys from the tokenizer files, the rest from config.json.
+_KEY_SOURCES = (("general.sampling.", "generation_config.json"), ("tokenizer.", "the tokenizer files"),
+                ("general.", "config.json / README.md"), ("", "config.json"))
+_SIDE_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "tokenizer.json")
+
+
+def _unpackable(w: gguf.GGUFWriter, model_dir: Path, err: Exception) -> str:
+    """Name the key whose value its GGUF type cannot hold (struct says only 'argument out of range')."""
+    for key, val in w.kv_data[0].items():
+        try:
+            w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+        except (struct.error, OverflowError, ValueError, TypeError):
+            src = next(f for prefix, f in _KEY_SOURCES if key.startswith(prefix))
+            shown = repr(val.value) if not isinstance(val.value, (list, tuple)) else f"an array of {len(val.value)}"
+            return (f"{model_dir}: GGUF key '{key}' cannot hold {shown} as {val.type.name.lower()} "
+                    f"(the value comes from {src})")
+    return f"{model_dir}: the GGUF header cannot be written ({type(err).__name__}: {err})"
+
+
+def _diagnose(model_dir: Path) -> None:
+    """Raise the one-line error of the first malformed JSON side file, if any is."""
+    from ..inputs import read_json
+
+    for name in _SIDE_JSON:
+        if (model_dir / name).exists():
+            read_json(model_dir / name, name)
 
 
 # A vocabulary this large makes the header worth a process (~0.3 s to start one): real Gemma
@@ -178,6 +217,9 @@ class HeaderJob:
 
 def _child() -> None:
     """Entry point of the header process: pickled args on stdin, pickled (ok, payload) on stdout."""
+    from ..procs import die_with_parent
+
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = pickle.load(sys.stdin.buffer)
     try:

@@ -18,7 +18,6 @@ generation writes `add_space_prefix = false` (without it llama.cpp prepends a sp
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 import gguf
 
 from ..errors import GemmaQuantError
+from ..inputs import MAX_JSON_BYTES, read_bytes
+from ..tokenizer import check_vocab_rows
 from ..spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, decode_model_proto
 
 _SPACE_MARK = "\u2581"  # ▁
@@ -47,10 +48,9 @@ def looks_special(text: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GemmaQuantError(f"{path}: not valid JSON ({e})") from None
+    from ..inputs import read_json
+
+    return read_json(path, path.name)
 
 
 def sentencepiece_arrays(model_dir: Path, vocab_size: int | None) -> VocabArrays:
@@ -58,8 +58,9 @@ def sentencepiece_arrays(model_dir: Path, vocab_size: int | None) -> VocabArrays
     sp_path = model_dir / "tokenizer.model"
     if not sp_path.is_file():
         raise GemmaQuantError(f"{model_dir}: no tokenizer.model (GGUF export needs the SentencePiece model)")
-    sp = decode_model_proto(sp_path.read_bytes(), str(sp_path))
+    sp = decode_model_proto(read_bytes(sp_path, "tokenizer.model", MAX_JSON_BYTES), str(sp_path))
     v = vocab_size or len(sp.pieces)
+    check_vocab_rows(len(sp.pieces), v, sp_path)
     tokens = [f"[PAD{i}]".encode() for i in range(v)]
     scores = [-10000.0] * v
     types = [UNUSED] * v
@@ -69,16 +70,25 @@ def sentencepiece_arrays(model_dir: Path, vocab_size: int | None) -> VocabArrays
         types[i] = ptype if ptype in (UNKNOWN, CONTROL, UNUSED, BYTE) else NORMAL
 
     added = model_dir / "added_tokens.json"
-    if added.is_file():
+    if added.exists():
         for text, tid in _read_json(added).items():
             if isinstance(tid, int) and 0 <= tid < v:
                 tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, USER_DEFINED
 
     tc = model_dir / "tokenizer_config.json"
-    if tc.is_file():
-        for key, data in (_read_json(tc).get("added_tokens_decoder") or {}).items():
-            tid, text = int(key), data["content"]
-            if tid >= v:
+    if tc.exists():
+        decoder = _read_json(tc).get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise GemmaQuantError(f"{tc}: 'added_tokens_decoder' must be an object of id -> token")
+        for key, data in decoder.items():
+            try:
+                tid, text = int(key), data["content"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, TypeError, KeyError):
+                raise GemmaQuantError(f"{tc}: 'added_tokens_decoder' entry {key!r} must map a token id to "
+                                      '{"content": "<text>", ...}') from None
+            if not 0 <= tid < v:
                 continue
             if data.get("special") or looks_special(text):
                 types[tid] = CONTROL

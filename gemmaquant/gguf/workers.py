@@ -31,6 +31,7 @@ import torch
 from ..errors import GemmaQuantError
 from ..ggml.quantize import quantize
 from ..ggml.types import GGMLType
+from ..procs import die_with_parent
 from ..safetensors_io import release_pages
 from .plan import TensorPlan
 
@@ -55,6 +56,7 @@ def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tens
 
 
 def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
+    die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     from ..checkpoint import Checkpoint
