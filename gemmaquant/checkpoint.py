@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING
 
 from .config import GemmaConfig, load_config
 from .errors import GemmaQuantError
-from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
+from .safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to parse a config or headers
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# What a source checkpoint stores: F8_E4M3/F8_E5M2 weights are already quantized (they reached
+# the quantizers as NotImplementedError), F64 no converter or engine expects.
+SOURCE_DTYPES = ("BF16", "F16", "F32")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files fetched from the hub: weights, configs, tokenizer. Never *.bin, never code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "README.md", "LICENSE*"]
@@ -124,7 +127,7 @@ class Checkpoint:
                     f"{self.path}: tensor '{name}' has shape {list(got)}, config.json implies {list(shape)}"
                 )
             dt = self.dtype_name(name)
-            if dt not in FLOAT_DTYPES:
+            if dt not in SOURCE_DTYPES:
                 raise GemmaQuantError(
                     f"{self.path}: tensor '{name}' is {dt}; expected a bf16/f16/f32 source checkpoint "
                     "(is this already quantized?)"
@@ -177,7 +180,7 @@ class Checkpoint:
 
     def side_files(self) -> list[Path]:
         """Non-weight files to carry into an output (configs, tokenizer, templates, licence)."""
-        skip = {INDEX_NAME, "README.md"}
+        skip = {INDEX_NAME, "README.md", "gemmaquant.json"}  # the card and our marker are made per output
         return sorted(p for p in self.path.iterdir()
                       if p.is_file() and p.suffix != ".safetensors" and p.name not in skip
                       and p.suffix not in PICKLE_SUFFIXES and not p.name.startswith("."))

@@ -35,7 +35,8 @@ from ..errors import GemmaQuantError, OutputError
 from ..safetensors_io import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from ..progress import byte_progress
-from .atomic import atomic_output, check_output
+from .atomic import atomic_output
+from .guard import check_output, write_marker
 from .model_card import is_repo_id, render_model_card, source_license
 
 MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as save_pretrained counts it
@@ -258,6 +259,19 @@ def _verify(out: Path, files: dict[str, list[_Out]], digests: dict[str, str]) ->
                     raise OutputError(f"{out / fname}: bytes of '{o.name}' differ from those written")
 
 
+def check_side_files(ckpt: Checkpoint) -> None:
+    """The files copied beside the weights must be what they claim: the tokenizer loads and fits
+    the embedding, every other JSON file parses (else one line naming it, before anything is written)."""
+    from ..inputs import read_json
+    from ..tokenizer import load_tokenizer
+
+    if any((ckpt.path / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+        load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size)
+    for p in ckpt.side_files():
+        if p.suffix == ".json" and p.name != "tokenizer.json":
+            read_json(p, p.name, expect=None)
+
+
 def _source_bytes(ckpt: Checkpoint, u) -> int:
     return math.prod(ckpt.shape(u.source)) * ckpt.dtype(u.source).itemsize
 
@@ -269,25 +283,24 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              drift: dict | None = None, input_scales: dict[str, float | torch.Tensor] | None = None,
                              actorder: str | None = None, base_model: str | None = None,
                              max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
-                             overrides: dict[str, torch.Tensor] | None = None) -> Report:
+                             overrides: dict[str, torch.Tensor] | None = None, inputs=()) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
     quantized: {module name: Packed} from a calibrated algorithm (GPTQ, AWQ, SmoothQuant); other
         Linears are rounded to nearest here. input_scales: {module name: absmax(x)/448} for schemes
         with static activations (fp8-static), unless the module's Packed carries one.
     overrides: {tensor name: tensor} replacing copied tensors (the norms SmoothQuant/AWQ folded scales
-        into); same dtype and shape as the source tensor."""
+        into); same dtype and shape as the source tensor.
+    inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
     if ckpt.config.multimodal:
         raise GemmaQuantError(f"{ckpt.path}: multimodal Gemma 3 checkpoints are not supported by the "
                               "compressed-tensors writer (text-only); use the text model's checkpoint")
     out_dir = Path(out_dir).absolute()
-    src = ckpt.path.resolve()
-    res = out_dir.resolve()
-    if res == src or src in res.parents or res in src.parents:
-        raise OutputError(f"{out_dir}: the output must not be, contain or lie inside the source {ckpt.path}")
-    check_output(out_dir, force=force)
+    inputs = [ckpt.path, *inputs]
+    check_output(out_dir, force=force, kind="dir", inputs=inputs)
+    check_side_files(ckpt)  # a corrupt tokenizer.json is never copied into an output
     units, skipped = _plan(ckpt, scheme)
     modules = {u.module for u in units if u.module}
     quantized = dict(quantized or {})
@@ -388,5 +401,6 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             algorithm_note=algorithm_note, calibration_note=calibration_note, drift=drift, stats=stats)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         _verify(tmp, files, digests)
+        write_marker(tmp, format="compressed-tensors", scheme=scheme.name)  # what --force may replace later
         report.files = sorted(p.name for p in tmp.iterdir())
     return report

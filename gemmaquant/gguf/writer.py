@@ -31,7 +31,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..gguf_file import GGUFFile
 from ..errors import GemmaQuantError
-from ..export.atomic import atomic_output, check_output
+from ..export.atomic import atomic_output
+from ..export.guard import check_output
 from ..ggml.types import GGMLType, row_bytes
 from ..safetensors_io import ITEMSIZE, release_pages
 from ..schemes import Scheme
@@ -57,6 +58,7 @@ class Report:
     seconds: float
     crc32: dict[str, int] = field(default_factory=dict)  # tensor name -> CRC-32 of its bytes
     imatrix_used: list[str] = field(default_factory=list)  # tensors whose bytes used importance weights
+    imatrix_missing: list[str] = field(default_factory=list)  # tensors it would weight but has no entry for
 
     @property
     def type_counts(self) -> dict[str, int]:
@@ -82,6 +84,20 @@ def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> t
     if not torch.isfinite(v).all():
         raise GemmaQuantError(f"imatrix entry '{p.name}' contains non-finite values")
     return v
+
+
+def imatrix_coverage(plans: list[TensorPlan], imatrix: dict, where: str) -> list[str]:
+    """The tensors llama-quantize would weight with the imatrix but that it has no entry for
+    (token_embd never has one: llama-imatrix does not see it). An imatrix that matches no tensor
+    at all is an error: the output would equal a run without it."""
+    names = {p.name for p in plans}
+    if imatrix and not any(n in names for n in imatrix):
+        theirs = sorted(imatrix)[0]
+        ours = next((p.name for p in plans if p.name.startswith("blk.")), plans[0].name)
+        raise GemmaQuantError(f"{where}: none of its {len(imatrix)} entries names a tensor of this model (it has "
+                              f"'{theirs}', the model '{ours}'); an imatrix of another model?")
+    return [p.name for p in plans if p.type not in (GGMLType.F32, GGMLType.BF16, *_NO_IMATRIX)
+            and p.name != "token_embd.weight" and p.name not in imatrix]
 
 
 def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | None):
@@ -249,7 +265,7 @@ class _DataWriter:
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
                force: bool = False, workers: int | None = None, header: HeaderJob | None = None,
-               progress: Callable[[int, int, TensorPlan], None] | None = None) -> Report:
+               progress: Callable[[int, int, TensorPlan], None] | None = None, inputs=()) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
     `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
@@ -257,14 +273,17 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     `progress(done, total, plan)` is called after each slab is written (source bytes). `workers`: quantizing threads
     (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already
     started for this output (`header.start_header`), e.g. before torch was imported; by default one
-    is started here (in a background process for a real vocabulary)."""
+    is started here (in a background process for a real vocabulary). `inputs`: files read besides the
+    checkpoint (imatrix, calibration text), which the output must not replace (export/guard.py)."""
     t0 = time.perf_counter()
     s = preset(scheme)
     out_path = Path(out_path)
-    check_output(out_path, force=force)
+    inputs = [ckpt.path, *inputs]
+    check_output(out_path, force=force, kind="file", inputs=inputs)
     plans = plan_types(ckpt.config, s, imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
     if imatrix is not None and imatrix_meta is None:
         imatrix_meta = {"entries_count": len(imatrix)}
+    missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
     if header is None:
@@ -274,7 +293,7 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         raise GemmaQuantError(f"{out_path}: the header job was started for another scheme, plan or imatrix "
                               "(internal error)")
     try:
-        with atomic_output(out_path, force=force, kind="file") as tmp:
+        with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
             jobs = (((i, view), job, slab) for i, p in enumerate(plans)
                     for view, job, slab in _tensor_slabs(ckpt, i, p, qws[p.name]))
             total = sum(p.numel * ITEMSIZE[ckpt.dtype_name(p.hf_name)] for p in plans)
@@ -289,4 +308,4 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         header.close()
     return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,
                   time.perf_counter() - t0, crcs,
-                  [p.name for p in plans if qws[p.name] is not None and p.type not in _NO_IMATRIX])
+                  [p.name for p in plans if qws[p.name] is not None and p.type not in _NO_IMATRIX], missing)
