@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, set_compile
+from .cli_options import COMPILE_HELP, path_arg, set_compile
 from .errors import EXIT_INTERRUPTED, GemmaQuantError
 
 app = typer.Typer(
@@ -32,34 +33,58 @@ def _set_threads(threads: Optional[int]):
         torch.set_num_threads(threads)
 
 
-def _write_json(path: Optional[Path], data: dict):
+def _check_reports(reports: dict, force: bool, inputs: list) -> None:
+    """The output guard on each report path given ({option: path}; '-' is stdout), before any work."""
+    from .export.guard import check_output
+
+    for option, path in reports.items():
+        if path is not None and str(path) != "-":
+            check_output(path, force=force, kind="file", inputs=inputs, option=option)
+
+
+def _write_json(path: Optional[Path], data: dict, force: bool = False, inputs=()):
     if path is None:
         return
     text = json.dumps(data, indent=2) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
     else:
-        path.write_text(text)
+        from .export.atomic import write_report
+
+        write_report(path, text, force=force, inputs=inputs, option="--json")
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text file to measure perplexity on."),
-    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate at most N chunks (default: all)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to measure perplexity on (a regular file; "
+                                                  "at most the first 32 MiB are used).", parser=path_arg("--text")),
+    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c): even, 8 up to the model's context."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate at most N chunks, N >= 1 (default: all)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
     compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).",
+                                             parser=path_arg("--json")),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
 ):
     """Perplexity of MODEL on a text, by llama-perplexity's method (ppl ± stderr, tokens/s)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .artifact import model_info
     from .evaluate import open_for_eval
+    from .inputs import check_input_file
+    from .limits import check_for_model, check_numbers
 
+    check_numbers(ctx=ctx, chunks=chunks, threads=threads, device=device, dtype=dtype)
+    if text is not None:
+        check_input_file(text, "--text")
+    cfg, model_path = model_info(model)
+    check_for_model(cfg, model, ctx=ctx)
+    inputs = [model_path, text]
+    _check_reports({"--json": json_path}, force, inputs)
     _set_threads(threads)
     set_compile(compile_)
     runner = open_for_eval(model, dtype=dtype, device=device)
@@ -74,7 +99,7 @@ def eval_cmd(
         from .ggml.compiled import compiled_types
 
         data["compiled_dequant"] = compiled_types()  # the types whose compiled kernel ran
-    _write_json(json_path, data)
+    _write_json(json_path, data, force, inputs)
     if not quiet and str(json_path) != "-":
         t = Table(title=f"perplexity of {model}", show_header=False)
         t.add_row("ppl", f"{res.ppl:.4f} ± {res.ppl_stderr:.4f}")
@@ -88,33 +113,41 @@ def eval_cmd(
 def quantize_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
+                                            parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
     algorithm: Optional[str] = typer.Option(None, "--algorithm", help="rtn, gptq, awq, awq+gptq, smoothquant (per scheme)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text, a regular UTF-8 file (default: built-in mixed text).",
+                                         parser=path_arg("--calib")),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
-    calib_len: Optional[int] = typer.Option(None, "--calib-len", help="Tokens per calibration sample (default 512)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength (default 0.8)."),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", help="Tokens per calibration sample, 2 up to the model's context (default 512)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength, 0..1 (default 0.8)."),
     imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix", help="GGUF: compute an importance matrix from calibration text."),
-    imatrix_file: Optional[Path] = typer.Option(None, "--imatrix-file", help="GGUF: use a llama.cpp imatrix file (GGUF or legacy .dat)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    imatrix_file: Optional[Path] = typer.Option(None, "--imatrix-file", help="GGUF: use a llama.cpp imatrix file (GGUF or legacy .dat).",
+                                                parser=path_arg("--imatrix-file")),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output: a file by a file, or one of gemmaquant's own "
+                                                      "output directories (never the model, nor a directory gemmaquant did not write)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and estimated size; write nothing."),
-    device: str = typer.Option("cpu", "--device", help="Device for calibration passes."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
     from .checkpoint import resolve_model
-    from .quantize import QuantizeOptions, check_family, default_output, run_quantize
+    from .inputs import check_input_file
+    from .limits import check_numbers
+    from .quantize import QuantizeOptions, check_family, check_source, default_output, run_quantize
     from .recipes import load_recipe
     from .schemes import get_scheme
 
-    _set_threads(threads)
+    check_numbers(calib_samples=calib_samples, calib_len=calib_len, alpha=alpha, threads=threads, device=device)
     settings: dict = {}
+    read = []  # files read besides the model and --calib/--imatrix-file: the output never replaces them
     if recipe:
         r = load_recipe(recipe)
         settings = dict(r.settings)
+        read.append(r.path)
         if scheme and get_scheme(scheme).name != r.scheme.name:
             raise GemmaQuantError(f"--scheme {scheme} contradicts recipe {r.name} (scheme {r.scheme.name})")
         scheme = r.scheme.name
@@ -126,10 +159,14 @@ def quantize_cmd(
                     alpha=alpha, imatrix=imatrix)
     settings.update({k: v for k, v in explicit.items() if v is not None})
     if settings.get("calib") is not None:
-        settings["calib"] = Path(settings["calib"])
-    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device,
+        settings["calib"] = check_input_file(settings["calib"], "--calib")
+    if imatrix_file is not None:
+        check_input_file(imatrix_file, "--imatrix-file")
+    _set_threads(threads)
+    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read),
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
+    check_source(ckpt)
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
         from .plan_view import render_plan
@@ -156,38 +193,53 @@ def quantize_cmd(
 @app.command("imatrix")
 def imatrix_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    out_path: Path = typer.Option(..., "--out", "-o", help="Output imatrix file (llama.cpp GGUF imatrix format)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
-    calib_samples: int = typer.Option(128, "--calib-samples"),
-    calib_len: int = typer.Option(512, "--calib-len"),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Output imatrix file (llama.cpp GGUF imatrix format).",
+                                  parser=path_arg("--out")),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text, a regular UTF-8 file (default: built-in mixed text).",
+                                         parser=path_arg("--calib")),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples (1 or more)."),
+    calib_len: int = typer.Option(512, "--calib-len", help="Tokens per sample, 2 up to the model's context."),
     llama_chunks_: bool = typer.Option(
         False, "--llama-chunks",
         help="Cut the text as llama-imatrix does: consecutive --calib-len chunks of the whole text "
              "(first token of each overwritten by BOS), at most --calib-samples; gives llama-imatrix's "
              "statistics for the same text (run it with --parse-special)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file (never a directory or an input)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
 ):
     """Compute an importance matrix with the built-in forward pass and save it as llama.cpp does."""
     from .checkpoint import resolve_model
     from .export.atomic import atomic_output
+    from .export.guard import check_output
     from .imatrix import compute_imatrix, llama_chunks
+    from .inputs import check_input_file, encode_text
+    from .limits import check_for_model, check_numbers
 
+    check_numbers(calib_samples=calib_samples, calib_len=calib_len, threads=threads)
+    if calib is not None:
+        check_input_file(calib, "--calib")
     _set_threads(threads)
     ckpt = resolve_model(model)
+    inputs = [ckpt.path, calib]
+    check_output(out_path, force=force, kind="file", inputs=inputs)
+    check_for_model(ckpt.config, str(ckpt.path), calib_samples=calib_samples, calib_len=calib_len)
     ids = dataset = None
     if llama_chunks_:
-        from .calib.data import default_text, load_tokenizer_for, read_text
+        from .calib.data import default_text, load_tokenizer_for
 
-        text = read_text(calib) if calib is not None else default_text()
-        tok_ids = load_tokenizer_for(ckpt.path).encode(text, add_bos=True, parse_special=True)
+        tok = load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
+        if calib is not None:  # read only the chunks' worth of the text
+            tok_ids = [tok.bos_id, *encode_text(calib, "--calib", lambda t: tok.encode(t, add_bos=False),
+                                                need=calib_samples * calib_len).ids]
+        else:
+            tok_ids = tok.encode(default_text(), add_bos=True, parse_special=True)
         try:
             ids = llama_chunks(tok_ids, calib_len, ckpt.config.bos_token_id, calib_samples)
         except ValueError as e:
             raise GemmaQuantError(f"{calib or 'the default calibration text'}: {e} (--calib-len)") from None
         dataset = str(calib) if calib is not None else "default_calib.txt"
     im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset)
-    with atomic_output(out_path, force=force, kind="file") as tmp:
+    with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
         im.save(tmp)
     out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}")
 
@@ -250,11 +302,40 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+class _NoteHandler(logging.Handler):
+    """The library's warnings (logger "gemmaquant": a text read only in part, leftovers of a killed
+    run cleaned up) as `note:` lines on stderr."""
+
+    def emit(self, record):
+        try:
+            err.print(f"[yellow]note:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - a closed terminal must not turn a note into a traceback
+            pass
+
+
+def _setup_notes() -> None:
+    log = logging.getLogger("gemmaquant")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler(logging.WARNING))
+    log.propagate = False
+
+
+def _say(text: str) -> None:
+    try:
+        err.print(text, highlight=False, soft_wrap=True)
+    except Exception:  # noqa: BLE001 - stderr gone (SIGHUP closed the terminal): the exit code still tells
+        pass
+
+
 def main():
-    signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM cleans up like Ctrl-C
+    # SIGTERM and SIGHUP (the terminal closed) clean up like Ctrl-C: no partial output is left
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _on_sigterm)
     # A shell without job control starts background jobs with SIGINT ignored, and Python then never
     # raises KeyboardInterrupt: restore it so an interrupt always removes partial output.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _setup_notes()
     try:
         rv = app(standalone_mode=False)
         if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130) and returns its code
@@ -262,10 +343,10 @@ def main():
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except GemmaQuantError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _say(f"[bold red]error:[/] {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing was left at the output path")
+        _say("[bold red]interrupted[/]: nothing was left at the output path")
         sys.exit(EXIT_INTERRUPTED)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -3,6 +3,10 @@ modules can import them without importing the app."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from .errors import GemmaQuantError
+
 COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compile'd kernels (CPU): same bits, 2.5-4.5x faster "
                 "dequantization, ~3 s of setup per process (needs a C++ compiler; falls back to the plain "
                 "kernels with a warning). Pays off where dequantization dominates: an eval chunk of the "
@@ -15,3 +19,13 @@ def set_compile(flag: bool) -> None:
         from .ggml import compiled
 
         compiled.set_enabled(True)
+
+
+def path_arg(option: str):
+    """A typer `parser=` for path options: '' is refused (typer would silently turn it into '.', the
+    current directory, which `--out '' --force` then replaced)."""
+    def parse(value: str) -> Path:
+        if value == "":
+            raise GemmaQuantError(f"{option}: the path is empty (give a file or directory name)")
+        return Path(value)
+    return parse

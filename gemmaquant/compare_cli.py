@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, set_compile
+from .cli_options import COMPILE_HELP, path_arg, set_compile
 from .errors import GemmaQuantError
 
 out = Console()
@@ -52,17 +52,17 @@ def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype
     """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
     from .artifact import open_artifact
     from .drift import base_cache_key, compute_base_ref, load_cached, save_cached
-    from .perplexity import chunk_tokens, read_text
+    from .perplexity import chunk_tokens, tokens_needed
 
-    raw_text = read_text(text)
-    key = base_cache_key(base, raw_text.encode("utf-8"), ctx, chunks, dtype, topk, layer_chunks)
+    pieces = _text_pieces(text)
+    key = base_cache_key(base, "".join(pieces).encode("utf-8"), ctx, chunks, dtype, topk, layer_chunks)
     ref = load_cached(key) if use_cache else None
     if ref is not None:
         if not quiet:
             err.print(f"[dim]base logits from the cache ({key[:12]})[/]")
         return ref, ref.summary
     art = open_artifact(base, dtype, device)
-    tokens = art.tokenizer.encode(raw_text, add_bos=True)
+    tokens = _encode(art.tokenizer, pieces, tokens_needed(ctx, chunks))
     ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=str(text))
     bar = _progress("base", len(ids), quiet)
     ref = _run(bar, "base", len(ids), lambda p: compute_base_ref(art.model, ids, topk, layer_chunks, p))
@@ -71,6 +71,24 @@ def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype
     if use_cache:
         save_cached(key, ref)
     return ref, ref.summary
+
+
+def _text_pieces(text: Path) -> list[str]:
+    """The text (up to inputs.TEXT_CAP_BYTES) in the pieces it is tokenized by; kept, because every
+    artifact's tokenizer re-encodes it (its base logits may come from the cache, keyed by the text)."""
+    from .inputs import text_pieces
+
+    return list(text_pieces(text, "--text"))
+
+
+def _encode(tokenizer, pieces: list[str], need: int | None) -> list[int]:
+    """BOS + the ids of the pieces, only as many pieces as `need` tokens take."""
+    from .inputs import encode_pieces
+
+    ids, _ = encode_pieces(iter(pieces), lambda t: tokenizer.encode(t, add_bos=False), need)
+    if tokenizer.bos_id is None:
+        raise GemmaQuantError(f"{tokenizer.source}: the tokenizer has no BOS token to add")
+    return [tokenizer.bos_id, *ids]
 
 
 def _summary(art) -> dict:
@@ -91,7 +109,6 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
     from .artifact import open_artifact
     from .drift import FP16_MAX, check_compatible, compare
     from .loading import resolve_dtype
-    from .perplexity import read_text
 
     dt = resolve_dtype(dtype, device)
     ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
@@ -105,14 +122,14 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
               "text": str(text), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
               "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
               "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
-    raw_text = None
+    pieces = None
     for a in artifacts:
         art = open_artifact(a, dt, device)
         check_compatible(base_cfg, art.config, base, a)
         bar = _progress(art.name, len(ref.chunks), quiet)
         d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
-        raw_text = raw_text or read_text(text)
-        same_tok = art.tokenizer.encode(raw_text, add_bos=True)[: ref.chunks.numel()]
+        pieces = pieces or _text_pieces(text)
+        same_tok = _encode(art.tokenizer, pieces, ref.chunks.numel())[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()
         tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
         report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
@@ -214,7 +231,7 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rep: dict, path: Path) -> None:
+def plot(rep: dict, path: Path, fmt: str | None = None) -> None:
     try:
         import matplotlib
 
@@ -236,41 +253,69 @@ def plot(rep: dict, path: Path) -> None:
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format=fmt)  # the format from the real name: `path` may be a temporary
+    finally:
+        plt.close(fig)
 
 
 def compare_cmd(
     base: str = typer.Argument(..., help="The unquantized model: HF directory, repo id, or 'demo'."),
     artifacts: List[str] = typer.Argument(..., help="Quantized artifacts: GGUF files or compressed-tensors dirs."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text to measure on."),
-    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most N chunks (default: all)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
-    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown report to PATH."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of the KL distribution and per-layer error (needs matplotlib)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text to measure on (a regular file; at most the first 32 MiB are used).",
+                              parser=path_arg("--text")),
+    ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c): even, 8 up to the model's context."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most N chunks, N >= 1 (default: all)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout).",
+                                             parser=path_arg("--json")),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown report to PATH.",
+                                                 parser=path_arg("--markdown")),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of the KL distribution and per-layer error (needs matplotlib).",
+                                             parser=path_arg("--plot")),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json/--markdown/--plot files."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
     compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder)."),
-    layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error."),
+    topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder), 1 up to the vocabulary."),
+    layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error (0-4096; 0: none)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the base's logits even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
     import torch
 
+    from .artifact import model_info
+    from .export.atomic import atomic_output, write_report
+    from .export.guard import check_output
+    from .inputs import check_input_file
+    from .limits import check_for_model, check_numbers
+
+    check_numbers(ctx=ctx, chunks=chunks, threads=threads, topk=topk, layer_chunks=layer_chunks, device=device,
+                  dtype=dtype)
+    if text is not None:
+        check_input_file(text, "--text")
+    if plot_path is not None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise GemmaQuantError("--plot needs matplotlib: pip install 'gemmaquant[plot]'") from None
+        kinds = Figure().canvas.get_supported_filetypes()
+        if plot_path.suffix.lstrip(".").lower() not in kinds:
+            raise GemmaQuantError(f"--plot {plot_path}: the name must end in an image format matplotlib writes "
+                                  f"(allowed: {', '.join('.' + k for k in sorted(kinds))})")
+    cfg, base_path = model_info(base)
+    check_for_model(cfg, base, ctx=ctx, topk=topk)
+    for a in artifacts:  # headers read now: a corrupt artifact fails before the base's run, not after it
+        model_info(a)
+    inputs = [base_path, *artifacts, text]
+    reports = {"--json": json_path, "--markdown": markdown_path, "--plot": plot_path}
+    reports = {k: v for k, v in reports.items() if v is not None and str(v) != "-"}
+    for option, path in reports.items():  # before the run, not after it
+        check_output(path, force=force, kind="file", inputs=inputs, option=option)
     if threads:
         torch.set_num_threads(threads)
     set_compile(compile_)
-    if topk < 1:
-        raise GemmaQuantError(f"--topk {topk}: must be at least 1")
-    if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise GemmaQuantError("--plot needs matplotlib: pip install 'gemmaquant[plot]'") from None
     rep = compare_artifacts(base, artifacts, text, ctx, chunks, dtype, device, topk, layer_chunks,
                             use_cache=not no_cache, quiet=quiet)
     if json_path is not None:
@@ -278,11 +323,12 @@ def compare_cmd(
         if str(json_path) == "-":
             sys.stdout.write(data)
         else:
-            json_path.write_text(data)
+            write_report(json_path, data, force=force, inputs=inputs, option="--json")
     if markdown_path is not None:
-        markdown_path.write_text(markdown(rep))
+        write_report(markdown_path, markdown(rep), force=force, inputs=inputs, option="--markdown")
     if plot_path is not None:
-        plot(rep, plot_path)
+        with atomic_output(plot_path, force=force, kind="file", inputs=inputs, option="--plot") as tmp:
+            plot(rep, tmp, fmt=plot_path.suffix.lstrip(".").lower())
     if not quiet and str(json_path) != "-":
         out.print(render_table(rep))
         out.print(layer_table(rep))

@@ -12,7 +12,8 @@ from .checkpoint import Checkpoint, resolve_model
 from .errors import GemmaQuantError
 from .loading import load_model, resolve_dtype
 from .model import Gemma
-from .perplexity import PerplexityResult, chunk_tokens, perplexity, read_text
+from .inputs import encode_text
+from .perplexity import PerplexityResult, chunk_tokens, perplexity, tokens_needed
 
 
 @dataclass
@@ -27,8 +28,13 @@ class EvalModel:
         return self.model.dtype
 
     def chunks(self, text_path: str | Path, ctx: int, n_chunks: int | None) -> torch.Tensor:
-        # llama-perplexity tokenizes with BOS and without parsing special-token text
-        tokens = self.tokenizer.encode(read_text(text_path), add_bos=True, parse_special=False)
+        # llama-perplexity tokenizes with BOS and without parsing special-token text; the text is
+        # read in pieces and only as far as n_chunks need
+        got = encode_text(text_path, "--text", lambda t: self.tokenizer.encode(t, add_bos=False, parse_special=False),
+                          need=tokens_needed(ctx, n_chunks))
+        if self.tokenizer.bos_id is None:
+            raise GemmaQuantError(f"{self.tokenizer.source}: the tokenizer has no BOS token to add")
+        tokens = [self.tokenizer.bos_id, *got.ids]
         vocab = self.model.cfg.vocab_size
         if tokens and max(tokens) >= vocab:
             raise GemmaQuantError(f"{self.name}: the tokenizer produced id {max(tokens)} but the model has "
@@ -54,6 +60,6 @@ def open_for_eval(model: str, dtype: str = "auto", device: str = "cpu") -> EvalM
     from .tokenizer import load_tokenizer
 
     ckpt: Checkpoint = resolve_model(model)
-    tok = load_tokenizer(ckpt.path)
+    tok = load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size)
     m = load_model(ckpt, dt, device)
     return EvalModel(model=m, tokenizer=tok, device=device, name=ckpt.name)

@@ -44,20 +44,16 @@ class PerplexityResult:
 
 
 def read_text(path: str | Path) -> str:
-    """An eval/calibration text: must exist, be UTF-8 and not empty."""
-    p = Path(path)
-    if not p.is_file():
-        raise GemmaQuantError(f"{p}: no such text file")
-    data = p.read_bytes()
-    if b"\x00" in data:
-        raise GemmaQuantError(f"{p}: looks binary (contains NUL bytes); expected UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GemmaQuantError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
-    if not text.strip():
-        raise GemmaQuantError(f"{p}: the text file is empty")
-    return text
+    """An eval/calibration text: a regular file, UTF-8, not empty (up to inputs.TEXT_CAP_BYTES)."""
+    from .inputs import text_pieces
+
+    return "".join(text_pieces(path, "--text"))
+
+
+def tokens_needed(ctx: int, n_chunks: int | None) -> int | None:
+    """How many tokens `chunk_tokens` can use: n chunks, and at least the two chunks llama-perplexity
+    requires (None: all of them)."""
+    return None if n_chunks is None or n_chunks <= 0 else max(n_chunks, 2) * ctx
 
 
 def chunk_tokens(tokens: list[int], ctx: int, bos_id: int, n_chunks: int | None,

@@ -28,6 +28,7 @@ class QuantizeOptions:
     force: bool = False
     device: str = "cpu"
     command: str = ""
+    inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
 
 
 @dataclass
@@ -107,13 +108,34 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
             + (64 << 10))
 
 
+def check_source(ckpt: Checkpoint) -> None:
+    """A source that is already quantized is refused, whatever the scheme (weights in F8/int dtypes
+    are refused by the checkpoint reader; a quantization_config marks the rest)."""
+    qc = ckpt.config.raw.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise GemmaQuantError(f"{ckpt.path}: config.json has a quantization_config (quant_method {method!r}): the "
+                              "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
+
+
+def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
+    """Every path a quantize run reads: the output guard keeps the output off all of them."""
+    return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
+
+
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
                  progress=None) -> QuantizeSummary:
     from .diskspace import check_free_space
+    from .export.guard import check_output
+    from .limits import check_for_model
 
     t0 = time.perf_counter()
     check_family(scheme, out)
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))  # before any calibration time
+    check_source(ckpt)
+    # the output guard before any calibration time (the writers apply it again when they start)
+    check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
+    check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress)
     else:
@@ -124,7 +146,6 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
 
 def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
-    from .export.atomic import check_output
     from .gguf.header import start_header
 
     if opts.imatrix and opts.imatrix_file:
@@ -132,7 +153,6 @@ def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
     header = None
     if not (opts.imatrix or opts.imatrix_file):
         # the header (mostly the vocabulary) builds in its own process while torch is imported here
-        check_output(out, force=opts.force)
         header = start_header(ckpt, scheme)
     try:
         return _gguf_write(ckpt, scheme, out, opts, progress, header)
@@ -160,7 +180,11 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}")
     rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
-                     progress=progress, header=header)
+                     progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
+    if rep.imatrix_missing:
+        m = rep.imatrix_missing
+        notes.append(f"the imatrix has no entry for {len(m)} tensors, quantized without importance weights: "
+                     + ", ".join(m[:4]) + (f" and {len(m) - 4} more" if len(m) > 4 else ""))
     params = sum(p.numel for p in rep.plans)
     unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
     if rep.n_fallback:
@@ -201,7 +225,8 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
     rep = write_compressed_tensors(ckpt, scheme, out, quantized=quantized, overrides=overrides,
                                    input_scales=input_scales, force=opts.force, command=opts.command,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
-                                   actorder="weight" if algorithm in ("gptq", "awq+gptq") else None)
+                                   actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
+                                   inputs=inputs_of(ckpt, opts)[1:])
     size = _size(out)
     params = ckpt.config.param_count()
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")

@@ -15,17 +15,13 @@ plain `pip install`). Validation names the file, the key and the allowed values.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GemmaQuantError
+from .inputs import check_input_file, read_toml
+from .limits import INT_OPTIONS
 from .schemes import Scheme, get_scheme
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # key -> (type(s), description)
 KEYS = {
@@ -67,9 +63,9 @@ def shipped_recipes() -> dict[str, Path]:
 def find_recipe(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".toml" or "/" in name_or_path:
-        if not p.is_file():
+        if not p.exists():
             raise GemmaQuantError(f"{p}: no such recipe file")
-        return p
+        return check_input_file(p, "--recipe")
     shipped = shipped_recipes()
     if name_or_path not in shipped:
         raise GemmaQuantError(f"unknown recipe {name_or_path!r} (shipped: {', '.join(shipped) or 'none'}; "
@@ -79,11 +75,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 def load_recipe(name_or_path: str) -> Recipe:
     path = find_recipe(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise GemmaQuantError(f"{path}: not valid TOML ({e})") from None
-    return validate_recipe(data, path)
+    return validate_recipe(read_toml(path, "recipe"), path)
 
 
 def validate_recipe(data: dict, path: Path) -> Recipe:
@@ -110,10 +102,11 @@ def validate_recipe(data: dict, path: Path) -> Recipe:
                                   f"(allowed: {', '.join(allowed) or 'none'})")
     if data.get("imatrix") and not scheme.is_gguf:
         raise GemmaQuantError(f"{path}: 'imatrix' applies to GGUF schemes only, not {scheme.name}")
-    if "alpha" in data and not 0 <= data["alpha"] <= 1:
+    if "alpha" in data and not 0 <= data["alpha"] <= 1:  # NaN fails this too
         raise GemmaQuantError(f"{path}: 'alpha' must be within 0..1, got {data['alpha']}")
-    for k in ("calib_samples", "calib_len"):
-        if k in data and data[k] <= 0:
-            raise GemmaQuantError(f"{path}: '{k}' must be positive, got {data[k]}")
+    for k in ("calib_samples", "calib_len"):  # the same ranges as the options (limits.py)
+        lo, hi = INT_OPTIONS["--" + k.replace("_", "-")]
+        if k in data and not lo <= data[k] <= hi:
+            raise GemmaQuantError(f"{path}: '{k}' must be in {lo}..{hi}, got {data[k]}")
     settings = {k: v for k, v in data.items() if k not in ("scheme", "model", "description")}
     return Recipe(path.stem, path, scheme, settings, data.get("model"), data.get("description", ""))

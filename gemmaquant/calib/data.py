@@ -3,6 +3,7 @@
 Each sample is [BOS] + (seq_len − 1) consecutive tokens of the text, as a model sees a document start.
 Windows are non-overlapping when the text is long enough and are drawn at seeded random offsets;
 a shorter text is reused (overlapping windows) with a note; a text shorter than one window is an error.
+A file is read in pieces only until it holds CALIB_SPREAD times the tokens the samples take.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from ..errors import GemmaQuantError
 
 DEFAULT_NAME = "default_calib.txt"
+CALIB_SPREAD = 4  # a calibration file is read until it holds this many times the tokens the samples take
 
 
 def default_text() -> str:
@@ -22,24 +24,11 @@ def default_text() -> str:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file; empty, binary or undecodable files are user errors naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise GemmaQuantError(f"{path}: calibration file not found") from None
-    except IsADirectoryError:
-        raise GemmaQuantError(f"{path}: expected a text file for --calib, got a directory") from None
-    except OSError as e:
-        raise GemmaQuantError(f"{path}: cannot read calibration file ({e.strerror})") from None
-    if not data.strip():
-        raise GemmaQuantError(f"{path}: calibration file is empty")
-    if b"\x00" in data:
-        raise GemmaQuantError(f"{path}: calibration file looks binary (NUL bytes); expected UTF-8 text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GemmaQuantError(f"{path}: calibration file is not UTF-8 text (bad byte at offset {e.start})") from None
+    """A whole UTF-8 calibration text (up to inputs.TEXT_CAP_BYTES); empty, binary or undecodable files,
+    FIFOs, devices and directories are user errors naming the file."""
+    from ..inputs import text_pieces
+
+    return "".join(text_pieces(path, "--calib"))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -70,9 +59,16 @@ def calibration_batches(tokenizer, path: Path | None, n_samples: int = 128, seq_
     if seq_len < 2:
         raise GemmaQuantError(f"--calib-len must be at least 2, got {seq_len}")
     what = str(path) if path is not None else f"the default calibration text ({DEFAULT_NAME})"
-    text = read_text(path) if path is not None else default_text()
-    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
     span = seq_len - 1
+    if path is not None:
+        from ..inputs import encode_text
+
+        # windows are drawn from the first CALIB_SPREAD x (what the samples take) tokens: a 200 MB
+        # file costs what a 1 MB one does, and a text shorter than that is used whole, as before
+        got = encode_text(path, "--calib", lambda t: _encode(tokenizer, t), need=CALIB_SPREAD * n_samples * span)
+        ids = torch.tensor(got.ids, dtype=torch.long)
+    else:
+        ids = torch.tensor(_encode(tokenizer, default_text()), dtype=torch.long)
     if len(ids) < span:
         raise GemmaQuantError(
             f"{what}: {len(ids)} tokens, fewer than one --calib-len {seq_len} window needs ({span}); "
@@ -94,17 +90,9 @@ def calibration_batches(tokenizer, path: Path | None, n_samples: int = 128, seq_
     return torch.cat([bos, rows], dim=1)
 
 
-def load_tokenizer_for(model_dir: Path):
-    """The project tokenizer if available, else `tokenizers` on tokenizer.json."""
-    try:
-        from ..tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(model_dir)
-    p = Path(model_dir) / "tokenizer.json"
-    if not p.is_file():
-        raise GemmaQuantError(f"{model_dir}: no tokenizer.json; calibration needs the model's tokenizer")
-    from tokenizers import Tokenizer
+def load_tokenizer_for(model_dir: Path, rows: int | None = None):
+    """The model's tokenizer (tokenizer.json or tokenizer.model); `rows`: its embedding rows, checked
+    against the tokenizer's size."""
+    from ..tokenizer import load_tokenizer
 
-    return Tokenizer.from_file(str(p))
+    return load_tokenizer(model_dir, rows=rows)

@@ -169,7 +169,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
                         lin.weight.copy_(part.dequantize().to(lin.weight.dtype))
 
     if ids is None:
-        tokenizer = tokenizer or load_tokenizer_for(ckpt.path)
+        tokenizer = tokenizer or load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
         ids = calibration_batches(tokenizer, calib_path, n_samples, seq_len, seed,
                                   bos_id=ckpt.config.bos_token_id, notes=notes)
     run_layers(ckpt, ids, kinds=kinds, on_layer=on_layer, sequential=sequential, dtype=dtype,
