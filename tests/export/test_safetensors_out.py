@@ -34,8 +34,24 @@ GENERATIONS = {
 # relative Frobenius weight error after decompression (random N(0, 0.02) weights, K = 256 or 512)
 ERROR_RANGE = {"fp8": (0.015, 0.035), "fp8-static": (0.015, 0.035), "int8": (0.004, 0.013),
                "int8-w8a16": (0.004, 0.013), "w4a16": (0.08, 0.2), "w4a16-asym": (0.07, 0.2)}
-SIDE = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 8}',
-        "special_tokens_map.json": "{}", "tokenizer.model": b"\x00\x01spm"}
+
+
+def _side_files() -> dict[str, bytes | str]:
+    """Side files a checkpoint carries (the writer copies them byte for byte): a real 512-token
+    tokenizer (the writer refuses a tokenizer that does not load or fit the embedding) and configs."""
+    from gemmaquant.spm_proto import decode_model_proto
+    from gemmaquant.tokenizer_json import tokenizer_json_text
+
+    from ..reliability import tiny_tokenizer_model
+
+    spm = tiny_tokenizer_model(COMMON["vocab_size"])
+    pieces = decode_model_proto(spm).pieces
+    return {"tokenizer.json": tokenizer_json_text(pieces, unk_id=3, bos_id=2),
+            "tokenizer_config.json": '{"model_max_length": 8}', "special_tokens_map.json": "{}",
+            "tokenizer.model": spm}
+
+
+SIDE = _side_files()
 
 
 def _make(gen: str, out: Path, **overrides) -> Path:
@@ -203,16 +219,28 @@ def test_unknown_and_non_ct_scheme(sources, tmp_path):
     _nothing_left(tmp_path / "o")
 
 
-def test_existing_output_needs_force(sources, tmp_path):
+def test_existing_output_needs_force_and_must_be_ours(sources, tmp_path):
+    """--force replaces our own output directory, never one that holds anything we did not write."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(OutputError, match="not a gemmaquant output"):
+            write_compressed_tensors(Checkpoint(sources["gemma"]), get_scheme("int8"), foreign, force=force,
+                                     progress=False)
+        assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    _write(sources["gemma"], "int8", out)
+    assert json.loads((out / "gemmaquant.json").read_text())["files"] == sorted(p.name for p in out.iterdir())
     with pytest.raises(OutputError, match="already exists"):
         _write(sources["gemma"], "int8", out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    write_compressed_tensors(Checkpoint(sources["gemma"]), get_scheme("int8"), out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    with pytest.raises(OutputError, match="source"):
+    write_compressed_tensors(Checkpoint(sources["gemma"]), get_scheme("fp8"), out, force=True, progress=False)
+    assert "fp8" in (out / "gemmaquant.json").read_text()
+    (out / "notes.md").write_text("the user's own notes")  # no longer only ours: never deleted
+    with pytest.raises(OutputError, match="'notes.md', which gemmaquant did not write"):
+        write_compressed_tensors(Checkpoint(sources["gemma"]), get_scheme("int8"), out, force=True, progress=False)
+    assert (out / "notes.md").read_text() == "the user's own notes"
+    with pytest.raises(OutputError, match="is an input"):
         write_compressed_tensors(Checkpoint(sources["gemma"]), get_scheme("int8"), sources["gemma"], force=True,
                                  progress=False)
 

@@ -76,7 +76,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
 
     from gemmaquant.cli import main
 
-    old_argv, old_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    old_argv, old_term, old_hup = sys.argv, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     sys.argv = ["gemmaquant", *map(str, args)]
     capsys.readouterr()
     try:
@@ -87,6 +87,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
     finally:
         sys.argv = old_argv
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
     cap = capsys.readouterr()
     return CliResult(code, cap.out, cap.err)
 
@@ -94,3 +95,27 @@ def run_cli(args: list[str], capsys) -> CliResult:
 def tree(d: Path) -> list[str]:
     """Every path under `d` (relative), hidden temporaries included."""
     return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def check_error(res: CliResult, code: int, match: str) -> str:
+    """The run failed as a user error must: exit `code`, exactly one `error:` line on stderr that
+    contains `match`, no traceback anywhere. Returns the line."""
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.code == code, (res.code, res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def digests(*paths: Path) -> dict[str, str]:
+    """sha256 of every regular file at or under `paths` (inputs must come out of a run unchanged)."""
+    import hashlib
+
+    out = {}
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out

@@ -1,5 +1,7 @@
-"""SIGINT / SIGTERM in the middle of a write (issue 8 §2): the real `gemmaquant quantize` process exits
-with 130, says so in one line, and leaves neither the output nor a temporary (`.<name>.tmp-*`).
+"""SIGINT / SIGTERM / SIGHUP in the middle of a write (issue 8 §2, issue 15 §4): the real `gemmaquant
+quantize` process exits with 130, says so in one line, and leaves neither the output nor a temporary
+(`.<name>.tmp-*`). SIGKILL cannot be caught: its leftovers are removed by the next run. Two runs writing
+one path at once: one wins, the other fails at its final step with exit 3 (issue 15 §1).
 
 The signal is sent once the temporary exists, i.e. while tensors are being written. GGUF: a tiny
 12-layer model at Q4_K_M (the K-quant scale search keeps the write busy for seconds). Safetensors: a
@@ -20,12 +22,17 @@ import pytest
 from . import TINY_G3, write_tiny
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # every test here runs gemmaquant in a subprocess
+
+
+def _cli(args: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gemmaquant.cli", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _interrupt_mid_write(args: list, out: Path, sig: int, settle: float = 0.3) -> subprocess.CompletedProcess:
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "gemmaquant.cli", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _cli(args)
     try:
         deadline = time.monotonic() + 300
         while not list(out.parent.glob(f".{out.name}.tmp-*")):
@@ -69,3 +76,59 @@ def test_sigterm_during_safetensors_write(tmp_path, demo_dir):
     res = _interrupt_mid_write(["quantize", demo_dir, "--scheme", "fp8", "-o", out, "--quiet"], out, signal.SIGTERM,
                                settle=0.5)
     _check(res, out)
+
+
+def _twelve_layers(tmp_path: Path) -> Path:
+    src = tmp_path / "tiny"
+    # 12 layers, ~12 M K-quant values: the write lasts seconds even on an idle machine
+    write_tiny(src, dict(TINY_G3, num_hidden_layers=12, intermediate_size=1024))
+    return src
+
+
+def test_sighup_during_gguf_write(tmp_path):
+    """The terminal closing (SIGHUP) cleans up like Ctrl-C; it used to leave the temporary and say nothing."""
+    src = _twelve_layers(tmp_path)
+    out = tmp_path / "out" / "tiny.Q4_K_M.gguf"
+    res = _interrupt_mid_write(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--quiet"], out, signal.SIGHUP,
+                               settle=0.05)
+    _check(res, out)
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
+    src = _twelve_layers(tmp_path)
+    out = tmp_path / "out" / "tiny.Q4_K_M.gguf"
+    args = ["quantize", src, "--scheme", "q4_k_m", "-o", out, "--quiet"]
+    # communicate() returning also shows the forked workers died with it (they held its pipes and,
+    # before procs.die_with_parent, waited on their queue forever)
+    res = _interrupt_mid_write(args, out, signal.SIGKILL, settle=0.05)
+    assert res.returncode == -signal.SIGKILL
+    left = [p.name for p in out.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".tiny.Q4_K_M.gguf.tmp-"), left
+    proc = _cli(args)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    assert f"removed {left[0]}, left by a run" in " ".join(stderr.split())
+
+
+def test_two_runs_to_one_output(tmp_path):
+    """q8_0 and q4_k_m to the same --out at the same time, no --force: exactly one succeeds, the other
+    exits 3 saying the path appeared (or, if it started late, already exists); the file is the winner's,
+    whole, and nothing else is left beside it."""
+    import gguf
+
+    src = _twelve_layers(tmp_path)
+    out = tmp_path / "out" / "same.gguf"
+    out.parent.mkdir()
+    procs = {s: _cli(["quantize", src, "--scheme", s, "-o", out, "--quiet"]) for s in ("q8_0", "q4_k_m")}
+    res = {s: (p.wait(timeout=600), p.stderr.read()) for s, p in procs.items()}
+    codes = sorted(code for code, _ in res.values())
+    assert codes == [0, 3], res
+    winner = next(s for s, (code, _) in res.items() if code == 0)
+    loser_err = next(e for code, e in res.values() if code == 3)
+    lines = [ln for ln in loser_err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and ("appeared while this run was writing" in lines[0] or "already exists" in lines[0])
+    assert "Traceback" not in loser_err
+    assert [p.name for p in out.parent.iterdir()] == ["same.gguf"]
+    ftype = gguf.GGUFReader(out).fields["general.file_type"].contents()
+    assert ftype == {"q8_0": 7, "q4_k_m": 15}[winner]
