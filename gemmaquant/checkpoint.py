@@ -6,7 +6,6 @@ Pickle checkpoints (.bin/.pt/.pth) are refused, never unpickled: unpickling runs
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -74,12 +73,14 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         single = self.path / SINGLE_NAME
         if index.is_file():
+            from .inputs import read_json
+
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
+                data = read_json(index, INDEX_NAME, expect=None)
                 weight_map = data["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            except (GemmaQuantError, KeyError, TypeError, IndexError):
                 raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object of "
                                       "tensor name -> shard file name)") from None
             shard_names = sorted(set(weight_map.values()), key=str)

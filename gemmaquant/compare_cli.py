@@ -6,6 +6,7 @@ The lead registers it in cli.py with `app.command("compare")(compare_cmd)`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -311,8 +312,13 @@ def compare_cmd(
     inputs = [base_path, *artifacts, text]
     reports = {"--json": json_path, "--markdown": markdown_path, "--plot": plot_path}
     reports = {k: v for k, v in reports.items() if v is not None and str(v) != "-"}
+    seen: dict = {}
     for option, path in reports.items():  # before the run, not after it
         check_output(path, force=force, kind="file", inputs=inputs, option=option)
+        key = os.path.realpath(path)
+        if key in seen:
+            raise GemmaQuantError(f"{path}: given to both {seen[key]} and {option}; each report needs its own file")
+        seen[key] = option
     if threads:
         torch.set_num_threads(threads)
     set_compile(compile_)

@@ -11,7 +11,6 @@ dynamic per token, or static). Embedding and norms are unquantized and copied.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from .checkpoint import INDEX_NAME, _safe_child, _text_name
 from .config import config_from_dict
 from .errors import GemmaQuantError
+from .inputs import read_json
 from .safetensors_io import SafetensorsFile
 
 
@@ -30,9 +30,10 @@ class _Tensors:
         index = root / INDEX_NAME
         if index.is_file():
             try:
-                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                data = read_json(index, INDEX_NAME, expect=None)
+                wm = data["weight_map"]
                 shards = sorted(set(wm.values()))
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (GemmaQuantError, KeyError, TypeError, AttributeError, IndexError):
                 raise GemmaQuantError(f"{index}: not a valid index (expected a 'weight_map' object)") from None
             paths = [_safe_child(root, s, str(index)) for s in shards]
         else:
@@ -98,7 +99,7 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
     from .qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
     from .tokenizer import load_tokenizer
 
-    raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    raw = read_json(root / "config.json", "config.json")
     cfg = config_from_dict(raw, where=str(root / "config.json"))
     qc = raw["quantization_config"]
     fmt = qc.get("format")

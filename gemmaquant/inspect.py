@@ -15,11 +15,11 @@ compressed-tensors directory the parameters of a packed Linear are its `weight_s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from .errors import GemmaQuantError
+from .inputs import read_json
 
 # Tensors of a compressed-tensors Linear that hold quantization parameters, not weights.
 CT_AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
@@ -106,15 +106,7 @@ def _read_config(d: Path) -> dict | None:
     cp = d / "config.json"
     if not cp.is_file():
         return None
-    try:
-        raw = json.loads(cp.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GemmaQuantError(f"{cp}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise GemmaQuantError(f"{cp}: not valid JSON (nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise GemmaQuantError(f"{cp}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json(cp, "config.json")
 
 
 def _shard_paths(d: Path) -> list[Path]:
@@ -123,9 +115,10 @@ def _shard_paths(d: Path) -> list[Path]:
     index = d / INDEX_NAME
     if index.is_file():
         try:
-            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            data = read_json(index, INDEX_NAME, expect=None)
+            wm = data["weight_map"]
             names = sorted(set(wm.values()), key=str)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
+        except (GemmaQuantError, KeyError, TypeError, AttributeError, IndexError):
             raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
         paths = [_safe_child(d, s, str(index)) for s in names]
         for s, sp in zip(names, paths):

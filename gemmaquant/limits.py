@@ -32,7 +32,8 @@ _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 def _int(option: str, v) -> None:
     lo, hi = INT_OPTIONS[option]
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise GemmaQuantError(f"{option} {v}: must be an integer in {lo}..{hi}")
+        kind = "an even integer" if option == "--ctx" else "an integer"
+        raise GemmaQuantError(f"{option} {v}: must be {kind} in {lo}..{hi}")
 
 
 def check_device(device: str) -> None:

@@ -134,7 +134,10 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_source(ckpt)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
-    check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+    calibrating = bool(opts.imatrix) if scheme.is_gguf else \
+        scheme.needs_calibration or opts.algorithm not in (None, "rtn")
+    if calibrating:  # the calibration settings only bind when calibration runs
+        check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress)

@@ -21,10 +21,13 @@ def is_repo_id(s: str | None) -> bool:
 
 def source_license(model_dir: Path) -> str | None:
     """`license:` from the source README's front matter, if any."""
+    from ..errors import GemmaQuantError
+    from ..inputs import read_bytes
+
     card = model_dir / "README.md"
-    try:
-        text = card.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    try:  # the source's card is optional: unreadable, not a regular file or huge means no licence line
+        text = read_bytes(card, "README.md", 1 << 20).decode("utf-8")
+    except (GemmaQuantError, UnicodeDecodeError):
         return None
     m = _FRONT.match(text)
     if not m:

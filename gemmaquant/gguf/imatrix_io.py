@@ -28,6 +28,7 @@ import torch
 from ..errors import GemmaQuantError
 
 _GGUF_MAGIC = b"GGUF"
+MAX_LEGACY_BYTES = 1 << 30  # a 27B model's legacy .dat is ~30 MB
 
 
 @dataclass
@@ -133,15 +134,17 @@ def _read_legacy(path: Path, data: bytes) -> Imatrix:
 
 def read_imatrix(path: str | Path) -> Imatrix:
     """Read a llama.cpp imatrix (GGUF or legacy .dat), as llama-quantize interprets it."""
+    from ..inputs import open_input, read_bytes
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise GemmaQuantError(f"{p}: no such imatrix file")
-    with open(p, "rb") as f:
+    with open_input(p, "an imatrix file") as f:
         head = f.read(4)
     if head == _GGUF_MAGIC:
         im = _read_gguf(p)
     else:
-        im = _read_legacy(p, p.read_bytes())
+        im = _read_legacy(p, read_bytes(p, "legacy imatrix file", MAX_LEGACY_BYTES))
     im.path = str(path)  # llama-quantize records the path as the user typed it
     return im
 

@@ -143,7 +143,7 @@ def _(tmp, good, gg):
 # -- numbers, checked before work starts ----------------------------------------------------------------------
 NUMBERS = [
     (["eval"], ["--ctx", "65536"], "--ctx 65536: ", "has a context of 2048 tokens (allowed: 8..2048, even)"),
-    (["eval"], ["--ctx", "7"], "--ctx 7: must be an integer in 8..", ""),
+    (["eval"], ["--ctx", "7"], "--ctx 7: must be an even integer in 8..", ""),
     (["eval"], ["--ctx", "99"], "--ctx 99: must be an even number", ""),
     (["eval"], ["--chunks", "0"], "--chunks 0: must be an integer in 1..", ""),
     (["eval"], ["--chunks", "-1"], "--chunks -1: must be an integer in 1..", ""),

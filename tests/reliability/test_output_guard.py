@@ -223,6 +223,12 @@ def _(tmp, good, gg):
     return ["compare", m, gg, "--text", _text(tmp), "--json", m / "r.json", "--ctx", "64", "-q"]
 
 
+@case("compare --json and --markdown to one file", 2, "given to both --json and --markdown")
+def _(tmp, good, gg):
+    return ["compare", _model(tmp, good), gg, "--text", _text(tmp), "--json", tmp / "r", "--markdown", tmp / "r",
+            "--ctx", "64", "-q"]
+
+
 @case("compare --plot with an extension matplotlib cannot write", 2, "must end in an image format")
 def _(tmp, good, gg):
     pytest.importorskip("matplotlib")
