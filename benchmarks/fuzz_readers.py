@@ -5,7 +5,10 @@
 Each reader gets inputs derived from a small valid seed file: byte flips, 32/64-bit fields overwritten
 with extreme values (0, 2^31, 2^32-1, 2^60, 2^63-1, 2^64-1, the file size), truncation, insertion and
 deletion, so most inputs get past the magic and exercise the length/offset checks. Structured readers
-(recipes, config.json, index files) get random JSON/TOML values in place of valid ones.
+(recipes, config.json, index files, tokenizer_config.json, generation_config.json) get random JSON/TOML
+values in place of valid ones, extreme numbers and nesting thousands deep included. The config, tokenizer
+and recipe readers are fuzzed through the files a user hands over (`load_config`, `load_tokenizer`, the
+GGUF header's vocabulary and metadata, `load_recipe`), not only through their dict-level validators.
 
 Pass: the reader returns or raises GemmaQuantError. Failures: any other exception (kept with its input,
 `--save` writes them for tests/reliability/test_fuzz_regressions.py), an example slower than
@@ -138,6 +141,16 @@ st_headers = st.builds(_st_file, st.dictionaries(st.sampled_from(["a", "b", "__m
                        st.integers(0, 64), st.sampled_from([0] * 9 + [50_000]))
 
 
+def _deep(depth: int, kind: str) -> str:
+    return ("[" * depth + "]" * depth) if kind == "list" else ('{"a": ' * depth + "1" + "}" * depth)
+
+
+# JSON text: a random value, or one nested `depth` deep (RecursionError used to escape some readers)
+deep_json = st.builds(_deep, st.sampled_from([10, 999, 5000, 100_000]), st.sampled_from(["list", "dict"]))
+extreme_numbers = st.sampled_from([0, -1, 2**31, 2**32, 2**40, 2**63, 10**30, 1e308, -1e-6, float("nan"),
+                                   float("inf"), 0.5, 1e-30])
+
+
 def with_random_values(base: dict):
     keys = sorted(base) + ["text_config", "rope_scaling", "rope_parameters", "layer_types", "quantization_config"]
     return st.dictionaries(st.sampled_from(keys), json_values, max_size=4).map(lambda d: {**base, **d})
@@ -151,6 +164,37 @@ def _recipe_toml(d: dict) -> str:
             return repr(v) if v == v and abs(v) != float("inf") else "nan"
         return json.dumps(str(v))
     return "".join(f"{k} = {val(v)}\n" for k, v in d.items())
+
+
+def config_file(base: dict):
+    """config.json text: random or extreme values in real keys, or deep nesting."""
+    keys = sorted(base)
+    edits = st.dictionaries(st.sampled_from(keys), json_values | extreme_numbers, max_size=3)
+    return st.one_of(edits.map(lambda d: json.dumps({**base, **d}, default=str)), deep_json,
+                     st.builds(lambda k, deep: json.dumps({**base, k: "__DEEP__"}).replace('"__DEEP__"', deep),
+                               st.sampled_from(keys), deep_json))
+
+
+TOKENIZER_CONFIG_KEYS = ["add_bos_token", "bos_token", "eos_token", "added_tokens_decoder", "pad_token",
+                         "unk_token", "chat_template", "model_max_length"]
+GENERATION_KEYS = ["eos_token_id", "bos_token_id", "top_k", "top_p", "temperature", "repetition_penalty",
+                   "min_p", "penalty_last_n"]
+decoder_entries = st.dictionaries(st.sampled_from(["0", "2", "-1", "299", "300", "999999999", "x", ""]),
+                                  st.fixed_dictionaries({}, optional={"content": json_values | st.text(max_size=6),
+                                                                      "special": json_values}) | json_values,
+                                  max_size=3)
+side_files = st.fixed_dictionaries({}, optional={
+    "tokenizer_config.json": st.one_of(
+        st.dictionaries(st.sampled_from(TOKENIZER_CONFIG_KEYS), json_values | extreme_numbers | decoder_entries,
+                        max_size=4).map(json.dumps), deep_json),
+    "generation_config.json": st.one_of(
+        st.dictionaries(st.sampled_from(GENERATION_KEYS), json_values | extreme_numbers, max_size=4)
+        .map(lambda d: json.dumps(d, default=str)), deep_json),
+    "added_tokens.json": st.dictionaries(st.text(max_size=6), json_values | extreme_numbers, max_size=3)
+    .map(lambda d: json.dumps(d, default=str)),
+})
+recipe_nested = st.builds(lambda deep: 'scheme = "q8_0"\nx = ' + deep.replace("{", "[").replace("}", "]")
+                          .replace('"a": ', "").replace("1", "") + "\n", deep_json)
 
 
 recipe_values = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True),
@@ -214,12 +258,82 @@ class Targets:
 
         config_from_dict(d)
 
+    def config_file(self, text: str | bytes):
+        from gemmaquant.config import load_config
+
+        self._to_file(text if isinstance(text, bytes) else text.encode(), "config.json")
+        load_config(self.tmp / "config.json")
+
+    def _tok_dir(self) -> Path:
+        """A tiny model directory (config + 300-piece tokenizer.model + tokenizer.json) for the tokenizer readers."""
+        d = self.tmp / "tok"
+        if not d.exists():
+            from gemmaquant.spm_proto import decode_model_proto
+            from gemmaquant.tokenizer_json import tokenizer_json_text
+            from tests.reliability import tiny_tokenizer_model
+
+            d.mkdir()
+            self.spm = tiny_tokenizer_model(300)
+            self.tok_json = tokenizer_json_text(decode_model_proto(self.spm).pieces, unk_id=3, bos_id=2).encode()
+            (d / "config.json").write_text(json.dumps({**TINY_CFG, "vocab_size": 300}))
+        for f in d.iterdir():
+            if f.name != "config.json":
+                f.unlink()
+        (d / "tokenizer.model").write_bytes(self.spm)
+        return d
+
+    def tokenizer_json(self, data: bytes):
+        from gemmaquant.tokenizer import load_tokenizer
+
+        d = self._tok_dir()
+        (d / "tokenizer.json").write_bytes(data)
+        load_tokenizer(d, rows=300).encode("the cat\n\nsat")
+
+    def tokenizer_model(self, data: bytes):
+        from gemmaquant.tokenizer import load_tokenizer
+
+        d = self._tok_dir()
+        (d / "tokenizer.model").write_bytes(data)
+        load_tokenizer(d, rows=300).encode("the cat\n\nsat")
+
+    def tokenizer_side_files(self, files: dict):
+        from gemmaquant.tokenizer import load_tokenizer
+
+        d = self._tok_dir()
+        (d / "tokenizer.json").write_bytes(self.tok_json)
+        for name, text in files.items():
+            (d / name).write_text(text)
+        load_tokenizer(d, rows=300).encode("the cat\n\nsat")
+
+    def gguf_header_side_files(self, files: dict):
+        """The GGUF header build (vocab.py + gguf's own readers of the same files) on random side files."""
+        from gemmaquant.config import load_config
+        from gemmaquant.gguf.header import header_bytes
+        from gemmaquant.gguf.plan import plan_types, preset
+
+        d = self._tok_dir()
+        for name, text in files.items():
+            (d / name).write_text(text)
+        cfg = load_config(d)
+        s = preset("q8_0")
+        header_bytes(d, cfg, s, plan_types(cfg, s, False, has_lm_head=False), None)
+
     def index(self, wm):
         from gemmaquant.checkpoint import Checkpoint
 
         d = self._tiny_ckpt()
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
         Checkpoint(d).close()
+
+    def seed_tokenizer_json(self) -> bytes:
+        """A small tokenizer.json: the 300-piece model's merges and vocabulary, compacted (the mutations
+        then land in structure, not only in a 20 kB vocabulary)."""
+        self._tok_dir()
+        return self.tok_json
+
+    def seed_spm300(self) -> bytes:
+        self._tok_dir()
+        return self.spm
 
     def _tiny_ckpt(self) -> Path:
         if self._ckpt is None:
@@ -243,6 +357,8 @@ def plan(tmp: Path) -> dict:
     import gemmaquant.checkpoint  # noqa: F401 - imported before RSS is measured
     import gemmaquant.gguf.imatrix_io  # noqa: F401
     import gemmaquant.recipes  # noqa: F401
+    import gemmaquant.gguf.header  # noqa: F401
+    import gemmaquant.tokenizer  # noqa: F401
     names = st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "", ".", "..",
                              "missing.safetensors", "a\x00b"])
     weight_maps = st.one_of(json_values, st.dictionaries(st.text(max_size=30), names | json_values, max_size=5),
@@ -260,7 +376,14 @@ def plan(tmp: Path) -> dict:
         "recipes (bytes)": (mutated(b'scheme = "q4_k_m"\nalgorithm = "rtn"\ncalib_samples = 8\nalpha = 0.5\n'),
                             t.recipe_bytes),
         "config.json": (with_random_values(TINY_CFG), t.config),
+        "config.json (file: values, nesting)": (config_file(TINY_CFG), t.config_file),
+        "config.json (file: bytes)": (mutated(json.dumps(TINY_CFG).encode()), t.config_file),
         "checkpoint index": (weight_maps, t.index),
+        "tokenizer.json (bytes)": (mutated(t.seed_tokenizer_json()), t.tokenizer_json),
+        "tokenizer.model via load_tokenizer": (mutated(t.seed_spm300()), t.tokenizer_model),
+        "tokenizer side files (load_tokenizer)": (side_files, t.tokenizer_side_files),
+        "tokenizer side files (GGUF header)": (side_files, t.gguf_header_side_files),
+        "recipes (nesting)": (recipe_nested.map(str.encode), t.recipe_bytes),
     }
 
 
