@@ -317,7 +317,6 @@ def _setup_notes() -> None:
     log = logging.getLogger("gemmaquant")
     if not any(isinstance(h, _NoteHandler) for h in log.handlers):
         log.addHandler(_NoteHandler(logging.WARNING))
-    log.propagate = False
 
 
 def _say(text: str) -> None:

@@ -59,9 +59,8 @@ def _protected(inputs) -> list[tuple[Path, bool, str]]:
             except OSError:
                 continue
             for e in entries:
-                if e.is_symlink():
-                    t = _resolved(Path(e.path))
-                    out.append((t, t.is_dir(), f"{x} (via {e.name})"))
+                if e.is_symlink():  # protected itself and its ancestors; "inside" only counts for inputs
+                    out.append((_resolved(Path(e.path)), False, f"{x} (via {e.name})"))
     return out
 
 

@@ -119,3 +119,19 @@ def digests(*paths: Path) -> dict[str, str]:
         for f in files:
             out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+def forbid_weight_loading(monkeypatch) -> None:
+    """Make loading any weights fail the test: for refusals that must come before the model loads.
+    The modules are imported first, so the patch never leaks into a name bound at import time."""
+    import pytest
+
+    import gemmaquant.artifact
+    import gemmaquant.evaluate
+    import gemmaquant.loading
+
+    def loaded(*a, **k):
+        pytest.fail("weights were loaded before the refusal")
+    for mod, name in ((gemmaquant.loading, "load_model"), (gemmaquant.evaluate, "load_model"),
+                      (gemmaquant.artifact, "open_artifact")):
+        monkeypatch.setattr(mod, name, loaded)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import TINY_G3, check_error, digests, run_cli, tiny_tokenizer_model, tree, write_tiny
+from . import TINY_G3, check_error, digests, forbid_weight_loading, run_cli, tiny_tokenizer_model, tree, write_tiny
 
 TINY_1L = {**TINY_G3, "num_hidden_layers": 1}
 CASES: dict = {}
@@ -456,13 +456,7 @@ def test_bad_input(name, good, good_gguf, tmp_path, capsys, monkeypatch):
     args = fn(tmp_path, good, good_gguf)
     before, sums = tree(tmp_path), digests(tmp_path, good, good_gguf)
     if early:
-        import gemmaquant.artifact
-        import gemmaquant.loading
-
-        def loaded(*a, **k):
-            pytest.fail("weights were loaded before the refusal")
-        monkeypatch.setattr(gemmaquant.loading, "load_model", loaded)
-        monkeypatch.setattr(gemmaquant.artifact, "open_artifact", loaded)
+        forbid_weight_loading(monkeypatch)
     line = check_error(run_cli(args, capsys), code, match)
     if tail and tail[0]:
         assert tail[0] in line, line

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import TINY_G3, check_error, digests, run_cli, tree, write_tiny
+from . import TINY_G3, check_error, digests, forbid_weight_loading, run_cli, tree, write_tiny
 
 TINY_1L = {**TINY_G3, "num_hidden_layers": 1}
 
@@ -236,19 +236,13 @@ def _(tmp, good, gg):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_refused(name, good, good_gguf, tmp_path, capsys):
+def test_refused(name, good, good_gguf, tmp_path, capsys, monkeypatch):
     """Refused before any model is loaded: nothing at or beside the output, every input unchanged."""
-    import gemmaquant.loading
-
     fn, code, match = CASES[name]
     args = fn(tmp_path, good, good_gguf)
     before, sums, gsum = tree(tmp_path), digests(tmp_path), digests(good_gguf)
-    real = gemmaquant.loading.load_model
-    gemmaquant.loading.load_model = lambda *a, **k: pytest.fail("the model was loaded before the refusal")
-    try:
-        check_error(run_cli(args, capsys), code, match)
-    finally:
-        gemmaquant.loading.load_model = real
+    forbid_weight_loading(monkeypatch)
+    check_error(run_cli(args, capsys), code, match)
     assert tree(tmp_path) == before and digests(tmp_path) == sums and digests(good_gguf) == gsum
 
 
