@@ -351,13 +351,31 @@ def main():
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:  # usage errors (bad or missing option values) come through here
+        _usage_error(e)
         raise
+
+
+def _usage_error(e: Exception) -> None:
+    """A usage error as one `error:` line with its exit code (2); typer >= 0.29 raises its own
+    vendored click exceptions (typer.TyperException), which `click.ClickException` does not catch,
+    so `--threads 2.5` or a missing --text used to end in a traceback. No arguments: the help."""
+    kinds = tuple(k for k in (getattr(typer, "TyperException", None), _click_exception()) if k is not None)
+    if not isinstance(e, kinds):
+        return
+    if type(e).__name__ == "NoArgsIsHelpError":  # the help text, on stderr, exit 2 (click's choice)
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))
+    _say(f"[bold red]error:[/] {e.format_message()}")
+    sys.exit(getattr(e, "exit_code", 2) or 2)
+
+
+def _click_exception():
+    try:
+        import click
+    except ImportError:
+        return None
+    return click.ClickException
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -199,6 +199,16 @@ def _(tmp, good, gg):
     return ["quantize", good, "--recipe", tmp / "r.toml", "-o", tmp / "x"]
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--threads", "2.5"], "Invalid value for '--threads'"), (["--ctx", "1e9"], "Invalid value for '--ctx'"),
+    (["--bogus", "3"], "No such option: --bogus"), (["--chunks"], "Option '--chunks' requires an argument")])
+def test_usage_errors_are_one_line(args, match, good_gguf, tmp_path, capsys):
+    """typer's own parse errors (not a number, an unknown or incomplete option) ended in a traceback."""
+    check_error(run_cli(["eval", good_gguf, "--text", _text(tmp_path), *args], capsys), 2, match)
+    check_error(run_cli(["imatrix", good_gguf], capsys), 2, "Missing option '--out'")
+    check_error(run_cli(["eval"], capsys), 2, "Missing argument 'model'")
+
+
 # -- config values: huge structures or garbage, refused naming the key and the range ----------------------
 CONFIGS = {
     "num_hidden_layers": (10**9, "'num_hidden_layers' must be an integer in 1..1024, got 1000000000"),
