@@ -44,7 +44,9 @@ def inspect_path(path: str | Path) -> dict:
         raise GemmaQuantError(f"{p}: no such file or directory")
     if p.is_dir():
         return _inspect_dir(p)
-    with open(p, "rb") as fh:
+    from .inputs import open_input
+
+    with open_input(p, "PATH") as fh:  # a FIFO blocked here forever
         magic = fh.read(4)
     if magic == b"GGUF":
         return _inspect_gguf(p)

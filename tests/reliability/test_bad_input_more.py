@@ -114,6 +114,16 @@ for _what, _make, _kind in (("a FIFO", _fifo, "a FIFO (named pipe)"), ("/dev/zer
     _add()
 
 
+@case("inspect a FIFO", 2, "PATH must be a regular file, this is a FIFO")
+def _(tmp, good, gg):
+    return ["inspect", _fifo(tmp)]
+
+
+@case("eval a FIFO as the model", 2, "a model file must be a regular file, this is a FIFO")
+def _(tmp, good, gg):
+    return ["eval", _fifo(tmp), "--text", _text(tmp)]
+
+
 @case("quantize --calib /dev/urandom", 2, "--calib must be a regular file, this is a character device")
 def _(tmp, good, gg):
     return _q(good, tmp, "q4_k_m", "--imatrix", "--calib", "/dev/urandom")
