@@ -30,6 +30,7 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
+from gemmaquant.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
 # Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
@@ -237,6 +238,9 @@ _KERNELS = {
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
+    # family modules (quantizer and dequantizer of a type in one place)
+    GGMLType.Q2_K: dequantize_q2_k,
+    GGMLType.Q3_K: dequantize_q3_k,
 }
 
 

@@ -13,12 +13,21 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
-from gemmaquant.ggml.search import div, first_abs_max, make_qkx, make_qx_quants, running_min_max, seq_sum, sqrt
+from gemmaquant.ggml.kquants_low import quantize_q2_k, quantize_q3_k
+from gemmaquant.ggml.search import (
+    div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,
+)
 from gemmaquant.ggml.types import BLOCK, GGMLType, ggml_type, row_bytes
 
 # Values per chunk: 1 MB per float32 temporary; the K-quant searches keep ~15 of them alive.
 # Measured fastest on CPU (256K beat 64K and 1M for Q8_0 and Q6_K).
 CHUNK_VALUES = 1 << 18
+
+# The types whose quantizer lives in a family module: (blocks [nb, block], qw | None) -> [nb, bytes].
+FAMILY = {
+    GGMLType.Q2_K: quantize_q2_k,
+    GGMLType.Q3_K: quantize_q3_k,
+}
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -34,18 +43,11 @@ def _pack_qh(q: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=2, dtype=torch.uint8)
 
 
-def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf (half away from zero), exact: floor(|v|+0.5) is wrong at 0.49999997."""
-    a = v.abs()
-    fl = torch.floor(a)
-    return (fl + torch.floor((a - fl) * 2.0)).copysign_(v)
-
-
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=1)
     d = div(amax, 127.0)
     inv = torch.where(d != 0, div(1.0, d), 0.0)
-    qs = _roundf(x * inv[:, None]).to(torch.int8)
+    qs = roundf(x * inv[:, None]).to(torch.int8)
     return torch.cat([fp16_bytes(d), qs.view(torch.uint8)], dim=1)
 
 
@@ -105,7 +107,9 @@ def _quantize_chunk(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | No
     qw = None
     if imatrix is not None and qtype != GGMLType.Q8_0:
         qw = imatrix.reshape(1, n).expand(rows, n).reshape(-1, block)
-    if qtype == GGMLType.Q8_0:
+    if qtype in FAMILY:
+        out = FAMILY[qtype](blocks, qw)
+    elif qtype == GGMLType.Q8_0:
         out = _q8_0(blocks)
     elif qtype == GGMLType.Q6_K:
         out = quantize_q6_k(blocks, qw)

@@ -23,6 +23,8 @@ class GGMLType(IntEnum):
     Q5_0 = 6
     Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
@@ -39,6 +41,8 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q5_0: (32, 2 + 4 + 16),  # d, qh u32, qs[16]
     GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),  # d, m, qh u32, qs[16]
     GGMLType.Q8_0: (32, 2 + 32),  # d, qs int8[32]
+    GGMLType.Q2_K: (QK_K, QK_K // 16 + QK_K // 4 + 2 + 2),  # scales[16], qs[64], d, dmin
+    GGMLType.Q3_K: (QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),  # hmask[32], qs[64], scales[12], d
     GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),  # d, dmin, scales[12], qs[128]
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # d, dmin, scales, qh[32], qs[128]
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128], qh[64], scales[16], d
