@@ -30,6 +30,7 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
+from gemmaquant.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
 from gemmaquant.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
@@ -241,6 +242,8 @@ _KERNELS = {
     # family modules (quantizer and dequantizer of a type in one place)
     GGMLType.Q2_K: dequantize_q2_k,
     GGMLType.Q3_K: dequantize_q3_k,
+    GGMLType.IQ4_NL: dequantize_iq4_nl,
+    GGMLType.IQ4_XS: dequantize_iq4_xs,
 }
 
 

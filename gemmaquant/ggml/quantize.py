@@ -13,6 +13,7 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
+from gemmaquant.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
 from gemmaquant.ggml.kquants_low import quantize_q2_k, quantize_q3_k
 from gemmaquant.ggml.search import (
     div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,
@@ -27,6 +28,8 @@ CHUNK_VALUES = 1 << 18
 FAMILY = {
     GGMLType.Q2_K: quantize_q2_k,
     GGMLType.Q3_K: quantize_q3_k,
+    GGMLType.IQ4_NL: quantize_iq4_nl,
+    GGMLType.IQ4_XS: quantize_iq4_xs,
 }
 
 
