@@ -32,6 +32,7 @@ from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
 from gemmaquant.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
 from gemmaquant.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
+from gemmaquant.ggml.ternary import dequantize_tq1_0, dequantize_tq2_0
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
 # Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
@@ -244,6 +245,8 @@ _KERNELS = {
     GGMLType.Q3_K: dequantize_q3_k,
     GGMLType.IQ4_NL: dequantize_iq4_nl,
     GGMLType.IQ4_XS: dequantize_iq4_xs,
+    GGMLType.TQ1_0: dequantize_tq1_0,
+    GGMLType.TQ2_0: dequantize_tq2_0,
 }
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
 from gemmaquant.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
+from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
 from gemmaquant.ggml.kquants_low import quantize_q2_k, quantize_q3_k
 from gemmaquant.ggml.search import (
     div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,
 )
+from gemmaquant.ggml.ternary import quantize_tq1_0, quantize_tq2_0
 from gemmaquant.ggml.types import BLOCK, GGMLType, ggml_type, row_bytes
 
 # Values per chunk: 1 MB per float32 temporary; the K-quant searches keep ~15 of them alive.
@@ -30,6 +31,8 @@ FAMILY = {
     GGMLType.Q3_K: quantize_q3_k,
     GGMLType.IQ4_NL: quantize_iq4_nl,
     GGMLType.IQ4_XS: quantize_iq4_xs,
+    GGMLType.TQ1_0: quantize_tq1_0,
+    GGMLType.TQ2_0: quantize_tq2_0,
 }
 
 

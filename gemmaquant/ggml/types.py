@@ -31,6 +31,8 @@ class GGMLType(IntEnum):
     IQ4_NL = 20
     IQ4_XS = 23
     BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
 
 
 # type -> (weights per block, bytes per block). Sums follow the field order of the C structs.
@@ -50,6 +52,8 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128], qh[64], scales[16], d
     GGMLType.IQ4_NL: (32, 2 + 16),  # d, qs[16]
     GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h u16, scales_l[4], qs[128]
+    GGMLType.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # qs[48], qh[4], d
+    GGMLType.TQ2_0: (QK_K, QK_K // 4 + 2),  # qs[64], d
 }
 
 
