@@ -30,6 +30,8 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
+from gemmaquant.ggml.iq2 import dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs
+from gemmaquant.ggml.iq3 import dequantize_iq3_s, dequantize_iq3_xxs
 from gemmaquant.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
 from gemmaquant.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
 from gemmaquant.ggml.ternary import dequantize_tq1_0, dequantize_tq2_0
@@ -245,6 +247,11 @@ _KERNELS = {
     GGMLType.Q3_K: dequantize_q3_k,
     GGMLType.IQ4_NL: dequantize_iq4_nl,
     GGMLType.IQ4_XS: dequantize_iq4_xs,
+    GGMLType.IQ2_XXS: dequantize_iq2_xxs,
+    GGMLType.IQ2_XS: dequantize_iq2_xs,
+    GGMLType.IQ2_S: dequantize_iq2_s,
+    GGMLType.IQ3_XXS: dequantize_iq3_xxs,
+    GGMLType.IQ3_S: dequantize_iq3_s,
     GGMLType.TQ1_0: dequantize_tq1_0,
     GGMLType.TQ2_0: dequantize_tq2_0,
 }

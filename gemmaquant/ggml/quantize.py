@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.ggml.iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
+from gemmaquant.ggml.iq3 import quantize_iq3_s, quantize_iq3_xxs
 from gemmaquant.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
 from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
 from gemmaquant.ggml.kquants_low import quantize_q2_k, quantize_q3_k
@@ -19,7 +21,7 @@ from gemmaquant.ggml.search import (
     div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,
 )
 from gemmaquant.ggml.ternary import quantize_tq1_0, quantize_tq2_0
-from gemmaquant.ggml.types import BLOCK, GGMLType, ggml_type, row_bytes
+from gemmaquant.ggml.types import BLOCK, REQUIRES_IMATRIX, GGMLType, ggml_type, row_bytes
 
 # Values per chunk: 1 MB per float32 temporary; the K-quant searches keep ~15 of them alive.
 # Measured fastest on CPU (256K beat 64K and 1M for Q8_0 and Q6_K).
@@ -31,6 +33,11 @@ FAMILY = {
     GGMLType.Q3_K: quantize_q3_k,
     GGMLType.IQ4_NL: quantize_iq4_nl,
     GGMLType.IQ4_XS: quantize_iq4_xs,
+    GGMLType.IQ2_XXS: quantize_iq2_xxs,
+    GGMLType.IQ2_XS: quantize_iq2_xs,
+    GGMLType.IQ2_S: quantize_iq2_s,
+    GGMLType.IQ3_XXS: quantize_iq3_xxs,
+    GGMLType.IQ3_S: quantize_iq3_s,
     GGMLType.TQ1_0: quantize_tq1_0,
     GGMLType.TQ2_0: quantize_tq2_0,
 }
@@ -152,6 +159,11 @@ def quantize(w: torch.Tensor, qtype: GGMLType | int | str, imatrix: torch.Tensor
         return w.to(torch.float16).contiguous().view(torch.uint8).view(rows, nbytes)
     if qtype == GGMLType.BF16:
         return _bf16(w)
+    if imatrix is None and qtype in REQUIRES_IMATRIX:
+        raise GemmaQuantError(
+            f"{qtype.name} needs an importance matrix: llama.cpp cannot quantize it without one "
+            f"(compute one with `gemmaquant imatrix`, or pick a type that does not need it)"
+        )
     if imatrix is not None:
         imatrix = imatrix.to(device=w.device, dtype=torch.float32).reshape(-1)
         if imatrix.numel() != n:

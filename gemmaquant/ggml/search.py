@@ -243,9 +243,10 @@ def make_qkx(
 
 
 def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qp_quants(n, nmax, x, L, quant_weights): quantize non-negative sub-block scales.
+    """make_qp_quants(n, nmax, x, L, quant_weights): quantize (mostly) non-negative values.
 
-    x, w: [P, B] (the P scales or mins of each block: 8 for Q4_K/Q5_K, 16 for Q2_K). Returns
+    x, w: [P, B] (the P scales or mins of each block: 8 for Q4_K/Q5_K, 16 for Q2_K; the 32
+    magnitudes of an IQ2_XXS sub-block, one of which may be negative). Returns
     (scale [B], L [P, B] int32 holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
     """
     mx = torch.zeros_like(x[0])
@@ -271,11 +272,12 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
         best = torch.where(take, mse, best)
         iscale = torch.where(take, iscale_k, iscale)
 
-    L = nearest_int(iscale * x).clamp_(max=nmax) & 0xFF
-    wx = w * x
-    Lf = L.float()
-    sumlx = seq_sum(wx * Lf)
-    suml2 = seq_sum((w * Lf) * Lf)
+    l0 = nearest_int(iscale * x).clamp_(max=nmax)
+    L = l0 & 0xFF  # the uint8 L[i] the descent reads; the sums use the int (IQ2_XXS passes a
+    wx = w * x  # negative x, whose code wraps to 255 in L but counts as -1 in the sums)
+    lf = l0.float()
+    sumlx = seq_sum(wx * lf)
+    suml2 = seq_sum((w * lf) * lf)
     rows = list(L.unbind(0))
     for _ in range(5):
         n_changed = 0

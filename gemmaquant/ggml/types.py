@@ -28,7 +28,12 @@ class GGMLType(IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
     IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
     IQ4_XS = 23
     BF16 = 30
     TQ1_0 = 34
@@ -52,9 +57,19 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128], qh[64], scales[16], d
     GGMLType.IQ4_NL: (32, 2 + 16),  # d, qs[16]
     GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h u16, scales_l[4], qs[128]
+    GGMLType.IQ2_XXS: (QK_K, 2 + QK_K // 4),  # d, qs u16[32]: per 32 weights 4 grid bytes + signs/scale
+    GGMLType.IQ2_XS: (QK_K, 2 + QK_K // 4 + QK_K // 32),  # d, qs u16[32], scales[8]
+    GGMLType.IQ2_S: (QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # d, qs[64] (indices, signs), qh[8], scales[8]
+    GGMLType.IQ3_XXS: (QK_K, 2 + 3 * QK_K // 8),  # d, qs[96]: grid indices[64], 8 u32 signs + scale
+    GGMLType.IQ3_S: (QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + QK_K // 64),  # d, qs[64], qh[8], signs[32], scales[4]
     GGMLType.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # qs[48], qh[4], d
     GGMLType.TQ2_0: (QK_K, QK_K // 4 + 2),  # qs[64], d
 }
+
+
+# Types whose llama.cpp quantizer cannot run without an importance matrix (ggml asserts;
+# `ggml_quantize_requires_imatrix`).
+REQUIRES_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS})
 
 
 def ggml_type(value: int | str | GGMLType) -> GGMLType:

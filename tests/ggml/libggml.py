@@ -63,6 +63,11 @@ def require_libggml() -> ctypes.CDLL:
     return lib
 
 
+def requires_imatrix(qtype: int) -> bool:
+    """ggml_quantize_requires_imatrix: llama.cpp's own list of types it will not quantize without one."""
+    return bool(require_libggml().ggml_quantize_requires_imatrix(int(qtype)))
+
+
 def ggml_quantize_init(qtype: int) -> None:
     """Build the type's tables now (IQ grids and neighbour lists; a no-op for the others)."""
     require_libggml().ggml_quantize_init(int(qtype))
