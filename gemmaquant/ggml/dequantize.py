@@ -30,6 +30,7 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
+from gemmaquant.ggml.iq1 import dequantize_iq1_m, dequantize_iq1_s
 from gemmaquant.ggml.iq2 import dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs
 from gemmaquant.ggml.iq3 import dequantize_iq3_s, dequantize_iq3_xxs
 from gemmaquant.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
@@ -247,6 +248,8 @@ _KERNELS = {
     GGMLType.Q3_K: dequantize_q3_k,
     GGMLType.IQ4_NL: dequantize_iq4_nl,
     GGMLType.IQ4_XS: dequantize_iq4_xs,
+    GGMLType.IQ1_S: dequantize_iq1_s,
+    GGMLType.IQ1_M: dequantize_iq1_m,
     GGMLType.IQ2_XXS: dequantize_iq2_xxs,
     GGMLType.IQ2_XS: dequantize_iq2_xs,
     GGMLType.IQ2_S: dequantize_iq2_s,

@@ -3,8 +3,11 @@
 `quantize(w [rows, n_per_row] float32, qtype, imatrix [n_per_row] | None) -> uint8 [rows, row_bytes]`.
 Without an imatrix ggml runs the `*_ref` routines, with one the `*_impl` routines; Q8_0 (and the
 float types) ignore it. Work is vectorized over all blocks of a row chunk; rows are processed in
-chunks so that float32 temporaries stay around 64 MB whatever the tensor size. This module holds
-the 32-weight types; the K-quants are in `kquants.py`, the shared searches in `search.py`.
+chunks so that float32 temporaries stay around 64 MB whatever the tensor size (the IQ neighbour
+searches slice their work further, see `iqgrid.py`). This module holds Q8_0 and the legacy
+32-weight types; Q4_K..Q6_K are in `kquants.py`, every other type in its family module (`FAMILY`:
+Q2_K/Q3_K, IQ4_*, IQ3_*, IQ2_*, IQ1_*, TQ*), the shared searches in `search.py`. IQ2_XXS, IQ2_XS
+and IQ1_S need an imatrix, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.ggml.iq1 import quantize_iq1_m, quantize_iq1_s
 from gemmaquant.ggml.iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
 from gemmaquant.ggml.iq3 import quantize_iq3_s, quantize_iq3_xxs
 from gemmaquant.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
@@ -33,6 +37,8 @@ FAMILY = {
     GGMLType.Q3_K: quantize_q3_k,
     GGMLType.IQ4_NL: quantize_iq4_nl,
     GGMLType.IQ4_XS: quantize_iq4_xs,
+    GGMLType.IQ1_S: quantize_iq1_s,
+    GGMLType.IQ1_M: quantize_iq1_m,
     GGMLType.IQ2_XXS: quantize_iq2_xxs,
     GGMLType.IQ2_XS: quantize_iq2_xs,
     GGMLType.IQ2_S: quantize_iq2_s,

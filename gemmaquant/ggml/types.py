@@ -31,10 +31,12 @@ class GGMLType(IntEnum):
     IQ2_XXS = 16
     IQ2_XS = 17
     IQ3_XXS = 18
+    IQ1_S = 19
     IQ4_NL = 20
     IQ3_S = 21
     IQ2_S = 22
     IQ4_XS = 23
+    IQ1_M = 29
     BF16 = 30
     TQ1_0 = 34
     TQ2_0 = 35
@@ -57,6 +59,8 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128], qh[64], scales[16], d
     GGMLType.IQ4_NL: (32, 2 + 16),  # d, qs[16]
     GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h u16, scales_l[4], qs[128]
+    GGMLType.IQ1_S: (QK_K, 2 + QK_K // 8 + QK_K // 16),  # d, qs[32], qh u16[8]
+    GGMLType.IQ1_M: (QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # qs[32], qh[16], scales[8] (d inside)
     GGMLType.IQ2_XXS: (QK_K, 2 + QK_K // 4),  # d, qs u16[32]: per 32 weights 4 grid bytes + signs/scale
     GGMLType.IQ2_XS: (QK_K, 2 + QK_K // 4 + QK_K // 32),  # d, qs u16[32], scales[8]
     GGMLType.IQ2_S: (QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # d, qs[64] (indices, signs), qh[8], scales[8]
@@ -69,7 +73,7 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
 
 # Types whose llama.cpp quantizer cannot run without an importance matrix (ggml asserts;
 # `ggml_quantize_requires_imatrix`).
-REQUIRES_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS})
+REQUIRES_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
 
 
 def ggml_type(value: int | str | GGMLType) -> GGMLType:
