@@ -71,6 +71,21 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
 }
 
 
+# Byte offsets of the fp16 scale fields (d, dmin) in a block, for integrity checks of a file's
+# scales. IQ1_M has none: its fp16 scale is split over the top nibbles of its 4 scale words.
+F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
+    **{t: (0,) for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
+                         GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+                         GGMLType.IQ1_S)},
+    **{t: (0, 2) for t in (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)},
+    GGMLType.Q6_K: (208,),
+    GGMLType.Q2_K: (80, 82),
+    GGMLType.Q3_K: (108,),
+    GGMLType.TQ1_0: (52,),
+    GGMLType.TQ2_0: (64,),
+    GGMLType.IQ1_M: (),
+}
+
 # Types whose llama.cpp quantizer cannot run without an importance matrix (ggml asserts;
 # `ggml_quantize_requires_imatrix`).
 REQUIRES_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
