@@ -90,7 +90,7 @@ def best_neighbours(
             for i in range(1, t.group):
                 d2 += v[:, :, i]
             d2.masked_fill_(~valid, float("inf"))
-            out[s] = t.flat[rows].gather(1, d2.argmin(dim=1, keepdim=True)).squeeze(1)  # first minimum
+            out[s] = t.flat[rows.gather(1, d2.argmin(dim=1, keepdim=True)).squeeze(1)]  # first minimum
     return out
 
 
@@ -106,6 +106,7 @@ class _Groups:
         # per group, its G values and sqrt weights: [ng*M, G] (group k of sub-block m at k*M + m)
         self.xg = xv.view(self.ng, self.G, self.M).permute(0, 2, 1).reshape(-1, self.G).contiguous()
         self.wg = sqrt(w).view(self.ng, self.G, self.M).permute(0, 2, 1).reshape(-1, self.G).contiguous()
+        self.posT = t.pos.T.contiguous()  # [G, grid]
         self.powers = torch.tensor([float(1 << (t.bits * i)) for i in range(self.G)], device=xv.device)
 
     def round(self, iscale: torch.Tensor, scale: torch.Tensor, which: torch.Tensor | None = None):
@@ -125,7 +126,7 @@ class _Groups:
 
     def sums(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sumqx = Σ (w*xval)*q and sumq2 = Σ (w*q)*q over each sub-block, q = 2*level + 1."""
-        q = self.t.pos[index].permute(0, 2, 1).reshape(self.B, self.M)
+        q = self.posT.index_select(1, index.view(-1)).view(self.G, self.ng, self.M).transpose(0, 1).reshape(self.B, self.M)
         return seq_sum(torch.stack([self.wx * q, (self.w * q) * q]))
 
 
