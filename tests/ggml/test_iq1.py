@@ -20,6 +20,7 @@ from tests.ggml.family_checks import (
     demo_rows,
     random_rows,
 )
+from tests.ggml.libggml import ggml_quantize_init
 from tests.ggml.test_quantize import imatrix
 
 TYPES = [GGMLType.IQ1_S, GGMLType.IQ1_M]
@@ -28,6 +29,14 @@ CASES = [(t, im) for t in TYPES for im in (False, True) if im or t not in REQUIR
 
 def case_id(case: tuple[GGMLType, bool]) -> str:
     return f"{case[0].name}-{'imatrix' if case[1] else 'ref'}"
+
+
+@pytest.fixture(scope="module")
+def c_tables() -> None:
+    """llama.cpp builds its grid tables on first use (seconds; IQ1's ~15-40 s on this machine):
+    once per module, as setup, not inside the first test."""
+    for qtype in TYPES:
+        ggml_quantize_init(qtype)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +49,7 @@ def _one_thread():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_random_rows_match_libggml(case: tuple[GGMLType, bool]) -> None:
+def test_random_rows_match_libggml(c_tables, case: tuple[GGMLType, bool]) -> None:
     qtype, with_imatrix = case
     for seed, n in ((0, 1024), (1, 256)):
         w = random_rows(qtype, 32, n, seed=seed)
@@ -49,10 +58,10 @@ def test_random_rows_match_libggml(case: tuple[GGMLType, bool]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_demo_tensors_match_libggml(demo_dir, case: tuple[GGMLType, bool]) -> None:
+def test_demo_tensors_match_libggml(demo_dir, c_tables, case: tuple[GGMLType, bool]) -> None:
     qtype, with_imatrix = case
     for name in DEMO_256:
-        w = demo_rows(demo_dir, name, 32)
+        w = demo_rows(demo_dir, name, 64)
         check_against_libggml(qtype, w, imatrix(w.shape[1]) if with_imatrix else None)
 
 

@@ -18,10 +18,18 @@ from tests.ggml.family_checks import (
     demo_rows,
     random_rows,
 )
-from tests.ggml.libggml import ggml_quantize, require_libggml
+from tests.ggml.libggml import ggml_quantize, ggml_quantize_init, require_libggml
 from tests.ggml.test_quantize import imatrix
 
 TYPES = [GGMLType.IQ3_XXS, GGMLType.IQ3_S]
+
+
+@pytest.fixture(scope="module")
+def c_tables() -> None:
+    """llama.cpp builds its grid tables on first use (seconds; IQ1's ~15-40 s on this machine):
+    once per module, as setup, not inside the first test."""
+    for qtype in TYPES:
+        ggml_quantize_init(qtype)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +43,7 @@ def _one_thread():
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
+def test_random_rows_match_libggml(c_tables, qtype: GGMLType, with_imatrix: bool) -> None:
     for seed, n in ((0, 1024), (1, 256)):
         w = random_rows(qtype, 32, n, seed=seed)
         check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
@@ -44,14 +52,14 @@ def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_demo_tensors_match_libggml(demo_dir, qtype: GGMLType, with_imatrix: bool) -> None:
+def test_demo_tensors_match_libggml(demo_dir, c_tables, qtype: GGMLType, with_imatrix: bool) -> None:
     for name in DEMO_256:
         w = demo_rows(demo_dir, name, 32)
         check_against_libggml(qtype, w, imatrix(w.shape[1]) if with_imatrix else None)
 
 
 @pytest.mark.slow
-def test_iq3_s_zero_sub_block_shifts_later_ones() -> None:
+def test_iq3_s_zero_sub_block_shifts_later_ones(c_tables) -> None:
     # The second 32-weight sub-block is exactly zero: ggml writes sub-blocks 2..7's grid indices
     # and signs one slot early and leaves the last slot 0. Our bytes follow, and so does gguf's
     # (and llama.cpp's) misreading of them.
