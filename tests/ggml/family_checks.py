@@ -13,9 +13,9 @@ import torch
 
 from gemmaquant.ggml.dequantize import dequantize
 from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.types import BLOCK, GGMLType, row_bytes
+from gemmaquant.ggml.types import GGMLType, row_bytes
 from tests.ggml.libggml import ggml_quantize, require_libggml
-from tests.ggml.test_quantize import assert_same_blocks, imatrix, synthetic
+from tests.ggml.test_quantize import assert_same_blocks, synthetic
 
 # Real Gemma 3 270M weights (HF names): rows of 2048 (down_proj) and 1024 (o_proj) take the
 # 256-weight types; gate_proj/q_proj rows of 640 only the 32-weight ones (IQ4_NL).
@@ -57,7 +57,8 @@ def check_against_libggml(qtype: GGMLType, w: torch.Tensor, im: torch.Tensor | N
     assert_same_blocks(quantize(w, qtype, im), ggml_quantize(w, qtype, im), qtype)
 
 
-def random_rows(qtype: GGMLType, rows: int, n: int, seed: int) -> torch.Tensor:
+def random_rows(rows: int, n: int, seed: int) -> torch.Tensor:
+    """`synthetic` rows (outliers, zero/constant/tiny rows) followed by `edge_rows`."""
     return torch.cat([synthetic(rows, n, seed=seed), edge_rows(n, seed=seed)])
 
 
@@ -86,7 +87,3 @@ def check_dequantize_random_bytes(qtype: GGMLType, rows: int = 16, n: int = 1024
 
 def check_dequantize_bytes(qtype: GGMLType, data: torch.Tensor, shape: tuple[int, int]) -> None:
     assert_bit_equal(dequantize(data, qtype, shape), gguf_dequantize(data.numpy(), qtype, shape))
-
-
-def block_of(qtype: GGMLType) -> int:
-    return BLOCK[qtype][0]

@@ -52,7 +52,7 @@ def _one_thread():
 def test_random_rows_match_libggml(c_tables, case: tuple[GGMLType, bool]) -> None:
     qtype, with_imatrix = case
     for seed, n in ((0, 1024), (1, 256)):
-        w = random_rows(qtype, 32, n, seed=seed)
+        w = random_rows(32, n, seed=seed)
         check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
 
 
@@ -72,7 +72,7 @@ def test_iq1_s_refused_without_imatrix() -> None:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_our_bytes(qtype: GGMLType) -> None:
-    w = random_rows(qtype, 8, 512, seed=3)
+    w = random_rows(8, 512, seed=3)
     check_dequantize_bytes(qtype, quantize(w, qtype, imatrix(512)), tuple(w.shape))
 
 

@@ -51,7 +51,7 @@ def _one_thread():
 def test_random_rows_match_libggml(c_tables, case: tuple[GGMLType, bool]) -> None:
     qtype, with_imatrix = case
     for seed, n in ((0, 1024), (1, 256)):
-        w = random_rows(qtype, 16, n, seed=seed)
+        w = random_rows(16, n, seed=seed)
         check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
 
 
@@ -77,7 +77,7 @@ def test_requires_imatrix_is_llama_cpps_list() -> None:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_our_bytes(qtype: GGMLType) -> None:
-    w = random_rows(qtype, 4, 512, seed=3)
+    w = random_rows(4, 512, seed=3)
     check_dequantize_bytes(qtype, quantize(w, qtype, imatrix(512)), tuple(w.shape))
 
 

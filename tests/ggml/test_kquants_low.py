@@ -35,7 +35,7 @@ def _one_thread():
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
     for seed, n in ((0, 1024), (1, 256)):
-        w = random_rows(qtype, 64, n, seed=seed)
+        w = random_rows(64, n, seed=seed)
         check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
 
 
@@ -50,7 +50,7 @@ def test_demo_tensors_match_libggml(demo_dir, qtype: GGMLType, with_imatrix: boo
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_our_bytes(qtype: GGMLType) -> None:
-    w = random_rows(qtype, 16, 512, seed=3)
+    w = random_rows(16, 512, seed=3)
     for im in (None, imatrix(512)):
         check_dequantize_bytes(qtype, quantize(w, qtype, im), tuple(w.shape))
 

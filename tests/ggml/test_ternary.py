@@ -37,7 +37,7 @@ def ties(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
     for seed, n in ((0, 1024), (1, 256)):
-        w = torch.cat([random_rows(qtype, 64, n, seed=seed), ties(n)])
+        w = torch.cat([random_rows(64, n, seed=seed), ties(n)])
         check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
 
 
@@ -50,13 +50,13 @@ def test_demo_tensors_match_libggml(demo_dir, qtype: GGMLType) -> None:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_imatrix_is_ignored(qtype: GGMLType) -> None:
-    w = random_rows(qtype, 8, 512, seed=2)
+    w = random_rows(8, 512, seed=2)
     assert torch.equal(quantize(w, qtype, imatrix(512)), quantize(w, qtype))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_our_bytes(qtype: GGMLType) -> None:
-    w = torch.cat([random_rows(qtype, 16, 512, seed=3), ties(512)])
+    w = torch.cat([random_rows(16, 512, seed=3), ties(512)])
     check_dequantize_bytes(qtype, quantize(w, qtype), tuple(w.shape))
 
 
