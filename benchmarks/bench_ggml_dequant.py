@@ -2,7 +2,13 @@
 (with --quantize) gemmaquant's quantizers vs llama.cpp's own C quantizer (libggml-base).
 
     python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 7] [--threads N]
-        [--types Q8_0,Q6_K] [--quantize] [--qrows 256] [--imatrix] [--ct] [--compile]
+        [--types Q8_0,Q6_K | new | all] [--quantize] [--qrows 256] [--imatrix] [--ct] [--compile]
+
+`--types new` runs the types of the family modules (Q2_K, Q3_K, IQ4_*, TQ*, IQ3_*, IQ2_*, IQ1_*),
+`all` those and the default list. The IQ quantizers run at 1-20 us per weight: use --qrows 32..64
+for them. IQ2_XXS, IQ2_XS and IQ1_S quantize only with --imatrix (llama.cpp requires one); their
+dequantization rows use blocks made with a random imatrix. llama.cpp's one-time IQ table setup
+(seconds) is paid before the timed calls, and so is ours.
 
 Prints markdown tables of median M values/s per GGML type, checking every output first (dequant:
 bit-equal to gguf's; quantize: byte-equal to libggml's when it loads). Two clocks: `wall`
@@ -34,10 +40,14 @@ import torch
 from gemmaquant.ggml import compiled
 from gemmaquant.ggml.dequantize import dequantize
 from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.types import GGMLType, ggml_type
+from gemmaquant.ggml.fused import FUSED
+from gemmaquant.ggml.types import REQUIRES_IMATRIX, GGMLType, ggml_type
 
 TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
          GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16]  # fmt: skip
+NEW_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.TQ1_0, GGMLType.TQ2_0,
+             GGMLType.IQ3_S, GGMLType.IQ3_XXS, GGMLType.IQ2_S, GGMLType.IQ2_XS, GGMLType.IQ2_XXS,
+             GGMLType.IQ1_S, GGMLType.IQ1_M]  # fmt: skip
 
 
 def _medians(fns: list, repeats: int) -> list[tuple[float, float]]:
@@ -79,7 +89,8 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
     buf = torch.empty(shape)
     for qtype in types:
         # Valid blocks from our quantizer on a 64-row slab, tiled to the full size.
-        data = quantize(torch.randn(64, args.cols) * 0.02, qtype).repeat(args.rows // 64, 1)
+        im = torch.rand(args.cols) + 0.1 if qtype in REQUIRES_IMATRIX else None
+        data = quantize(torch.randn(64, args.cols) * 0.02, qtype, im).repeat(args.rows // 64, 1)
         data_np = data.numpy()
         gtype = gguf.GGMLQuantizationType(int(qtype))
         ref = gguf.quants.dequantize(data_np, gtype).astype(np.float32)
@@ -89,7 +100,7 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
             lambda: dequantize(data, qtype, shape, out=buf, compiled=False),
         ]
         assert np.array_equal(fns[1]().numpy().view(np.uint32), ref.view(np.uint32))
-        if args.compile:
+        if args.compile and qtype in FUSED:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("error", compiled.CompiledDequantWarning)  # no silent plain path
@@ -103,7 +114,9 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
         (wn, cn), (wo, co), (wb, cb), *rest = _medians(fns, args.repeats)
         m = n / 1e6
         row = f"| {qtype.name} | {m / wn:.0f} \\| {m / cn:.0f} | {m / wo:.0f} \\| {m / co:.0f} | {m / wb:.0f} \\| {m / cb:.0f} |"
-        if args.compile:
+        if args.compile and qtype not in FUSED:
+            row += " no compiled kernel | | | | |"
+        elif args.compile:
             (wc, cc), (wcb, ccb) = rest
             row += (f" {m / wc:.0f} \\| {m / cc:.0f} | {m / wcb:.0f} \\| {m / ccb:.0f} | {wn / wc:.1f}x"
                     f" | {cn / cc:.1f}x | {compile_s:.1f} |")
@@ -124,6 +137,9 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
     for qtype in types:
         if qtype in (GGMLType.F16, GGMLType.BF16):
             continue
+        if im is None and qtype in REQUIRES_IMATRIX:
+            print(f"| {qtype.name} | needs --imatrix | | |")
+            continue
         fns = [lambda: quantize(w, qtype, im)]
         if ggml is not None:
             assert torch.equal(quantize(w, qtype, im), ggml(w, qtype, im)), qtype
@@ -133,7 +149,7 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
         c_col, ratio = "n/a", "n/a"
         if ggml is not None:
             wc, cc = times[1]
-            c_col, ratio = f"{m / wc:.0f} \\| {m / cc:.0f}", f"{co / cc:.0f}x"
+            c_col, ratio = f"{m / wc:.1f} \\| {m / cc:.1f}", f"{co / cc:.1f}x"
         print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
 
 
@@ -215,7 +231,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    types = [ggml_type(t) for t in args.types.split(",")]
+    named = {"new": NEW_TYPES, "all": TYPES + NEW_TYPES}
+    types = named.get(args.types) or [ggml_type(t) for t in args.types.split(",")]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load:.1f}")
     bench_dequant(args, types)

@@ -23,7 +23,7 @@ from torch import nn
 from .config import FULL, SLIDING, GemmaConfig, config_from_dict
 from .errors import GemmaQuantError
 from .gguf_file import GGUFFile
-from .ggml.types import BLOCK, GGMLType
+from .ggml.types import BLOCK, F16_FIELDS, GGMLType
 from .model import Gemma
 from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
 
@@ -227,8 +227,7 @@ def _first_bad_block(raw: torch.Tensor, qtype: GGMLType) -> int | None:
     else:
         _, unit = BLOCK[qtype]
         blocks = flat.view(-1, unit)
-        fields = {GGMLType.Q6_K: [208]}.get(qtype, [0, 2] if qtype in (
-            GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K) else [0])
+        fields = F16_FIELDS[qtype]
         bad = torch.zeros(blocks.shape[0], dtype=torch.bool)
         for f in fields:
             half = blocks[:, f:f + 2].contiguous().view(torch.int16).view(-1)

@@ -63,16 +63,17 @@ def int8_act_quant(x: Tensor, scale: Tensor | None = None, zero_point: Tensor | 
     return (q + zp).clamp(-128, 127) - zp, scale
 
 
-_Q8_0_ACT = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0)
-_Q8_K_ACT = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+# llama.cpp's CPU `vec_dot_type`: Q8_0 (or Q8_1, the same values) for the 32-weight types, IQ4_NL
+# included; Q8_K for every 256-weight type (K-quants, IQ*, TQ*).
+_Q8_0_ACT = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL)
 
 
 def ggml_act_quant(x: Tensor, qtype: GGMLType) -> Tensor:
     """The activation rounding of llama.cpp's CPU matmuls (`vec_dot_type` of the weight type), as a
     fake-quantized float32 x [..., K]:
-      Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights → x as Q8_0 (Q8_1 holds the same values): per 32 values
-        d = amax/127, q = roundf(x/d) (half away from zero), value = fp16(d)·q;
-      Q4_K/Q5_K/Q6_K → Q8_K: per 256 values m = the signed value of largest |x|, s = −127/m,
+      Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL weights → x as Q8_0 (Q8_1 holds the same values): per 32
+        values d = amax/127, q = roundf(x/d) (half away from zero), value = fp16(d)·q;
+      the 256-weight types (Q2_K…Q6_K, IQ*, TQ*) → Q8_K: per 256 values m = the signed value of largest |x|, s = −127/m,
         q = min(127, rint(s·x)), value = q/s (float32 scale);
       F16/BF16 → x rounded to that type; F32 → unchanged."""
     if qtype == GGMLType.F32:

@@ -30,6 +30,12 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.ggml import compiled as _compiled
+from gemmaquant.ggml.iq1 import dequantize_iq1_m, dequantize_iq1_s
+from gemmaquant.ggml.iq2 import dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs
+from gemmaquant.ggml.iq3 import dequantize_iq3_s, dequantize_iq3_xxs
+from gemmaquant.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
+from gemmaquant.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
+from gemmaquant.ggml.ternary import dequantize_tq1_0, dequantize_tq2_0
 from gemmaquant.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
 
 # Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
@@ -237,6 +243,20 @@ _KERNELS = {
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
+    # family modules (quantizer and dequantizer of a type in one place)
+    GGMLType.Q2_K: dequantize_q2_k,
+    GGMLType.Q3_K: dequantize_q3_k,
+    GGMLType.IQ4_NL: dequantize_iq4_nl,
+    GGMLType.IQ4_XS: dequantize_iq4_xs,
+    GGMLType.IQ1_S: dequantize_iq1_s,
+    GGMLType.IQ1_M: dequantize_iq1_m,
+    GGMLType.IQ2_XXS: dequantize_iq2_xxs,
+    GGMLType.IQ2_XS: dequantize_iq2_xs,
+    GGMLType.IQ2_S: dequantize_iq2_s,
+    GGMLType.IQ3_XXS: dequantize_iq3_xxs,
+    GGMLType.IQ3_S: dequantize_iq3_s,
+    GGMLType.TQ1_0: dequantize_tq1_0,
+    GGMLType.TQ2_0: dequantize_tq2_0,
 }
 
 

@@ -3,8 +3,11 @@
 `quantize(w [rows, n_per_row] float32, qtype, imatrix [n_per_row] | None) -> uint8 [rows, row_bytes]`.
 Without an imatrix ggml runs the `*_ref` routines, with one the `*_impl` routines; Q8_0 (and the
 float types) ignore it. Work is vectorized over all blocks of a row chunk; rows are processed in
-chunks so that float32 temporaries stay around 64 MB whatever the tensor size. This module holds
-the 32-weight types; the K-quants are in `kquants.py`, the shared searches in `search.py`.
+chunks so that float32 temporaries stay around 64 MB whatever the tensor size (the IQ neighbour
+searches slice their work further, see `iqgrid.py`). This module holds Q8_0 and the legacy
+32-weight types; Q4_K..Q6_K are in `kquants.py`, every other type in its family module (`FAMILY`:
+Q2_K/Q3_K, IQ4_*, IQ3_*, IQ2_*, IQ1_*, TQ*), the shared searches in `search.py`. IQ2_XXS, IQ2_XS
+and IQ1_S need an imatrix, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,13 +15,38 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.ggml.iq1 import quantize_iq1_m, quantize_iq1_s
+from gemmaquant.ggml.iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
+from gemmaquant.ggml.iq3 import quantize_iq3_s, quantize_iq3_xxs
+from gemmaquant.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
 from gemmaquant.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
-from gemmaquant.ggml.search import div, first_abs_max, make_qkx, make_qx_quants, running_min_max, seq_sum, sqrt
-from gemmaquant.ggml.types import BLOCK, GGMLType, ggml_type, row_bytes
+from gemmaquant.ggml.kquants_low import quantize_q2_k, quantize_q3_k
+from gemmaquant.ggml.search import (
+    div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,
+)
+from gemmaquant.ggml.ternary import quantize_tq1_0, quantize_tq2_0
+from gemmaquant.ggml.types import BLOCK, REQUIRES_IMATRIX, GGMLType, ggml_type, row_bytes
 
 # Values per chunk: 1 MB per float32 temporary; the K-quant searches keep ~15 of them alive.
 # Measured fastest on CPU (256K beat 64K and 1M for Q8_0 and Q6_K).
 CHUNK_VALUES = 1 << 18
+
+# The types whose quantizer lives in a family module: (blocks [nb, block], qw | None) -> [nb, bytes].
+FAMILY = {
+    GGMLType.Q2_K: quantize_q2_k,
+    GGMLType.Q3_K: quantize_q3_k,
+    GGMLType.IQ4_NL: quantize_iq4_nl,
+    GGMLType.IQ4_XS: quantize_iq4_xs,
+    GGMLType.IQ1_S: quantize_iq1_s,
+    GGMLType.IQ1_M: quantize_iq1_m,
+    GGMLType.IQ2_XXS: quantize_iq2_xxs,
+    GGMLType.IQ2_XS: quantize_iq2_xs,
+    GGMLType.IQ2_S: quantize_iq2_s,
+    GGMLType.IQ3_XXS: quantize_iq3_xxs,
+    GGMLType.IQ3_S: quantize_iq3_s,
+    GGMLType.TQ1_0: quantize_tq1_0,
+    GGMLType.TQ2_0: quantize_tq2_0,
+}
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -34,18 +62,11 @@ def _pack_qh(q: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=2, dtype=torch.uint8)
 
 
-def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf (half away from zero), exact: floor(|v|+0.5) is wrong at 0.49999997."""
-    a = v.abs()
-    fl = torch.floor(a)
-    return (fl + torch.floor((a - fl) * 2.0)).copysign_(v)
-
-
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=1)
     d = div(amax, 127.0)
     inv = torch.where(d != 0, div(1.0, d), 0.0)
-    qs = _roundf(x * inv[:, None]).to(torch.int8)
+    qs = roundf(x * inv[:, None]).to(torch.int8)
     return torch.cat([fp16_bytes(d), qs.view(torch.uint8)], dim=1)
 
 
@@ -105,7 +126,9 @@ def _quantize_chunk(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | No
     qw = None
     if imatrix is not None and qtype != GGMLType.Q8_0:
         qw = imatrix.reshape(1, n).expand(rows, n).reshape(-1, block)
-    if qtype == GGMLType.Q8_0:
+    if qtype in FAMILY:
+        out = FAMILY[qtype](blocks, qw)
+    elif qtype == GGMLType.Q8_0:
         out = _q8_0(blocks)
     elif qtype == GGMLType.Q6_K:
         out = quantize_q6_k(blocks, qw)
@@ -142,6 +165,11 @@ def quantize(w: torch.Tensor, qtype: GGMLType | int | str, imatrix: torch.Tensor
         return w.to(torch.float16).contiguous().view(torch.uint8).view(rows, nbytes)
     if qtype == GGMLType.BF16:
         return _bf16(w)
+    if imatrix is None and qtype in REQUIRES_IMATRIX:
+        raise GemmaQuantError(
+            f"{qtype.name} needs an importance matrix: llama.cpp cannot quantize it without one "
+            f"(compute one with `gemmaquant imatrix`, or pick a type that does not need it)"
+        )
     if imatrix is not None:
         imatrix = imatrix.to(device=w.device, dtype=torch.float32).reshape(-1)
         if imatrix.numel() != n:

@@ -183,9 +183,13 @@ def _grid_codes(
 
 
 def make_qkx(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool,
+    use_mad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants (qkx3=False) / make_qkx3_quants (qkx3=True) with use_mad=false.
+    """make_qkx2_quants (qkx3=False) / make_qkx3_quants (qkx3=True).
+
+    `use_mad` (Q2_K's reference path) scores candidates by the weighted absolute error `w*|diff|`
+    instead of the weighted squared error `w*diff*diff`.
 
     Asymmetric search x ≈ scale*L - the_min. x, w: [P, M]. Returns (scale [M], the_min [M], L
     [P, M] int32 in 0..nmax). The grid of candidate k is built around `cur_min`, which starts at
@@ -204,7 +208,7 @@ def make_qkx(
     scale = div(1.0, iscale)
     L = torch.round(iscale * (x - mn)).clamp_(0, nmax)  # 0 <= iscale*(x - mn) <= nmax: exact
     diff = (scale * L + mn) - x
-    best = seq_sum(w * (diff * diff))
+    best = seq_sum(w * (diff.abs() if use_mad else diff * diff))
     cur_min = mn
     # L is a pure function of (iscale, grid min): keep the accepted pair per sub-block, not the
     # codes (a where over [P, M] per step costs more than the whole grid), and rebuild L once.
@@ -225,7 +229,7 @@ def make_qkx(
         this_min = torch.where(clip, 0.0, this_min)
         this_scale = torch.where(clip, div(sum_xl, sum_l2), this_scale)
         diff = torch.mul(lf, this_scale, out=terms[0]).add_(this_min).sub_(x)  # (scale*l + min) - x
-        err = seq_sum(diff.mul_(diff).mul_(w))  # w * (diff*diff)
+        err = seq_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(w))  # w * |diff| or w * (diff*diff)
         take = (D > 0) & (err < best)
         sel_iscale = torch.where(take, iscale, sel_iscale)
         sel_min = torch.where(take, cur_min, sel_min)
@@ -239,10 +243,11 @@ def make_qkx(
 
 
 def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qp_quants(n, nmax, x, L, quant_weights): quantize non-negative sub-block scales.
+    """make_qp_quants(n, nmax, x, L, quant_weights): quantize (mostly) non-negative values.
 
-    x, w: [8, B] (the 8 scales or mins of each K-quant block). Returns (scale [B], L [8, B] int32
-    holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
+    x, w: [P, B] (the P scales or mins of each block: 8 for Q4_K/Q5_K, 16 for Q2_K; the 32
+    magnitudes of an IQ2_XXS sub-block, one of which may be negative). Returns
+    (scale [B], L [P, B] int32 holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
     """
     mx = torch.zeros_like(x[0])
     for i in range(x.shape[0]):
@@ -267,11 +272,12 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
         best = torch.where(take, mse, best)
         iscale = torch.where(take, iscale_k, iscale)
 
-    L = nearest_int(iscale * x).clamp_(max=nmax) & 0xFF
-    wx = w * x
-    Lf = L.float()
-    sumlx = seq_sum(wx * Lf)
-    suml2 = seq_sum((w * Lf) * Lf)
+    l0 = nearest_int(iscale * x).clamp_(max=nmax)
+    L = l0 & 0xFF  # the uint8 L[i] the descent reads; the sums use the int (IQ2_XXS passes a
+    wx = w * x  # negative x, whose code wraps to 255 in L but counts as -1 in the sums)
+    lf = l0.float()
+    sumlx = seq_sum(wx * lf)
+    suml2 = seq_sum((w * lf) * lf)
     rows = list(L.unbind(0))
     for _ in range(5):
         n_changed = 0
@@ -294,3 +300,51 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
     L = torch.stack(rows)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): Q3_K's reference scale search.
+
+    x: [P, M]. Returns (scale [M], L [P, M] int32 in 0..2*nmax-1). Start from the codes of
+    `-nmax/max`, then up to 5 passes of coordinate descent with x² weights: each weight in turn
+    moves to the code that best fits the least-squares scale of the others, kept if the fit
+    `sumlx²/suml2` improves. The descent is sequential within a sub-block (P dependent steps per
+    pass), vectorized across sub-blocks; a pass that changes no sub-block ends it for all (a pass
+    without change is a no-op, as in C). An all-zero sub-block returns codes 0, not nmax.
+    """
+    amax, mx = first_abs_max(x)
+    zero = amax < GROUP_MAX_EPS
+    iscale = div(float(-nmax), mx)
+    L = nearest_int(iscale * x).clamp_(-nmax, nmax - 1).float()
+    w = x * x
+    wx = w * x
+    sumlx = seq_sum(wx * L)
+    suml2 = seq_sum((w * L) * L)
+    rows = list(L.unbind(0))
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = rows[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = nearest_int(div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1).float()
+            slx_new = slx + wx[i] * new_l
+            sl2_new = sl2 + (w[i] * new_l) * new_l
+            take = (slx > 0) & (new_l != li) & (sl2_new > 0)
+            take &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+            rows[i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+            changed |= bool(take.any())
+        if not changed:
+            break
+    L = torch.stack(rows).to(torch.int32) + nmax
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
+
+
+def roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf / lroundf (half away from zero), exact: floor(|v|+0.5) is wrong at 0.49999997."""
+    a = v.abs()
+    fl = torch.floor(a)
+    return (fl + torch.floor((a - fl) * 2.0)).copysign_(v)

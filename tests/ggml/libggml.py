@@ -2,6 +2,11 @@
 
 The library ships inside the llama_cpp (llama-cpp-python) package directory. `GGML_BASE_LIB` may
 name the .so explicitly. Tests call `require_libggml()`, which skips with the reason when absent.
+
+`ggml_quantize_chunk` asserts (aborting the whole process, not raising) when a type that needs an
+importance matrix (IQ2_XXS, IQ2_XS, IQ1_S) gets none, so `ggml_quantize` refuses those calls
+first. The IQ types build their grid tables on first use (seconds); `ggml_quantize_init` does it
+up front, so that a test or benchmark can keep that cost apart.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ]  # fmt: skip
         lib.ggml_row_size.restype = ctypes.c_size_t
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_init.restype = None
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
         return lib, path
     return None, f"no loadable libggml-base found (tried {candidates or 'nothing'})"
 
@@ -54,9 +63,21 @@ def require_libggml() -> ctypes.CDLL:
     return lib
 
 
+def requires_imatrix(qtype: int) -> bool:
+    """ggml_quantize_requires_imatrix: llama.cpp's own list of types it will not quantize without one."""
+    return bool(require_libggml().ggml_quantize_requires_imatrix(int(qtype)))
+
+
+def ggml_quantize_init(qtype: int) -> None:
+    """Build the type's tables now (IQ grids and neighbour lists; a no-op for the others)."""
+    require_libggml().ggml_quantize_init(int(qtype))
+
+
 def ggml_quantize(w: torch.Tensor, qtype: int, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """llama.cpp's bytes for `w` [rows, n_per_row] float32: uint8 [rows, row_bytes]."""
     lib = require_libggml()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"ggml type {int(qtype)} requires an imatrix (libggml would abort the process)")
     src = np.ascontiguousarray(w.detach().cpu().numpy(), dtype=np.float32)
     rows, n = src.shape
     nbytes = lib.ggml_row_size(int(qtype), n)

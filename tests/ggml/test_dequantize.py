@@ -111,7 +111,7 @@ def test_bytes_at_any_offset(offset: int) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(GGMLType), ids=lambda t: t.name)
 def test_cuda_matches_cpu(qtype: GGMLType) -> None:
     # The plain kernels on CUDA: one launch set per tensor, the same bits as on the CPU (random bytes
     # included, so NaN/inf/subnormal scales take the GPU's paths too).
