@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, set_compile
+from .cli_options import COMPILE_HELP, TEXT_HELP, set_compile
 from .errors import EXIT_INTERRUPTED, GemmaQuantError
 
 app = typer.Typer(
@@ -45,7 +45,7 @@ def _write_json(path: Optional[Path], data: dict):
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text file to measure perplexity on."),
+    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP),
     ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate at most N chunks (default: all)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
@@ -59,16 +59,18 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .evaluate import open_for_eval
+    from .texts import eval_text
 
     _set_threads(threads)
     set_compile(compile_)
+    src = eval_text(text)  # a bad --text fails before the model loads
     runner = open_for_eval(model, dtype=dtype, device=device)
-    chunk_ids = runner.chunks(text, ctx, chunks)
+    chunk_ids = runner.chunks(src, ctx, chunks)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
                   TimeRemainingColumn(), console=err, disable=quiet, transient=True) as bar:
         task = bar.add_task("eval", total=len(chunk_ids))
         res = runner.perplexity(chunk_ids, progress=lambda i: bar.update(task, completed=i))
-    data = {"model": model, "text": str(text), "dtype": str(runner.dtype).replace("torch.", ""),
+    data = {"model": model, **src.to_dict(), "dtype": str(runner.dtype).replace("torch.", ""),
             "device": device, **res.to_dict()}
     if compile_:
         from .ggml.compiled import compiled_types
@@ -78,6 +80,7 @@ def eval_cmd(
     if not quiet and str(json_path) != "-":
         t = Table(title=f"perplexity of {model}", show_header=False)
         t.add_row("ppl", f"{res.ppl:.4f} ± {res.ppl_stderr:.4f}")
+        t.add_row("text", src.describe())
         t.add_row("tokens scored", f"{res.tokens_scored} ({res.chunks} chunks of {res.ctx})")
         t.add_row("speed", f"{res.tokens_per_second:.1f} tokens/s ({res.seconds:.1f} s)")
         t.add_row("compute", f"{data['dtype']} on {device}")
@@ -157,7 +160,9 @@ def quantize_cmd(
 def imatrix_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Output imatrix file (llama.cpp GGUF imatrix format)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: built-in mixed text)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", "--text",
+                                         help="Calibration text (default: the built-in calibration text, "
+                                              "prose, code, chat turns and several languages)."),
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_len: int = typer.Option(512, "--calib-len"),
     llama_chunks_: bool = typer.Option(
@@ -172,15 +177,16 @@ def imatrix_cmd(
     from .checkpoint import resolve_model
     from .export.atomic import atomic_output
     from .imatrix import compute_imatrix, llama_chunks
+    from .texts import calib_text
 
     _set_threads(threads)
+    src = calib_text(calib)  # a bad --calib fails before the model loads
     ckpt = resolve_model(model)
     ids = dataset = None
     if llama_chunks_:
-        from .calib.data import default_text, load_tokenizer_for, read_text
+        from .calib.data import load_tokenizer_for
 
-        text = read_text(calib) if calib is not None else default_text()
-        tok_ids = load_tokenizer_for(ckpt.path).encode(text, add_bos=True, parse_special=True)
+        tok_ids = load_tokenizer_for(ckpt.path).encode(src.content, add_bos=True, parse_special=True)
         try:
             ids = llama_chunks(tok_ids, calib_len, ckpt.config.bos_token_id, calib_samples)
         except ValueError as e:
@@ -189,7 +195,8 @@ def imatrix_cmd(
     im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset)
     with atomic_output(out_path, force=force, kind="file") as tmp:
         im.save(tmp)
-    out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}")
+    out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}; text {src.describe()}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command("recipes")

@@ -1,4 +1,4 @@
-"""`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] --text FILE`: drift of quantized artifacts.
+"""`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] [--text FILE]`: drift of quantized artifacts.
 
 The lead registers it in cli.py with `app.command("compare")(compare_cmd)`.
 """
@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, set_compile
+from .cli_options import COMPILE_HELP, TEXT_HELP, set_compile
 from .errors import GemmaQuantError
+
+if TYPE_CHECKING:
+    from .texts import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -47,14 +50,14 @@ def _run(bar, label, total, fn):
         return fn(lambda i: bar.update(task, completed=i))
 
 
-def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
+def base_reference(base: str, text: "Text", ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
                    layer_chunks: int, use_cache: bool, quiet: bool):
     """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
     from .artifact import open_artifact
     from .drift import base_cache_key, compute_base_ref, load_cached, save_cached
-    from .perplexity import chunk_tokens, read_text
+    from .perplexity import chunk_tokens
 
-    raw_text = read_text(text)
+    raw_text = text.content
     key = base_cache_key(base, raw_text.encode("utf-8"), ctx, chunks, dtype, topk, layer_chunks)
     ref = load_cached(key) if use_cache else None
     if ref is not None:
@@ -63,7 +66,7 @@ def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype
         return ref, ref.summary
     art = open_artifact(base, dtype, device)
     tokens = art.tokenizer.encode(raw_text, add_bos=True)
-    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=str(text))
+    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=text.name)
     bar = _progress("base", len(ids), quiet)
     ref = _run(bar, "base", len(ids), lambda p: compute_base_ref(art.model, ids, topk, layer_chunks, p))
     ref.summary = _summary(art)
@@ -82,17 +85,19 @@ def _summary(art) -> dict:
             "config": {"model_type": cfg.model_type, **{f: getattr(cfg, f) for f in SHAPE_FIELDS}}}
 
 
-def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 512, chunks: Optional[int] = None,
+def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str | None" = None, ctx: int = 512, chunks: Optional[int] = None,
                       dtype: str = "auto", device: str = "cpu", topk: int = 128, layer_chunks: int = 1,
                       use_cache: bool = True, quiet: bool = True) -> dict:
-    """The library side of `compare`: a JSON-able report."""
+    """The library side of `compare`: a JSON-able report. `text`: a Text, a path, or None for the
+    shipped evaluation text."""
     from types import SimpleNamespace
 
     from .artifact import open_artifact
     from .drift import FP16_MAX, check_compatible, compare
     from .loading import resolve_dtype
-    from .perplexity import read_text
+    from .texts import Text, eval_text
 
+    text = text if isinstance(text, Text) else eval_text(text)
     dt = resolve_dtype(dtype, device)
     ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
     base_cfg = SimpleNamespace(**base_sum["config"])
@@ -102,17 +107,15 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
     report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
                        "act_site": ref.act_site,
                        "fp16_overflow_layers": [i for i, v in enumerate(ref.act_max) if not v <= FP16_MAX]},
-              "text": str(text), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
+              **text.to_dict(), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
               "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
               "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
-    raw_text = None
     for a in artifacts:
         art = open_artifact(a, dt, device)
         check_compatible(base_cfg, art.config, base, a)
         bar = _progress(art.name, len(ref.chunks), quiet)
         d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
-        raw_text = raw_text or read_text(text)
-        same_tok = art.tokenizer.encode(raw_text, add_bos=True)[: ref.chunks.numel()]
+        same_tok = art.tokenizer.encode(text.content, add_bos=True)[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()
         tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
         report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
@@ -123,7 +126,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
 def render_table(rep: dict) -> Table:
     """One column per model (base first), one row per metric: readable in an 80-column terminal."""
     b = rep["base"]
-    t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {Path(rep['text']).name} "
+    t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {_text_label(rep)} "
                     f"· {rep['dtype']}")
     t.add_column("metric")
     t.add_column(b["name"] + " (base)", justify="right")
@@ -152,6 +155,10 @@ def render_table(rep: dict) -> Table:
     for name, base, vals in rows:
         t.add_row(name, base, *vals)
     return t
+
+
+def _text_label(rep: dict) -> str:
+    return f"{Path(rep['text']).name} (sha256 {rep['text_sha256'][:12]})"
 
 
 def _act(amax: list[float], over: list[int]) -> str:
@@ -184,7 +191,7 @@ def _flag(v: float) -> str:
 def markdown(rep: dict) -> str:
     b = rep["base"]
     lines = [f"# Drift report: {b['name']}", "",
-             f"Text `{rep['text']}`, {rep['chunks']} chunks of {rep['ctx']} tokens (llama-perplexity method), "
+             f"Text `{rep['text']}` (sha256 `{rep['text_sha256']}`), {rep['chunks']} chunks of {rep['ctx']} tokens (llama-perplexity method), "
              f"compute {rep['dtype']} on {rep['device']}. KL(base‖artifact): {rep['kl_method']}.", "",
              "| artifact | weights | size | bpw (Linears / file) | ppl | Δppl % | KL mean | KL p99 | top-1 | max abs act |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -243,7 +250,7 @@ def plot(rep: dict, path: Path) -> None:
 def compare_cmd(
     base: str = typer.Argument(..., help="The unquantized model: HF directory, repo id, or 'demo'."),
     artifacts: List[str] = typer.Argument(..., help="Quantized artifacts: GGUF files or compressed-tensors dirs."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text to measure on."),
+    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP),
     ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most N chunks (default: all)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),

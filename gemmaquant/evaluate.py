@@ -12,7 +12,8 @@ from .checkpoint import Checkpoint, resolve_model
 from .errors import GemmaQuantError
 from .loading import load_model, resolve_dtype
 from .model import Gemma
-from .perplexity import PerplexityResult, chunk_tokens, perplexity, read_text
+from .perplexity import PerplexityResult, chunk_tokens, perplexity
+from .texts import Text, eval_text
 
 
 @dataclass
@@ -26,14 +27,16 @@ class EvalModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def chunks(self, text_path: str | Path, ctx: int, n_chunks: int | None) -> torch.Tensor:
+    def chunks(self, text: Text | str | Path | None, ctx: int, n_chunks: int | None) -> torch.Tensor:
+        """`text`: a Text, a path, or None for the shipped evaluation text."""
+        src = text if isinstance(text, Text) else eval_text(text)
         # llama-perplexity tokenizes with BOS and without parsing special-token text
-        tokens = self.tokenizer.encode(read_text(text_path), add_bos=True, parse_special=False)
+        tokens = self.tokenizer.encode(src.content, add_bos=True, parse_special=False)
         vocab = self.model.cfg.vocab_size
         if tokens and max(tokens) >= vocab:
             raise GemmaQuantError(f"{self.name}: the tokenizer produced id {max(tokens)} but the model has "
                                   f"{vocab} embedding rows (tokenizer of another model?)")
-        return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=str(text_path))
+        return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=src.name)
 
     def logits(self, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
         return self.model(ids.to(self.device), logits_from=first)
