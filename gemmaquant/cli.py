@@ -101,7 +101,12 @@ def quantize_cmd(
     imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix", help="GGUF: compute an importance matrix from calibration text."),
     imatrix_file: Optional[Path] = typer.Option(None, "--imatrix-file", help="GGUF: use a llama.cpp imatrix file (GGUF or legacy .dat)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and estimated size; write nothing."),
+    card: bool = typer.Option(False, "--card", help="GGUF: also write README.md beside the file, a Hub model card (a "
+                              "second GGUF in the same folder joins it). compressed-tensors directories always get one."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The Hub repo id of MODEL, for the card's "
+                                             "base_model when it cannot be derived (a local copy of a Hub repo)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),
+    show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -109,6 +114,7 @@ def quantize_cmd(
 ):
     """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
     from .checkpoint import resolve_model
+    from .export.model_card import valid_repo_id
     from .quantize import QuantizeOptions, check_family, default_output, run_quantize
     from .recipes import load_recipe
     from .schemes import get_scheme
@@ -130,7 +136,9 @@ def quantize_cmd(
     settings.update({k: v for k, v in explicit.items() if v is not None})
     if settings.get("calib") is not None:
         settings["calib"] = Path(settings["calib"])
-    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device,
+    if base_model is not None and not valid_repo_id(base_model):
+        raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
+    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, card=card, base_model=base_model,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     out_p = out_path or default_output(ckpt, s)

@@ -247,6 +247,32 @@ def plot(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _card_of(artifact: str) -> tuple[Path, str]:
+    """(README.md, output key) of an artifact's model card, or a one-line error saying how to get one."""
+    from .export.model_card import card_location, read_card
+
+    readme, key = card_location(artifact)
+    data = read_card(readme)
+    if data is None or not any(o["file"] == key for o in data.get("outputs", [])):
+        how = ("write the GGUF with `gemmaquant quantize ... --card`" if key != "."
+               else "it is written by `gemmaquant quantize`")
+        raise GemmaQuantError(f"{artifact}: no gemmaquant model card for it in {readme} ({how}); --card updates "
+                              "only cards gemmaquant wrote")
+    return readme, key
+
+
+def _record_drift(readme: Path, key: str, rep: dict, a: dict) -> None:
+    from .export.model_card import add_drift, read_card, write_card
+
+    data = read_card(readme)
+    b = rep["base"]
+    add_drift(data, key, {"base": b["name"], "text": rep["text"], "text_sha256": rep["text_sha256"],
+                          "ctx": rep["ctx"], "chunks": rep["chunks"], "dtype": rep["dtype"], "base_ppl": b["ppl"],
+                          "ppl": a["ppl"], "delta_ppl_pct": a["delta_ppl_pct"], "kl_mean": a["kl_mean"],
+                          "kl_p99": a["kl_p99"], "top1": a["top1"]})
+    write_card(readme, data)
+
+
 def compare_cmd(
     base: str = typer.Argument(..., help="The unquantized model: HF directory, repo id, or 'demo'."),
     artifacts: List[str] = typer.Argument(..., help="Quantized artifacts: GGUF files or compressed-tensors dirs."),
@@ -263,6 +289,8 @@ def compare_cmd(
     topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder)."),
     layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the base's logits even if cached."),
+    card: bool = typer.Option(False, "--card", help="Write each ARTIFACT's drift into its model card (README.md: "
+                              "a compressed-tensors directory's own, a GGUF's folder card from `quantize --card`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
@@ -278,8 +306,13 @@ def compare_cmd(
             import matplotlib  # noqa: F401
         except ImportError:
             raise GemmaQuantError("--plot needs matplotlib: pip install 'gemmaquant[plot]'") from None
+    cards = [_card_of(a) for a in artifacts] if card else []  # a missing card fails before the long run
     rep = compare_artifacts(base, artifacts, text, ctx, chunks, dtype, device, topk, layer_chunks,
                             use_cache=not no_cache, quiet=quiet)
+    for (readme, key), a in zip(cards, rep["artifacts"]):
+        _record_drift(readme, key, rep, a)
+        if not quiet:
+            err.print(f"drift written into {readme}", highlight=False)
     if json_path is not None:
         data = json.dumps(rep, indent=2) + "\n"
         if str(json_path) == "-":

@@ -28,6 +28,8 @@ class QuantizeOptions:
     force: bool = False
     device: str = "cpu"
     command: str = ""
+    card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
+    base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
 
 
 @dataclass
@@ -61,9 +63,14 @@ CALIB_HINT = ("calibrated on the built-in generic text: for 4-bit weights, --cal
               "model will serve halved the KL drift on the demo model")
 
 
+def model_stem(ckpt: Checkpoint) -> str:
+    """The model's name in output names and card titles: gemma-2-2b-it (the demo: gemma-3-270m)."""
+    return "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+
+
 def default_output(ckpt: Checkpoint, scheme: Scheme) -> Path:
     """gemma-2-2b-it.Q6_K.gguf / gemma-2-9b-it-FP8-dynamic (in the current directory)."""
-    name = "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+    name = model_stem(ckpt)
     if scheme.is_gguf:
         return Path(f"{name}.{scheme.label}.gguf")
     return Path(f"{name}-{scheme.label}")
@@ -129,16 +136,41 @@ def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
+    card = None
+    if opts.card:  # a README.md that is not ours is refused now, not after the work
+        from .export.model_card import card_location, gguf_card_target
+
+        card = (gguf_card_target(card_location(out)[0], f"{model_stem(ckpt)}-GGUF"),)
     header = None
     if not (opts.imatrix or opts.imatrix_file):
         # the header (mostly the vocabulary) builds in its own process while torch is imported here
         check_output(out, force=opts.force)
         header = start_header(ckpt, scheme)
     try:
-        return _gguf_write(ckpt, scheme, out, opts, progress, header)
+        summary = _gguf_write(ckpt, scheme, out, opts, progress, header)
     finally:
         if header is not None:
             header.close()
+    if card is not None:
+        _gguf_card(ckpt, scheme, out, opts, summary, card[0])
+    return summary
+
+
+def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
+    """Add this GGUF to its folder's model card (a new card, or the one an earlier GGUF started)."""
+    from .export.model_card import add_output, base_model_of, card_location, new_card, source_license, write_card
+
+    readme, key = card_location(out)
+    card = existing or new_card(
+        fmt="gguf", title=f"{model_stem(ckpt)}-GGUF",
+        base_model=opts.base_model or base_model_of(ckpt.source, ckpt.path, ckpt.config.raw),
+        source=ckpt.source, license=source_license(ckpt.path, ckpt.config.model_type),
+        tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
+    add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
+                      "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
+                      "types": summary.types, "notes": [n for n in summary.notes if n]})
+    write_card(readme, card)
+    summary.notes.append(f"model card: {readme}")
 
 
 def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
@@ -200,6 +232,7 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
             notes.append(CALIB_HINT)
     rep = write_compressed_tensors(ckpt, scheme, out, quantized=quantized, overrides=overrides,
                                    input_scales=input_scales, force=opts.force, command=opts.command,
+                                   base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None)
     size = _size(out)
