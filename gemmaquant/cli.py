@@ -145,7 +145,7 @@ def quantize_cmd(
     if dry_run:
         from .plan_view import render_plan
 
-        render_plan(ckpt, s, out_p, opts, out, json_out)
+        render_plan(ckpt, s, out_p, opts, out, json_out, show_all=show_all)
         return
     from .progress import byte_progress
 
