@@ -224,8 +224,10 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
         quantized = res.packed(scheme.ct_format) if res.quantized else None
         overrides = res.overrides or None
         input_scales = res.input_scales or None
-        src = str(opts.calib) if opts.calib else "gemmaquant's built-in calibration text"
-        calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens from {src}"
+        from .texts import calib_text
+
+        calibration_note = (f"{opts.calib_samples} samples × {opts.calib_len} tokens of "
+                            f"`{calib_text(opts.calib).describe()}`")
         algo_note = _algorithm_note(algorithm, opts)
         notes.append(res.notes)
         if opts.calib is None and scheme.weights is not None and scheme.weights.num_bits <= 4:

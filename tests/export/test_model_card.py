@@ -143,3 +143,14 @@ def test_bad_base_model_is_refused(src, tmp_path, capsys):
     res = run_cli(["quantize", src, "--scheme", "q8_0", "-o", tmp_path / "t.gguf", "--base-model", "not a repo"], capsys)
     assert res.code == 2 and "--base-model 'not a repo'" in res.stderr
     assert tree(tmp_path) == []
+
+
+def test_card_names_the_calibration_text(src, tmp_path, capsys):
+    from gemmaquant.texts import calib_text
+
+    out = tmp_path / "static"
+    res = run_cli(["quantize", src, "--scheme", "fp8-static", "-o", out, "--calib-samples", "2", "--calib-len", "32",
+                   "--quiet"], capsys)
+    assert res.code == 0, res.stderr
+    assert f"2 samples × 32 tokens of `built-in:default_calib.txt (sha256 {calib_text().sha256[:12]})`" \
+        in (out / "README.md").read_text()
