@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"docs/([a-z0-9-]+\.md)((?:[ ,]*§\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?)*)")
