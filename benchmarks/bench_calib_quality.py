@@ -9,7 +9,8 @@ two contended OpenMP threads it ran several times slower than with one.)
 Each variant's weights are replaced by their dequantized values in our forward pass (fake-quant); the
 W8A8 int8 variants also fake-quantize every Linear input per token, symmetric int8, as vLLM computes
 dynamic per-token activations (scale = absmax/127, round to nearest). Compute is float32 throughout,
-so the differences come from quantization only. Metrics over --eval-text windows (default dev-eval.txt):
+so the differences come from quantization only. Metrics over --eval-text windows (default: the shipped
+evaluation text, gemmaquant/texts/default_eval.txt, the same bytes as the development dev-eval.txt):
 mean KL(bf16 ‖ quantized) per token and top-1 agreement. Calibration uses the packaged default text
 unless --calib names a file. For a held-out check, calibrate on one part of a text and evaluate on
 another (`--calib A.txt --eval-text B.txt`): never calibrate on the evaluated text, or the number
@@ -37,8 +38,9 @@ from gemmaquant.calib.stats import InputStats
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.loading import load_layer, load_model
 from gemmaquant.model import make_layer_context
+from gemmaquant.texts import builtin_eval_path
 
-EVAL_TEXT = Path("/work/shared/data/dev-eval.txt")
+EVAL_TEXT = builtin_eval_path()  # the shipped evaluation text (licence documents)
 
 
 def act_int8_hooks(model):

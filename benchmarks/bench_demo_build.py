@@ -5,7 +5,7 @@
 Builds the demo checkpoint into a fresh cache directory (a temporary one unless --cache is given) and
 reports wall time and this process's peak RSS (targets: < 60 s, <= 1.5 GB on the 2-core machine).
 Then times the tokenizer: loading tokenizer.json, loading from tokenizer.model alone (the fallback,
-which generates the 515k merges in Python), and encoding /work/shared/data/dev-eval.txt.
+which generates the 515k merges in Python), and encoding the shipped evaluation text (90 kB).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from gemmaquant.demo import ensure_demo_checkpoint
+from gemmaquant.texts import builtin_eval_path
 from gemmaquant.tokenizer import load_tokenizer
 
-EVAL_TEXT = Path("/work/shared/data/dev-eval.txt")
+EVAL_TEXT = builtin_eval_path()
 
 
 def peak_rss_mb() -> float:
@@ -51,7 +52,7 @@ def main():
         t = time.perf_counter()
         ids = tok.encode(text, parse_special=False)
         dt = time.perf_counter() - t
-        print(f"encode dev-eval: {len(ids)} tokens in {dt:.2f} s ({len(ids) / dt:,.0f} tokens/s)")
+        print(f"encode the eval text: {len(ids)} tokens in {dt:.2f} s ({len(ids) / dt:,.0f} tokens/s)")
         print(f"peak RSS overall: {peak_rss_mb():.0f} MB")
     finally:
         if args.cache is None:

@@ -3,7 +3,7 @@
     python benchmarks/bench_eval.py [--chunks 6] [--threads 2] [--ppl-chunks 0]
     python benchmarks/bench_eval.py --artifacts demo A.gguf CT_DIR ... [--chunks 4] [--rounds 2] [--compile]
 
-Speed: the same chunks of ctx 512 of ../shared/data/dev-eval.txt, the same thread count, each engine
+Speed: the same chunks of ctx 512 of the shipped evaluation text (gemmaquant/texts/default_eval.txt), the same thread count, each engine
 computing logits for the second half of each chunk only (llama-perplexity's work); tokens/s counts
 processed tokens (ctx per chunk, like llama.cpp's prompt-eval rate), median over chunks.
 --artifacts: `gemmaquant eval MODEL --json -` for each model in its own process, in --rounds rounds
@@ -35,9 +35,10 @@ from llamacpp_ppl import LlamaCpp  # noqa: E402
 from gemmaquant.checkpoint import resolve_model  # noqa: E402
 from gemmaquant.loading import load_model  # noqa: E402
 from gemmaquant.perplexity import chunk_tokens, perplexity, read_text  # noqa: E402
+from gemmaquant.texts import builtin_eval_path  # noqa: E402
 from gemmaquant.tokenizer import load_tokenizer  # noqa: E402
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-eval.txt"
+TEXT = builtin_eval_path()  # the bytes of the development dev-eval.txt (same sha256)
 
 
 def timed(fn, chunks, first):
@@ -164,7 +165,7 @@ def main():
     ours_tokens = tok.encode(text, add_bos=True)
     same_tokens = ours_tokens == lres["tokens"]
     all_ids = chunk_tokens(ours_tokens, a.ctx, tok.bos_id, n)
-    print(f"\n### Perplexity, demo model, dev-eval.txt, ctx {a.ctx}, {len(all_ids)} chunks\n")
+    print(f"\n### Perplexity, demo model, default_eval.txt, ctx {a.ctx}, {len(all_ids)} chunks\n")
     print(f"tokenization identical to llama.cpp's: {same_tokens} ({len(ours_tokens)} tokens)\n")
     print("| engine | ppl | ± | vs llama.cpp |")
     print("|---|---:|---:|---:|")

@@ -1,7 +1,7 @@
 """KL vs bf16 with and without our importance matrix, per GGUF preset (issue 4 §7), scored by llama.cpp.
 
     python benchmarks/bench_imatrix_quality.py LLAMA_PERPLEXITY --imatrix IMATRIX.gguf
-        [--presets q4_k_m q4_k_s q5_k_m q6_k q4_0] [--text dev-eval.txt] [--chunks 4] [--dir /tmp/imx]
+        [--presets q4_k_m q4_k_s q5_k_m q6_k q4_0] [--text FILE] [--chunks 4] [--dir /tmp/imx]
 
 For each preset: `gemmaquant quantize demo --scheme P` with and without `--imatrix-file IMATRIX`
 (our own imatrix, e.g. the one bench_imatrix_agreement.py writes from the built-in calibration text,
@@ -17,6 +17,8 @@ import json
 import re
 import subprocess
 from pathlib import Path
+
+from gemmaquant.texts import builtin_eval_path
 
 PATTERNS = {
     "ppl_q": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
@@ -54,7 +56,7 @@ def main():
     ap.add_argument("--imatrix", required=True)
     ap.add_argument("--presets", nargs="+", default=["q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0"])
     ap.add_argument("--bf16", default="/tmp/imx/demo.bf16.gguf")
-    ap.add_argument("--text", default="/work/shared/data/dev-eval.txt")
+    ap.add_argument("--text", default=str(builtin_eval_path()), help="default: the shipped evaluation text")
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemmaquant.texts import builtin_eval_path
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", nargs="?")
-    ap.add_argument("--text", default="/work/shared/data/dev-eval.txt")
+    ap.add_argument("--text", default=str(builtin_eval_path()), help="default: the shipped evaluation text")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, path_arg, set_compile
+from .cli_options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from .errors import EXIT_INTERRUPTED, GemmaQuantError
 
 app = typer.Typer(
@@ -57,8 +57,7 @@ def _write_json(path: Optional[Path], data: dict, force: bool = False, inputs=()
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text file to measure perplexity on (a regular file; "
-                                                  "at most the first 32 MiB are used).", parser=path_arg("--text")),
+    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP, parser=path_arg("--text")),
     ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c): even, 8 up to the model's context."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate at most N chunks, N >= 1 (default: all)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
@@ -77,23 +76,25 @@ def eval_cmd(
     from .evaluate import open_for_eval
     from .inputs import check_input_file
     from .limits import check_for_model, check_numbers
+    from .texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, device=device, dtype=dtype)
     if text is not None:
         check_input_file(text, "--text")
     cfg, model_path = model_info(model)
     check_for_model(cfg, model, ctx=ctx)
-    inputs = [model_path, text]
+    src = eval_text(text)  # checked (UTF-8, not empty) and hashed, streaming, before the model loads
+    inputs = [model_path, src.path]
     _check_reports({"--json": json_path}, force, inputs)
     _set_threads(threads)
     set_compile(compile_)
     runner = open_for_eval(model, dtype=dtype, device=device)
-    chunk_ids = runner.chunks(text, ctx, chunks)
+    chunk_ids = runner.chunks(src, ctx, chunks)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
                   TimeRemainingColumn(), console=err, disable=quiet, transient=True) as bar:
         task = bar.add_task("eval", total=len(chunk_ids))
         res = runner.perplexity(chunk_ids, progress=lambda i: bar.update(task, completed=i))
-    data = {"model": model, "text": str(text), "dtype": str(runner.dtype).replace("torch.", ""),
+    data = {"model": model, **src.to_dict(), "dtype": str(runner.dtype).replace("torch.", ""),
             "device": device, **res.to_dict()}
     if compile_:
         from .ggml.compiled import compiled_types
@@ -103,6 +104,7 @@ def eval_cmd(
     if not quiet and str(json_path) != "-":
         t = Table(title=f"perplexity of {model}", show_header=False)
         t.add_row("ppl", f"{res.ppl:.4f} ± {res.ppl_stderr:.4f}")
+        t.add_row("text", src.describe())
         t.add_row("tokens scored", f"{res.tokens_scored} ({res.chunks} chunks of {res.ctx})")
         t.add_row("speed", f"{res.tokens_per_second:.1f} tokens/s ({res.seconds:.1f} s)")
         t.add_row("compute", f"{data['dtype']} on {device}")
@@ -127,7 +129,12 @@ def quantize_cmd(
                                                 parser=path_arg("--imatrix-file")),
     force: bool = typer.Option(False, "--force", help="Replace an existing output: a file by a file, or one of gemmaquant's own "
                                                       "output directories (never the model, nor a directory gemmaquant did not write)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and estimated size; write nothing."),
+    card: bool = typer.Option(False, "--card", help="GGUF: also write README.md beside the file, a Hub model card (a "
+                              "second GGUF in the same folder joins it). compressed-tensors directories always get one."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The Hub repo id of MODEL, for the card's "
+                                             "base_model when it cannot be derived (a local copy of a Hub repo)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),
+    show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -135,6 +142,7 @@ def quantize_cmd(
 ):
     """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
     from .checkpoint import resolve_model
+    from .export.model_card import valid_repo_id
     from .inputs import check_input_file
     from .limits import check_numbers
     from .quantize import QuantizeOptions, check_family, check_source, default_output, run_quantize
@@ -162,8 +170,11 @@ def quantize_cmd(
         settings["calib"] = check_input_file(settings["calib"], "--calib")
     if imatrix_file is not None:
         check_input_file(imatrix_file, "--imatrix-file")
+    if base_model is not None and not valid_repo_id(base_model):
+        raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
     _set_threads(threads)
-    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read),
+    opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
+                           base_model=base_model,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
@@ -171,7 +182,7 @@ def quantize_cmd(
     if dry_run:
         from .plan_view import render_plan
 
-        render_plan(ckpt, s, out_p, opts, out, json_out)
+        render_plan(ckpt, s, out_p, opts, out, json_out, show_all=show_all)
         return
     from .progress import byte_progress
 
@@ -195,7 +206,9 @@ def imatrix_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Output imatrix file (llama.cpp GGUF imatrix format).",
                                   parser=path_arg("--out")),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text, a regular UTF-8 file (default: built-in mixed text).",
+    calib: Optional[Path] = typer.Option(None, "--calib", "--text",
+                                         help="Calibration text, a regular UTF-8 file (default: the built-in calibration "
+                                              "text, prose, code, chat turns and several languages).",
                                          parser=path_arg("--calib")),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples (1 or more)."),
     calib_len: int = typer.Option(512, "--calib-len", help="Tokens per sample, 2 up to the model's context."),
@@ -212,27 +225,29 @@ def imatrix_cmd(
     from .export.atomic import atomic_output
     from .export.guard import check_output
     from .imatrix import compute_imatrix, llama_chunks
-    from .inputs import check_input_file, encode_text
+    from .inputs import check_input_file
     from .limits import check_for_model, check_numbers
+    from .texts import calib_text
 
     check_numbers(calib_samples=calib_samples, calib_len=calib_len, threads=threads)
     if calib is not None:
         check_input_file(calib, "--calib")
     _set_threads(threads)
     ckpt = resolve_model(model)
-    inputs = [ckpt.path, calib]
+    src = calib_text(calib)  # checked (UTF-8, not empty) and hashed, streaming, before the model loads
+    inputs = [ckpt.path, src.path]
     check_output(out_path, force=force, kind="file", inputs=inputs)
     check_for_model(ckpt.config, str(ckpt.path), calib_samples=calib_samples, calib_len=calib_len)
     ids = dataset = None
     if llama_chunks_:
-        from .calib.data import default_text, load_tokenizer_for
+        from .calib.data import load_tokenizer_for
 
         tok = load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
-        if calib is not None:  # read only the chunks' worth of the text
-            tok_ids = [tok.bos_id, *encode_text(calib, "--calib", lambda t: tok.encode(t, add_bos=False),
-                                                need=calib_samples * calib_len).ids]
-        else:
-            tok_ids = tok.encode(default_text(), add_bos=True, parse_special=True)
+        if tok.bos_id is None:
+            raise GemmaQuantError(f"{tok.source}: the tokenizer has no BOS token to add")
+        # with BOS, as llama-imatrix tokenizes; read only the chunks' worth of the text
+        tok_ids = [tok.bos_id, *src.encode(lambda t: tok.encode(t, add_bos=False, parse_special=True),
+                                           need=calib_samples * calib_len).ids]
         try:
             ids = llama_chunks(tok_ids, calib_len, ckpt.config.bos_token_id, calib_samples)
         except ValueError as e:
@@ -241,7 +256,8 @@ def imatrix_cmd(
     im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset)
     with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
         im.save(tmp)
-    out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}")
+    out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}; text {src.describe()}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command("recipes")

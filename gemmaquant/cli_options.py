@@ -12,6 +12,10 @@ COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compi
                 "kernels with a warning). Pays off where dequantization dominates: an eval chunk of the "
                 "demo at ctx 512 runs no faster. Also: GEMMAQUANT_COMPILE=1.")
 
+TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB are used; default: the built-in "
+             "evaluation text, five licence documents that share nothing with the calibration text). Outputs "
+             "name the text and its sha256.")
+
 
 def set_compile(flag: bool) -> None:
     """--compile: turn the compiled dequantizers on (torch is imported only when asked)."""

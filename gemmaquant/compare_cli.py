@@ -1,4 +1,4 @@
-"""`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] --text FILE`: drift of quantized artifacts.
+"""`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] [--text FILE]`: drift of quantized artifacts.
 
 The lead registers it in cli.py with `app.command("compare")(compare_cmd)`.
 """
@@ -9,14 +9,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, path_arg, set_compile
+from .cli_options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from .errors import GemmaQuantError
+
+if TYPE_CHECKING:
+    from .texts import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -48,23 +51,22 @@ def _run(bar, label, total, fn):
         return fn(lambda i: bar.update(task, completed=i))
 
 
-def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
+def base_reference(base: str, text: "Text", ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
                    layer_chunks: int, use_cache: bool, quiet: bool):
     """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
     from .artifact import open_artifact
     from .drift import base_cache_key, compute_base_ref, load_cached, save_cached
     from .perplexity import chunk_tokens, tokens_needed
 
-    pieces = _text_pieces(text)
-    key = base_cache_key(base, "".join(pieces).encode("utf-8"), ctx, chunks, dtype, topk, layer_chunks)
+    key = base_cache_key(base, text.sha256, ctx, chunks, dtype, topk, layer_chunks)
     ref = load_cached(key) if use_cache else None
     if ref is not None:
         if not quiet:
             err.print(f"[dim]base logits from the cache ({key[:12]})[/]")
         return ref, ref.summary
     art = open_artifact(base, dtype, device)
-    tokens = _encode(art.tokenizer, pieces, tokens_needed(ctx, chunks))
-    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=str(text))
+    tokens = _encode(art.tokenizer, text, tokens_needed(ctx, chunks))
+    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=text.name)
     bar = _progress("base", len(ids), quiet)
     ref = _run(bar, "base", len(ids), lambda p: compute_base_ref(art.model, ids, topk, layer_chunks, p))
     ref.summary = _summary(art)
@@ -74,22 +76,11 @@ def base_reference(base: str, text: Path, ctx: int, chunks: Optional[int], dtype
     return ref, ref.summary
 
 
-def _text_pieces(text: Path) -> list[str]:
-    """The text (up to inputs.TEXT_CAP_BYTES) in the pieces it is tokenized by; kept, because every
-    artifact's tokenizer re-encodes it (its base logits may come from the cache, keyed by the text)."""
-    from .inputs import text_pieces
-
-    return list(text_pieces(text, "--text"))
-
-
-def _encode(tokenizer, pieces: list[str], need: int | None) -> list[int]:
-    """BOS + the ids of the pieces, only as many pieces as `need` tokens take."""
-    from .inputs import encode_pieces
-
-    ids, _ = encode_pieces(iter(pieces), lambda t: tokenizer.encode(t, add_bos=False), need)
+def _encode(tokenizer, text: "Text", need: int | None) -> list[int]:
+    """BOS + the text's ids, read and tokenized piece by piece until `need` tokens are there."""
     if tokenizer.bos_id is None:
         raise GemmaQuantError(f"{tokenizer.source}: the tokenizer has no BOS token to add")
-    return [tokenizer.bos_id, *ids]
+    return [tokenizer.bos_id, *text.encode(lambda t: tokenizer.encode(t, add_bos=False), need).ids]
 
 
 def _summary(art) -> dict:
@@ -101,16 +92,19 @@ def _summary(art) -> dict:
             "config": {"model_type": cfg.model_type, **{f: getattr(cfg, f) for f in SHAPE_FIELDS}}}
 
 
-def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 512, chunks: Optional[int] = None,
+def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str | None" = None, ctx: int = 512, chunks: Optional[int] = None,
                       dtype: str = "auto", device: str = "cpu", topk: int = 128, layer_chunks: int = 1,
                       use_cache: bool = True, quiet: bool = True) -> dict:
-    """The library side of `compare`: a JSON-able report."""
+    """The library side of `compare`: a JSON-able report. `text`: a Text, a path, or None for the
+    shipped evaluation text."""
     from types import SimpleNamespace
 
     from .artifact import open_artifact
     from .drift import FP16_MAX, check_compatible, compare
     from .loading import resolve_dtype
+    from .texts import Text, eval_text
 
+    text = text if isinstance(text, Text) else eval_text(text)
     dt = resolve_dtype(dtype, device)
     ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
     base_cfg = SimpleNamespace(**base_sum["config"])
@@ -120,17 +114,16 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
     report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
                        "act_site": ref.act_site,
                        "fp16_overflow_layers": [i for i, v in enumerate(ref.act_max) if not v <= FP16_MAX]},
-              "text": str(text), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
+              **text.to_dict(), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
               "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
               "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
-    pieces = None
     for a in artifacts:
         art = open_artifact(a, dt, device)
         check_compatible(base_cfg, art.config, base, a)
         bar = _progress(art.name, len(ref.chunks), quiet)
         d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
-        pieces = pieces or _text_pieces(text)
-        same_tok = _encode(art.tokenizer, pieces, ref.chunks.numel())[: ref.chunks.numel()]
+        # each artifact's tokenizer re-reads the text, piece by piece, only as far as the chunks go
+        same_tok = _encode(art.tokenizer, text, ref.chunks.numel())[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()
         tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
         report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
@@ -141,7 +134,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: Path, ctx: int = 51
 def render_table(rep: dict) -> Table:
     """One column per model (base first), one row per metric: readable in an 80-column terminal."""
     b = rep["base"]
-    t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {Path(rep['text']).name} "
+    t = Table(title=f"drift vs {b['name']} · {rep['chunks']}×{rep['ctx']} tokens of {_text_label(rep)} "
                     f"· {rep['dtype']}")
     t.add_column("metric")
     t.add_column(b["name"] + " (base)", justify="right")
@@ -170,6 +163,10 @@ def render_table(rep: dict) -> Table:
     for name, base, vals in rows:
         t.add_row(name, base, *vals)
     return t
+
+
+def _text_label(rep: dict) -> str:
+    return f"{Path(rep['text']).name} (sha256 {rep['text_sha256'][:12]})"
 
 
 def _act(amax: list[float], over: list[int]) -> str:
@@ -202,7 +199,7 @@ def _flag(v: float) -> str:
 def markdown(rep: dict) -> str:
     b = rep["base"]
     lines = [f"# Drift report: {b['name']}", "",
-             f"Text `{rep['text']}`, {rep['chunks']} chunks of {rep['ctx']} tokens (llama-perplexity method), "
+             f"Text `{rep['text']}` (sha256 `{rep['text_sha256']}`), {rep['chunks']} chunks of {rep['ctx']} tokens (llama-perplexity method), "
              f"compute {rep['dtype']} on {rep['device']}. KL(base‖artifact): {rep['kl_method']}.", "",
              "| artifact | weights | size | bpw (Linears / file) | ppl | Δppl % | KL mean | KL p99 | top-1 | max abs act |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -260,11 +257,36 @@ def plot(rep: dict, path: Path, fmt: str | None = None) -> None:
         plt.close(fig)
 
 
+def _card_of(artifact: str) -> tuple[Path, str]:
+    """(README.md, output key) of an artifact's model card, or a one-line error saying how to get one."""
+    from .export.model_card import card_location, read_card
+
+    readme, key = card_location(artifact)
+    data = read_card(readme)
+    if data is None or not any(o["file"] == key for o in data.get("outputs", [])):
+        how = ("write the GGUF with `gemmaquant quantize ... --card`" if key != "."
+               else "it is written by `gemmaquant quantize`")
+        raise GemmaQuantError(f"{artifact}: no gemmaquant model card for it in {readme} ({how}); --card updates "
+                              "only cards gemmaquant wrote")
+    return readme, key
+
+
+def _record_drift(readme: Path, key: str, rep: dict, a: dict, inputs=()) -> None:
+    from .export.model_card import add_drift, read_card, write_card
+
+    data = read_card(readme)
+    b = rep["base"]
+    add_drift(data, key, {"base": b["name"], "text": rep["text"], "text_sha256": rep["text_sha256"],
+                          "ctx": rep["ctx"], "chunks": rep["chunks"], "dtype": rep["dtype"], "base_ppl": b["ppl"],
+                          "ppl": a["ppl"], "delta_ppl_pct": a["delta_ppl_pct"], "kl_mean": a["kl_mean"],
+                          "kl_p99": a["kl_p99"], "top1": a["top1"]})
+    write_card(readme, data, inputs=inputs)
+
+
 def compare_cmd(
     base: str = typer.Argument(..., help="The unquantized model: HF directory, repo id, or 'demo'."),
     artifacts: List[str] = typer.Argument(..., help="Quantized artifacts: GGUF files or compressed-tensors dirs."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text to measure on (a regular file; at most the first 32 MiB are used).",
-                              parser=path_arg("--text")),
+    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP, parser=path_arg("--text")),
     ctx: int = typer.Option(512, "--ctx", help="Chunk length in tokens (llama-perplexity's -c): even, 8 up to the model's context."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most N chunks, N >= 1 (default: all)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout).",
@@ -281,6 +303,8 @@ def compare_cmd(
     topk: int = typer.Option(128, "--topk", help="Base log-probs kept per token for KL (top-K + remainder), 1 up to the vocabulary."),
     layer_chunks: int = typer.Option(1, "--layer-chunks", help="Chunks used for the per-layer error (0-4096; 0: none)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the base's logits even if cached."),
+    card: bool = typer.Option(False, "--card", help="Write each ARTIFACT's drift into its model card (README.md: "
+                              "a compressed-tensors directory's own, a GGUF's folder card from `quantize --card`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
@@ -291,6 +315,7 @@ def compare_cmd(
     from .export.guard import check_output
     from .inputs import check_input_file
     from .limits import check_for_model, check_numbers
+    from .texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, topk=topk, layer_chunks=layer_chunks, device=device,
                   dtype=dtype)
@@ -309,10 +334,16 @@ def compare_cmd(
     check_for_model(cfg, base, ctx=ctx, topk=topk)
     for a in artifacts:  # headers read now: a corrupt artifact fails before the base's run, not after it
         model_info(a)
-    inputs = [base_path, *artifacts, text]
+    src = eval_text(text)  # checked (UTF-8, not empty) and hashed, streaming, before any model loads
+    inputs = [base_path, *artifacts, src.path]
+    cards = [_card_of(a) for a in artifacts] if card else []  # a missing card fails before the long run
+    # a card lives in or beside its artifact: the guard keeps it off the base, the text and artifact files
+    card_inputs = [base_path, src.path, *(a for a in artifacts if Path(a).is_file())]
+    for readme, _ in cards:
+        check_output(readme, force=True, kind="file", inputs=card_inputs, option="--card")
     reports = {"--json": json_path, "--markdown": markdown_path, "--plot": plot_path}
     reports = {k: v for k, v in reports.items() if v is not None and str(v) != "-"}
-    seen: dict = {}
+    seen: dict = {os.path.realpath(readme): "--card" for readme, _ in cards}
     for option, path in reports.items():  # before the run, not after it
         check_output(path, force=force, kind="file", inputs=inputs, option=option)
         key = os.path.realpath(path)
@@ -322,8 +353,12 @@ def compare_cmd(
     if threads:
         torch.set_num_threads(threads)
     set_compile(compile_)
-    rep = compare_artifacts(base, artifacts, text, ctx, chunks, dtype, device, topk, layer_chunks,
+    rep = compare_artifacts(base, artifacts, src, ctx, chunks, dtype, device, topk, layer_chunks,
                             use_cache=not no_cache, quiet=quiet)
+    for (readme, key), a in zip(cards, rep["artifacts"]):
+        _record_drift(readme, key, rep, a, card_inputs)
+        if not quiet:
+            err.print(f"drift written into {readme}", highlight=False)
     if json_path is not None:
         data = json.dumps(rep, indent=2) + "\n"
         if str(json_path) == "-":

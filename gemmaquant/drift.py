@@ -177,15 +177,17 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def base_cache_key(base: str, text: bytes, ctx: int, n_chunks: int | None, dtype: torch.dtype, topk: int,
+def base_cache_key(base: str, text_sha256: str, ctx: int, n_chunks: int | None, dtype: torch.dtype, topk: int,
                    layer_chunks: int) -> str:
+    """The cache name of a base's logits. `text_sha256`: texts.Text.sha256, the sha256 of the text's
+    bytes (the same value the key always held, so earlier cache entries stay valid)."""
     p = Path(base).expanduser()
     if p.exists():
         files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
         ident = [str(p.resolve())] + [f"{f.name}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files]
     else:  # 'demo' or a hub id: the name is the identity
         ident = [base]
-    key = {"v": CACHE_VERSION, "base": ident, "text": hashlib.sha256(text).hexdigest(), "ctx": ctx,
+    key = {"v": CACHE_VERSION, "base": ident, "text": text_sha256, "ctx": ctx,
            "chunks": n_chunks, "dtype": str(dtype), "topk": topk, "layer_chunks": layer_chunks}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -12,8 +12,8 @@ from .checkpoint import Checkpoint, resolve_model
 from .errors import GemmaQuantError
 from .loading import load_model, resolve_dtype
 from .model import Gemma
-from .inputs import encode_text
 from .perplexity import PerplexityResult, chunk_tokens, perplexity, tokens_needed
+from .texts import Text, eval_text
 
 
 @dataclass
@@ -27,19 +27,21 @@ class EvalModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def chunks(self, text_path: str | Path, ctx: int, n_chunks: int | None) -> torch.Tensor:
-        # llama-perplexity tokenizes with BOS and without parsing special-token text; the text is
-        # read in pieces and only as far as n_chunks need
-        got = encode_text(text_path, "--text", lambda t: self.tokenizer.encode(t, add_bos=False, parse_special=False),
-                          need=tokens_needed(ctx, n_chunks))
+    def chunks(self, text: Text | str | Path | None, ctx: int, n_chunks: int | None) -> torch.Tensor:
+        """`text`: a Text, a path (checked and hashed first), or None for the shipped evaluation text.
+        The text is read in pieces and tokenized only as far as n_chunks need."""
+        src = text if isinstance(text, Text) else eval_text(text)
         if self.tokenizer.bos_id is None:
             raise GemmaQuantError(f"{self.tokenizer.source}: the tokenizer has no BOS token to add")
+        # llama-perplexity tokenizes with BOS and without parsing special-token text
+        got = src.encode(lambda t: self.tokenizer.encode(t, add_bos=False, parse_special=False),
+                         need=tokens_needed(ctx, n_chunks))
         tokens = [self.tokenizer.bos_id, *got.ids]
         vocab = self.model.cfg.vocab_size
         if tokens and max(tokens) >= vocab:
             raise GemmaQuantError(f"{self.name}: the tokenizer produced id {max(tokens)} but the model has "
                                   f"{vocab} embedding rows (tokenizer of another model?)")
-        return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=str(text_path))
+        return chunk_tokens(tokens, ctx, self.tokenizer.bos_id, n_chunks, where=src.name)
 
     def logits(self, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
         return self.model(ids.to(self.device), logits_from=first)

@@ -41,7 +41,8 @@ PIECE_CHARS = 1 << 20  # text is decoded and tokenized a piece of ~1 M character
 log = logging.getLogger("gemmaquant")
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """4 KiB, 46.9 KiB, 32 MiB: sizes in messages."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.0f} {unit}" if n == int(n) else f"{n:.1f} {unit}"
@@ -106,7 +107,7 @@ def read_bytes(path: str | Path, what: str, limit: int) -> bytes:
         except OSError as e:
             raise GemmaQuantError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(data) > limit:
-        raise GemmaQuantError(f"{path}: larger than the {_human(limit)} a {what} may have")
+        raise GemmaQuantError(f"{path}: larger than the {human_size(limit)} a {what} may have")
     return data
 
 
@@ -153,9 +154,21 @@ class TextRead:
 
     def note(self) -> str | None:
         if self.capped:
-            return (f"{self.path}: read only the first {_human(self.bytes_read)} of its {_human(self.file_bytes)} "
+            return (f"{self.path}: read only the first {human_size(self.bytes_read)} of its {human_size(self.file_bytes)} "
                     "(the most of a text gemmaquant uses); the rest is ignored")
         return None
+
+
+_noted: set[tuple[str, int, int]] = set()
+
+
+def _note_once(info: TextRead) -> None:
+    """Say that a text was cut at the cap once per file and process: a command reads a text more than
+    once (texts.Text hashes it before the model loads, tokenizing reads it again)."""
+    key = (os.path.realpath(info.path), info.file_bytes, info.bytes_read)
+    if key not in _noted:
+        _noted.add(key)
+        log.warning(info.note())
 
 
 def _cut(buf: str) -> int:
@@ -213,7 +226,7 @@ def text_pieces(path: str | Path, option: str, info: TextRead | None = None,
             if end:
                 if offset >= cap and f.read(1):
                     info.capped = True
-                    log.warning(info.note())
+                    _note_once(info)
                 try:
                     dec.decode(b"", final=True)
                 except UnicodeDecodeError:

@@ -29,6 +29,8 @@ class QuantizeOptions:
     device: str = "cpu"
     command: str = ""
     inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
+    card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
+    base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
 
 
 @dataclass
@@ -62,9 +64,14 @@ CALIB_HINT = ("calibrated on the built-in generic text: for 4-bit weights, --cal
               "model will serve halved the KL drift on the demo model")
 
 
+def model_stem(ckpt: Checkpoint) -> str:
+    """The model's name in output names and card titles: gemma-2-2b-it (the demo: gemma-3-270m)."""
+    return "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+
+
 def default_output(ckpt: Checkpoint, scheme: Scheme) -> Path:
     """gemma-2-2b-it.Q6_K.gguf / gemma-2-9b-it-FP8-dynamic (in the current directory)."""
-    name = "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+    name = model_stem(ckpt)
     if scheme.is_gguf:
         return Path(f"{name}.{scheme.label}.gguf")
     return Path(f"{name}-{scheme.label}")
@@ -136,35 +143,67 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     calibrating = bool(opts.imatrix) if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
+    text = None
     if calibrating:  # the calibration settings only bind when calibration runs
+        from .texts import calib_text
+
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+        text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress)
+        summary = _gguf(ckpt, scheme, out, opts, progress, text)
     else:
-        summary = _compressed_tensors(ckpt, scheme, out, opts)
+        summary = _compressed_tensors(ckpt, scheme, out, opts, text)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss()
     return summary
 
 
-def _gguf(ckpt, scheme, out, opts, progress) -> QuantizeSummary:
+def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
     from .gguf.header import start_header
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
+    card = None
+    if opts.card:  # a README.md that is not ours is refused now, not after the work
+        from .export.guard import check_output
+        from .export.model_card import card_location, gguf_card_target
+
+        readme = card_location(out)[0]
+        check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
+        card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
     header = None
     if not (opts.imatrix or opts.imatrix_file):
         # the header (mostly the vocabulary) builds in its own process while torch is imported here
         header = start_header(ckpt, scheme)
     try:
-        return _gguf_write(ckpt, scheme, out, opts, progress, header)
+        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text)
     finally:
         if header is not None:
             header.close()
+    if card is not None:
+        _gguf_card(ckpt, scheme, out, opts, summary, card[0])
+    return summary
 
 
-def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
+def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
+    """Add this GGUF to its folder's model card (a new card, or the one an earlier GGUF started)."""
+    from .export.model_card import add_output, base_model_of, card_location, new_card, source_license, write_card
+
+    readme, key = card_location(out)
+    card = existing or new_card(
+        fmt="gguf", title=f"{model_stem(ckpt)}-GGUF",
+        base_model=opts.base_model or base_model_of(ckpt.source, ckpt.path, ckpt.config.raw),
+        source=ckpt.source, license=source_license(ckpt.path, ckpt.config.model_type),
+        tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
+    add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
+                      "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
+                      "types": summary.types, "notes": [n for n in summary.notes if n]})
+    write_card(readme, card, inputs=inputs_of(ckpt, opts))
+    summary.notes.append(f"model card: {readme}")
+
+
+def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> QuantizeSummary:
     from .gguf.imatrix_io import read_imatrix
     from .gguf.writer import write_gguf
 
@@ -181,7 +220,8 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
                                    seq_len=opts.calib_len, device=opts.device)
         im = computed.to_imatrix()
         imatrix, imatrix_meta = im.importance, im.meta()
-        notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}")
+        named = f"; text {text.describe()}" if text is not None else ""
+        notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}{named}")
     rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
                      progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
     if rep.imatrix_missing:
@@ -198,7 +238,7 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header) -> QuantizeSummary:
                            unquantized=unq, types=rep.type_counts)
 
 
-def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
+def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
     from .calib.pipeline import calibrate
     from .export.safetensors_out import write_compressed_tensors
 
@@ -214,19 +254,23 @@ def _compressed_tensors(ckpt, scheme, out, opts) -> QuantizeSummary:
     algo_note = "round-to-nearest (RTN), compressed-tensors min-max scales"
     notes = []
     if needs:
+        if text is None:
+            from .texts import calib_text
+
+            text = calib_text(opts.calib)
         res = calibrate(ckpt, scheme, algorithm=algorithm, calib_path=opts.calib, n_samples=opts.calib_samples,
                         seq_len=opts.calib_len, alpha=opts.alpha, device=opts.device, progress=True)
         quantized = res.packed(scheme.ct_format) if res.quantized else None
         overrides = res.overrides or None
         input_scales = res.input_scales or None
-        src = str(opts.calib) if opts.calib else "gemmaquant's built-in calibration text"
-        calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens from {src}"
+        calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens of `{text.describe()}`"
         algo_note = _algorithm_note(algorithm, opts)
         notes.append(res.notes)
         if opts.calib is None and scheme.weights is not None and scheme.weights.num_bits <= 4:
             notes.append(CALIB_HINT)
     rep = write_compressed_tensors(ckpt, scheme, out, quantized=quantized, overrides=overrides,
                                    input_scales=input_scales, force=opts.force, command=opts.command,
+                                   base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
                                    inputs=inputs_of(ckpt, opts)[1:])

@@ -1,10 +1,81 @@
-"""Shared fixtures: the real demo model (Gemma 3 270M) built once per machine into gemmaquant's cache
-($GEMMAQUANT_CACHE, else $XDG_CACHE_HOME/gemmaquant, else ~/.cache/gemmaquant), so later test runs
-reuse it."""
+"""Shared fixtures and the test tiers.
+
+Tiers: `python -m pytest -q` runs everything (CI and the README). `pytest -m "not slow"` is the fast
+tier, under a minute on 2 cores, with no llama.cpp, no demo model and no child process, so it runs
+without llama-cpp-python installed. A test is slow when it carries one of these marks (or `slow`
+itself, for tests that are merely long):
+  demo        uses the real demo model (fixtures demo_dir / demo_gguf add it; tests/ggml/demo_gguf.py)
+  llamacpp    runs llama.cpp: llama-cpp-python, libggml, the converter from the llama.cpp sources
+  subprocess  starts a process (the CLI end to end, a fresh interpreter)
+While a fast-tier test runs, reaching for any of these fails it, naming the mark it needs.
+
+The demo model (Gemma 3 270M) is built once per machine into gemmaquant's cache ($GEMMAQUANT_CACHE,
+else $XDG_CACHE_HOME/gemmaquant, else ~/.cache/gemmaquant), so later test runs reuse it."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Before torch (or llama.cpp) is imported: their OpenMP runtimes read this once, at load. By default
+# an idle OpenMP thread spins on its core; with two runtimes in one process (torch's own libgomp and
+# the system one llama.cpp uses) and other jobs on a 2-core machine, the spinning threads starve the
+# working ones and the suite runs several times slower (benchmarks/RESULTS.md, "test suite").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import tier
+
+TIER_MARKS = ("demo", "llamacpp", "subprocess")
+DEMO_FIXTURES = {"demo_dir", "demo_gguf"}
+# Whole modules, declared here rather than in files another change is editing (tests/reliability).
+MODULE_MARKS = {
+    "tests/reliability/test_interrupt.py": "subprocess",  # signals a real `gemmaquant quantize` process
+    "tests/test_streaming.py": "subprocess",  # peak memory of real quantize processes
+}
+# Single tests that take seconds (GPTQ calibration twice), declared here for the same reason.
+LONG_TESTS = {"tests/reliability/test_determinism.py::test_same_bytes_with_1_and_2_threads[w4a16-t-W4A16-extra3]"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path in MODULE_MARKS:
+            item.add_marker(MODULE_MARKS[path])
+        if DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("demo")
+        if any(item.get_closest_marker(m) for m in TIER_MARKS) or item.nodeid in LONG_TESTS:
+            item.add_marker("slow")
+
+
+class _NoLlamaCpp(types.ModuleType):
+    def __getattr__(self, name):
+        if not name.startswith("__"):  # introspection (inspect, pickle) asks for dunders: not a use
+            tier.forbid("llama.cpp (llama_cpp)", "llamacpp")
+        raise AttributeError(name)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+
+    def no_process(self, *args, **kwargs):
+        tier.forbid("a child process", "subprocess")
+
+    tier.FAST = request.node.nodeid
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    monkeypatch.setitem(sys.modules, "llama_cpp", _NoLlamaCpp("llama_cpp"))
+    try:
+        yield
+    finally:
+        tier.FAST = None
 
 
 @pytest.fixture(scope="session")

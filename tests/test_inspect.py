@@ -128,6 +128,7 @@ def _llamacpp_gguf(path):
     return {"tensors": tensors, "keys": keys}
 
 
+@pytest.mark.llamacpp
 def test_llamacpp_q4_k_m_demo_gguf(demo_gguf):
     from gemmaquant.gguf_header import TYPE_NAMES
 
@@ -146,6 +147,7 @@ def test_llamacpp_q4_k_m_demo_gguf(demo_gguf):
     assert {"Q4_K", "Q6_K", "F32"} <= set(info["types"])
 
 
+@pytest.mark.llamacpp
 def test_gguf_we_write(our_gguf):
     info = _check_gguf_against_reader(our_gguf)
     ref = _llamacpp_gguf(our_gguf)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.loading import load_model
+from gemmaquant.texts import builtin_eval_path
 from gemmaquant.tokenizer import load_tokenizer
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-eval.txt"
+TEXT = builtin_eval_path()  # the shipped evaluation text
 pytestmark = pytest.mark.slow
 
 
@@ -45,11 +46,14 @@ def test_demo_logits_match_transformers_float32(demo_dir, ids):
 
 def test_eval_cli_on_the_demo(demo_dir, tmp_path):
     out = tmp_path / "ppl.json"
-    r = subprocess.run([sys.executable, "-m", "gemmaquant.cli", "eval", str(demo_dir), "--text", str(TEXT),
+    # no --text: the shipped evaluation text, named with its sha256 in the output
+    r = subprocess.run([sys.executable, "-m", "gemmaquant.cli", "eval", str(demo_dir),
                         "--ctx", "256", "--chunks", "2", "--json", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
+    assert res["text"] == "built-in:default_eval.txt"
+    assert res["text_sha256"] == hashlib.sha256(TEXT.read_bytes()).hexdigest()
     assert res["tokens_scored"] == 2 * (256 - 1 - 128)
     assert 3 < res["ppl"] < 60 and res["ppl_stderr"] > 0  # a 270M base model on English licence text
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.texts import builtin_eval_path
 from gemmaquant.tokenizer import load_tokenizer
 from tests.llamacpp import open_llama
 
-DEV_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-eval.txt"
-if not DEV_EVAL.is_file():
-    DEV_EVAL = Path("/work/shared/data/dev-eval.txt")
+DEV_EVAL = builtin_eval_path()  # the shipped evaluation text (90 kB of licence documents)
 
 TRICKY = [
     *(" " * n for n in range(1, 41)),  # user-defined pieces cover runs of 2..31 spaces

@@ -37,7 +37,7 @@ from ..schemes import CT, Scheme
 from ..progress import byte_progress
 from .atomic import atomic_output
 from .guard import check_output, write_marker
-from .model_card import is_repo_id, render_model_card, source_license
+from .model_card import base_model_of, render_model_card, source_license
 
 MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as save_pretrained counts it
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes (informational)
@@ -94,7 +94,7 @@ def quantization_config(scheme: Scheme, actorder: str | None = None) -> dict:
 
 def config_with_quantization(src_text: str, qc: dict, where: str = "config.json") -> str:
     """The source config.json text with `"quantization_config": {...}` inserted before its closing
-    brace; every other byte is kept (transformers would rewrite rope keys, see the spec §0)."""
+    brace; every other byte is kept (transformers would rewrite rope keys, docs/vllm-formats.md §0)."""
     try:
         data = json.loads(src_text)
     except json.JSONDecodeError as e:
@@ -384,16 +384,15 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         for p in ckpt.side_files():
             if p.name != "config.json":
                 shutil.copyfile(p, tmp / p.name)
-        base = base_model or (ckpt.source if is_repo_id(ckpt.source) else None)
-        if base is None and is_repo_id(ckpt.config.raw.get("_name_or_path")):
-            base = ckpt.config.raw["_name_or_path"]
+        base = base_model or base_model_of(ckpt.source, ckpt.path, ckpt.config.raw)
         errs = list(report.weight_error.values())
         stats = {"Quantized Linears": str(len(report.quantized)),
                  "Weight bytes": f"{report.tensor_bytes / 1e6:.1f} MB (source {report.source_bytes / 1e6:.1f} MB)",
                  "Relative weight error ||W_q - W|| / ||W|| (mean / max over Linears)":
                      f"{sum(errs) / len(errs):.4f} / {max(errs):.4f}" if errs else "n/a"}
         card = render_model_card(
-            title=f"{ckpt.name}-{scheme.label}", base_model=base, license=source_license(ckpt.path) or "gemma",
+            title=f"{ckpt.name}-{scheme.label}", base_model=base,
+            license=source_license(ckpt.path, ckpt.config.model_type), source=ckpt.source,
             tags=["gemma", ckpt.config.model_type.replace("_text", ""), "compressed-tensors", "vllm", "quantized",
                   scheme.label.lower(), "gemmaquant"],
             scheme_name=scheme.name, scheme_summary=scheme.summary, engine=scheme.engine,

@@ -1,5 +1,5 @@
 """Write a Gemma checkpoint as a GGUF file identical to `convert_hf_to_gguf.py --outtype bf16` followed
-by `llama-quantize <preset>` (docs/gguf-gemma.md §1, §4, §7.7), streaming one tensor at a time.
+by `llama-quantize <preset>` (docs/gguf-gemma.md §1, §4, §7), streaming one tensor at a time.
 
 What the reference pipeline does to each tensor, and so do we:
 * 2-D weights: the converter stores them as BF16 (an f32/f16 source is rounded to bf16 here), and

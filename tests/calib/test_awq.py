@@ -43,6 +43,7 @@ def _kl(ref_logits, logits):
                     reduction="batchmean").item()
 
 
+@pytest.mark.slow  # calibrates and quantizes whole tiny models: 5-10 s each
 @pytest.mark.parametrize("name", ["gemma3", "gemma1-mqa"])
 def test_calibrated_w4_beats_rtn_and_keeps_folds_exact(name, tmp_path):
     pytest.importorskip("transformers")

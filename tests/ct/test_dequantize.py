@@ -20,7 +20,7 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 QArgs, QScheme = ct_q.QuantizationArgs, ct_q.QuantizationScheme
 
 
-@pytest.fixture(autouse=True, params=["plain", "compiled"])
+@pytest.fixture(autouse=True, params=["plain", pytest.param("compiled", marks=pytest.mark.subprocess)])  # inductor runs a C++ compiler
 def path(request):
     """Every test twice: the plain kernels, and the torch.compile ones (`ggml.compiled`, CPU) with any
     fallback to the plain path made an error, and at least one compiled kernel required to have run."""

@@ -99,8 +99,15 @@ def _write(src: Path, scheme: str, out: Path, **kw):
                                           progress=False, **kw)
 
 
-@pytest.mark.parametrize("gen", list(GENERATIONS))
-@pytest.mark.parametrize("scheme", CT_SCHEMES)
+def _scheme_x_generation():
+    """Every scheme on every generation; the fast tier keeps one generation per scheme (rotating, so
+    each generation and each scheme is in it), the slow tier adds the rest."""
+    gens = list(GENERATIONS)
+    return [pytest.param(s, g, id=f"{s}-{g}", marks=() if i % len(gens) == j else pytest.mark.slow)
+            for i, s in enumerate(CT_SCHEMES) for j, g in enumerate(gens)]
+
+
+@pytest.mark.parametrize("scheme,gen", _scheme_x_generation())
 def test_transformers_loads_our_output_and_decompresses_to_our_dequant(sources, tmp_path, gen, scheme):
     src, out = sources[gen], tmp_path / "out"
     ckpt, report = _write(src, scheme, out, drift={"kl": 0.0123})

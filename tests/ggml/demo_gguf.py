@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gemmaquant.ggml.types import GGMLType
+from tests.tier import forbid
 
 
 @lru_cache(maxsize=1)
@@ -29,6 +30,7 @@ def quantized_tensor(config: pytest.Config, name: str, max_rows: int) -> tuple[G
 
     Slices are cached as .npz next to the assembled file: GGUFReader needs ~45 s on this
     machine to parse the 262k-token vocabulary, so only the first run pays for it."""
+    forbid("the demo model's GGUF", "demo")
     cached = Path(config.cache.mkdir("gemma3_270m_q4_k_m")) / f"{name}.{max_rows}.npz"
     if cached.exists():
         z = np.load(cached)

@@ -55,6 +55,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def require_libggml() -> ctypes.CDLL:
+    from tests.tier import forbid  # noqa: PLC0415
+
+    forbid("libggml (llama.cpp)", "llamacpp")
     lib, why = _load()
     if lib is None:
         import pytest  # noqa: PLC0415

@@ -39,6 +39,7 @@ def test_every_type_has_a_fused_kernel() -> None:
     assert set(FUSED) == set(TYPES)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_bytes_from_our_quantizer(qtype: GGMLType) -> None:
     w = synthetic(64, 512)
@@ -46,6 +47,7 @@ def test_bytes_from_our_quantizer(qtype: GGMLType) -> None:
     assert_bit_equal(strict_compiled(data, qtype, tuple(w.shape)), gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_random_bytes_any_block_count(qtype: GGMLType, rows: int) -> None:
@@ -58,6 +60,8 @@ def test_random_bytes_any_block_count(qtype: GGMLType, rows: int) -> None:
     assert_bit_equal(strict_compiled(data, qtype, shape), ref)
 
 
+@pytest.mark.subprocess
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
 def test_bytes_from_libggml_into_reused_out(qtype: GGMLType) -> None:
     require_libggml()
@@ -68,6 +72,8 @@ def test_bytes_from_libggml_into_reused_out(qtype: GGMLType) -> None:
     assert_bit_equal(out, gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
 
 
+@pytest.mark.subprocess
+@pytest.mark.demo
 def test_real_demo_tensors(request: pytest.FixtureRequest) -> None:
     for name in DEMO_TENSORS:
         qtype, data, shape = quantized_tensor(request.config, name, max_rows=1024)
@@ -151,6 +157,7 @@ def test_compressed_tensors_fallback(fresh_state, why) -> None:
     assert compiled._ct_kernels["ct_scaled"] is None
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("value, on", [("1", True), ("on", True), ("0", False), ("", False)])
 def test_environment_switch(value: str, on: bool) -> None:
     code = "from gemmaquant.ggml import compiled; print(compiled.enabled())"

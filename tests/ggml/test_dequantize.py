@@ -39,6 +39,7 @@ def test_bytes_from_our_quantizer(qtype: GGMLType) -> None:
     assert_bit_equal(dequantize(data, qtype, w.shape), gguf_dequantize(data.numpy(), qtype, tuple(w.shape)))
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
 def test_bytes_from_libggml_with_imatrix(qtype: GGMLType) -> None:
     require_libggml()
@@ -60,6 +61,7 @@ DEMO_TENSORS = ["blk.0.attn_output.weight", "blk.0.attn_q.weight", "blk.0.ffn_do
                 "blk.0.attn_v.weight", "token_embd.weight"]  # fmt: skip
 
 
+@pytest.mark.demo
 def test_real_demo_tensors(request: pytest.FixtureRequest) -> None:
     # The Q4_K_M demo file holds Q4_K, Q5_0, Q6_K and Q8_0 tensors among these.
     seen = set()
@@ -74,7 +76,7 @@ def test_real_demo_tensors(request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_into_reused_out_buffer(qtype: GGMLType) -> None:
     w = synthetic(16, 1024, seed=5)
-    data = ggml_quantize(w, qtype) if qtype != GGMLType.F16 else quantize(w, qtype)
+    data = quantize(w, qtype)  # llama.cpp's bytes (test_quantize.py); no libggml needed here
     out = torch.full(tuple(w.shape), float("nan"))
     got = dequantize(data, qtype, w.shape, out=out)
     assert got is out

@@ -65,6 +65,7 @@ def assert_same_blocks(ours: torch.Tensor, ref: torch.Tensor, qtype: GGMLType) -
     assert not bad.any(), f"{qtype.name}: {int(bad.sum())}/{len(bad)} blocks differ, first {bad.nonzero()[0].item()}"
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("shape", [(160, 1024), (12, 256)])
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
@@ -75,6 +76,7 @@ def test_synthetic_matches_ggml(qtype: GGMLType, with_imatrix: bool, shape: tupl
     assert_same_blocks(quantize(w, qtype, im), ggml_quantize(w, qtype, im), qtype)
 
 
+@pytest.mark.llamacpp
 def test_q8_0_roundf_near_ties() -> None:
     # amax 127 gives d = 1 and id = 1, so x*id is x: exact halves round away from zero (roundf),
     # and 0.49999997 must round to 0 (floor(|v| + 0.5) would give 1).
@@ -86,6 +88,8 @@ def test_q8_0_roundf_near_ties() -> None:
     assert_same_blocks(quantize(w, GGMLType.Q8_0), ggml_quantize(w, GGMLType.Q8_0), GGMLType.Q8_0)
 
 
+@pytest.mark.demo
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.0.attn_q.weight"])
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 def test_real_demo_tensors_match_ggml(request: pytest.FixtureRequest, name: str, with_imatrix: bool) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tier import forbid
+
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_DIR = "llama_cpp_python-0.3.36"
 _KV_INT, _KV_STR = 0, 3  # LLAMA_KV_OVERRIDE_TYPE_INT / _STR
@@ -33,6 +35,7 @@ def _cache() -> Path:
 
 def llamacpp_tree() -> Path:
     """The llama.cpp source tree of the sdist (downloaded and extracted on first use), or skip."""
+    forbid("llama.cpp's converter", "llamacpp")
     root = _cache()
     tree = root / SDIST_DIR / "vendor" / "llama.cpp"
     if (tree / "convert_hf_to_gguf.py").is_file():
@@ -104,6 +107,7 @@ def convert(model_dir: Path, outtype: str = "bf16") -> Path:
 def quantize(inp: Path, out: Path, ftype: int, *, imatrix: dict[str, np.ndarray] | None = None,
              meta: dict | None = None, nthread: int = 2) -> Path:
     """llama-quantize through libllama: `llama_model_quantize(inp, out, params)`."""
+    forbid("llama.cpp's quantizer", "llamacpp")
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -25,6 +25,9 @@ ALL = ["bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q
 SOME = ["bf16", "f16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
 DEMO = os.environ.get("GEMMAQUANT_DEMO_GGUF") == "1"
 SLOW = os.environ.get("GEMMAQUANT_SLOW_GGUF") == "1"  # more K-quant cases (tens of seconds each)
+# Every test here compares with llama.cpp's pipeline or starts from the `tiny` fixture, which runs
+# llama.cpp's converter on the checkpoints (in a child process): the slow tier.
+pytestmark = [pytest.mark.llamacpp, pytest.mark.subprocess]
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,7 @@ def test_a_path_that_appeared_during_the_run(force, good, tmp_path, capsys, monk
     assert tree(tmp_path) == ["x.gguf"]
 
 
+@pytest.mark.subprocess  # _dead_pid starts (and reaps) a child
 def test_a_killed_runs_leftovers_are_cleaned_by_the_next_run(good, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     dead = _dead_pid()
@@ -94,6 +95,7 @@ def test_a_killed_runs_leftovers_are_cleaned_by_the_next_run(good, tmp_path, cap
     assert res.stderr.count("note:") == 2 and "left by a run" in res.stderr
 
 
+@pytest.mark.subprocess  # _dead_pid starts (and reaps) a child
 def test_an_old_output_moved_aside_by_a_killed_run_is_put_back(good, tmp_path, capsys):
     """Killed between moving the old output aside and renaming the new one in: the next run puts the old
     one back, and then refuses to replace it without --force."""
