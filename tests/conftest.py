@@ -32,24 +32,14 @@ from tests import tier
 
 TIER_MARKS = ("demo", "llamacpp", "subprocess")
 DEMO_FIXTURES = {"demo_dir", "demo_gguf"}
-# Whole modules, declared here rather than in files another change is editing (tests/reliability).
-MODULE_MARKS = {
-    "tests/reliability/test_interrupt.py": "subprocess",  # signals a real `gemmaquant quantize` process
-    "tests/test_streaming.py": "subprocess",  # peak memory of real quantize processes
-}
-# Single tests that take seconds (GPTQ calibration twice), declared here for the same reason.
-LONG_TESTS = {"tests/reliability/test_determinism.py::test_same_bytes_with_1_and_2_threads[w4a16-t-W4A16-extra3]"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = item.nodeid.split("::")[0]
-        if path in MODULE_MARKS:
-            item.add_marker(MODULE_MARKS[path])
         if DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker("demo")
-        if any(item.get_closest_marker(m) for m in TIER_MARKS) or item.nodeid in LONG_TESTS:
+        if any(item.get_closest_marker(m) for m in TIER_MARKS):
             item.add_marker("slow")
 
 

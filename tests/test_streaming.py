@@ -19,6 +19,8 @@ import torch
 
 from gemmaquant.errors import OutputError
 
+pytestmark = pytest.mark.subprocess  # peak memory of real quantize processes
+
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB = 1024, 4096, 4, 2, 256, 512
 LARGEST_BF16 = INTER * HIDDEN * 2  # gate/up/down: 8 MB

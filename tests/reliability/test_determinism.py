@@ -41,7 +41,7 @@ def _digests(path) -> dict[str, str]:
     ("q4_k_m", "t.Q4_K_M.gguf", []),
     ("q6_k", "t.Q6_K.gguf", []),
     ("fp8", "t-FP8", []),
-    ("w4a16", "t-W4A16", CALIB),
+    pytest.param("w4a16", "t-W4A16", CALIB, marks=pytest.mark.slow),  # GPTQ calibration twice: seconds
 ])
 def test_same_bytes_with_1_and_2_threads(src, tmp_path, capsys, scheme, out_name, extra):
     outs = []

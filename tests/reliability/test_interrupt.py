@@ -22,7 +22,7 @@ import pytest
 from . import TINY_G3, write_tiny
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # every test here runs gemmaquant in a subprocess
+pytestmark = pytest.mark.subprocess  # every test here signals a real `gemmaquant quantize` process
 
 
 def _cli(args: list) -> subprocess.Popen:
