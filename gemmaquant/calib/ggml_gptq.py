@@ -26,6 +26,7 @@ The grid types (IQ3_S) store 4 weights per grid point: see `ggml_gptq_grid.py`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,16 +125,22 @@ def _qx_candidates(nmax: int) -> list[float]:
 
 def _recover_qx_iscale(x: torch.Tensor, codes: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The iscale make_qx_quants rounded each 32-block with: the first candidate whose codes equal
-    llama's. x, codes [nb, 32] -> (iscale [nb], found [nb] bool)."""
+    llama's. x, codes [nb, 32] -> (iscale [nb], found [nb] bool). Each candidate is tried on the
+    blocks no earlier one matched."""
     _, mx = first_abs_max(x.T.contiguous())
     iscale = torch.zeros(x.shape[0])
     found = torch.zeros(x.shape[0], dtype=torch.bool)
+    target = codes.float() - nmax
+    todo = torch.arange(x.shape[0])
     for c in _qx_candidates(nmax):
-        cand = div(c, mx)
-        q = torch.round(x * cand[:, None]).clamp_(-nmax, nmax - 1).long() + nmax
-        hit = (q == codes).all(dim=1) & ~found
-        iscale = torch.where(hit, cand, iscale)
-        found |= hit
+        cand = div(c, mx[todo])
+        q = torch.round(x[todo] * cand[:, None]).clamp_(-nmax, nmax - 1)
+        hit = (q == target[todo]).all(dim=1)
+        iscale[todo[hit]] = cand[hit]
+        found[todo[hit]] = True
+        todo = todo[~hit]
+        if todo.numel() == 0:
+            break
     return iscale, found
 
 
@@ -223,33 +230,67 @@ def prepare_hessian(H: torch.Tensor) -> torch.Tensor:
     return H
 
 
-def gptq_codes(W: torch.Tensor, H: torch.Tensor, r: Rounding, *, damp: float = 0.01, act_order: bool = True,
-               block_size: int = 128) -> torch.Tensor:
-    """Codes [rows, n] for W [rows, n] chosen column by column with error feedback through H [n, n]."""
-    rows, n = W.shape
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from H: the column processing order and U, the upper Cholesky factor of
+    (H + damping)⁻¹ in that order (float32). Linears that read the same input share one."""
+
+    perm: torch.Tensor  # [n] int64
+    U: torch.Tensor  # [n, n] float32
+    group: int  # columns decided together (1, or 4 for IQ3_S): act-order moves whole groups
+
+
+def hessian_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = True, group: int = 1) -> HessianFactor:
+    """Act-order: groups by decreasing Σ diag(H) (stable), as w4a16 GPTQ orders its columns."""
     H = prepare_hessian(H)
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
-    U = inverse_cholesky(H[perm][:, perm], damp).float()
+    n = H.shape[0]
+    if act_order:
+        gperm = torch.argsort(H.diagonal().view(n // group, group).sum(dim=1), descending=True, stable=True)
+        perm = (gperm[:, None] * group + torch.arange(group)).reshape(-1)
+    else:
+        perm = torch.arange(n)
+    with single_thread():
+        U = inverse_cholesky(H[perm][:, perm], damp).float()
+    return HessianFactor(perm, U, group)
+
+
+@contextmanager
+def single_thread():
+    """Run the column loops on one torch thread: their ops are small (one column of a tensor), and with
+    two threads each ends in a barrier that a busy machine stretches up to 30x (measured here);
+    one thread also keeps the result independent of --threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: int = 128) -> torch.Tensor:
+    """Codes [rows, n] for W [rows, n] chosen column by column with error feedback (factor `f` of H)."""
+    rows, n = W.shape
+    perm, U = f.perm, f.U
     Wt = W.float().T[perm].contiguous()  # [n, rows], processing order: one row per input column
     codes = torch.empty(n, rows, dtype=torch.long)
     cols = perm.tolist()
     sub = r.sub
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = Wt[i1:i2]  # a view: updated in place
-        Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            col = cols[i1 + i]
-            s = col // sub
-            w = W1[i]
-            q = r.decide(w, col)
-            codes[i1 + i] = q
-            err = (w - r.grid.value(q, s)) / U[i1 + i, i1 + i]
-            if i + 1 < i2 - i1:
-                W1[i + 1:] -= U[i1 + i, i1 + i + 1:i2, None] * err[None, :]
-            Err1[i] = err
-        if i2 < n:
-            Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+    with single_thread():
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            W1 = Wt[i1:i2]  # a view: updated in place
+            Err1 = torch.empty_like(W1)
+            for i in range(i2 - i1):
+                col = cols[i1 + i]
+                w = W1[i]
+                q = r.decide(w, col)
+                codes[i1 + i] = q
+                err = (w - r.grid.value(q, col // sub)) / U[i1 + i, i1 + i]
+                if i + 1 < i2 - i1:
+                    W1[i + 1:] -= U[i1 + i, i1 + i + 1:i2, None] * err[None, :]
+                Err1[i] = err
+            if i2 < n:
+                Wt[i2:] -= U[i1:i2, i2:].T @ Err1
     out = torch.empty_like(codes)
     out[perm] = codes
     return out.T.contiguous()
@@ -270,20 +311,23 @@ class Optimized:
 
 
 def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor | None, *,
-                    feedback: bool = True, damp: float = 0.01, act_order: bool = True,
-                    block_size: int = 128) -> Optimized:
+                    feedback: bool = True, damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                    factor: HessianFactor | None = None) -> Optimized:
     """One tensor: llama.cpp's scales, codes by error feedback (`feedback=False`: llama.cpp's bytes).
+    `factor`: `hessian_factor(H, ...)` if already computed (it then overrides damp and act_order).
 
     If the error feedback does not lower the calibration loss (it always should, but a rank-poor H
     can mislead it), llama.cpp's bytes are kept."""
     W = W.float()
-    r = llama_rounding(W, qtype, imatrix)
-    base = r.grid.values(r.codes)
+    with single_thread():
+        r = llama_rounding(W, qtype, imatrix)
+        base = r.grid.values(r.codes)
     loss_llama = layer_loss(W, base, H)
     if not feedback:
         codes = r.decide(W)
     else:
-        codes = gptq_codes(W, H, r, damp=damp, act_order=act_order, block_size=block_size)
+        factor = factor or hessian_factor(H, damp=damp, act_order=act_order)
+        codes = gptq_codes(W, factor, r, block_size=block_size)
     values = r.grid.values(codes)
     loss = layer_loss(W, values, H)
     if feedback and loss >= loss_llama:
