@@ -133,6 +133,10 @@ def quantize_cmd(
                               "second GGUF in the same folder joins it). compressed-tensors directories always get one."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The Hub repo id of MODEL, for the card's "
                                              "base_model when it cannot be derived (a local copy of a Hub repo)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose each tensor's type by measured "
+                                               "sensitivity so that the tensor data takes at most this many bits per weight."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same for a whole-file size "
+                                              "(1.2GB, 900MiB, bytes); the file is at most this big."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),
     show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
@@ -174,15 +178,16 @@ def quantize_cmd(
         raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
     _set_threads(threads)
     opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
-                           base_model=base_model,
+                           base_model=base_model, target_bpw=target_bpw, target_size=target_size,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
+        from .gguf_optimized import dry_run_rows
         from .plan_view import render_plan
 
-        render_plan(ckpt, s, out_p, opts, out, json_out, show_all=show_all)
+        render_plan(ckpt, s, out_p, opts, out, json_out, show_all=show_all, rows=dry_run_rows(ckpt, s, opts))
         return
     from .progress import byte_progress
 

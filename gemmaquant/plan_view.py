@@ -110,9 +110,11 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 
 def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console: Console, as_json: bool,
-                show_all: bool = False):
-    rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
-        else ct_plan(ckpt, scheme)
+                show_all: bool = False, rows: list[dict] | None = None):
+    """`rows`: a plan computed elsewhere (a size budget's, gguf_optimized.dry_run_rows)."""
+    if rows is None:
+        rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
+            else ct_plan(ckpt, scheme)
     total = sum(r["bytes"] for r in rows)
     params = ckpt.config.param_count()
     if as_json:  # every tensor: scripts want the full plan

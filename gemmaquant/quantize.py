@@ -31,6 +31,13 @@ class QuantizeOptions:
     inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
     card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
+    target_bpw: float | None = None  # GGUF: per-tensor types for a size budget (gguf_optimized.py)
+    target_size: str | None = None
+
+    @property
+    def tuned(self) -> bool:
+        """GGUF bytes other than llama-quantize's preset: gptq codes and/or a budgeted type mix."""
+        return self.algorithm == "gptq" or self.target_bpw is not None or self.target_size is not None
 
 
 @dataclass
@@ -111,8 +118,16 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
     rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
         else ct_plan(ckpt, scheme)
     per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
-    return (sum(r["bytes"] + per_tensor for r in rows) + sum(p.stat().st_size for p in ckpt.side_files())
-            + (64 << 10))
+    data = sum(r["bytes"] for r in rows)
+    if scheme.is_gguf and opts.tuned:
+        # a budget may exceed the preset; gptq patches a template copy beside the output
+        data = max(data, int((opts.target_bpw or 0) * ckpt.config.param_count() / 8))
+        if opts.target_size is not None:
+            from .calib.budget import parse_size
+
+            data = max(data, parse_size(opts.target_size))
+        data *= 2 if opts.algorithm == "gptq" else 1
+    return (data + per_tensor * len(rows) + sum(p.stat().st_size for p in ckpt.side_files()) + (64 << 10))
 
 
 def check_source(ckpt: Checkpoint) -> None:
@@ -134,14 +149,16 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
                  progress=None) -> QuantizeSummary:
     from .diskspace import check_free_space
     from .export.guard import check_output
+    from .gguf_optimized import check_request, make_budget
     from .limits import check_for_model
 
     t0 = time.perf_counter()
     check_family(scheme, out)
+    check_request(scheme, opts.algorithm, make_budget(opts.target_bpw, opts.target_size), bool(opts.imatrix_file))
     check_source(ckpt)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
-    calibrating = bool(opts.imatrix) if scheme.is_gguf else \
+    calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
     if calibrating:  # the calibration settings only bind when calibration runs
@@ -173,6 +190,11 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
         check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
         card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
     header = None
+    if opts.tuned:
+        summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text)
+        if card is not None:
+            _gguf_card(ckpt, scheme, out, opts, summary, card[0])
+        return summary
     if not (opts.imatrix or opts.imatrix_file):
         # the header (mostly the vocabulary) builds in its own process while torch is imported here
         header = start_header(ckpt, scheme)
@@ -236,6 +258,20 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
                            source_bytes=ckpt.weight_nbytes(), params=params,
                            bits_per_weight=8 * rep.file_bytes / params, peak_rss_bytes=0, notes=notes,
                            unquantized=unq, types=rep.type_counts)
+
+
+def _gguf_tuned(ckpt, scheme, out, opts, progress, text) -> QuantizeSummary:
+    from .gguf_optimized import make_budget, write_tuned
+
+    res = write_tuned(ckpt, scheme, out, opts, make_budget(opts.target_bpw, opts.target_size), text,
+                      inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+    plans = res.report.plans
+    params = sum(p.numel for p in plans)
+    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in plans if p.type.name == "F32"]
+    return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=res.file_bytes,
+                           source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * res.file_bytes / params, peak_rss_bytes=0, notes=res.notes,
+                           unquantized=unq, types=res.types)
 
 
 def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
