@@ -220,7 +220,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
         tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
     add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
                       "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
-                      "types": summary.types, "notes": [n for n in summary.notes if n]})
+                      "types": summary.types, "notes": [n for n in summary.notes if n], "tuned": opts.tuned})
     write_card(readme, card, inputs=inputs_of(ckpt, opts))
     summary.notes.append(f"model card: {readme}")
 

@@ -192,7 +192,9 @@ def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys
 @pytest.mark.slow
 def test_target_bpw_and_errors(src, tmp_path, capsys):
     out = tmp_path / "bpw.gguf"
-    s = _quantize(src, out, capsys, "--target-bpw", "4.0")
+    s = _quantize(src, out, capsys, "--target-bpw", "4.0", "--card")
+    card = (tmp_path / "README.md").read_text()
+    assert "size budget --target-bpw 4" in card and "not its codes or type mix" in card
     r, layout = _layout(out)
     data = sum(tensor_bytes(v[1][::-1], T(v[0])) for v in layout.values())
     n = sum(int(np.prod(v[1])) for v in layout.values())
