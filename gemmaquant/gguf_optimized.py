@@ -30,6 +30,7 @@ KEY_ALGORITHM = "gemmaquant.quantize.algorithm"
 KEY_CALIBRATION = "gemmaquant.quantize.calibration"
 KEY_TARGET = "gemmaquant.budget.target"
 KEY_PLAN = "gemmaquant.budget.plan"
+MAX_STR = 127  # longest value of our string keys (as llama-quantize caps its imatrix strings)
 
 
 @dataclass
@@ -92,6 +93,11 @@ def supported_type_names() -> list[str]:
     return [t.name for t in (*SCALAR_TYPES, *GRID_TYPES)]
 
 
+def cap(text: str) -> str:
+    """At most MAX_STR bytes of UTF-8 (a cut inside a character drops it)."""
+    return text.encode("utf-8")[:MAX_STR].decode("utf-8", errors="ignore")
+
+
 def calibration_ids(ckpt: Checkpoint, opts):
     """The calibration windows [calib_samples, calib_len] (seed 0: the same every run)."""
     from .calib.data import calibration_batches, load_tokenizer_for
@@ -131,20 +137,22 @@ def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatr
                  extra_kv=None, progress=None) -> BudgetPlan:
     """Per-tensor types from measured sensitivity so that the file (or its tensor data, for bpw) fits."""
     from .calib.budget import Option, padded, solve, tensor_bytes
-    from .calib.sensitivity import candidates, measure_sensitivity
+    from .calib.sensitivity import BUDGET_TYPES, candidates, measure_sensitivity
     from .ggml.types import GGMLType
 
     base = preset_plans(ckpt, scheme, True)
     chosen = [p for p in base if len(p.shape) == 2]  # the quantizable tensors sensitivity measures
     fixed = sum(padded(tensor_bytes(p.shape, p.type)) for p in base if len(p.shape) != 2)
-    smallest = fixed + sum(min(tensor_bytes(p.shape, t) for t in candidates(p.n_per_row)) for p in chosen)
+    smallest = fixed + sum(min(tensor_bytes(p.shape, t) for t in candidates(p.n_per_row, BUDGET_TYPES)) for p in chosen)
     n_weights = sum(p.numel for p in base)
-    kv = dict(extra_kv or {})
-    kv[KEY_TARGET] = budget.text
-    # the plan key's length depends on the choice; its longest form bounds the header
+    # The header's size bound: every string key at its longest (the plan's type names, the imatrix and
+    # calibration descriptions, capped at MAX_STR), so the plan depends on the budget alone and
+    # --dry-run shows exactly the plan the run writes.
     longest = max(len(t.name) for t in GGMLType)
-    kv[KEY_PLAN] = [f"{p.name}={'X' * longest}" for p in chosen]
-    head = header_size(ckpt, scheme, base, imatrix_meta, kv) if budget.size is not None else 0
+    bound_kv = {KEY_ALGORITHM: "X" * MAX_STR, KEY_CALIBRATION: "X" * MAX_STR, KEY_TARGET: "X" * MAX_STR,
+                KEY_PLAN: [f"{p.name}={'X' * longest}" for p in chosen]}
+    bound_meta = {"file": "X" * MAX_STR, "dataset": "X" * MAX_STR, "entries_count": 1, "chunks_count": 1}
+    head = header_size(ckpt, scheme, base, bound_meta, bound_kv) if budget.size is not None else 0
     if budget.bpw is not None:  # checked before the sensitivity pass: a budget that cannot fit fails now
         limit = int(budget.bpw * n_weights / 8)
         if limit < smallest:
@@ -157,7 +165,8 @@ def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatr
             raise GemmaQuantError(f"{budget.text}: below the smallest file these tensors allow ({smallest + head:,} "
                                   "bytes, every tensor at its smallest type)")
         room = limit - head - fixed
-    sens = measure_sensitivity(ckpt, ids[:SENSITIVITY_SAMPLES], progress=progress)
+    sens = measure_sensitivity(ckpt, ids[:SENSITIVITY_SAMPLES], embed_types=BUDGET_TYPES, types=BUDGET_TYPES,
+                               progress=progress)
     if set(sens.tensors) != {p.name for p in chosen}:
         raise GemmaQuantError("the sensitivity pass measured other tensors than the plan has (internal error)")
     options = {n: [Option(t, tensor_bytes(s.shape, t), kl) for t, kl in s.kl.items()] for n, s in sens.tensors.items()}
@@ -170,7 +179,7 @@ def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatr
     bp = BudgetPlan(plans, data, None, limit, sum(c.damage for c in choice.values()), sens.seconds,
                     {n: c.damage for n, c in choice.items()})
     if budget.size is not None:
-        kv[KEY_PLAN] = bp.plan_strings()
+        kv = {**(extra_kv or {}), KEY_TARGET: cap(budget.text), KEY_PLAN: bp.plan_strings()}
         bp.file_bytes = header_size(ckpt, scheme, plans, imatrix_meta, kv) + data
         if bp.file_bytes > limit:  # cannot happen: the header was bounded above
             raise GemmaQuantError(f"{budget.text}: the plan came out at {bp.file_bytes:,} bytes (internal error)")
@@ -188,8 +197,7 @@ def dry_run_rows(ckpt: Checkpoint, scheme: Scheme, opts) -> list[dict] | None:
         return None
     check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
     calib_text(opts.calib)
-    kv = {KEY_ALGORITHM: "", KEY_CALIBRATION: ""}
-    return budget_rows(solve_budget(ckpt, scheme, budget, calibration_ids(ckpt, opts), extra_kv=kv))
+    return budget_rows(solve_budget(ckpt, scheme, budget, calibration_ids(ckpt, opts)))
 
 
 def _reason(c) -> str:
@@ -223,10 +231,10 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
     t0 = time.perf_counter()
     ids = calibration_ids(ckpt, opts)
     calib_desc = f"{ids.shape[0]} windows × {ids.shape[1]} tokens of {text.describe()}"
-    imatrix_meta = {"dataset": text.describe(), "entries_count": 7 * ckpt.config.num_hidden_layers,
+    imatrix_meta = {"dataset": cap(text.describe()), "entries_count": 7 * ckpt.config.num_hidden_layers,
                     "chunks_count": int(ids.shape[0])} if gptq else None
     kv = {KEY_ALGORITHM: "gptq: error-feedback rounding inside llama.cpp's blocks" if gptq else
-          "rtn: llama.cpp's rounding", KEY_CALIBRATION: calib_desc}
+          "rtn: llama.cpp's rounding", KEY_CALIBRATION: cap(calib_desc)}
     notes = []
     plans = None
     im_args = {} if gptq else _imatrix_args(ckpt, opts, text, notes)
@@ -236,7 +244,7 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
             imatrix_meta = {"entries_count": len(im_args["imatrix"])}  # as write_gguf fills it in
     if budget is not None:
         bp = solve_budget(ckpt, scheme, budget, ids, imatrix_meta=imatrix_meta, extra_kv=kv)
-        kv[KEY_TARGET] = budget.text
+        kv[KEY_TARGET] = cap(budget.text)
         kv[KEY_PLAN] = bp.plan_strings()
         plans = bp.plans
         notes.append(f"size budget {budget.text}: {len(bp.kl)} tensors' types chosen by measured sensitivity "

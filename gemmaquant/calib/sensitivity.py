@@ -45,6 +45,9 @@ T = GGMLType
 # Types the budget chooses from, by increasing size (bits per weight in brackets).
 CANDIDATES = (T.Q2_K, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_0, T.IQ4_NL, T.Q4_K, T.Q4_1, T.Q5_0, T.Q5_K, T.Q5_1,
               T.Q6_K, T.Q8_0)
+# What a size budget chooses from by default: our IQ3_S search (exact emulation of llama.cpp's grid
+# search) is two orders of magnitude slower than the other quantizers, too slow to try on every tensor.
+BUDGET_TYPES = tuple(t for t in CANDIDATES if t != T.IQ3_S)
 REFERENCE = T.Q4_0  # every Gemma row length is a multiple of its block of 32
 
 
@@ -123,7 +126,8 @@ class _Head:
 
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
-                        batch_size: int = 4, embed_types=CANDIDATES, progress=None) -> SensitivityReport:
+                        batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES,
+                        progress=None) -> SensitivityReport:
     """Estimated ΔKL of every quantizable tensor at every candidate type (module doc).
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
@@ -177,7 +181,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
                 W = lin.weight.detach().to(torch.bfloat16).float()
                 H = st.xtx.double()
                 imat = imatrix_of(st.sum_sq, st.count)
-                errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1])}
+                errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
                 Wref = _quantized(W, REFERENCE, imat)
                 originals[sfx] = (lin, W, Wref)
                 lin.weight.copy_(Wref)
