@@ -104,7 +104,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     from gemmaquant.calib.data import default_text, load_tokenizer_for
-    from gemmaquant.checkpoint import resolve_model
+    from gemmaquant.formats.checkpoint import resolve_model
     from gemmaquant.imatrix import compute_imatrix, llama_chunks
 
     out_dir = Path(args.out_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemmaquant.texts import builtin_eval_path
+from gemmaquant.formats.texts import builtin_eval_path
 
 
 def main():

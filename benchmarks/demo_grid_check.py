@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from gemmaquant.checkpoint import resolve_model
+from gemmaquant.formats.checkpoint import resolve_model
 from gemmaquant.ggml.dequantize import dequantize
 from gemmaquant.ggml.quantize import quantize
 from gemmaquant.gguf.plan import plan_types, preset

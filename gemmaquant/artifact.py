@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FULL, SLIDING, GemmaConfig, config_from_dict
+from .formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
 from .errors import GemmaQuantError
-from .gguf_file import GGUFFile
+from .formats.gguf.reader import GGUFFile
 from .ggml.types import BLOCK, F16_FIELDS, GGMLType
 from .model import Gemma
 from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
@@ -91,14 +91,14 @@ class Artifact:
 def artifact_kind(path: str | Path) -> str:
     p = Path(path)
     if p.exists() and not p.is_dir():
-        from .inputs import open_input
+        from .formats.inputs import open_input
 
         with open_input(p, "a model file") as fh:
             if fh.read(4) == b"GGUF":
                 return "gguf"
         raise GemmaQuantError(f"{p}: not a GGUF file and not a model directory")
     if p.is_dir() and (p / "config.json").is_file():
-        from .inputs import read_json
+        from .formats.inputs import read_json
 
         qc = read_json(p / "config.json", "config.json").get("quantization_config")
         if qc is None:
@@ -108,7 +108,7 @@ def artifact_kind(path: str | Path) -> str:
             raise GemmaQuantError(f"{p}: quantization_config.quant_method {method!r} is not supported "
                                   "(allowed: compressed-tensors)")
         return "compressed-tensors"
-    return "hf"  # 'demo', a hub id, or a path checkpoint.py explains
+    return "hf"  # 'demo', a hub id, or a path formats/checkpoint.py explains
 
 
 def model_info(path: str) -> tuple[GemmaConfig, Path]:
@@ -119,15 +119,17 @@ def model_info(path: str) -> tuple[GemmaConfig, Path]:
     if kind == "gguf":
         gf = GGUFFile(path)
         try:
+            for info in gf.tensors.values():
+                _computable(gf, info)
             return gguf_config(gf), Path(path)
         finally:
             gf.close()
     if kind == "compressed-tensors":
-        from .inputs import read_json
+        from .formats.inputs import read_json
 
         cfg_path = Path(path) / "config.json"
         return config_from_dict(read_json(cfg_path, "config.json"), where=str(cfg_path)), Path(path)
-    from .checkpoint import resolve_model
+    from .formats.checkpoint import resolve_model
 
     ckpt = resolve_model(path)
     try:
@@ -144,9 +146,9 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
         from .ct_artifact import open_ct
 
         return open_ct(Path(path), dtype, device)
-    from .checkpoint import resolve_model
+    from .formats.checkpoint import resolve_model
     from .loading import load_model
-    from .tokenizer import load_tokenizer
+    from .formats.tokenizer import load_tokenizer
 
     ckpt = resolve_model(path)
     model = load_model(ckpt, dtype, device)
@@ -214,6 +216,17 @@ def gguf_config(gf: GGUFFile) -> GemmaConfig:
     return config_from_dict(d, where=str(gf.path))
 
 
+def _computable(gf: GGUFFile, info) -> GGMLType:
+    """The tensor's type as one gemmaquant computes with (the reader accepts every type the gguf
+    package knows; the forward pass runs only the ones in GGMLType)."""
+    try:
+        return GGMLType(int(info.qtype))
+    except ValueError:
+        allowed = ", ".join(t.name for t in GGMLType)
+        raise GemmaQuantError(f"{gf.path}: tensor '{info.name}' is {info.type_name}, a GGML type gemmaquant does not "
+                              f"compute with (supported: {allowed})") from None
+
+
 def _first_bad_block(raw: torch.Tensor, qtype: GGMLType) -> int | None:
     """Byte offset (within the tensor) of the first block whose fp16 scale/min (or float value) is
     NaN/Inf, else None. Only the scale fields are read: codes are always finite."""
@@ -237,12 +250,13 @@ def _first_bad_block(raw: torch.Tensor, qtype: GGMLType) -> int | None:
 
 
 def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
-    from .gguf.names import hf_name
+    from .formats.gguf.names import hf_name
 
     gf = GGUFFile(path)
     cfg = gguf_config(gf)
     expected = cfg.expected_shapes()
     tensors: dict[str, str] = {}  # HF name -> GGUF name
+    qtypes = {name: _computable(gf, info) for name, info in gf.tensors.items()}
     for name, info in gf.tensors.items():
         try:
             hf = hf_name(name, cfg.generation)
@@ -253,9 +267,9 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
         if tuple(info.shape) != tuple(want):
             raise GemmaQuantError(f"{path}: tensor '{name}' has shape {list(info.shape)}, the metadata "
                                   f"implies {list(want)}")
-        bad = _first_bad_block(gf.raw(name), info.qtype)
+        bad = _first_bad_block(gf.raw(name), qtypes[name])
         if bad is not None:
-            raise GemmaQuantError(f"{path}: tensor '{name}' has a NaN/Inf scale in the {info.qtype.name} block "
+            raise GemmaQuantError(f"{path}: tensor '{name}' has a NaN/Inf scale in the {info.type_name} block "
                                   f"at byte offset {info.offset + bad} (corrupt)")
         tensors[hf] = name
     for hf in expected:
@@ -263,17 +277,17 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
             raise GemmaQuantError(f"{path}: tensor for '{hf}' is missing")
 
     def qlin(hf: str) -> QuantLinear:
-        info = gf.tensors[tensors[hf]]
+        info, qtype = gf.tensors[tensors[hf]], qtypes[tensors[hf]]
         raw = gf.raw(tensors[hf])
-        if info.qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             return DenseLinear(raw.view({GGMLType.F32: torch.float32, GGMLType.F16: torch.float16,
-                                         GGMLType.BF16: torch.bfloat16}[info.qtype]))
-        return GGMLLinear(raw, info.qtype, *info.shape)
+                                         GGMLType.BF16: torch.bfloat16}[qtype]))
+        return GGMLLinear(raw, qtype, *info.shape)
 
     def norm(hf: str) -> torch.Tensor:  # stored as HF value + 1; F32 per the converter
-        info = gf.tensors[tensors[hf]]
-        if info.qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
-            raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {info.qtype.name} (expected F32)")
+        qtype = qtypes[tensors[hf]]
+        if qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {qtype.name} (expected F32)")
         return qlin(hf).weight.reshape(-1).float() - 1.0
 
     model = _assemble(cfg, dtype, qlin, norm)
@@ -321,8 +335,8 @@ def _gguf_tokenizer(gf: GGUFFile):
                               "the SentencePiece vocabulary Gemma uses)")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .tokenizer import Tokenizer, check_vocab_rows
-    from .tokenizer_json import tokenizer_json_text
+    from .formats.tokenizer import Tokenizer, check_vocab_rows
+    from .formats.tokenizer_json import tokenizer_json_text
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):

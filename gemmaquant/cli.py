@@ -74,9 +74,9 @@ def eval_cmd(
 
     from .artifact import model_info
     from .evaluate import open_for_eval
-    from .inputs import check_input_file
+    from .formats.inputs import check_input_file
     from .limits import check_for_model, check_numbers
-    from .texts import eval_text
+    from .formats.texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, device=device, dtype=dtype)
     if text is not None:
@@ -141,9 +141,9 @@ def quantize_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
-    from .checkpoint import resolve_model
-    from .export.model_card import valid_repo_id
-    from .inputs import check_input_file
+    from .formats.checkpoint import resolve_model
+    from .formats.hub import valid_repo_id
+    from .formats.inputs import check_input_file
     from .limits import check_numbers
     from .quantize import QuantizeOptions, check_family, check_source, default_output, run_quantize
     from .recipes import load_recipe
@@ -221,13 +221,13 @@ def imatrix_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
 ):
     """Compute an importance matrix with the built-in forward pass and save it as llama.cpp does."""
-    from .checkpoint import resolve_model
+    from .formats.checkpoint import resolve_model
     from .export.atomic import atomic_output
     from .export.guard import check_output
     from .imatrix import compute_imatrix, llama_chunks
-    from .inputs import check_input_file
+    from .formats.inputs import check_input_file
     from .limits import check_for_model, check_numbers
-    from .texts import calib_text
+    from .calib.data import calib_text
 
     check_numbers(calib_samples=calib_samples, calib_len=calib_len, threads=threads)
     if calib is not None:

@@ -19,7 +19,7 @@ from .cli_options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from .errors import GemmaQuantError
 
 if TYPE_CHECKING:
-    from .texts import Text
+    from .formats.texts import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -102,7 +102,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
     from .artifact import open_artifact
     from .drift import FP16_MAX, check_compatible, compare
     from .loading import resolve_dtype
-    from .texts import Text, eval_text
+    from .formats.texts import Text, eval_text
 
     text = text if isinstance(text, Text) else eval_text(text)
     dt = resolve_dtype(dtype, device)
@@ -313,9 +313,9 @@ def compare_cmd(
     from .artifact import model_info
     from .export.atomic import atomic_output, write_report
     from .export.guard import check_output
-    from .inputs import check_input_file
+    from .formats.inputs import check_input_file
     from .limits import check_for_model, check_numbers
-    from .texts import eval_text
+    from .formats.texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, topk=topk, layer_chunks=layer_chunks, device=device,
                   dtype=dtype)

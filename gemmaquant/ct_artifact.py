@@ -16,35 +16,26 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME, _safe_child, _text_name
-from .config import config_from_dict
+from .formats.checkpoint import read_shard_index, text_name
+from .formats.config import config_from_dict
 from .errors import GemmaQuantError
-from .inputs import read_json
-from .safetensors_io import SafetensorsFile
+from .formats.inputs import read_json
+from .formats.safetensors import SafetensorsFile
 
 
 class _Tensors:
-    """name → tensor over all shards (multimodal prefixes stripped, as checkpoint.py does)."""
+    """name → tensor over all shards (multimodal prefixes stripped, as formats/checkpoint.py does)."""
 
     def __init__(self, root: Path):
-        index = root / INDEX_NAME
-        if index.is_file():
-            try:
-                data = read_json(index, INDEX_NAME, expect=None)
-                wm = data["weight_map"]
-                shards = sorted(set(wm.values()))
-            except (GemmaQuantError, KeyError, TypeError, AttributeError, IndexError):
-                raise GemmaQuantError(f"{index}: not a valid index (expected a 'weight_map' object)") from None
-            paths = [_safe_child(root, s, str(index)) for s in shards]
-        else:
-            paths = sorted(root.glob("*.safetensors"))
+        index = read_shard_index(root)
+        paths = index.shards if index is not None else sorted(root.glob("*.safetensors"))
         if not paths:
             raise GemmaQuantError(f"{root}: no *.safetensors files")
         self.files = [SafetensorsFile(p) for p in paths]  # validates offsets against file sizes
         self.where: dict[str, tuple[SafetensorsFile, str]] = {}
         for f in self.files:
             for stored in f.keys():
-                text = _text_name(stored)
+                text = text_name(stored)
                 if text is not None:
                     self.where[text] = (f, stored)
 
@@ -59,17 +50,12 @@ class _Tensors:
         if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and not torch.isfinite(t).all():
             bad = int(torch.nonzero(~torch.isfinite(t.reshape(-1)))[0, 0])
             raise GemmaQuantError(f"{f.path}: tensor '{s}' holds NaN/Inf at element {bad} "
-                                  f"(byte offset {_offset(f, s) + bad * t.element_size()}; corrupt)")
+                                  f"(byte offset {f.data_offset(s) + bad * t.element_size()}; corrupt)")
         if t.dtype == torch.float8_e4m3fn and (t.view(torch.uint8) & 0x7F == 0x7F).any():
             bad = int(torch.nonzero((t.view(torch.uint8) & 0x7F == 0x7F).reshape(-1))[0, 0])
             raise GemmaQuantError(f"{f.path}: tensor '{s}' holds an FP8 NaN at byte offset "
-                                  f"{_offset(f, s) + bad} (corrupt)")
+                                  f"{f.data_offset(s) + bad} (corrupt)")
         return t
-
-
-def _offset(f: SafetensorsFile, stored: str) -> int:
-    """Absolute byte offset of a tensor's data in its file."""
-    return f._data_start + f.entries[stored][2]
 
 
 def _matches(pattern: str, module: str) -> bool:
@@ -97,7 +83,7 @@ def _act_mode(group: dict | None) -> str | None:
 def open_ct(root: Path, dtype: torch.dtype, device: str):
     from .artifact import Artifact, _assemble, _linear_stats
     from .qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
-    from .tokenizer import load_tokenizer
+    from .formats.tokenizer import load_tokenizer
 
     raw = read_json(root / "config.json", "config.json")
     cfg = config_from_dict(raw, where=str(root / "config.json"))

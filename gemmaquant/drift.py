@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import GemmaQuantError
+from .formats.hub import cache_dir
 from .perplexity import chunk_nll
 from .qlinear import QuantLinear
 
@@ -168,13 +169,6 @@ def compute_base_ref(model, chunks: torch.Tensor, topk: int = 128, layer_chunks:
                 progress(c + 1)
     return BaseRef(chunks, torch.stack(lps), torch.stack(idxs), torch.stack(nlls), hidden,
                    [a[0] for a in act], [a[1] for a in act])
-
-
-def cache_dir() -> Path:
-    """$GEMMAQUANT_CACHE, else $XDG_CACHE_HOME/gemmaquant, else ~/.cache/gemmaquant."""
-    root = os.environ.get("GEMMAQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemmaquant")
-    return Path(root)
 
 
 def base_cache_key(base: str, text_sha256: str, ctx: int, n_chunks: int | None, dtype: torch.dtype, topk: int,

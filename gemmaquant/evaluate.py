@@ -8,18 +8,19 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, resolve_model
+from .formats.checkpoint import Checkpoint
+from .formats.checkpoint import resolve_model
 from .errors import GemmaQuantError
 from .loading import load_model, resolve_dtype
 from .model import Gemma
 from .perplexity import PerplexityResult, chunk_tokens, perplexity, tokens_needed
-from .texts import Text, eval_text
+from .formats.texts import Text, eval_text
 
 
 @dataclass
 class EvalModel:
     model: Gemma
-    tokenizer: object  # gemmaquant.tokenizer.Tokenizer
+    tokenizer: object  # gemmaquant.formats.tokenizer.Tokenizer
     device: str
     name: str
 
@@ -59,7 +60,7 @@ def open_for_eval(model: str, dtype: str = "auto", device: str = "cpu") -> EvalM
     if artifact_kind(model) != "hf":
         art = open_artifact(model, dt, device)
         return EvalModel(model=art.model, tokenizer=art.tokenizer, device=device, name=art.name)
-    from .tokenizer import load_tokenizer
+    from .formats.tokenizer import load_tokenizer
 
     ckpt: Checkpoint = resolve_model(model)
     tok = load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .gguf.imatrix_io import Imatrix, write_imatrix
-from .gguf.names import gguf_name
+from .formats.checkpoint import Checkpoint
+from .formats.gguf.imatrix import Imatrix, write_imatrix
+from .formats.gguf.names import gguf_name
 
 
 @dataclass

@@ -4,8 +4,9 @@
         "bits_per_weight": ..., "tensors": [{"name", "type", "shape", "bytes", "bits_per_weight"}, ...],
         "types": {"Q6_K": 126, ...}, "metadata": {...}, ...}
 
-Only headers are read (the GGUF header by gguf_header.py, safetensors headers by safetensors_io.py),
-never tensor data, so inspecting a 27B model is instant and a corrupt file gives one clear error.
+Only headers are read (GGUF: formats/gguf/reader.py in its header-only mode; safetensors:
+formats/safetensors.py), never tensor data, so inspecting a 27B model is instant and a corrupt file
+gives one clear error.
 
 Counting follows llama.cpp's loader: parameters = elements of every stored tensor, bits per weight =
 8 · tensor bytes / parameters (scales and zero points count as bytes, not as parameters). For a
@@ -19,7 +20,7 @@ import math
 from pathlib import Path
 
 from .errors import GemmaQuantError
-from .inputs import read_json
+from .formats.inputs import read_json
 
 # Tensors of a compressed-tensors Linear that hold quantization parameters, not weights.
 CT_AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
@@ -44,7 +45,7 @@ def inspect_path(path: str | Path) -> dict:
         raise GemmaQuantError(f"{p}: no such file or directory")
     if p.is_dir():
         return _inspect_dir(p)
-    from .inputs import open_input
+    from .formats.inputs import open_input
 
     with open_input(p, "PATH") as fh:  # a FIFO blocked here forever
         magic = fh.read(4)
@@ -73,7 +74,7 @@ def _totals(info: dict, tensors: list[dict]) -> dict:
 # -- GGUF -----------------------------------------------------------------------------------------
 def _plain(v):
     """A metadata value in JSON form: long strings cut, long arrays summarized."""
-    from .gguf_header import ArrayValue
+    from .formats.gguf.reader import ArrayValue
 
     if isinstance(v, ArrayValue):
         if v.complete:
@@ -87,7 +88,7 @@ def _plain(v):
 
 
 def _inspect_gguf(p: Path) -> dict:
-    from .gguf_header import read_gguf_header
+    from .formats.gguf.reader import read_gguf_header
 
     h = read_gguf_header(p)
     tensors = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.nbytes,
@@ -112,29 +113,17 @@ def _read_config(d: Path) -> dict | None:
 
 
 def _shard_paths(d: Path) -> list[Path]:
-    from .checkpoint import INDEX_NAME, _safe_child
+    from .formats.checkpoint import read_shard_index
 
-    index = d / INDEX_NAME
-    if index.is_file():
-        try:
-            data = read_json(index, INDEX_NAME, expect=None)
-            wm = data["weight_map"]
-            names = sorted(set(wm.values()), key=str)
-        except (GemmaQuantError, KeyError, TypeError, AttributeError, IndexError):
-            raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
-        paths = [_safe_child(d, s, str(index)) for s in names]
-        for s, sp in zip(names, paths):
-            if not sp.is_file():
-                raise GemmaQuantError(f"{index}: names shard '{s}', which is missing from {d}")
-        return paths
-    return sorted(d.glob("*.safetensors"))
+    index = read_shard_index(d)
+    return index.shards if index is not None else sorted(d.glob("*.safetensors"))
 
 
 def _dir_summary(raw: dict | None) -> dict:
     """Architecture fields from config.json, through the Gemma config parser when it applies."""
     if raw is None:
         return {"architecture": None}
-    from .config import config_from_dict
+    from .formats.config import config_from_dict
 
     out: dict = {"architecture": (raw.get("architectures") or [None])[0] if isinstance(raw.get("architectures"), list)
                  else None, "model_type": raw.get("model_type")}
@@ -172,7 +161,7 @@ def _qc_summary(qc) -> dict | None:
 
 
 def _inspect_dir(d: Path, only: list[Path] | None = None) -> dict:
-    from .safetensors_io import SafetensorsFile
+    from .formats.safetensors import SafetensorsFile
 
     raw = _read_config(d) if only is None else None
     paths = only if only is not None else _shard_paths(d)

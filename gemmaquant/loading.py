@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
+from .formats.checkpoint import Checkpoint
 from .errors import GemmaQuantError
 from .model import DecoderLayer, Gemma, build_model
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,13 +40,6 @@ class PerplexityResult:
                 "tokens_scored": self.tokens_scored, "tokens_processed": self.tokens_processed,
                 "chunks": self.chunks, "ctx": self.ctx, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second}
-
-
-def read_text(path: str | Path) -> str:
-    """An eval/calibration text: a regular file, UTF-8, not empty (up to inputs.TEXT_CAP_BYTES)."""
-    from .inputs import text_pieces
-
-    return "".join(text_pieces(path, "--text"))
 
 
 def tokens_needed(ctx: int, n_chunks: int | None) -> int | None:

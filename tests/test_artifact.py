@@ -19,8 +19,8 @@ import torch
 
 from gemmaquant.artifact import open_artifact
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.gguf.names import gguf_name
-from gemmaquant.gguf_file import GGUFFile
+from gemmaquant.formats.gguf.names import gguf_name
+from gemmaquant.formats.gguf.reader import GGUFFile
 from gemmaquant.perplexity import chunk_nll
 from tests.llamacpp import open_llama
 from tests.tiny import TINY
@@ -161,7 +161,8 @@ def test_corrupt_gguf_scale_names_tensor_and_offset(tmp_path):
     with pytest.raises(GemmaQuantError, match=rf"'blk.1.ffn_down.weight'.*byte offset {bad}"):
         open_artifact(str(tmp_path / "nan.gguf"))
     data = bytearray((tmp_path / "t.gguf").read_bytes())
-    data[info.info_offset + 8 + len(info.name) + 4 + 16: info.info_offset + 8 + len(info.name) + 4 + 20] = \
+    rec = data.index(len(info.name).to_bytes(8, "little") + info.name.encode())  # its tensor-info record
+    data[rec + 8 + len(info.name) + 4 + 16: rec + 8 + len(info.name) + 4 + 20] = \
         (99).to_bytes(4, "little")  # the GGML type field
     (tmp_path / "type.gguf").write_bytes(bytes(data))
     with pytest.raises(GemmaQuantError, match=r"'blk.1.ffn_down.weight'.*GGML type 99"):
@@ -248,7 +249,7 @@ TINY["ct-gemma3"] = ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
 
 def tiny_hf_dir(path, name="ct-gemma3", seed=0):
     """A tiny random HF checkpoint with a tokenizer.json (pieces p4.. as in the tiny GGUFs)."""
-    from gemmaquant.tokenizer_json import tokenizer_json_text
+    from gemmaquant.formats.tokenizer_json import tokenizer_json_text
     from tests.tiny import make_tiny
 
     model = make_tiny(name, path, dtype=torch.bfloat16, seed=seed)
@@ -265,7 +266,7 @@ def tiny_hf_dir(path, name="ct-gemma3", seed=0):
 def test_ct_output_matches_transformers(tmp_path, scheme):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("compressed_tensors")
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export.safetensors_out import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
@@ -289,7 +290,7 @@ def test_ct_output_matches_transformers(tmp_path, scheme):
 
 
 def test_ct_truncated_names_tensor_and_offset(tmp_path):
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export.safetensors_out import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemmaquant.checkpoint import Checkpoint, resolve_model
-from gemmaquant.config import config_from_dict
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import resolve_model
+from gemmaquant.formats.config import config_from_dict
 from gemmaquant.errors import GemmaQuantError
 
 CFG = {"model_type": "gemma", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from gemmaquant.texts import calib_text, eval_text
+from gemmaquant.calib.data import calib_text
+from gemmaquant.formats.texts import eval_text
 from tests.reliability import TINY_G3, run_cli, write_tiny
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemmaquant.config import FULL, SLIDING, config_from_dict
+from gemmaquant.formats.config import FULL, SLIDING, config_from_dict
 from gemmaquant.errors import GemmaQuantError
 
 # The official gemma-3-270m config.json (transformers 4.x keys).

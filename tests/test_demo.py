@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from gemmaquant.checkpoint import Checkpoint
-from gemmaquant.demo import default_cache_dir, ensure_demo_checkpoint, hf_name
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.formats.demo import ensure_demo_checkpoint, hf_name
+from gemmaquant.formats.hub import cache_dir as default_cache_dir
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.gguf_file import GGUFFile
+from gemmaquant.formats.gguf.reader import GGUFFile
 from tests.llamacpp import open_llama
 
 PROMPT = ("The printing press changed how ideas travelled across Europe. Within fifty years, printing "

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemmaquant import inputs
+from gemmaquant.formats import inputs
 from gemmaquant.errors import GemmaQuantError
 
 from .reliability import TINY_G3, check_error, run_cli, write_tiny
@@ -130,7 +130,7 @@ def test_gemma_tokenizer_gives_the_same_ids_piece_by_piece(demo_dir, tmp_path, p
     as whole added tokens, so piece by piece equals whole-text tokenization (built-in calibration text:
     chat turns, code, eight languages, tables), even with 200-character pieces."""
     from gemmaquant.calib.data import default_text
-    from gemmaquant.tokenizer import load_tokenizer
+    from gemmaquant.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(demo_dir)
     text = default_text()

@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def our_gguf(tiny_dir):
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.gguf.writer import write_gguf
 
     out = tiny_dir.parent / "tiny.Q8_0.gguf"
@@ -130,7 +130,7 @@ def _llamacpp_gguf(path):
 
 @pytest.mark.llamacpp
 def test_llamacpp_q4_k_m_demo_gguf(demo_gguf):
-    from gemmaquant.gguf_header import TYPE_NAMES
+    from gemmaquant.formats.gguf.reader import TYPE_NAMES
 
     info = inspect_path(demo_gguf)
     ref = _llamacpp_gguf(demo_gguf)
@@ -151,7 +151,7 @@ def test_llamacpp_q4_k_m_demo_gguf(demo_gguf):
 def test_gguf_we_write(our_gguf):
     info = _check_gguf_against_reader(our_gguf)
     ref = _llamacpp_gguf(our_gguf)
-    from gemmaquant.gguf_header import read_gguf_header
+    from gemmaquant.formats.gguf.reader import read_gguf_header
 
     offsets = [t.offset for t in read_gguf_header(our_gguf).tensors]
     assert offsets == [r[3] for r in ref["tensors"]]
@@ -179,7 +179,7 @@ def test_hf_directory(demo_dir):
 def test_compressed_tensors_output(tiny_dir, tmp_path):
     from safetensors import safe_open
 
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export.safetensors_out import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 

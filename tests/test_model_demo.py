@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.loading import load_model
-from gemmaquant.texts import builtin_eval_path
-from gemmaquant.tokenizer import load_tokenizer
+from gemmaquant.formats.texts import builtin_eval_path
+from gemmaquant.formats.tokenizer import load_tokenizer
 
 TEXT = builtin_eval_path()  # the shipped evaluation text
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.spm_proto import (BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, decode_model_proto,
+from gemmaquant.formats.spm_proto import (BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, decode_model_proto,
                                   encode_model_proto)
 
 spm = pytest.importorskip("sentencepiece")

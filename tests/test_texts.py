@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from gemmaquant import inputs
+from gemmaquant.formats import inputs
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.texts import builtin_eval_path, calib_text, eval_text
+from gemmaquant.calib.data import calib_text
+from gemmaquant.formats.texts import builtin_eval_path, eval_text
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTICE = ROOT / "gemmaquant" / "texts" / "NOTICE.md"
+NOTICE = ROOT / "gemmaquant" / "formats" / "texts" / "NOTICE.md"
 EVAL_SHA256 = "09ac424f3d8c0f36cef1d4c0a06adb1d5fd6a609f1b66e416ba317e8a6bfb80d"
 # (first line, bytes, sha256) of each document, in file order (Debian's /usr/share/common-licenses copies)
 DOCUMENTS = [
@@ -139,7 +140,7 @@ def test_a_text_under_the_cap_is_hashed_whole_and_tokenized_only_as_needed(tmp_p
 
 def test_the_texts_are_package_data():
     pkg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert set(pkg["gemmaquant.texts"]) == {"default_eval.txt", "NOTICE.md"}
+    assert set(pkg["gemmaquant.formats.texts"]) == {"default_eval.txt", "NOTICE.md"}
     assert pkg["gemmaquant.calib"] == ["default_calib.txt"]
 
 

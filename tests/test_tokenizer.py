@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.texts import builtin_eval_path
-from gemmaquant.tokenizer import load_tokenizer
+from gemmaquant.formats.texts import builtin_eval_path
+from gemmaquant.formats.tokenizer import load_tokenizer
 from tests.llamacpp import open_llama
 
 DEV_EVAL = builtin_eval_path()  # the shipped evaluation text (90 kB of licence documents)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
 from ..schemes import Scheme, get_scheme
 from .awq import awq_layer

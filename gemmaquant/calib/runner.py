@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
 from ..loading import load_layer
 from ..model import DecoderLayer, make_layer_context

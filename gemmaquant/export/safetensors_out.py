@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from ..formats.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..ct.dequantize import dequantize
 from ..ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
 from ..errors import GemmaQuantError, OutputError
-from ..safetensors_io import SafetensorsFile, dtype_name, release_pages, stream_bytes
+from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from ..progress import byte_progress
 from .atomic import atomic_output
@@ -262,8 +262,8 @@ def _verify(out: Path, files: dict[str, list[_Out]], digests: dict[str, str]) ->
 def check_side_files(ckpt: Checkpoint) -> None:
     """The files copied beside the weights must be what they claim: the tokenizer loads and fits
     the embedding, every other JSON file parses (else one line naming it, before anything is written)."""
-    from ..inputs import read_json
-    from ..tokenizer import load_tokenizer
+    from ..formats.inputs import read_json
+    from ..formats.tokenizer import load_tokenizer
 
     if any((ckpt.path / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
         load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size)

@@ -20,6 +20,6 @@ def __getattr__(name):  # the writer pulls in gguf/torch quantizers: import it o
         from . import writer
         return getattr(writer, name)
     if name in ("read_imatrix", "write_imatrix", "Imatrix"):
-        from . import imatrix_io
-        return getattr(imatrix_io, name)
+        from ..formats.gguf import imatrix
+        return getattr(imatrix, name)
     raise AttributeError(name)

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from ..config import GemmaConfig
+from ..formats.config import GemmaConfig
 from ..errors import GemmaQuantError
 from ..ggml.types import row_bytes
 from ..schemes import Scheme
@@ -36,7 +36,7 @@ from .plan import TensorPlan, plan_types, preset
 from .vocab import add_vocab
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
+    from ..formats.checkpoint import Checkpoint
 
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
 CONVERT_FTYPE_BF16 = 32  # the converter's general.file_type; llama-quantize replaces it
@@ -129,7 +129,7 @@ def _unpackable(w: gguf.GGUFWriter, model_dir: Path, err: Exception) -> str:
 
 def _diagnose(model_dir: Path) -> None:
     """Raise the one-line error of the first malformed JSON side file, if any is."""
-    from ..inputs import read_json
+    from ..formats.inputs import read_json
 
     for name in _SIDE_JSON:
         if (model_dir / name).exists():

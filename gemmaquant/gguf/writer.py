@@ -12,7 +12,7 @@ is, in a background process while the first slabs are quantized. Tensor data is 
 slabs from the mmap'd safetensors
 (GGUFWriter.write_tensors_to_file wants every array alive at once), so peak RSS is a slab plus
 the quantizer's temporaries. The file goes to a temporary name, is read back with our validating reader
-(`gguf_file.GGUFFile`) and checked key by key and tensor by tensor (type, shape, CRC-32 of the bytes), then renamed into place.
+(`formats.gguf.GGUFFile`) and checked key by key and tensor by tensor (type, shape, CRC-32 of the bytes), then renamed into place.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..gguf_file import GGUFFile
+from ..formats.checkpoint import Checkpoint
+from ..formats.gguf.reader import GGUFFile
 from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output
 from ..export.guard import check_output
 from ..ggml.types import GGMLType, row_bytes
-from ..safetensors_io import ITEMSIZE, release_pages
+from ..formats.safetensors import ITEMSIZE, release_pages
 from ..schemes import Scheme
 from .header import ALIGNMENT, HeaderJob
 from .plan import TensorPlan, fallback_count, plan_types, preset
@@ -268,7 +268,7 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                progress: Callable[[int, int, TensorPlan], None] | None = None, inputs=()) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
-    `imatrix`: GGUF tensor name -> per-column importance (`imatrix_io.read_imatrix`);
+    `imatrix`: GGUF tensor name -> per-column importance (`formats.gguf.imatrix.read_imatrix`);
     `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
     `progress(done, total, plan)` is called after each slab is written (source bytes). `workers`: quantizing threads
     (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already

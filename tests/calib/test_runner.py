@@ -9,7 +9,7 @@ from gemmaquant.calib import calibrate
 from gemmaquant.calib.data import calibration_batches
 from gemmaquant.calib.intq import rtn
 from gemmaquant.calib.runner import run_layers
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.loading import load_model
 

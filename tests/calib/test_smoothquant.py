@@ -8,7 +8,7 @@ import torch
 from gemmaquant.calib.fold import MAPPINGS
 from gemmaquant.calib.runner import run_layers
 from gemmaquant.calib.smoothquant import smooth_layer
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.loading import load_model
 
 from ..tiny import make_tiny

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.ct import dequantize_tensors, quantize_for
 from gemmaquant.errors import GemmaQuantError, OutputError
 from gemmaquant.export import write_compressed_tensors
@@ -39,8 +39,8 @@ ERROR_RANGE = {"fp8": (0.015, 0.035), "fp8-static": (0.015, 0.035), "int8": (0.0
 def _side_files() -> dict[str, bytes | str]:
     """Side files a checkpoint carries (the writer copies them byte for byte): a real 512-token
     tokenizer (the writer refuses a tokenizer that does not load or fit the embedding) and configs."""
-    from gemmaquant.spm_proto import decode_model_proto
-    from gemmaquant.tokenizer_json import tokenizer_json_text
+    from gemmaquant.formats.spm_proto import decode_model_proto
+    from gemmaquant.formats.tokenizer_json import tokenizer_json_text
 
     from ..reliability import tiny_tokenizer_model
 

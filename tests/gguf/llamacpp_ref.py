@@ -177,7 +177,7 @@ def tiny_tokenizer(out: Path) -> None:
     tokenizer_config.json whose added_tokens_decoder exercises CONTROL / USER_DEFINED typing."""
     import json
 
-    from gemmaquant.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, encode_model_proto
+    from gemmaquant.formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, encode_model_proto
 
     pieces = [("<pad>", 0.0, CONTROL), ("<eos>", 0.0, CONTROL), ("<bos>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN)]
     pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.gguf.imatrix_io import read_imatrix, write_imatrix
+from gemmaquant.formats.gguf.imatrix import read_imatrix, write_imatrix
 
 
 def _legacy(entries, tail=None) -> bytes:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemmaquant.config import config_from_dict
+from gemmaquant.formats.config import config_from_dict
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.gguf import fallback_count, plan_types, use_more_bits
 from gemmaquant.schemes import get_scheme
@@ -51,7 +51,7 @@ def _checkpoint(root: Path, name: str, cfg: dict) -> Path:
 def bf16_inputs(tmp_path_factory):
     """name -> (config, bf16 GGUF) used as llama-quantize input."""
     pytest.importorskip("llama_cpp")
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.gguf.writer import write_gguf
 
     root = tmp_path_factory.mktemp("plan")
@@ -64,7 +64,7 @@ def bf16_inputs(tmp_path_factory):
 
 def _imatrix_for(config) -> dict[str, np.ndarray]:
     from gemmaquant.gguf.plan import hf_tensors
-    from gemmaquant.gguf.names import gguf_name
+    from gemmaquant.formats.gguf.names import gguf_name
 
     return {gguf_name(hf, config.generation): np.ones(shape[-1], dtype=np.float32)
             for hf, shape in hf_tensors(config).items() if len(shape) == 2 and "embed" not in hf}
@@ -98,7 +98,7 @@ def test_plan_matches_the_anchor_q4_k_m(demo_gguf):
     """The published Gemma 3 270M Q4_K_M (made by llama-quantize) has exactly our types. Its types are
     read by our header-only reader, which test_inspect.py checks against llama.cpp's own parser on this
     very file (gguf.GGUFReader would spend ~30 s building objects for the 262k-entry vocabulary)."""
-    from gemmaquant.gguf_header import read_gguf_header
+    from gemmaquant.formats.gguf.reader import read_gguf_header
 
     want = {t.name: t.type_name for t in read_gguf_header(demo_gguf).tensors}
     assert len(want) == 236

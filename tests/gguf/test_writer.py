@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError, OutputError
 from gemmaquant.gguf.writer import write_gguf
 from gemmaquant.schemes import get_scheme
@@ -70,7 +70,7 @@ def test_imatrix_file_identical_to_llama_quantize(tiny, tmp_path, preset):
     pytest.importorskip("llama_cpp")
     import torch
 
-    from gemmaquant.gguf.imatrix_io import read_imatrix, write_imatrix
+    from gemmaquant.formats.gguf.imatrix import read_imatrix, write_imatrix
     from gemmaquant.gguf.plan import plan_types
 
     d, ref_bf16 = tiny["gemma3-256"]
@@ -129,7 +129,7 @@ def test_wrong_sized_imatrix_entry_is_an_error(tiny, tmp_path):
 def demo(tmp_path_factory):
     if not DEMO:
         pytest.skip("set GEMMAQUANT_DEMO_GGUF=1 to run the Gemma 3 270M comparisons (minutes)")
-    from gemmaquant.demo import ensure_demo_checkpoint
+    from gemmaquant.formats.demo import ensure_demo_checkpoint
 
     d = ensure_demo_checkpoint()
     return d, ref.convert(d, "bf16")
@@ -169,7 +169,7 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     _, kv = header_bytes(ck.path, ck.config, s, plans, None)
     assert verify_file(rep.path, kv, plans, rep.crc32) == len(kv)
 
-    from gemmaquant.gguf_file import GGUFFile
+    from gemmaquant.formats.gguf.reader import GGUFFile
     ours, theirs = GGUFFile(rep.path), gguf.GGUFReader(rep.path)
     fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
     assert list(ours.metadata) == list(fields)
@@ -271,7 +271,7 @@ def test_gguf_header_and_plans_need_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.checkpoint, gemmaquant.gguf.header, "
+    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.formats.checkpoint, gemmaquant.gguf.header, "
             "gemmaquant.plan_view, gemmaquant.diskspace, gemmaquant.export.atomic, gemmaquant.gguf.plan; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

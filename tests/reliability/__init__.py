@@ -29,7 +29,7 @@ def tiny_tokenizer_model(vocab_size: int = 512) -> bytes:
     """A BPE tokenizer.model laid out like Gemma's (0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, byte fallback)
     with `vocab_size` pieces, so every id it produces fits a tiny embedding. Parsing Gemma's real
     262k-piece model costs ~4 s per run on this machine; this one costs milliseconds."""
-    from gemmaquant.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
+    from gemmaquant.formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
 
     pieces = [("<pad>", 0.0, CONTROL), ("<eos>", 0.0, CONTROL), ("<bos>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN)]
     pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
@@ -46,7 +46,7 @@ def write_tiny(d: Path, cfg: dict | None = None, *, seed: int = 0, tokenizer: bo
     """A random Gemma checkpoint at `d` (config.json + model.safetensors [+ the demo's tokenizer])."""
     from safetensors.torch import save_file
 
-    from gemmaquant.config import config_from_dict
+    from gemmaquant.formats.config import config_from_dict
 
     cfg = dict(TINY_G3 if cfg is None else cfg)
     d.mkdir(parents=True, exist_ok=True)

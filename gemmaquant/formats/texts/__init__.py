@@ -1,9 +1,10 @@
 """The texts a command measures or calibrates on, named so that numbers can be matched to them.
 
 Two texts ship with the package and share no document:
-- `texts/default_eval.txt`: what `eval` and `compare` measure on without `--text` (five licence
+- `formats/texts/default_eval.txt`: what `eval` and `compare` measure on without `--text` (five licence
   documents, copied verbatim under their own terms: see NOTICE.md beside it);
-- `calib/default_calib.txt`: what calibration and `imatrix` use without `--calib`.
+- `calib/default_calib.txt`: what calibration and `imatrix` use without `--calib` (calib/data.py names
+  it, with `named_text`).
 Drift measured on the text a quantizer was calibrated on would flatter it, hence two texts.
 
 Every output that reports a measurement names its text and a sha256: two perplexities are comparable
@@ -25,10 +26,9 @@ from importlib import resources
 from pathlib import Path
 
 from .. import inputs
-from ..errors import GemmaQuantError
+from ...errors import GemmaQuantError
 
 EVAL_NAME = "default_eval.txt"
-CALIB_NAME = "default_calib.txt"
 _BLOCK = 1 << 20  # bytes hashed at a time
 
 
@@ -70,7 +70,7 @@ class Text:
         return inputs.encode_text(self.path, self.option, encode, need=need)
 
 
-def _named(name: str, path: Path, builtin: bool, option: str) -> Text:
+def named_text(name: str, path: Path, builtin: bool, option: str) -> Text:
     """Check that `path` is a regular file (a FIFO or device is refused without blocking) and hash its
     bytes up to the cap (read now: tests lower it), streaming in bounded blocks."""
     cap = inputs.TEXT_CAP_BYTES
@@ -90,30 +90,14 @@ def _named(name: str, path: Path, builtin: bool, option: str) -> Text:
     return Text(name, path, h.hexdigest(), builtin, option, max(size, used), used)
 
 
-def _packaged(package: str, file: str) -> Path:
-    return Path(str(resources.files(package).joinpath(file)))
-
-
 def builtin_eval_path() -> Path:
     """Where the shipped evaluation text lives (inside the installed package)."""
-    return _packaged(__package__, EVAL_NAME)
-
-
-def builtin_calib_path() -> Path:
-    """Where the shipped calibration text lives (inside the installed package)."""
-    return _packaged(__package__.rpartition(".")[0] + ".calib", CALIB_NAME)
+    return Path(str(resources.files(__package__).joinpath(EVAL_NAME)))
 
 
 def eval_text(path: str | Path | None = None) -> Text:
     """`--text PATH` for eval/compare, or the shipped evaluation text when None. A path that is not a
     readable regular file is refused here, with one line naming it."""
     if path is None:
-        return _named(f"built-in:{EVAL_NAME}", builtin_eval_path(), True, "--text")
-    return _named(str(path), Path(path), False, "--text")
-
-
-def calib_text(path: str | Path | None = None) -> Text:
-    """`--calib PATH`, or the shipped calibration text when None (imatrix, calibrated schemes)."""
-    if path is None:
-        return _named(f"built-in:{CALIB_NAME}", builtin_calib_path(), True, "--calib")
-    return _named(str(path), Path(path), False, "--calib")
+        return named_text(f"built-in:{EVAL_NAME}", builtin_eval_path(), True, "--text")
+    return named_text(str(path), Path(path), False, "--text")

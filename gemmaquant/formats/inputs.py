@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -250,6 +250,12 @@ def text_pieces(path: str | Path, option: str, info: TextRead | None = None,
                     buf = head + buf
         if not seen_text:
             raise GemmaQuantError(f"{p}: the text file is empty ({option} needs text)")
+
+
+def read_text(path: str | Path, option: str = "--text") -> str:
+    """A whole UTF-8 text (up to TEXT_CAP_BYTES), for scripts that want it as one string; refused as
+    `text_pieces` refuses it (empty, binary, undecodable, not a regular file), naming `option`."""
+    return "".join(text_pieces(path, option))
 
 
 def encode_pieces(pieces, encode: Callable[[str], list[int]], need: int | None = None) -> tuple[list[int], bool]:

