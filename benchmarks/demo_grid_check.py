@@ -16,8 +16,8 @@ import sys
 import torch
 
 from gemmaquant.formats.checkpoint import resolve_model
-from gemmaquant.ggml.dequantize import dequantize
-from gemmaquant.ggml.quantize import quantize
+from gemmaquant.numerics.ggml.dequantize import dequantize
+from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.gguf.plan import plan_types, preset
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from .formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
 from .errors import GemmaQuantError
 from .formats.gguf.reader import GGUFFile
-from .ggml.types import BLOCK, F16_FIELDS, GGMLType
+from .numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
 from .model import Gemma
 from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
 

@@ -20,7 +20,7 @@ TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB
 def set_compile(flag: bool) -> None:
     """--compile: turn the compiled dequantizers on (torch is imported only when asked)."""
     if flag:
-        from .ggml import compiled
+        from .numerics.ggml import compiled
 
         compiled.set_enabled(True)
 

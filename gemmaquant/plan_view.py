@@ -52,7 +52,7 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
 
 
 def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
-    from .ggml.types import row_bytes
+    from .numerics.ggml.types import row_bytes
     from .gguf.plan import plan_types
 
     rows = []

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import gguf
-from gemmaquant.ct import quantize_fp8, quantize_int8, quantize_pack
-from gemmaquant.ggml.quantize import quantize as ggml_quantize
-from gemmaquant.ggml.types import GGMLType
+from gemmaquant.numerics.ct import quantize_fp8, quantize_int8, quantize_pack
+from gemmaquant.numerics.ggml.quantize import quantize as ggml_quantize
+from gemmaquant.numerics.ggml.types import GGMLType
 from gemmaquant.qlinear import (DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding,
                                 fp8_act_quant, int8_act_quant)
 

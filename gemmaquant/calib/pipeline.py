@@ -61,7 +61,7 @@ class CalibResult:
 
 def to_packed(q: WeightQuant, ct_format: str):
     """One result → ct.quantize.IntQuantized (int-quantized W8A8) or PackQuantized (pack-quantized)."""
-    from ..ct.quantize import IntQuantized, pack_int
+    from ..numerics.ct.quantize import IntQuantized, pack_int
 
     if ct_format == "int-quantized":
         if q.bits != 8 or q.group_size is not None or q.zero_point is not None:

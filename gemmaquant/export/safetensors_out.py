@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ..formats.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from ..ct.dequantize import dequantize
-from ..ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
+from ..numerics.ct.dequantize import dequantize
+from ..numerics.ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme

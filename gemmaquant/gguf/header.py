@@ -29,7 +29,7 @@ from gguf.gguf_writer import WriterState
 
 from ..formats.config import GemmaConfig
 from ..errors import GemmaQuantError
-from ..ggml.types import row_bytes
+from ..numerics.ggml.types import row_bytes
 from ..schemes import Scheme
 from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
 from .plan import TensorPlan, plan_types, preset

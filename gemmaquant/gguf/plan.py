@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..formats.config import GemmaConfig
 from ..errors import GemmaQuantError
-from ..ggml.types import BLOCK, GGMLType
+from ..numerics.ggml.types import BLOCK, GGMLType
 from ..schemes import SCHEMES, Scheme
 from ..formats.gguf.names import gguf_name, llama_order_key
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import GemmaQuantError
-from ..ggml.quantize import quantize
-from ..ggml.types import GGMLType
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import GGMLType
 from ..procs import die_with_parent
 from ..formats.safetensors import release_pages
 from .plan import TensorPlan

@@ -33,7 +33,7 @@ from ..formats.gguf.reader import GGUFFile
 from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output
 from ..export.guard import check_output
-from ..ggml.types import GGMLType, row_bytes
+from ..numerics.ggml.types import GGMLType, row_bytes
 from ..formats.safetensors import ITEMSIZE, release_pages
 from ..schemes import Scheme
 from .header import ALIGNMENT, HeaderJob

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gemmaquant.formats.checkpoint import Checkpoint
-from gemmaquant.ct import dequantize_tensors, quantize_for
+from gemmaquant.numerics.ct import dequantize_tensors, quantize_for
 from gemmaquant.errors import GemmaQuantError, OutputError
 from gemmaquant.export import write_compressed_tensors
 from gemmaquant.schemes import SCHEMES, get_scheme
@@ -300,7 +300,7 @@ def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
 def test_precomputed_results_are_written_as_given(sources, tmp_path):
     """A calibrated algorithm's codes/scales (here: RTN codes under a 2x larger scale) replace RTN for
     the Linears it covers; the rest are rounded to nearest. A Packed that does not fit is refused."""
-    from gemmaquant.ct import int_codes, int_qparams, minmax, pack_int
+    from gemmaquant.numerics.ct import int_codes, int_qparams, minmax, pack_int
 
     ckpt = Checkpoint(sources["gemma3"])
     m = "model.layers.1.mlp.down_proj"
