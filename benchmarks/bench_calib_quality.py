@@ -37,8 +37,8 @@ from gemmaquant.calib.intq import rtn, split_rows
 from gemmaquant.calib.runner import embed_ids
 from gemmaquant.calib.stats import InputStats
 from gemmaquant.formats.checkpoint import Checkpoint
-from gemmaquant.loading import load_layer, load_model
-from gemmaquant.model import make_layer_context
+from gemmaquant.model.loading import load_layer, load_model
+from gemmaquant.model.gemma import make_layer_context
 from gemmaquant.formats.texts import builtin_eval_path
 
 EVAL_TEXT = builtin_eval_path()  # the shipped evaluation text (licence documents)

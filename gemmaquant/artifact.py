@@ -24,8 +24,8 @@ from .formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
 from .errors import GemmaQuantError
 from .formats.gguf.reader import GGUFFile
 from .numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
-from .model import Gemma
-from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
+from .model.gemma import Gemma
+from .model.qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
 
 GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
@@ -47,7 +47,7 @@ class QuantGemma(Gemma):
         return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
 
     def layer_context(self, seq_len: int, device=None, dtype=None):
-        from .model import make_layer_context
+        from .model.gemma import make_layer_context
 
         return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
                                   dtype or self.compute_dtype)
@@ -147,7 +147,7 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
 
         return open_ct(Path(path), dtype, device)
     from .formats.checkpoint import resolve_model
-    from .loading import load_model
+    from .model.loading import load_model
     from .formats.tokenizer import load_tokenizer
 
     ckpt = resolve_model(path)

@@ -101,7 +101,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
 
     from .artifact import open_artifact
     from .drift import FP16_MAX, check_compatible, compare
-    from .loading import resolve_dtype
+    from .model.loading import resolve_dtype
     from .formats.texts import Text, eval_text
 
     text = text if isinstance(text, Text) else eval_text(text)

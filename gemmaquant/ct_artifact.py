@@ -82,7 +82,7 @@ def _act_mode(group: dict | None) -> str | None:
 
 def open_ct(root: Path, dtype: torch.dtype, device: str):
     from .artifact import Artifact, _assemble, _linear_stats
-    from .qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
+    from .model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
     from .formats.tokenizer import load_tokenizer
 
     raw = read_json(root / "config.json", "config.json")

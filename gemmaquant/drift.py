@@ -37,7 +37,7 @@ from torch import nn
 from .errors import GemmaQuantError
 from .formats.hub import cache_dir
 from .perplexity import chunk_nll
-from .qlinear import QuantLinear
+from .model.qlinear import QuantLinear
 
 FP16_MAX = 65504.0
 CACHE_VERSION = 1

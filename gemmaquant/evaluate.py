@@ -11,8 +11,8 @@ import torch
 from .formats.checkpoint import Checkpoint
 from .formats.checkpoint import resolve_model
 from .errors import GemmaQuantError
-from .loading import load_model, resolve_dtype
-from .model import Gemma
+from .model.loading import load_model, resolve_dtype
+from .model.gemma import Gemma
 from .perplexity import PerplexityResult, chunk_tokens, perplexity, tokens_needed
 from .formats.texts import Text, eval_text
 

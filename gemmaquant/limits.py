@@ -70,7 +70,7 @@ def check_numbers(*, ctx: int | None = None, chunks: int | None = None, calib_sa
                               or not math.isfinite(alpha) or not 0 <= alpha <= 1):
         raise GemmaQuantError(f"--alpha {alpha}: must be a number in 0..1 (SmoothQuant migration strength)")
     if dtype is not None:
-        from .loading import resolve_dtype  # its error names the allowed dtypes
+        from .model.loading import resolve_dtype  # its error names the allowed dtypes
 
         resolve_dtype(dtype)
     if device is not None:

@@ -242,9 +242,7 @@ def test_demo_gguf_perplexity_matches_llama_cpp(demo_art, llama):
 
 
 # -- our compressed-tensors outputs vs transformers + compressed-tensors ---------------------------
-TINY["ct-gemma3"] = ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=32))
+# TINY['ct-gemma3'] (tests/tiny.py): wide enough for group-128 INT4 and 2:4 blocks
 
 
 def tiny_hf_dir(path, name="ct-gemma3", seed=0):
@@ -261,7 +259,7 @@ def tiny_hf_dir(path, name="ct-gemma3", seed=0):
 
 # w4a16-asym is left out: transformers 5.23 + compressed-tensors 0.20 re-initialise its packed
 # zero points ("size mismatch ... weight_zero_point [8, 1] vs [64, 1]"), so they are no reference for
-# it; PackedLinear's asym dequantization is checked against ct's decompressor in test_qlinear.py.
+# it; PackedLinear's asym dequantization is checked against ct's decompressor in tests/model/test_qlinear.py.
 @pytest.mark.parametrize("scheme", ["fp8", "int8", "w4a16"])
 def test_ct_output_matches_transformers(tmp_path, scheme):
     transformers = pytest.importorskip("transformers")

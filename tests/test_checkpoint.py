@@ -157,7 +157,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
 
 
 def test_nan_weights_are_named_when_loading(tmp_path):
-    from gemmaquant.loading import load_model
+    from gemmaquant.model.loading import load_model
 
     t = write_ckpt(tmp_path / "m", dtype=torch.float32)
     t["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")

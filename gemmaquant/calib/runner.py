@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
-from ..loading import load_layer
-from ..model import DecoderLayer, make_layer_context
+from ..model.loading import load_layer
+from ..model.gemma import DecoderLayer, make_layer_context
 from .stats import InputStats, Pairing, attach
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.

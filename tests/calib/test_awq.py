@@ -12,7 +12,7 @@ from gemmaquant.calib import CalibResult, calibrate
 from gemmaquant.calib.awq import output_error, search_scale
 from gemmaquant.calib.intq import rtn
 from gemmaquant.formats.checkpoint import Checkpoint
-from gemmaquant.loading import load_model
+from gemmaquant.model.loading import load_model
 from gemmaquant.schemes import QuantArgs, get_scheme
 
 from ..tiny import make_tiny

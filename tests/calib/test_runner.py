@@ -11,7 +11,7 @@ from gemmaquant.calib.intq import rtn
 from gemmaquant.calib.runner import run_layers
 from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.loading import load_model
+from gemmaquant.model.loading import load_model
 
 from ..tiny import make_tiny
 

@@ -128,10 +128,10 @@ def forbid_weight_loading(monkeypatch) -> None:
 
     import gemmaquant.artifact
     import gemmaquant.evaluate
-    import gemmaquant.loading
+    import gemmaquant.model.loading
 
     def loaded(*a, **k):
         pytest.fail("weights were loaded before the refusal")
-    for mod, name in ((gemmaquant.loading, "load_model"), (gemmaquant.evaluate, "load_model"),
+    for mod, name in ((gemmaquant.model.loading, "load_model"), (gemmaquant.evaluate, "load_model"),
                       (gemmaquant.artifact, "open_artifact")):
         monkeypatch.setattr(mod, name, loaded)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gemmaquant.formats.checkpoint import Checkpoint
-from gemmaquant.loading import load_model
+from gemmaquant.model.loading import load_model
 from gemmaquant.formats.texts import builtin_eval_path
 from gemmaquant.formats.tokenizer import load_tokenizer
 

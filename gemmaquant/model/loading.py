@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .formats.checkpoint import Checkpoint
-from .errors import GemmaQuantError
-from .model import DecoderLayer, Gemma, build_model
+from ..formats.checkpoint import Checkpoint
+from ..errors import GemmaQuantError
+from .gemma import DecoderLayer, Gemma, build_model
 
 
 def _copy_params(module: nn.Module, ckpt: Checkpoint, prefix: str) -> None:

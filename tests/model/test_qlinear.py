@@ -14,7 +14,7 @@ import gguf
 from gemmaquant.numerics.ct import quantize_fp8, quantize_int8, quantize_pack
 from gemmaquant.numerics.ggml.quantize import quantize as ggml_quantize
 from gemmaquant.numerics.ggml.types import GGMLType
-from gemmaquant.qlinear import (DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding,
+from gemmaquant.model.qlinear import (DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding,
                                 fp8_act_quant, int8_act_quant)
 
 ct_q = pytest.importorskip("compressed_tensors.quantization")
@@ -151,7 +151,7 @@ def test_forward_without_autograd_reuses_one_buffer_and_stays_exact():
     """Inference forwards dequantize into the shared scratch buffer: layers of other formats and
     shapes in turn, and an LM head in chunks, each equal to its reference; with autograd on,
     the weight is a fresh tensor and backward works."""
-    from gemmaquant.qlinear import free_scratch
+    from gemmaquant.model.qlinear import free_scratch
 
     free_scratch()
     mods, refs = [], []

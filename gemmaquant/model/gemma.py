@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats.config import GemmaConfig
+from ..formats.config import GemmaConfig
 
 
 class RMSNorm(nn.Module):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gemmaquant.formats.checkpoint import Checkpoint
-from gemmaquant.loading import load_layer, load_model
+from gemmaquant.model.loading import load_layer, load_model
 
-from .tiny import TINY, make_tiny
+from ..tiny import TINY, make_tiny
 
 pytest.importorskip("transformers")
 

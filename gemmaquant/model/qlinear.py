@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .numerics.ct.dequantize import dequantize_fp8, dequantize_int8, dequantize_packed
-from .numerics.ggml.types import BLOCK, GGMLType
+from ..numerics.ct.dequantize import dequantize_fp8, dequantize_int8, dequantize_packed
+from ..numerics.ggml.types import BLOCK, GGMLType
 
 Tensor = torch.Tensor
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -219,7 +219,7 @@ def dequantize_ggml_rows(rows: Tensor, qtype: GGMLType, n_per_row: int, out: Ten
     if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         dt = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
         return rows.contiguous().view(dt)
-    from .numerics.ggml.dequantize import dequantize
+    from ..numerics.ggml.dequantize import dequantize
 
     return dequantize(rows.contiguous(), qtype, (rows.shape[0], n_per_row), out=out)
 
