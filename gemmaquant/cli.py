@@ -224,7 +224,7 @@ def imatrix_cmd(
     from .formats.checkpoint import resolve_model
     from .export.atomic import atomic_output
     from .export.guard import check_output
-    from .imatrix import compute_imatrix, llama_chunks
+    from .calib.imatrix import compute_imatrix, llama_chunks
     from .formats.inputs import check_input_file
     from .limits import check_for_model, check_numbers
     from .calib.data import calib_text

@@ -214,7 +214,7 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
     elif opts.imatrix:
-        from .imatrix import compute_imatrix
+        from .calib.imatrix import compute_imatrix
 
         computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
                                    seq_len=opts.calib_len, device=opts.device)

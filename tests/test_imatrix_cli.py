@@ -11,7 +11,7 @@ from __future__ import annotations
 import gguf
 
 from gemmaquant.calib.data import load_tokenizer_for
-from gemmaquant.imatrix import llama_chunks
+from gemmaquant.calib.imatrix import llama_chunks
 
 from .reliability import run_cli
 from .test_artifact import tiny_hf_dir

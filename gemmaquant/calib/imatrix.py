@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .formats.checkpoint import Checkpoint
-from .formats.gguf.imatrix import Imatrix, write_imatrix
-from .formats.gguf.names import gguf_name
+from ..formats.checkpoint import Checkpoint
+from ..formats.gguf.imatrix import Imatrix, write_imatrix
+from ..formats.gguf.names import gguf_name
 
 
 @dataclass
@@ -64,7 +64,7 @@ def compute_imatrix(ckpt: Checkpoint, *, calib: Path | None = None, n_samples: i
                     seq_len: int = 512, device: str = "cpu", ids: torch.Tensor | None = None,
                     dataset: str | None = None) -> ComputedImatrix:
     """`ids` [n, S] (e.g. from `llama_chunks`) replaces the calibration windows; `dataset` names them."""
-    from .calib.pipeline import calibrate
+    from .pipeline import calibrate
 
     if ids is not None:
         n_samples, seq_len = ids.shape
