@@ -137,7 +137,7 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     gguf_path = a.gguf
     if gguf_path is None:
-        from gemmaquant.gguf.writer import write_gguf
+        from gemmaquant.export.gguf.writer import write_gguf
 
         gguf_path = Path(tmp.name) / "demo.BF16.gguf"
         write_gguf(ckpt, "bf16", gguf_path)

@@ -18,7 +18,7 @@ import torch
 from gemmaquant.formats.checkpoint import resolve_model
 from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
-from gemmaquant.gguf.plan import plan_types, preset
+from gemmaquant.export.gguf.plan import plan_types, preset
 
 
 def main(presets: list[str]) -> None:

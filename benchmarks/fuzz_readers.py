@@ -308,8 +308,8 @@ class Targets:
     def gguf_header_side_files(self, files: dict):
         """The GGUF header build (vocab.py + gguf's own readers of the same files) on random side files."""
         from gemmaquant.formats.config import load_config
-        from gemmaquant.gguf.header import header_bytes
-        from gemmaquant.gguf.plan import plan_types, preset
+        from gemmaquant.export.gguf.header import header_bytes
+        from gemmaquant.export.gguf.plan import plan_types, preset
 
         d = self._tok_dir()
         for name, text in files.items():
@@ -357,7 +357,7 @@ def plan(tmp: Path) -> dict:
     import gemmaquant.formats.checkpoint  # noqa: F401 - imported before RSS is measured
     import gemmaquant.formats.gguf.imatrix  # noqa: F401
     import gemmaquant.recipes  # noqa: F401
-    import gemmaquant.gguf.header  # noqa: F401
+    import gemmaquant.export.gguf.header  # noqa: F401
     import gemmaquant.formats.tokenizer  # noqa: F401
     names = st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "", ".", "..",
                              "missing.safetensors", "a\x00b"])

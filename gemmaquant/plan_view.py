@@ -53,7 +53,7 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
 
 def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
     from .numerics.ggml.types import row_bytes
-    from .gguf.plan import plan_types
+    from .export.gguf.plan import plan_types
 
     rows = []
     for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):

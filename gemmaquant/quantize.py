@@ -132,7 +132,7 @@ def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
 
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
                  progress=None) -> QuantizeSummary:
-    from .diskspace import check_free_space
+    from .export.diskspace import check_free_space
     from .export.guard import check_output
     from .limits import check_for_model
 
@@ -160,7 +160,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
 
 def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
-    from .gguf.header import start_header
+    from .export.gguf.header import start_header
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -205,7 +205,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
 
 def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> QuantizeSummary:
     from .formats.gguf.imatrix import read_imatrix
-    from .gguf.writer import write_gguf
+    from .export.gguf.writer import write_gguf
 
     imatrix = imatrix_meta = None
     notes = []
@@ -240,7 +240,7 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
 
 def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
     from .calib.pipeline import calibrate
-    from .export.safetensors_out import write_compressed_tensors
+    from .export.compressed_tensors import write_compressed_tensors
 
     if opts.imatrix or opts.imatrix_file:
         raise GemmaQuantError(f"--imatrix/--imatrix-file apply to GGUF schemes only, not {scheme.name}")

@@ -265,7 +265,7 @@ def test_ct_output_matches_transformers(tmp_path, scheme):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("compressed_tensors")
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.export.safetensors_out import write_compressed_tensors
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
     tiny_hf_dir(tmp_path / "src")
@@ -289,7 +289,7 @@ def test_ct_output_matches_transformers(tmp_path, scheme):
 
 def test_ct_truncated_names_tensor_and_offset(tmp_path):
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.export.safetensors_out import write_compressed_tensors
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
     tiny_hf_dir(tmp_path / "src")

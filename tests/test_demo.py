@@ -161,7 +161,7 @@ def test_llama_cpp_converter_reads_back_the_original_vocab(demo_dir, gguf_file, 
     tokenizer_config.json) rebuilds the GGUF's tokenizer exactly: tokens, scores and types."""
     import subprocess
 
-    from tests.gguf.llamacpp_ref import llamacpp_tree
+    from tests.export.gguf.llamacpp_ref import llamacpp_tree
 
     tree = llamacpp_tree()
     out = tmp_path / "vocab.gguf"

@@ -66,7 +66,7 @@ def test_identical_artifact_has_no_drift(tmp_path):
 
 def test_quantized_artifact_drifts_a_little(tmp_path):
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.export.safetensors_out import write_compressed_tensors
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
     tiny_hf_dir(tmp_path / "src")
@@ -101,7 +101,7 @@ def test_other_model_is_refused(tmp_path):
 def test_compare_report_and_cache(tmp_path, monkeypatch):
     from gemmaquant import compare_cli, drift
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.export.safetensors_out import write_compressed_tensors
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
     monkeypatch.setenv("GEMMAQUANT_CACHE", str(tmp_path / "cache"))

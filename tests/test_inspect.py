@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def our_gguf(tiny_dir):
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.export.gguf.writer import write_gguf
 
     out = tiny_dir.parent / "tiny.Q8_0.gguf"
     write_gguf(Checkpoint(tiny_dir), "q8_0", out)
@@ -180,7 +180,7 @@ def test_compressed_tensors_output(tiny_dir, tmp_path):
     from safetensors import safe_open
 
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.export.safetensors_out import write_compressed_tensors
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
     out = tmp_path / "tiny-W4A16"

@@ -31,7 +31,7 @@ def good(tmp_path_factory):
 @pytest.fixture(scope="module")
 def good_gguf(good):
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.export.gguf.writer import write_gguf
 
     out = good.parent / "good.Q8_0.gguf"
     write_gguf(Checkpoint(good), "q8_0", out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 MARGIN_BYTES = 16 << 20  # headers, GGUF metadata beyond the estimate, filesystem rounding
 

@@ -282,7 +282,7 @@ def test_static_fp8_needs_input_scales(sources, tmp_path):
 
 
 def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
-    import gemmaquant.export.safetensors_out as so
+    import gemmaquant.export.compressed_tensors as so
     calls = []
 
     def interrupted(*a, **k):

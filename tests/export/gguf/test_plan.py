@@ -11,7 +11,7 @@ import torch
 
 from gemmaquant.formats.config import config_from_dict
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.gguf import fallback_count, plan_types, use_more_bits
+from gemmaquant.export.gguf import fallback_count, plan_types, use_more_bits
 from gemmaquant.schemes import get_scheme
 
 from . import llamacpp_ref as ref
@@ -52,7 +52,7 @@ def bf16_inputs(tmp_path_factory):
     """name -> (config, bf16 GGUF) used as llama-quantize input."""
     pytest.importorskip("llama_cpp")
     from gemmaquant.formats.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.export.gguf.writer import write_gguf
 
     root = tmp_path_factory.mktemp("plan")
     out = {}
@@ -63,7 +63,7 @@ def bf16_inputs(tmp_path_factory):
 
 
 def _imatrix_for(config) -> dict[str, np.ndarray]:
-    from gemmaquant.gguf.plan import hf_tensors
+    from gemmaquant.export.gguf.plan import hf_tensors
     from gemmaquant.formats.gguf.names import gguf_name
 
     return {gguf_name(hf, config.generation): np.ones(shape[-1], dtype=np.float32)

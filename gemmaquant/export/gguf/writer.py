@@ -28,14 +28,14 @@ import gguf
 import numpy as np
 import torch
 
-from ..formats.checkpoint import Checkpoint
-from ..formats.gguf.reader import GGUFFile
-from ..errors import GemmaQuantError
-from ..export.atomic import atomic_output
-from ..export.guard import check_output
-from ..numerics.ggml.types import GGMLType, row_bytes
-from ..formats.safetensors import ITEMSIZE, release_pages
-from ..schemes import Scheme
+from ...formats.checkpoint import Checkpoint
+from ...formats.gguf.reader import GGUFFile
+from ...errors import GemmaQuantError
+from ..atomic import atomic_output
+from ..guard import check_output
+from ...numerics.ggml.types import GGMLType, row_bytes
+from ...formats.safetensors import ITEMSIZE, release_pages
+from ...schemes import Scheme
 from .header import ALIGNMENT, HeaderJob
 from .plan import TensorPlan, fallback_count, plan_types, preset
 from .workers import CHEAP, Slab, quantize_rows, run_ordered

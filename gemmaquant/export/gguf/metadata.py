@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gguf
 
-from ..formats.config import FULL, GemmaConfig
+from ...formats.config import FULL, GemmaConfig
 
 ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION

@@ -4,8 +4,9 @@
     write_gguf(ckpt, preset, out_path, imatrix=..., imatrix_meta=..., force=...) -> Report
     read_imatrix(path) -> Imatrix / write_imatrix(...)        llama.cpp importance-matrix files
 
-Layout: names (HF <-> GGUF tensor names), plan (llama-quantize's type choice), metadata and vocab
-(the key/value list), writer (streaming write + read-back check), imatrix_io.
+Layout: plan (llama-quantize's type choice), metadata and vocab
+(the key/value list), header (the header process), workers (parallel quantization), writer
+(streaming write + read-back check). Names and imatrix files are read in formats/gguf/.
 See docs/gguf-gemma.md for the rules reproduced here.
 """
 
@@ -20,6 +21,6 @@ def __getattr__(name):  # the writer pulls in gguf/torch quantizers: import it o
         from . import writer
         return getattr(writer, name)
     if name in ("read_imatrix", "write_imatrix", "Imatrix"):
-        from ..formats.gguf import imatrix
+        from ...formats.gguf import imatrix
         return getattr(imatrix, name)
     raise AttributeError(name)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..formats.config import GemmaConfig
-from ..errors import GemmaQuantError
-from ..numerics.ggml.types import BLOCK, GGMLType
-from ..schemes import SCHEMES, Scheme
-from ..formats.gguf.names import gguf_name, llama_order_key
+from ...formats.config import GemmaConfig
+from ...errors import GemmaQuantError
+from ...numerics.ggml.types import BLOCK, GGMLType
+from ...schemes import SCHEMES, Scheme
+from ...formats.gguf.names import gguf_name, llama_order_key
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 _FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import GemmaQuantError
-from ..formats.inputs import MAX_JSON_BYTES, read_bytes
-from ..formats.tokenizer import check_vocab_rows
-from ..formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, decode_model_proto
+from ...errors import GemmaQuantError
+from ...formats.inputs import MAX_JSON_BYTES, read_bytes
+from ...formats.tokenizer import check_vocab_rows
+from ...formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, decode_model_proto
 
 _SPACE_MARK = "\u2581"  # ▁
 
@@ -48,7 +48,7 @@ def looks_special(text: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    from ..formats.inputs import read_json
+    from ...formats.inputs import read_json
 
     return read_json(path, path.name)
 

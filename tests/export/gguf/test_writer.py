@@ -15,7 +15,7 @@ import pytest
 
 from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError, OutputError
-from gemmaquant.gguf.writer import write_gguf
+from gemmaquant.export.gguf.writer import write_gguf
 from gemmaquant.schemes import get_scheme
 from tests.llamacpp import open_llama
 
@@ -71,7 +71,7 @@ def test_imatrix_file_identical_to_llama_quantize(tiny, tmp_path, preset):
     import torch
 
     from gemmaquant.formats.gguf.imatrix import read_imatrix, write_imatrix
-    from gemmaquant.gguf.plan import plan_types
+    from gemmaquant.export.gguf.plan import plan_types
 
     d, ref_bf16 = tiny["gemma3-256"]
     ck = Checkpoint(d)
@@ -157,9 +157,9 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
     sees, and fail, naming the key or tensor, when the file differs from the intent."""
     import gguf
 
-    from gemmaquant.gguf.header import header_bytes
-    from gemmaquant.gguf.plan import plan_types
-    from gemmaquant.gguf.writer import verify_file
+    from gemmaquant.export.gguf.header import header_bytes
+    from gemmaquant.export.gguf.plan import plan_types
+    from gemmaquant.export.gguf.writer import verify_file
 
     d, _ = tiny["gemma3"]
     ck = Checkpoint(d)
@@ -202,7 +202,7 @@ def test_header_error_is_reported_and_nothing_is_left(tiny, tmp_path, workers, b
     several, reaches the caller as the one-line error, with nothing left at the output path."""
     import shutil
 
-    from gemmaquant.gguf.header import HeaderJob, start_header
+    from gemmaquant.export.gguf.header import HeaderJob, start_header
 
     d, _ = tiny["gemma3"]
     broken = tmp_path / "m"
@@ -224,8 +224,8 @@ def test_header_built_in_its_process_gives_the_same_file(tiny, tmp_path, kind, p
     """The header process (used for real vocabularies, which the tiny models lack) writes the same
     bytes as llama.cpp's pipeline, whether slabs wait for it or it waits for them."""
     pytest.importorskip("llama_cpp")
-    from gemmaquant.gguf import writer
-    from gemmaquant.gguf.header import HeaderJob, start_header
+    from gemmaquant.export.gguf import writer
+    from gemmaquant.export.gguf.header import HeaderJob, start_header
 
     d, ref_bf16 = tiny[kind]
     want = ref.quantize(ref_bf16, tmp_path / "ref.gguf", get_scheme(preset).ftype).read_bytes()
@@ -245,7 +245,7 @@ def test_header_built_in_its_process_gives_the_same_file(tiny, tmp_path, kind, p
 def test_a_stopped_header_process_is_an_error_not_a_hang(tiny, tmp_path):
     import signal
 
-    from gemmaquant.gguf.header import HeaderJob, start_header
+    from gemmaquant.export.gguf.header import HeaderJob, start_header
 
     ck = Checkpoint(tiny["gemma3"][0])
     plan = start_header(ck, "q8_0")
@@ -257,7 +257,7 @@ def test_a_stopped_header_process_is_an_error_not_a_hang(tiny, tmp_path):
 
 
 def test_header_job_for_another_output_is_refused(tiny, tmp_path):
-    from gemmaquant.gguf.header import start_header
+    from gemmaquant.export.gguf.header import start_header
 
     ck = Checkpoint(tiny["gemma3"][0])
     with pytest.raises(GemmaQuantError, match="header job was started for another"):
@@ -271,8 +271,8 @@ def test_gguf_header_and_plans_need_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.formats.checkpoint, gemmaquant.gguf.header, "
-            "gemmaquant.plan_view, gemmaquant.diskspace, gemmaquant.export.atomic, gemmaquant.gguf.plan; "
+    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.formats.checkpoint, gemmaquant.export.gguf.header, "
+            "gemmaquant.plan_view, gemmaquant.export.diskspace, gemmaquant.export.atomic, gemmaquant.export.gguf.plan; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -27,16 +27,16 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from ..formats.config import GemmaConfig
-from ..errors import GemmaQuantError
-from ..numerics.ggml.types import row_bytes
-from ..schemes import Scheme
+from ...formats.config import GemmaConfig
+from ...errors import GemmaQuantError
+from ...numerics.ggml.types import row_bytes
+from ...schemes import Scheme
 from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
 from .plan import TensorPlan, plan_types, preset
 from .vocab import add_vocab
 
 if TYPE_CHECKING:
-    from ..formats.checkpoint import Checkpoint
+    from ...formats.checkpoint import Checkpoint
 
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
 CONVERT_FTYPE_BF16 = 32  # the converter's general.file_type; llama-quantize replaces it
@@ -129,7 +129,7 @@ def _unpackable(w: gguf.GGUFWriter, model_dir: Path, err: Exception) -> str:
 
 def _diagnose(model_dir: Path) -> None:
     """Raise the one-line error of the first malformed JSON side file, if any is."""
-    from ..formats.inputs import read_json
+    from ...formats.inputs import read_json
 
     for name in _SIDE_JSON:
         if (model_dir / name).exists():
@@ -164,7 +164,7 @@ class HeaderJob:
         env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from gemmaquant.gguf.header import _child; _child()"],
+                [sys.executable, "-c", "from gemmaquant.export.gguf.header import _child; _child()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                 start_new_session=True)  # Ctrl-C reaches the parent only; it stops the child (close)
         except OSError:

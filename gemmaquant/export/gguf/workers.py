@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GemmaQuantError
-from ..numerics.ggml.quantize import quantize
-from ..numerics.ggml.types import GGMLType
+from ...errors import GemmaQuantError
+from ...numerics.ggml.quantize import quantize
+from ...numerics.ggml.types import GGMLType
 from ..procs import die_with_parent
-from ..formats.safetensors import release_pages
+from ...formats.safetensors import release_pages
 from .plan import TensorPlan
 
 CHEAP = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0)  # conversions, not searches
@@ -59,7 +59,7 @@ def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
     die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    from ..formats.checkpoint import Checkpoint
+    from ...formats.checkpoint import Checkpoint
 
     _STATE.update(ckpt=Checkpoint(path), plans=plans, qws=qws)
 
