@@ -35,7 +35,7 @@ from llamacpp_ppl import LlamaCpp  # noqa: E402
 from gemmaquant.formats.checkpoint import resolve_model  # noqa: E402
 from gemmaquant.model.loading import load_model  # noqa: E402
 from gemmaquant.formats.inputs import read_text  # noqa: E402
-from gemmaquant.perplexity import chunk_tokens, perplexity  # noqa: E402
+from gemmaquant.evaluate.perplexity import chunk_tokens, perplexity  # noqa: E402
 from gemmaquant.formats.texts import builtin_eval_path  # noqa: E402
 from gemmaquant.formats.tokenizer import load_tokenizer  # noqa: E402
 

@@ -72,8 +72,8 @@ def eval_cmd(
     """Perplexity of MODEL on a text, by llama-perplexity's method (ppl ± stderr, tokens/s)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .artifact import model_info
-    from .evaluate import open_for_eval
+    from .evaluate.artifact import model_info
+    from .evaluate.eval_model import open_for_eval
     from .formats.inputs import check_input_file
     from .limits import check_for_model, check_numbers
     from .formats.texts import eval_text

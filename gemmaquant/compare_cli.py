@@ -54,9 +54,9 @@ def _run(bar, label, total, fn):
 def base_reference(base: str, text: "Text", ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
                    layer_chunks: int, use_cache: bool, quiet: bool):
     """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
-    from .artifact import open_artifact
-    from .drift import base_cache_key, compute_base_ref, load_cached, save_cached
-    from .perplexity import chunk_tokens, tokens_needed
+    from .evaluate.artifact import open_artifact
+    from .evaluate.drift import base_cache_key, compute_base_ref, load_cached, save_cached
+    from .evaluate.perplexity import chunk_tokens, tokens_needed
 
     key = base_cache_key(base, text.sha256, ctx, chunks, dtype, topk, layer_chunks)
     ref = load_cached(key) if use_cache else None
@@ -84,7 +84,7 @@ def _encode(tokenizer, text: "Text", need: int | None) -> list[int]:
 
 
 def _summary(art) -> dict:
-    from .drift import SHAPE_FIELDS
+    from .evaluate.drift import SHAPE_FIELDS
 
     cfg = art.config
     return {"name": art.name, "path": str(art.path), "kind": art.kind, "size_bytes": art.size_bytes,
@@ -99,8 +99,8 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
     shipped evaluation text."""
     from types import SimpleNamespace
 
-    from .artifact import open_artifact
-    from .drift import FP16_MAX, check_compatible, compare
+    from .evaluate.artifact import open_artifact
+    from .evaluate.drift import FP16_MAX, check_compatible, compare
     from .model.loading import resolve_dtype
     from .formats.texts import Text, eval_text
 
@@ -108,7 +108,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
     dt = resolve_dtype(dtype, device)
     ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
     base_cfg = SimpleNamespace(**base_sum["config"])
-    from .drift import ppl_stats
+    from .evaluate.drift import ppl_stats
 
     base_ppl, base_err = ppl_stats(ref.nll.reshape(-1))
     report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
@@ -310,7 +310,7 @@ def compare_cmd(
     """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
     import torch
 
-    from .artifact import model_info
+    from .evaluate.artifact import model_info
     from .export.atomic import atomic_output, write_report
     from .export.guard import check_output
     from .formats.inputs import check_input_file

@@ -14,7 +14,7 @@ from gemmaquant.calib.data import load_tokenizer_for
 from gemmaquant.calib.imatrix import llama_chunks
 
 from .reliability import run_cli
-from .test_artifact import tiny_hf_dir
+from .evaluate.test_artifact import tiny_hf_dir
 
 
 def test_llama_chunks_cuts_like_llama_imatrix():

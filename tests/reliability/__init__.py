@@ -126,12 +126,12 @@ def forbid_weight_loading(monkeypatch) -> None:
     The modules are imported first, so the patch never leaks into a name bound at import time."""
     import pytest
 
-    import gemmaquant.artifact
-    import gemmaquant.evaluate
+    import gemmaquant.evaluate.artifact
+    import gemmaquant.evaluate.eval_model
     import gemmaquant.model.loading
 
     def loaded(*a, **k):
         pytest.fail("weights were loaded before the refusal")
-    for mod, name in ((gemmaquant.model.loading, "load_model"), (gemmaquant.evaluate, "load_model"),
-                      (gemmaquant.artifact, "open_artifact")):
+    for mod, name in ((gemmaquant.model.loading, "load_model"), (gemmaquant.evaluate.eval_model, "load_model"),
+                      (gemmaquant.evaluate.artifact, "open_artifact")):
         monkeypatch.setattr(mod, name, loaded)

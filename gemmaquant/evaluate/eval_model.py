@@ -8,13 +8,13 @@ from typing import Callable
 
 import torch
 
-from .formats.checkpoint import Checkpoint
-from .formats.checkpoint import resolve_model
-from .errors import GemmaQuantError
-from .model.loading import load_model, resolve_dtype
-from .model.gemma import Gemma
+from ..formats.checkpoint import Checkpoint
+from ..formats.checkpoint import resolve_model
+from ..errors import GemmaQuantError
+from ..model.loading import load_model, resolve_dtype
+from ..model.gemma import Gemma
 from .perplexity import PerplexityResult, chunk_tokens, perplexity, tokens_needed
-from .formats.texts import Text, eval_text
+from ..formats.texts import Text, eval_text
 
 
 @dataclass
@@ -60,7 +60,7 @@ def open_for_eval(model: str, dtype: str = "auto", device: str = "cpu") -> EvalM
     if artifact_kind(model) != "hf":
         art = open_artifact(model, dt, device)
         return EvalModel(model=art.model, tokenizer=art.tokenizer, device=device, name=art.name)
-    from .formats.tokenizer import load_tokenizer
+    from ..formats.tokenizer import load_tokenizer
 
     ckpt: Checkpoint = resolve_model(model)
     tok = load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size)

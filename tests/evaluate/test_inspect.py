@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.inspect import inspect_path
+from gemmaquant.evaluate.inspect import inspect_path
 
-from .reliability import TINY_G3, run_cli, write_tiny
+from ..reliability import TINY_G3, run_cli, write_tiny
 
 gguf = pytest.importorskip("gguf")
 TINY_1L = {**TINY_G3, "num_hidden_layers": 1}

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
-from .errors import GemmaQuantError
-from .formats.gguf.reader import GGUFFile
-from .numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
-from .model.gemma import Gemma
-from .model.qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
+from ..formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
+from ..errors import GemmaQuantError
+from ..formats.gguf.reader import GGUFFile
+from ..numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
+from ..model.gemma import Gemma
+from ..model.qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
 
 GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
@@ -47,7 +47,7 @@ class QuantGemma(Gemma):
         return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
 
     def layer_context(self, seq_len: int, device=None, dtype=None):
-        from .model.gemma import make_layer_context
+        from ..model.gemma import make_layer_context
 
         return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
                                   dtype or self.compute_dtype)
@@ -91,14 +91,14 @@ class Artifact:
 def artifact_kind(path: str | Path) -> str:
     p = Path(path)
     if p.exists() and not p.is_dir():
-        from .formats.inputs import open_input
+        from ..formats.inputs import open_input
 
         with open_input(p, "a model file") as fh:
             if fh.read(4) == b"GGUF":
                 return "gguf"
         raise GemmaQuantError(f"{p}: not a GGUF file and not a model directory")
     if p.is_dir() and (p / "config.json").is_file():
-        from .formats.inputs import read_json
+        from ..formats.inputs import read_json
 
         qc = read_json(p / "config.json", "config.json").get("quantization_config")
         if qc is None:
@@ -125,11 +125,11 @@ def model_info(path: str) -> tuple[GemmaConfig, Path]:
         finally:
             gf.close()
     if kind == "compressed-tensors":
-        from .formats.inputs import read_json
+        from ..formats.inputs import read_json
 
         cfg_path = Path(path) / "config.json"
         return config_from_dict(read_json(cfg_path, "config.json"), where=str(cfg_path)), Path(path)
-    from .formats.checkpoint import resolve_model
+    from ..formats.checkpoint import resolve_model
 
     ckpt = resolve_model(path)
     try:
@@ -146,9 +146,9 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
         from .ct_artifact import open_ct
 
         return open_ct(Path(path), dtype, device)
-    from .formats.checkpoint import resolve_model
-    from .model.loading import load_model
-    from .formats.tokenizer import load_tokenizer
+    from ..formats.checkpoint import resolve_model
+    from ..model.loading import load_model
+    from ..formats.tokenizer import load_tokenizer
 
     ckpt = resolve_model(path)
     model = load_model(ckpt, dtype, device)
@@ -250,7 +250,7 @@ def _first_bad_block(raw: torch.Tensor, qtype: GGMLType) -> int | None:
 
 
 def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
-    from .formats.gguf.names import hf_name
+    from ..formats.gguf.names import hf_name
 
     gf = GGUFFile(path)
     cfg = gguf_config(gf)
@@ -335,8 +335,8 @@ def _gguf_tokenizer(gf: GGUFFile):
                               "the SentencePiece vocabulary Gemma uses)")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .formats.tokenizer import Tokenizer, check_vocab_rows
-    from .formats.tokenizer_json import tokenizer_json_text
+    from ..formats.tokenizer import Tokenizer, check_vocab_rows
+    from ..formats.tokenizer_json import tokenizer_json_text
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .formats.checkpoint import read_shard_index, text_name
-from .formats.config import config_from_dict
-from .errors import GemmaQuantError
-from .formats.inputs import read_json
-from .formats.safetensors import SafetensorsFile
+from ..formats.checkpoint import read_shard_index, text_name
+from ..formats.config import config_from_dict
+from ..errors import GemmaQuantError
+from ..formats.inputs import read_json
+from ..formats.safetensors import SafetensorsFile
 
 
 class _Tensors:
@@ -82,8 +82,8 @@ def _act_mode(group: dict | None) -> str | None:
 
 def open_ct(root: Path, dtype: torch.dtype, device: str):
     from .artifact import Artifact, _assemble, _linear_stats
-    from .model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
-    from .formats.tokenizer import load_tokenizer
+    from ..model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
+    from ..formats.tokenizer import load_tokenizer
 
     raw = read_json(root / "config.json", "config.json")
     cfg = config_from_dict(raw, where=str(root / "config.json"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmaquant.drift import FP16_MAX, check_compatible, compare, compute_base_ref, topk_kl
+from gemmaquant.evaluate.drift import FP16_MAX, check_compatible, compare, compute_base_ref, topk_kl
 from gemmaquant.errors import GemmaQuantError
-from tests.test_artifact import tiny_hf_dir
+from tests.evaluate.test_artifact import tiny_hf_dir
 
 
 def _logps(v=300, s=40, seed=0, noise=0.3):
@@ -43,7 +43,7 @@ def test_topk_kl_is_a_close_lower_bound(k):
 
 
 def _open(path):
-    from gemmaquant.artifact import open_artifact
+    from gemmaquant.evaluate.artifact import open_artifact
 
     return open_artifact(str(path), torch.float32)
 

@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import GemmaQuantError
-from .formats.hub import cache_dir
+from ..errors import GemmaQuantError
+from ..formats.hub import cache_dir
 from .perplexity import chunk_nll
-from .model.qlinear import QuantLinear
+from ..model.qlinear import QuantLinear
 
 FP16_MAX = 65504.0
 CACHE_VERSION = 1

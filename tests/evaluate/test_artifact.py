@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from gemmaquant.artifact import open_artifact
+from gemmaquant.evaluate.artifact import open_artifact
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.formats.gguf.names import gguf_name
 from gemmaquant.formats.gguf.reader import GGUFFile
-from gemmaquant.perplexity import chunk_nll
+from gemmaquant.evaluate.perplexity import chunk_nll
 from tests.llamacpp import open_llama
 from tests.tiny import TINY
 
@@ -223,7 +223,7 @@ def test_demo_gguf_logits_match_llama_cpp(demo_art, llama):
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_demo_gguf_perplexity_matches_llama_cpp(demo_art, llama):
-    from gemmaquant.perplexity import chunk_tokens, perplexity
+    from gemmaquant.evaluate.perplexity import chunk_tokens, perplexity
 
     ids = llama.tokenize((TEXT * 4).encode(), add_bos=True, special=False)
     chunks = chunk_tokens(ids, 256, 2, 2)  # 254 scored tokens (benchmarks/: 1020 tokens, -0.41 %)

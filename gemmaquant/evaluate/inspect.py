@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import GemmaQuantError
-from .formats.inputs import read_json
+from ..errors import GemmaQuantError
+from ..formats.inputs import read_json
 
 # Tensors of a compressed-tensors Linear that hold quantization parameters, not weights.
 CT_AUX = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale",
@@ -45,7 +45,7 @@ def inspect_path(path: str | Path) -> dict:
         raise GemmaQuantError(f"{p}: no such file or directory")
     if p.is_dir():
         return _inspect_dir(p)
-    from .formats.inputs import open_input
+    from ..formats.inputs import open_input
 
     with open_input(p, "PATH") as fh:  # a FIFO blocked here forever
         magic = fh.read(4)
@@ -74,7 +74,7 @@ def _totals(info: dict, tensors: list[dict]) -> dict:
 # -- GGUF -----------------------------------------------------------------------------------------
 def _plain(v):
     """A metadata value in JSON form: long strings cut, long arrays summarized."""
-    from .formats.gguf.reader import ArrayValue
+    from ..formats.gguf.reader import ArrayValue
 
     if isinstance(v, ArrayValue):
         if v.complete:
@@ -88,7 +88,7 @@ def _plain(v):
 
 
 def _inspect_gguf(p: Path) -> dict:
-    from .formats.gguf.reader import read_gguf_header
+    from ..formats.gguf.reader import read_gguf_header
 
     h = read_gguf_header(p)
     tensors = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.nbytes,
@@ -113,7 +113,7 @@ def _read_config(d: Path) -> dict | None:
 
 
 def _shard_paths(d: Path) -> list[Path]:
-    from .formats.checkpoint import read_shard_index
+    from ..formats.checkpoint import read_shard_index
 
     index = read_shard_index(d)
     return index.shards if index is not None else sorted(d.glob("*.safetensors"))
@@ -123,7 +123,7 @@ def _dir_summary(raw: dict | None) -> dict:
     """Architecture fields from config.json, through the Gemma config parser when it applies."""
     if raw is None:
         return {"architecture": None}
-    from .formats.config import config_from_dict
+    from ..formats.config import config_from_dict
 
     out: dict = {"architecture": (raw.get("architectures") or [None])[0] if isinstance(raw.get("architectures"), list)
                  else None, "model_type": raw.get("model_type")}
@@ -161,7 +161,7 @@ def _qc_summary(qc) -> dict | None:
 
 
 def _inspect_dir(d: Path, only: list[Path] | None = None) -> dict:
-    from .formats.safetensors import SafetensorsFile
+    from ..formats.safetensors import SafetensorsFile
 
     raw = _read_config(d) if only is None else None
     paths = only if only is not None else _shard_paths(d)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 
 
 @dataclass
