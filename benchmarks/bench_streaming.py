@@ -42,7 +42,7 @@ def _hwm():
 atexit.register(_hwm)
 """
 _GEMMAQUANT = _HWM + """
-from gemmaquant.cli import main
+from gemmaquant.cli.app import main
 sys.argv = ["gemmaquant"] + sys.argv[1:]
 main()
 """

@@ -1,4 +1,4 @@
-"""gemmaquant/inputs.py: texts are read in pieces whose concatenation is the file, tokenized piece by
+"""gemmaquant/formats/inputs.py: texts are read in pieces whose concatenation is the file, tokenized piece by
 piece to the same ids as the whole text, and only as far as needed; a text is never read past the cap."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ..numerics.ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
-from ..progress import byte_progress
+from ..cli.progress import byte_progress
 from .atomic import atomic_output
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license

@@ -99,7 +99,8 @@ def test_other_model_is_refused(tmp_path):
 
 
 def test_compare_report_and_cache(tmp_path, monkeypatch):
-    from gemmaquant import compare_cli, drift
+    from gemmaquant.cli import compare as compare_cli
+    from gemmaquant.evaluate import drift
     from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export.compressed_tensors import write_compressed_tensors
     from gemmaquant.schemes import get_scheme

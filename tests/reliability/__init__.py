@@ -1,7 +1,7 @@
 """Reliability suite (issue 8): bad input, interrupts, determinism, fuzz regressions.
 
 Shared helpers: a tiny-but-real Gemma 3 checkpoint (hidden 256, so K-quants apply to every Linear)
-that carries the demo model's real tokenizer files, and `run_cli`, which runs `gemmaquant.cli.main`
+that carries the demo model's real tokenizer files, and `run_cli`, which runs `gemmaquant.cli.app.main`
 exactly as the console script does (same argument parsing, same error handling and exit codes) but in
 this process, so the suite pays torch's import once instead of once per case.
 """
@@ -74,7 +74,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
     """`gemmaquant ARGS` through the console script's entry point; a traceback fails the test."""
     import signal
 
-    from gemmaquant.cli import main
+    from gemmaquant.cli.app import main
 
     old_argv, old_term, old_hup = sys.argv, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     sys.argv = ["gemmaquant", *map(str, args)]

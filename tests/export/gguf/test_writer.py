@@ -271,8 +271,8 @@ def test_gguf_header_and_plans_need_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, gemmaquant.cli, gemmaquant.quantize, gemmaquant.formats.checkpoint, gemmaquant.export.gguf.header, "
-            "gemmaquant.plan_view, gemmaquant.export.diskspace, gemmaquant.export.atomic, gemmaquant.export.gguf.plan; "
+    code = ("import sys, gemmaquant.cli.app, gemmaquant.pipeline, gemmaquant.formats.checkpoint, gemmaquant.export.gguf.header, "
+            "gemmaquant.cli.plan_view, gemmaquant.export.diskspace, gemmaquant.export.atomic, gemmaquant.export.gguf.plan; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

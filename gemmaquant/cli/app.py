@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
-from .errors import EXIT_INTERRUPTED, GemmaQuantError
+from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
+from ..errors import EXIT_INTERRUPTED, GemmaQuantError
 
 app = typer.Typer(
     add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,7 +35,7 @@ def _set_threads(threads: Optional[int]):
 
 def _check_reports(reports: dict, force: bool, inputs: list) -> None:
     """The output guard on each report path given ({option: path}; '-' is stdout), before any work."""
-    from .export.guard import check_output
+    from ..export.guard import check_output
 
     for option, path in reports.items():
         if path is not None and str(path) != "-":
@@ -49,7 +49,7 @@ def _write_json(path: Optional[Path], data: dict, force: bool = False, inputs=()
     if str(path) == "-":
         sys.stdout.write(text)
     else:
-        from .export.atomic import write_report
+        from ..export.atomic import write_report
 
         write_report(path, text, force=force, inputs=inputs, option="--json")
 
@@ -72,11 +72,11 @@ def eval_cmd(
     """Perplexity of MODEL on a text, by llama-perplexity's method (ppl ± stderr, tokens/s)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .evaluate.artifact import model_info
-    from .evaluate.eval_model import open_for_eval
-    from .formats.inputs import check_input_file
-    from .limits import check_for_model, check_numbers
-    from .formats.texts import eval_text
+    from ..evaluate.artifact import model_info
+    from ..evaluate.eval_model import open_for_eval
+    from ..formats.inputs import check_input_file
+    from ..limits import check_for_model, check_numbers
+    from ..formats.texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, device=device, dtype=dtype)
     if text is not None:
@@ -97,7 +97,7 @@ def eval_cmd(
     data = {"model": model, **src.to_dict(), "dtype": str(runner.dtype).replace("torch.", ""),
             "device": device, **res.to_dict()}
     if compile_:
-        from .numerics.ggml.compiled import compiled_types
+        from ..numerics.ggml.compiled import compiled_types
 
         data["compiled_dequant"] = compiled_types()  # the types whose compiled kernel ran
     _write_json(json_path, data, force, inputs)
@@ -141,13 +141,13 @@ def quantize_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
     """Quantize MODEL to a vLLM safetensors directory or a llama.cpp GGUF file."""
-    from .formats.checkpoint import resolve_model
-    from .formats.hub import valid_repo_id
-    from .formats.inputs import check_input_file
-    from .limits import check_numbers
-    from .quantize import QuantizeOptions, check_family, check_source, default_output, run_quantize
-    from .recipes import load_recipe
-    from .schemes import get_scheme
+    from ..formats.checkpoint import resolve_model
+    from ..formats.hub import valid_repo_id
+    from ..formats.inputs import check_input_file
+    from ..limits import check_numbers
+    from ..pipeline import QuantizeOptions, check_family, check_source, default_output, run_quantize
+    from ..recipes import load_recipe
+    from ..schemes import get_scheme
 
     check_numbers(calib_samples=calib_samples, calib_len=calib_len, alpha=alpha, threads=threads, device=device)
     settings: dict = {}
@@ -221,13 +221,13 @@ def imatrix_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
 ):
     """Compute an importance matrix with the built-in forward pass and save it as llama.cpp does."""
-    from .formats.checkpoint import resolve_model
-    from .export.atomic import atomic_output
-    from .export.guard import check_output
-    from .calib.imatrix import compute_imatrix, llama_chunks
-    from .formats.inputs import check_input_file
-    from .limits import check_for_model, check_numbers
-    from .calib.data import calib_text
+    from ..formats.checkpoint import resolve_model
+    from ..export.atomic import atomic_output
+    from ..export.guard import check_output
+    from ..calib.imatrix import compute_imatrix, llama_chunks
+    from ..formats.inputs import check_input_file
+    from ..limits import check_for_model, check_numbers
+    from ..calib.data import calib_text
 
     check_numbers(calib_samples=calib_samples, calib_len=calib_len, threads=threads)
     if calib is not None:
@@ -240,7 +240,7 @@ def imatrix_cmd(
     check_for_model(ckpt.config, str(ckpt.path), calib_samples=calib_samples, calib_len=calib_len)
     ids = dataset = None
     if llama_chunks_:
-        from .calib.data import load_tokenizer_for
+        from ..calib.data import load_tokenizer_for
 
         tok = load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
         if tok.bos_id is None:
@@ -263,7 +263,7 @@ def imatrix_cmd(
 @app.command("recipes")
 def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")):
     """List the shipped recipes (use with `gemmaquant quantize MODEL --recipe NAME`)."""
-    from .recipes import load_recipe, shipped_recipes
+    from ..recipes import load_recipe, shipped_recipes
 
     rows = []
     for name in shipped_recipes():
@@ -285,7 +285,7 @@ def recipes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
 def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
                 markdown: bool = typer.Option(False, "--markdown", help="Print the README's markdown table.")):
     """List the quantization schemes and GGUF presets."""
-    from .schemes import scheme_markdown, scheme_table
+    from ..schemes import scheme_markdown, scheme_table
 
     rows = scheme_table()
     if markdown:
@@ -304,8 +304,8 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
 def _register_extra_commands():
     """Commands whose modules carry their own option definitions."""
-    from .compare_cli import compare_cmd
-    from .inspect_cli import inspect_cmd
+    from .compare import compare_cmd
+    from .inspect import inspect_cmd
 
     app.command("inspect")(inspect_cmd)
     app.command("compare")(compare_cmd)

@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
-from .errors import GemmaQuantError
+from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
+from ..errors import GemmaQuantError
 
 if TYPE_CHECKING:
-    from .formats.texts import Text
+    from ..formats.texts import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -54,9 +54,9 @@ def _run(bar, label, total, fn):
 def base_reference(base: str, text: "Text", ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
                    layer_chunks: int, use_cache: bool, quiet: bool):
     """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
-    from .evaluate.artifact import open_artifact
-    from .evaluate.drift import base_cache_key, compute_base_ref, load_cached, save_cached
-    from .evaluate.perplexity import chunk_tokens, tokens_needed
+    from ..evaluate.artifact import open_artifact
+    from ..evaluate.drift import base_cache_key, compute_base_ref, load_cached, save_cached
+    from ..evaluate.perplexity import chunk_tokens, tokens_needed
 
     key = base_cache_key(base, text.sha256, ctx, chunks, dtype, topk, layer_chunks)
     ref = load_cached(key) if use_cache else None
@@ -84,7 +84,7 @@ def _encode(tokenizer, text: "Text", need: int | None) -> list[int]:
 
 
 def _summary(art) -> dict:
-    from .evaluate.drift import SHAPE_FIELDS
+    from ..evaluate.drift import SHAPE_FIELDS
 
     cfg = art.config
     return {"name": art.name, "path": str(art.path), "kind": art.kind, "size_bytes": art.size_bytes,
@@ -99,16 +99,16 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
     shipped evaluation text."""
     from types import SimpleNamespace
 
-    from .evaluate.artifact import open_artifact
-    from .evaluate.drift import FP16_MAX, check_compatible, compare
-    from .model.loading import resolve_dtype
-    from .formats.texts import Text, eval_text
+    from ..evaluate.artifact import open_artifact
+    from ..evaluate.drift import FP16_MAX, check_compatible, compare
+    from ..model.loading import resolve_dtype
+    from ..formats.texts import Text, eval_text
 
     text = text if isinstance(text, Text) else eval_text(text)
     dt = resolve_dtype(dtype, device)
     ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
     base_cfg = SimpleNamespace(**base_sum["config"])
-    from .evaluate.drift import ppl_stats
+    from ..evaluate.drift import ppl_stats
 
     base_ppl, base_err = ppl_stats(ref.nll.reshape(-1))
     report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
@@ -259,7 +259,7 @@ def plot(rep: dict, path: Path, fmt: str | None = None) -> None:
 
 def _card_of(artifact: str) -> tuple[Path, str]:
     """(README.md, output key) of an artifact's model card, or a one-line error saying how to get one."""
-    from .export.model_card import card_location, read_card
+    from ..export.model_card import card_location, read_card
 
     readme, key = card_location(artifact)
     data = read_card(readme)
@@ -272,7 +272,7 @@ def _card_of(artifact: str) -> tuple[Path, str]:
 
 
 def _record_drift(readme: Path, key: str, rep: dict, a: dict, inputs=()) -> None:
-    from .export.model_card import add_drift, read_card, write_card
+    from ..export.model_card import add_drift, read_card, write_card
 
     data = read_card(readme)
     b = rep["base"]
@@ -310,12 +310,12 @@ def compare_cmd(
     """Drift of each ARTIFACT against BASE: size, bits/weight, ppl, Δppl, KL, top-1, per-layer error, fp16 range."""
     import torch
 
-    from .evaluate.artifact import model_info
-    from .export.atomic import atomic_output, write_report
-    from .export.guard import check_output
-    from .formats.inputs import check_input_file
-    from .limits import check_for_model, check_numbers
-    from .formats.texts import eval_text
+    from ..evaluate.artifact import model_info
+    from ..export.atomic import atomic_output, write_report
+    from ..export.guard import check_output
+    from ..formats.inputs import check_input_file
+    from ..limits import check_for_model, check_numbers
+    from ..formats.texts import eval_text
 
     check_numbers(ctx=ctx, chunks=chunks, threads=threads, topk=topk, layer_chunks=layer_chunks, device=device,
                   dtype=dtype)

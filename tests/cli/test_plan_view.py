@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gemmaquant.plan_view import group_rows, role_of
+from gemmaquant.cli.plan_view import group_rows, role_of
 from tests.reliability import TINY_G3, run_cli, write_tiny
 
 CFG = {**TINY_G3, "num_hidden_layers": 8, "hidden_size": 320, "head_dim": 64}  # 320: K-quant fallbacks

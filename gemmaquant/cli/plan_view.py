@@ -11,8 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .formats.checkpoint import Checkpoint
-from .schemes import Scheme
+from ..formats.checkpoint import Checkpoint
+from ..schemes import Scheme
 
 
 def _human(n: float) -> str:
@@ -52,8 +52,8 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
 
 
 def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
-    from .numerics.ggml.types import row_bytes
-    from .export.gguf.plan import plan_types
+    from ..numerics.ggml.types import row_bytes
+    from ..export.gguf.plan import plan_types
 
     rows = []
     for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):

@@ -106,7 +106,7 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
     the side files (tokenizer, configs) that a compressed-tensors directory copies and that bound a
     GGUF's vocab metadata; per GGUF tensor its info record and alignment padding; 64 KiB for the
     remaining metadata, model card and index."""
-    from .plan_view import ct_plan, gguf_plan
+    from .cli.plan_view import ct_plan, gguf_plan
 
     rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
         else ct_plan(ckpt, scheme)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import GemmaQuantError
+from ..errors import GemmaQuantError
 
 COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compile'd kernels (CPU): same bits, 2.5-4.5x faster "
                 "dequantization, ~3 s of setup per process (needs a C++ compiler; falls back to the plain "
@@ -20,7 +20,7 @@ TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB
 def set_compile(flag: bool) -> None:
     """--compile: turn the compiled dequantizers on (torch is imported only when asked)."""
     if flag:
-        from .numerics.ggml import compiled
+        from ..numerics.ggml import compiled
 
         compiled.set_enabled(True)
 

@@ -13,8 +13,8 @@ import gguf
 from gemmaquant.calib.data import load_tokenizer_for
 from gemmaquant.calib.imatrix import llama_chunks
 
-from .reliability import run_cli
-from .evaluate.test_artifact import tiny_hf_dir
+from ..reliability import run_cli
+from ..evaluate.test_artifact import tiny_hf_dir
 
 
 def test_llama_chunks_cuts_like_llama_imatrix():

@@ -96,7 +96,7 @@ def inspect_cmd(
 ):
     """Architecture, parameter count, per-tensor type and shape, bits per weight, file size, and the
     quantization_config or GGUF metadata of PATH (headers only; tensor data is not read)."""
-    from .evaluate.inspect import inspect_path
+    from ..evaluate.inspect import inspect_path
 
     info = inspect_path(path)
     if json_out:
