@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1] / "gemmaquant"
 LAYERS = [
     ("errors", ["gemmaquant", "errors"]),
     ("formats", ["formats"]),
+    ("registry", ["schemes", "recipes", "limits"]),
     ("numerics", ["numerics"]),
     ("model", ["model"]),
-    ("registry", ["schemes", "recipes", "limits"]),
     ("calib", ["calib"]),
     ("export / evaluate", ["export", "evaluate"]),
     ("pipeline", ["pipeline"]),
@@ -174,10 +174,14 @@ class Graph:
                 if len(comp) > 1 or v in self.edges.get(v, ()):
                     out.append(sorted(comp))
 
-        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
-        for v in sorted(self.mods):
-            if v not in index:
-                visit(v)
+        limit = sys.getrecursionlimit()  # restored: a raised limit would outlive us (tests share the process)
+        sys.setrecursionlimit(max(limit, 10000))
+        try:
+            for v in sorted(self.mods):
+                if v not in index:
+                    visit(v)
+        finally:
+            sys.setrecursionlimit(limit)
         return out
 
     def top_level_modules(self) -> list[str]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -101,13 +102,51 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
+    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
+    cfg = ckpt.config
+    w = scheme.weights
+    rows = []
+    for name, shape in cfg.expected_shapes().items():
+        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if not is_linear:
+            why = "embedding (tied LM head): kept" if "embed_tokens" in name else "norm: copied byte for byte"
+            rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
+            continue
+        n, k = shape
+        if scheme.ct_format == "pack-quantized":
+            groups = k // w.group_size if w.strategy == "group" else 1
+            b = n * k * w.num_bits // 8 + n * groups * 2 + 16
+            if not w.symmetric:
+                b += math.ceil(n * w.num_bits / 32) * groups * 4
+            t = f"int{w.num_bits} packed" + (f" g{w.group_size}" if w.strategy == "group" else " per-channel")
+        else:
+            b = n * k + (n * 2 if w.strategy == "channel" else 2)
+            if scheme.input_activations is not None and not scheme.input_activations.dynamic:
+                b += 2
+            t = ("fp8 e4m3" if w.type == "float" else "int8") + f" per-{w.strategy}"
+        rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    return rows
+
+
+def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
+    from .export.gguf.plan import plan_types
+    from .numerics.ggml.types import row_bytes
+
+    rows = []
+    for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):
+        n_rows = p.numel // p.n_per_row
+        rows.append({"tensor": p.name, "shape": list(p.shape), "type": p.type.name,
+                     "bytes": n_rows * row_bytes(p.type, p.n_per_row), "note": p.reason})
+    return rows
+
+
 def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions) -> int:
     """The output's size, an upper bound within ~100 KB: tensor data from the --dry-run plan (exact);
     the side files (tokenizer, configs) that a compressed-tensors directory copies and that bound a
     GGUF's vocab metadata; per GGUF tensor its info record and alignment padding; 64 KiB for the
     remaining metadata, model card and index."""
-    from .cli.plan_view import ct_plan, gguf_plan
-
     rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
         else ct_plan(ckpt, scheme)
     per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
@@ -153,7 +192,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress, text)
     else:
-        summary = _compressed_tensors(ckpt, scheme, out, opts, text)
+        summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss()
     return summary
@@ -238,15 +277,15 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
                            unquantized=unq, types=rep.type_counts)
 
 
-def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
+def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> QuantizeSummary:
     from .calib.pipeline import calibrate
     from .export.compressed_tensors import write_compressed_tensors
 
     if opts.imatrix or opts.imatrix_file:
         raise GemmaQuantError(f"--imatrix/--imatrix-file apply to GGUF schemes only, not {scheme.name}")
-    from .calib.pipeline import _check_algorithm
+    from .calib.pipeline import check_algorithm
 
-    algorithm = _check_algorithm(scheme, opts.algorithm, False)
+    algorithm = check_algorithm(scheme, opts.algorithm, False)
     needs = scheme.needs_calibration if opts.algorithm is None else algorithm not in (None, "rtn") or \
         scheme.needs_calibration
     quantized = overrides = input_scales = None
@@ -273,7 +312,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
                                    base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
-                                   inputs=inputs_of(ckpt, opts)[1:])
+                                   inputs=inputs_of(ckpt, opts)[1:], progress=progress)
     size = _size(out)
     params = ckpt.config.param_count()
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")

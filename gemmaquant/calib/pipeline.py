@@ -93,7 +93,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    algorithm = _check_algorithm(scheme, algorithm, imatrix)
+    algorithm = check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []
     res = CalibResult()
     stored = {n: ckpt.dtype(n) for n in ckpt.names()}
@@ -197,7 +197,7 @@ def float_target_weight(W: torch.Tensor, xtx: torch.Tensor, xfx: torch.Tensor, d
     return torch.linalg.solve(H, rhs).T.to(W.dtype)
 
 
-def _check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str | None:
+def check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str | None:
     if scheme.is_gguf:
         if algorithm not in (None, "rtn"):
             raise GemmaQuantError(f"GGUF scheme {scheme.name} takes no --algorithm (use --imatrix)")

@@ -189,8 +189,8 @@ def quantize_cmd(
     with byte_progress(not (quiet or json_out), console=err) as bar:
         task = bar.add_task(f"writing {s.label}", total=None, tensor="")
 
-        def progress(done, total, plan):
-            bar.update(task, total=total, completed=done, tensor=plan.name)
+        def progress(done, total, tensor):
+            bar.update(task, total=total, completed=done, tensor=tensor)
 
         summary = run_quantize(ckpt, s, out_p, opts, progress=progress)
     if json_out:

@@ -1,6 +1,6 @@
 """`gemmaquant compare BASE ARTIFACT [ARTIFACT ...] [--text FILE]`: drift of quantized artifacts.
 
-The lead registers it in cli.py with `app.command("compare")(compare_cmd)`.
+Registered in cli/app.py; the report itself comes from evaluate/compare.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -17,9 +17,6 @@ from rich.table import Table
 
 from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from ..errors import GemmaQuantError
-
-if TYPE_CHECKING:
-    from ..formats.texts import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -37,98 +34,18 @@ def _formats(fmts: dict[str, int]) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(fmts.items(), key=lambda kv: -kv[1]))
 
 
-def _progress(label: str, total: int, quiet: bool):
+def _bars(quiet: bool):
+    """compare_artifacts' `run(label, total, work)`: a transient rich bar of chunks per model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                   TimeRemainingColumn(), console=err, disable=quiet, transient=True)
-    return bar
+    def run(label, total, work):
+        bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                       TimeRemainingColumn(), console=err, disable=quiet, transient=True)
+        with bar:
+            task = bar.add_task(label[:24], total=total)
+            return work(lambda i: bar.update(task, completed=i))
 
-
-def _run(bar, label, total, fn):
-    with bar:
-        task = bar.add_task(label, total=total)
-        return fn(lambda i: bar.update(task, completed=i))
-
-
-def base_reference(base: str, text: "Text", ctx: int, chunks: Optional[int], dtype, device: str, topk: int,
-                   layer_chunks: int, use_cache: bool, quiet: bool):
-    """(BaseRef, base summary dict): from the cache when possible, else computed and cached."""
-    from ..evaluate.artifact import open_artifact
-    from ..evaluate.drift import base_cache_key, compute_base_ref, load_cached, save_cached
-    from ..evaluate.perplexity import chunk_tokens, tokens_needed
-
-    key = base_cache_key(base, text.sha256, ctx, chunks, dtype, topk, layer_chunks)
-    ref = load_cached(key) if use_cache else None
-    if ref is not None:
-        if not quiet:
-            err.print(f"[dim]base logits from the cache ({key[:12]})[/]")
-        return ref, ref.summary
-    art = open_artifact(base, dtype, device)
-    tokens = _encode(art.tokenizer, text, tokens_needed(ctx, chunks))
-    ids = chunk_tokens(tokens, ctx, art.tokenizer.bos_id, chunks, where=text.name)
-    bar = _progress("base", len(ids), quiet)
-    ref = _run(bar, "base", len(ids), lambda p: compute_base_ref(art.model, ids, topk, layer_chunks, p))
-    ref.summary = _summary(art)
-    ref.summary["text_tokens"] = len(tokens)
-    if use_cache:
-        save_cached(key, ref)
-    return ref, ref.summary
-
-
-def _encode(tokenizer, text: "Text", need: int | None) -> list[int]:
-    """BOS + the text's ids, read and tokenized piece by piece until `need` tokens are there."""
-    if tokenizer.bos_id is None:
-        raise GemmaQuantError(f"{tokenizer.source}: the tokenizer has no BOS token to add")
-    return [tokenizer.bos_id, *text.encode(lambda t: tokenizer.encode(t, add_bos=False), need).ids]
-
-
-def _summary(art) -> dict:
-    from ..evaluate.drift import SHAPE_FIELDS
-
-    cfg = art.config
-    return {"name": art.name, "path": str(art.path), "kind": art.kind, "size_bytes": art.size_bytes,
-            "bpw_linear": art.bpw_linear, "bpw_file": art.bpw_file, "formats": art.formats,
-            "config": {"model_type": cfg.model_type, **{f: getattr(cfg, f) for f in SHAPE_FIELDS}}}
-
-
-def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str | None" = None, ctx: int = 512, chunks: Optional[int] = None,
-                      dtype: str = "auto", device: str = "cpu", topk: int = 128, layer_chunks: int = 1,
-                      use_cache: bool = True, quiet: bool = True) -> dict:
-    """The library side of `compare`: a JSON-able report. `text`: a Text, a path, or None for the
-    shipped evaluation text."""
-    from types import SimpleNamespace
-
-    from ..evaluate.artifact import open_artifact
-    from ..evaluate.drift import FP16_MAX, check_compatible, compare
-    from ..model.loading import resolve_dtype
-    from ..formats.texts import Text, eval_text
-
-    text = text if isinstance(text, Text) else eval_text(text)
-    dt = resolve_dtype(dtype, device)
-    ref, base_sum = base_reference(base, text, ctx, chunks, dt, device, topk, layer_chunks, use_cache, quiet)
-    base_cfg = SimpleNamespace(**base_sum["config"])
-    from ..evaluate.drift import ppl_stats
-
-    base_ppl, base_err = ppl_stats(ref.nll.reshape(-1))
-    report = {"base": {**base_sum, "ppl": base_ppl, "ppl_stderr": base_err, "act_max": ref.act_max,
-                       "act_site": ref.act_site,
-                       "fp16_overflow_layers": [i for i, v in enumerate(ref.act_max) if not v <= FP16_MAX]},
-              **text.to_dict(), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
-              "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
-              "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
-    for a in artifacts:
-        art = open_artifact(a, dt, device)
-        check_compatible(base_cfg, art.config, base, a)
-        bar = _progress(art.name, len(ref.chunks), quiet)
-        d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
-        # each artifact's tokenizer re-reads the text, piece by piece, only as far as the chunks go
-        same_tok = _encode(art.tokenizer, text, ref.chunks.numel())[: ref.chunks.numel()]
-        flat = ref.chunks.reshape(-1).tolist()
-        tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
-        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
-        del art
-    return report
+    return run
 
 
 def render_table(rep: dict) -> Table:
@@ -311,6 +228,7 @@ def compare_cmd(
     import torch
 
     from ..evaluate.artifact import model_info
+    from ..evaluate.compare import compare_artifacts
     from ..export.atomic import atomic_output, write_report
     from ..export.guard import check_output
     from ..formats.inputs import check_input_file
@@ -354,7 +272,8 @@ def compare_cmd(
         torch.set_num_threads(threads)
     set_compile(compile_)
     rep = compare_artifacts(base, artifacts, src, ctx, chunks, dtype, device, topk, layer_chunks,
-                            use_cache=not no_cache, quiet=quiet)
+                            use_cache=not no_cache, run=_bars(quiet),
+                            say=None if quiet else lambda m: err.print(f"[dim]{m}[/]"))
     for (readme, key), a in zip(cards, rep["artifacts"]):
         _record_drift(readme, key, rep, a, card_inputs)
         if not quiet:

@@ -1,6 +1,6 @@
-"""`gemmaquant inspect PATH [--json]`: render `inspect.inspect_path` with rich, or print it as JSON.
+"""`gemmaquant inspect PATH [--json]`: render `evaluate.inspect.inspect_path` with rich, or print it as JSON.
 
-The lead registers it in cli.py with `app.command("inspect")(inspect_cmd)`.
+Registered in cli/app.py; evaluate/inspect.py reads, this module only renders.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..formats.checkpoint import Checkpoint
+from ..pipeline import ct_plan, gguf_plan
 from ..schemes import Scheme
 
 
@@ -21,46 +21,6 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return str(n)
-
-
-def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
-    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
-    cfg = ckpt.config
-    w = scheme.weights
-    rows = []
-    for name, shape in cfg.expected_shapes().items():
-        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
-        if not is_linear:
-            why = "embedding (tied LM head): kept" if "embed_tokens" in name else "norm: copied byte for byte"
-            rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
-                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
-            continue
-        n, k = shape
-        if scheme.ct_format == "pack-quantized":
-            groups = k // w.group_size if w.strategy == "group" else 1
-            b = n * k * w.num_bits // 8 + n * groups * 2 + 16
-            if not w.symmetric:
-                b += math.ceil(n * w.num_bits / 32) * groups * 4
-            t = f"int{w.num_bits} packed" + (f" g{w.group_size}" if w.strategy == "group" else " per-channel")
-        else:
-            b = n * k + (n * 2 if w.strategy == "channel" else 2)
-            if scheme.input_activations is not None and not scheme.input_activations.dynamic:
-                b += 2
-            t = ("fp8 e4m3" if w.type == "float" else "int8") + f" per-{w.strategy}"
-        rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
-    return rows
-
-
-def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
-    from ..numerics.ggml.types import row_bytes
-    from ..export.gguf.plan import plan_types
-
-    rows = []
-    for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):
-        n_rows = p.numel // p.n_per_row
-        rows.append({"tensor": p.name, "shape": list(p.shape), "type": p.type.name,
-                     "bytes": n_rows * row_bytes(p.type, p.n_per_row), "note": p.reason})
-    return rows
 
 
 _LAYER = re.compile(r"^(?:model\.)?(layers|blk)\.(\d+)\.")

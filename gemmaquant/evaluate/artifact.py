@@ -14,78 +14,18 @@ queries scaled by 1/sqrt(head_dim) except the 27B sizes (46 gemma2 / 62 gemma3 l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
 from ..errors import GemmaQuantError
 from ..formats.gguf.reader import GGUFFile
 from ..numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
-from ..model.gemma import Gemma
-from ..model.qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
+from ..model.qlinear import DenseLinear, GGMLLinear, QuantEmbedding, QuantLinear
+from .quantized import Artifact, assemble, linear_stats
 
 GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
-
-
-class QuantGemma(Gemma):
-    """Gemma whose embedding (and optional separate LM head) are QuantEmbedding modules."""
-
-    def __init__(self, cfg: GemmaConfig, compute_dtype: torch.dtype):
-        super().__init__(cfg)
-        self.compute_dtype = compute_dtype
-        self.lm_head: QuantEmbedding | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.compute_dtype
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.embed_tokens(ids).to(self.compute_dtype)
-        return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
-
-    def layer_context(self, seq_len: int, device=None, dtype=None):
-        from ..model.gemma import make_layer_context
-
-        return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
-                                  dtype or self.compute_dtype)
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        table = self.lm_head if self.lm_head is not None else self.model.embed_tokens
-        logits = table.logits(self.model.norm(h))
-        cap = self.cfg.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-@dataclass
-class Artifact:
-    model: Gemma
-    tokenizer: object
-    kind: str  # "gguf" | "compressed-tensors" | "hf"
-    path: Path
-    name: str
-    files: list[Path]
-    formats: dict[str, int] = field(default_factory=dict)  # Linear format -> count
-    linear_weights: int = 0  # weights in the decoder Linears
-    linear_bytes: int = 0  # their stored bytes, scales and zero points included
-
-    @property
-    def config(self) -> GemmaConfig:
-        return self.model.cfg
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
-    @property
-    def bpw_linear(self) -> float:
-        return 8.0 * self.linear_bytes / self.linear_weights if self.linear_weights else float("nan")
-
-    @property
-    def bpw_file(self) -> float:
-        return 8.0 * self.size_bytes / self.config.param_count()
 
 
 def artifact_kind(path: str | Path) -> str:
@@ -290,41 +230,11 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
             raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {qtype.name} (expected F32)")
         return qlin(hf).weight.reshape(-1).float() - 1.0
 
-    model = _assemble(cfg, dtype, qlin, norm)
+    model = assemble(cfg, dtype, qlin, norm)
     if "lm_head.weight" in tensors:
         model.lm_head = QuantEmbedding(qlin("lm_head.weight"))
-    formats, n, nbytes = _linear_stats(model)
+    formats, n, nbytes = linear_stats(model)
     return Artifact(model.to(device), _gguf_tokenizer(gf), "gguf", path, path.name, [path], formats, n, nbytes)
-
-
-def _assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
-    """A QuantGemma whose Linears come from `qlin(hf_name)` and norms from `norm(hf_name)` (HF form)."""
-    with torch.device("meta"):
-        model = QuantGemma(cfg, dtype)
-    model.eval().requires_grad_(False)
-    model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
-    for i, layer in enumerate(model.layers):
-        for suffix in cfg.linear_shapes():
-            parent, attr = suffix.split(".")
-            setattr(getattr(layer, parent), attr, qlin(f"model.layers.{i}.{suffix}.weight"))
-    for name, module in model.named_modules():
-        if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
-            module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    assert not left, f"unfilled tensors: {left[:3]}"
-    return model
-
-
-def _linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:
-    formats: dict[str, int] = {}
-    n = nbytes = 0
-    for layer in model.layers:
-        for m in layer.modules():
-            if isinstance(m, QuantLinear):
-                formats[m.fmt] = formats.get(m.fmt, 0) + 1
-                n += m.weight_count
-                nbytes += m.nbytes
-    return formats, n, nbytes
 
 
 def _gguf_tokenizer(gf: GGUFFile):

@@ -21,6 +21,7 @@ from ..formats.config import config_from_dict
 from ..errors import GemmaQuantError
 from ..formats.inputs import read_json
 from ..formats.safetensors import SafetensorsFile
+from .quantized import Artifact, assemble, linear_stats
 
 
 class _Tensors:
@@ -81,7 +82,6 @@ def _act_mode(group: dict | None) -> str | None:
 
 
 def open_ct(root: Path, dtype: torch.dtype, device: str):
-    from .artifact import Artifact, _assemble, _linear_stats
     from ..model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
     from ..formats.tokenizer import load_tokenizer
 
@@ -142,10 +142,10 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
     for m in [k[: -len(".weight")] for k in expected if k.endswith("_proj.weight")]:
         if _act_mode(_group_for(qc, m)) == "static" and f"{m}.input_scale" not in ts:
             raise GemmaQuantError(f"{root}: {m}: static input activations but no '{m}.input_scale'")
-    model = _assemble(cfg, dtype, qlin, norm)
+    model = assemble(cfg, dtype, qlin, norm)
     if "lm_head.weight" in ts:
         raise GemmaQuantError(f"{root}: an untied 'lm_head.weight' is not supported (Gemma ties it)")
-    formats, n, nbytes = _linear_stats(model)
+    formats, n, nbytes = linear_stats(model)
     files = sorted(p for p in root.iterdir() if p.is_file())
     return Artifact(model.to(device), load_tokenizer(root), "compressed-tensors", root, root.name, files,
                     formats, n, nbytes)

@@ -23,6 +23,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from ..numerics.ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
-from ..cli.progress import byte_progress
 from .atomic import atomic_output
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
@@ -282,7 +282,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              calibration_note: str = "none (round-to-nearest needs no data)",
                              drift: dict | None = None, input_scales: dict[str, float | torch.Tensor] | None = None,
                              actorder: str | None = None, base_model: str | None = None,
-                             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
+                             max_shard_bytes: int = MAX_SHARD_BYTES, progress: Callable[[int, int, str], None] | None = None,
                              overrides: dict[str, torch.Tensor] | None = None, inputs=()) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
@@ -291,7 +291,9 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         with static activations (fp8-static), unless the module's Packed carries one.
     overrides: {tensor name: tensor} replacing copied tensors (the norms SmoothQuant/AWQ folded scales
         into); same dtype and shape as the source tensor.
-    inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them."""
+    inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them.
+    progress(done, total, tensor): source bytes written so far, of all, and the tensor being written (the
+        CLI draws its bar from it; the writer itself never prints)."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
     if ckpt.config.multimodal:
@@ -339,14 +341,15 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                     source_bytes=ckpt.weight_nbytes())
     num_bits = scheme.weights.num_bits
     digests: dict[str, str] = {}
-    with atomic_output(out_dir, force=force, kind="dir") as tmp, byte_progress(progress) as bar:
-        task = bar.add_task(f"writing {scheme.label}", total=sum(_source_bytes(ckpt, u) for u in units), tensor="")
+    total, done = sum(_source_bytes(ckpt, u) for u in units), 0
+    with atomic_output(out_dir, force=force, kind="dir") as tmp:
         for fname, shard in zip(names, shards):
             header, offsets = _header(files[fname])
             with open(tmp / fname, "wb") as f:
                 f.write(header)
                 for u in shard:
-                    bar.update(task, tensor=u.source)
+                    if progress:
+                        progress(done, total, u.source)
                     if u.module is None and u.source in overrides:
                         t = overrides[u.source].detach().cpu().contiguous()
                         _check_finite(t, u.source, ckpt.file_of(u.source))
@@ -372,7 +375,9 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                             f.write(part)
                             h.update(part)
                         digests[name] = h.hexdigest()
-                    bar.advance(task, _source_bytes(ckpt, u))
+                    done += _source_bytes(ckpt, u)
+                    if progress:
+                        progress(done, total, u.source)
         if len(names) > 1:
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}

@@ -1,7 +1,7 @@
 """Refuse to start a write that cannot fit: compare the output's estimated size with the free space of
 the filesystem it will land on, before any calibration or quantization time is spent.
 
-The estimate comes from the per-tensor plan (`plan_view.ct_plan` / `gguf_plan`, exact to the byte for
+The estimate comes from the per-tensor plan (`pipeline.ct_plan` / `gguf_plan`, exact to the byte for
 tensor data) plus the files carried beside the weights. With --force the old output is only removed
 after the new one is complete, so the new one needs its full size whatever exists at the path.
 """

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
+from ..limits import check_dtype
 from .gemma import DecoderLayer, Gemma, build_model
 
 
@@ -41,6 +42,5 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     if name == "auto":
         # CPUs without bf16 units run float32 matmuls faster (and more accurately) than bf16.
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if name not in choices:
-        raise GemmaQuantError(f"dtype {name!r} is not supported (allowed: auto, {', '.join(choices)})")
+    check_dtype(name)  # the one list of names, with the error naming them
     return choices[name]

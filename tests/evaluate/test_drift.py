@@ -100,6 +100,7 @@ def test_other_model_is_refused(tmp_path):
 
 def test_compare_report_and_cache(tmp_path, monkeypatch):
     from gemmaquant.cli import compare as compare_cli
+    from gemmaquant.evaluate.compare import compare_artifacts
     from gemmaquant.evaluate import drift
     from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export.compressed_tensors import write_compressed_tensors
@@ -110,7 +111,7 @@ def test_compare_report_and_cache(tmp_path, monkeypatch):
     write_compressed_tensors(Checkpoint(tmp_path / "src"), get_scheme("fp8"), tmp_path / "fp8", progress=False)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"p{i % 250 + 260}" for i in range(400)))
-    rep = compare_cli.compare_artifacts(str(tmp_path / "src"), [str(tmp_path / "fp8")], text, ctx=64, chunks=3)
+    rep = compare_artifacts(str(tmp_path / "src"), [str(tmp_path / "fp8")], text, ctx=64, chunks=3)
     a = rep["artifacts"][0]
     assert rep["text"] == str(text) and rep["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert rep["chunks"] == 3 and a["tokens"] == 3 * 31 and a["tokenizer_match"]
@@ -118,7 +119,7 @@ def test_compare_report_and_cache(tmp_path, monkeypatch):
     assert a["ppl"] > 0 and 0 < a["kl_mean"] < 0.1
     assert list((tmp_path / "cache" / "drift").glob("base-*.pt"))
     monkeypatch.setattr(drift, "compute_base_ref", lambda *a, **k: pytest.fail("cache not used"))
-    again = compare_cli.compare_artifacts(str(tmp_path / "src"), [str(tmp_path / "fp8")], text, ctx=64, chunks=3)
+    again = compare_artifacts(str(tmp_path / "src"), [str(tmp_path / "fp8")], text, ctx=64, chunks=3)
     assert again["artifacts"][0]["kl_mean"] == a["kl_mean"] and again["base"]["ppl"] == rep["base"]["ppl"]
     md = compare_cli.markdown(rep)
     assert "| fp8 |" in md and "Δppl" in md

@@ -251,7 +251,7 @@ class _DataWriter:
         release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
         self.done += view.numel() * view.element_size()
         if self.progress:
-            self.progress(self.done, self.total, self.plans[i])
+            self.progress(self.done, self.total, self.plans[i].name)
 
     def _end_tensor(self) -> None:
         p = self.plans[self.current]
@@ -265,12 +265,12 @@ class _DataWriter:
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
                force: bool = False, workers: int | None = None, header: HeaderJob | None = None,
-               progress: Callable[[int, int, TensorPlan], None] | None = None, inputs=()) -> Report:
+               progress: Callable[[int, int, str], None] | None = None, inputs=()) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
     `imatrix`: GGUF tensor name -> per-column importance (`formats.gguf.imatrix.read_imatrix`);
     `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
-    `progress(done, total, plan)` is called after each slab is written (source bytes). `workers`: quantizing threads
+    `progress(done, total, tensor)` is called after each slab is written (source bytes). `workers`: quantizing threads
     (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already
     started for this output (`header.start_header`), e.g. before torch was imported; by default one
     is started here (in a background process for a real vocabulary). `inputs`: files read besides the
