@@ -341,4 +341,6 @@ def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:
         return "AWQ-style activation-aware scale search (20-point grid), then RTN"
     if algorithm == "awq+gptq":
         return "AWQ scale search, then GPTQ"
+    if algorithm == "smoothquant+gptq":
+        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then GPTQ"
     return "round-to-nearest (RTN) with static input scales from calibration"

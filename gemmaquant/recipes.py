@@ -96,7 +96,7 @@ def validate_recipe(data: dict, path: Path) -> Recipe:
         raise GemmaQuantError(f"{path}: {e}") from None
     algo = data.get("algorithm")
     if algo is not None:
-        allowed = list(scheme.algorithms) + (["awq+gptq"] if {"gptq", "awq"} <= set(scheme.algorithms) else [])
+        allowed = scheme.allowed_algorithms
         if algo not in allowed:
             raise GemmaQuantError(f"{path}: algorithm {algo!r} does not apply to {scheme.name} "
                                   f"(allowed: {', '.join(allowed) or 'none'})")

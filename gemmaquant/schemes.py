@@ -41,6 +41,12 @@ class QuantArgs:
         }
 
 
+# Every --algorithm name, the one list: the CLI's help, recipes, calibration and the summary all read it.
+# A scheme allows the base algorithms it lists plus the combinations they make (Scheme.allowed_algorithms).
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
+COMBINED = {"awq+gptq": ("awq", "gptq"), "smoothquant+gptq": ("smoothquant",)}  # combination -> what it needs
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str  # what users type
@@ -58,9 +64,21 @@ class Scheme:
     default_type: str | None = None  # GGML type most 2-D tensors get
     aliases: tuple[str, ...] = field(default=())
 
+    def __post_init__(self):
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS or a in COMBINED]
+        if unknown:
+            raise ValueError(f"scheme {self.name}: unknown base algorithm(s) {unknown} (allowed: "
+                             f"{', '.join(a for a in ALGORITHMS if a not in COMBINED)})")
+
     @property
     def is_gguf(self) -> bool:
         return self.family == GGUF
+
+    @property
+    def allowed_algorithms(self) -> tuple[str, ...]:
+        """What --algorithm accepts for this scheme, the default first (GGUF schemes: none)."""
+        combos = tuple(c for c, needs in COMBINED.items() if self.algorithms and set(needs) <= set(self.algorithms))
+        return tuple(self.algorithms) + combos
 
     @property
     def needs_calibration(self) -> bool:
@@ -138,7 +156,7 @@ def _gguf_algorithms(s: Scheme) -> str:
 def scheme_table() -> list[dict]:
     """Rows for `gemmaquant schemes` and the README."""
     return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
-             "algorithms": ", ".join(s.algorithms) if s.algorithms else _gguf_algorithms(s)}
+             "algorithms": ", ".join(s.allowed_algorithms) if s.algorithms else _gguf_algorithms(s)}
             for s in SCHEMES.values()]
 
 

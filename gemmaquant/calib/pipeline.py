@@ -40,7 +40,6 @@ from .runner import run_layers
 from .smoothquant import smooth_layer
 
 FP8_MAX = 448.0
-ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 
 
 @dataclass
@@ -204,11 +203,7 @@ def check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str
         return None
     if imatrix:
         raise GemmaQuantError(f"--imatrix applies to GGUF schemes only, not {scheme.name}")
-    allowed = tuple(scheme.algorithms)
-    if "gptq" in allowed and "awq" in allowed:
-        allowed += ("awq+gptq",)
-    if "smoothquant" in allowed:
-        allowed += ("smoothquant+gptq",)
+    allowed = scheme.allowed_algorithms
     if algorithm is None:
         return allowed[0] if allowed else None
     if algorithm not in allowed:

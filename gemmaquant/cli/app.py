@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from ..errors import EXIT_INTERRUPTED, GemmaQuantError
+from ..schemes import ALGORITHMS
 
 app = typer.Typer(
     add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -118,7 +119,7 @@ def quantize_cmd(
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
                                             parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="rtn, gptq, awq, awq+gptq, smoothquant (per scheme)."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help=f"{', '.join(ALGORITHMS)} (which apply: `gemmaquant schemes`)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text, a regular UTF-8 file (default: built-in mixed text).",
                                          parser=path_arg("--calib")),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
