@@ -6,7 +6,7 @@ Two families: compressed-tensors safetensors for vLLM, and GGUF presets for llam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import GemmaQuantError
 
@@ -62,7 +62,6 @@ class Scheme:
     # GGUF
     ftype: int | None = None  # llama.cpp LlamaFileType (general.file_type)
     default_type: str | None = None  # GGML type most 2-D tensors get
-    aliases: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
         unknown = [a for a in self.algorithms if a not in ALGORITHMS or a in COMBINED]
@@ -140,7 +139,7 @@ for _name, _ftype, _default, _summary in [
 def get_scheme(name: str) -> Scheme:
     key = name.strip().lower().replace("_", "-") if name else ""
     for s in SCHEMES.values():
-        if key in (s.name, s.name.replace("_", "-")) or key in s.aliases:
+        if key in (s.name, s.name.replace("_", "-")):
             return s
     raise GemmaQuantError(f"unknown scheme {name!r} (allowed: {', '.join(SCHEMES)})")
 

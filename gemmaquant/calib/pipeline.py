@@ -30,6 +30,7 @@ import torch
 
 from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
+from ..numerics.ct.quantize import FP8_MAX
 from ..schemes import Scheme, get_scheme
 from .awq import awq_layer
 from .data import calibration_batches, load_tokenizer_for
@@ -38,8 +39,6 @@ from .gptq import gptq_quantize
 from .intq import WeightQuant, rtn, split_rows
 from .runner import run_layers
 from .smoothquant import smooth_layer
-
-FP8_MAX = 448.0
 
 
 @dataclass
@@ -80,13 +79,11 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
               mappings=MAPPINGS, progress: bool = False, sink=None) -> CalibResult:
     """Run the calibration `scheme` (+ `algorithm`, default: the scheme's first) needs.
 
-    alpha: SmoothQuant migration strength. 0.8 by default: on Gemma 3 270M (W8A8, per-token int8
-    activations) it gave KL 0.016 vs bf16 against 0.022 for the paper's 0.5 and 0.035 for RTN
-    (benchmarks/bench_calib_quality.py).
-    gptq_mse / gptq_refit (clip search, least-squares scale refit; gptq.py): on by default, on Gemma 3
-    270M w4a16 (16×256 calibration tokens) KL vs bf16 went 0.370 → 0.291, top-1 0.702 → 0.718.
-    float_target: off by default; there it made KL 2.07 (the least-squares target over-fits: 4k tokens
-    for a 2048-wide down_proj input; not measured with more data).
+    alpha: SmoothQuant migration strength; 0.8 by default because it drifted least on the demo model,
+    ahead of the paper's 0.5 (benchmarks/RESULTS.md, bench_calib_quality.py).
+    gptq_mse / gptq_refit (clip search, least-squares scale refit; gptq.py): on by default, both lowered
+    the w4a16 drift (RESULTS.md). float_target: off by default: with a few thousand calibration tokens
+    the least-squares target over-fits a 2048-wide down_proj input.
     `ids` [n, S] bypasses tokenization (tests, benchmarks). GGUF schemes calibrate only with `imatrix`.
     `sink(name, WeightQuant)`, if given, receives each Linear's result as its layer finishes instead of
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).

@@ -17,17 +17,10 @@ from rich.table import Table
 
 from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from ..errors import GemmaQuantError
+from ..formats.inputs import human_bytes
 
 out = Console()
 err = Console(stderr=True)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)  # pragma: no cover
 
 
 def _formats(fmts: dict[str, int]) -> str:
@@ -66,7 +59,7 @@ def render_table(rep: dict) -> Table:
 
     rows = [
         ("weights", _formats(b["formats"]), [_formats(a["formats"]) for a in arts]),
-        ("size", _size(b["size_bytes"]), [_size(a["size_bytes"]) for a in arts]),
+        ("size", human_bytes(b["size_bytes"]), [human_bytes(a["size_bytes"]) for a in arts]),
         ("bits/weight (Linears / file)", f"{b['bpw_linear']:.2f} / {b['bpw_file']:.2f}",
          [f"{a['bpw_linear']:.2f} / {a['bpw_file']:.2f}" for a in arts]),
         ("ppl", f"{b['ppl']:.4f} ± {b['ppl_stderr']:.3f}", [f"{a['ppl']:.4f} ± {a['ppl_stderr']:.3f}" for a in arts]),
@@ -120,11 +113,11 @@ def markdown(rep: dict) -> str:
              f"compute {rep['dtype']} on {rep['device']}. KL(base‖artifact): {rep['kl_method']}.", "",
              "| artifact | weights | size | bpw (Linears / file) | ppl | Δppl % | KL mean | KL p99 | top-1 | max abs act |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {b['name']} (base) | {_formats(b['formats'])} | {_size(b['size_bytes'])} | "
+             f"| {b['name']} (base) | {_formats(b['formats'])} | {human_bytes(b['size_bytes'])} | "
              f"{b['bpw_linear']:.2f} / {b['bpw_file']:.2f} | {b['ppl']:.4f} ± {b['ppl_stderr']:.4f} | | | | | "
              f"{max(b['act_max']):.4g} |"]
     for a in rep["artifacts"]:
-        lines.append(f"| {a['name']} | {_formats(a['formats'])} | {_size(a['size_bytes'])} | "
+        lines.append(f"| {a['name']} | {_formats(a['formats'])} | {human_bytes(a['size_bytes'])} | "
                      f"{a['bpw_linear']:.2f} / {a['bpw_file']:.2f} | {a['ppl']:.4f} ± {a['ppl_stderr']:.4f} | "
                      f"{a['delta_ppl_pct']:+.2f} | {a['kl_mean']:.5f} | {a['kl_p99']:.5f} | {a['top1']:.4f} | "
                      f"{max(a['act_max']):.4g} |")

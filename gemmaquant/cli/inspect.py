@@ -13,15 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..formats.inputs import human_bytes
+
 out = Console()
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)  # pragma: no cover
 
 
 def _count(n: int) -> str:
@@ -42,7 +36,7 @@ def _summary(info: dict) -> Table:
     if info.get("note"):
         t.add_row("note", info["note"])
     t.add_row("parameters", f"{_count(info['parameters'])} ({info['parameters']:,})")
-    t.add_row("size", f"{_size(info['file_bytes'])} on disk, {_size(info['tensor_bytes'])} of tensors")
+    t.add_row("size", f"{human_bytes(info['file_bytes'], 2)} on disk, {human_bytes(info['tensor_bytes'], 2)} of tensors")
     bpw = info.get("bits_per_weight")
     t.add_row("bits per weight", f"{bpw:.3f}" if bpw is not None else "-")
     t.add_row("tensors", f"{info['tensor_count']}: " + ", ".join(f"{k}×{v}" for k, v in

@@ -13,14 +13,7 @@ from rich.table import Table
 from ..formats.checkpoint import Checkpoint
 from ..pipeline import ct_plan, gguf_plan
 from ..schemes import Scheme
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
+from ..formats.inputs import human_bytes
 
 
 _LAYER = re.compile(r"^(?:model\.)?(layers|blk)\.(\d+)\.")
@@ -84,7 +77,7 @@ def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console:
         for col in ("tensor", "shape", "type", "bytes", "note"):
             t.add_column(col, overflow="fold")
         for r in rows:
-            t.add_row(r["tensor"], "×".join(map(str, r["shape"])), r["type"], _human(r["bytes"]), r["note"])
+            t.add_row(r["tensor"], "×".join(map(str, r["shape"])), r["type"], human_bytes(r["bytes"]), r["note"])
     else:
         for col, justify in (("tensor role", "left"), ("count", "right"), ("layers", "left"), ("shape", "left"),
                              ("type", "left"), ("bytes", "right"), ("note", "left")):
@@ -93,20 +86,20 @@ def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console:
             n_layers = ckpt.config.num_hidden_layers
             layers = "all" if g["layers"] == list(range(n_layers)) else _spans(g["layers"])
             t.add_row(g["role"], f"×{g['count']}", layers, "×".join(map(str, g["shape"])), g["type"],
-                      _human(g["bytes"]), g["note"])
+                      human_bytes(g["bytes"]), g["note"])
     console.print(t)
     hint = "" if show_all else f" {len(rows)} tensors in {len(group_rows(rows))} rows; --all lists each tensor."
-    console.print(f"estimated output: {_human(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
-                  f"+ metadata; source {_human(ckpt.weight_nbytes())}. Nothing was written (--dry-run).{hint}")
+    console.print(f"estimated output: {human_bytes(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
+                  f"+ metadata; source {human_bytes(ckpt.weight_nbytes())}. Nothing was written (--dry-run).{hint}")
 
 
 def render_summary(summary, console: Console):
     t = Table(title=f"wrote {summary.output}", show_header=False)
     t.add_row("scheme", f"{summary.scheme} ({summary.family})")
     t.add_row("time", f"{summary.seconds:.1f} s")
-    t.add_row("size", f"{_human(summary.output_bytes)} (source {_human(summary.source_bytes)}, "
+    t.add_row("size", f"{human_bytes(summary.output_bytes)} (source {human_bytes(summary.source_bytes)}, "
                       f"{summary.bits_per_weight:.2f} bits per weight)")
-    t.add_row("peak memory", _human(summary.peak_rss_bytes))
+    t.add_row("peak memory", human_bytes(summary.peak_rss_bytes))
     if summary.types:
         t.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(summary.types.items())))
     kinds: dict[str, int] = {}

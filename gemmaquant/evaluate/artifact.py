@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..formats.config import FULL, SLIDING, GemmaConfig, config_from_dict
+from ..formats.config import FULL, GENERATIONS, SLIDING, GemmaConfig, config_from_dict
 from ..errors import GemmaQuantError
 from ..formats.gguf.reader import GGUFFile
 from ..numerics.ggml.types import BLOCK, F16_FIELDS, GGMLType
 from ..model.qlinear import DenseLinear, GGMLLinear, QuantEmbedding, QuantLinear
 from .quantized import Artifact, assemble, linear_stats
 
-GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+GGUF_ARCHS = {arch: mt for mt, arch in GENERATIONS.values()}  # general.architecture -> model_type
 
 
 def artifact_kind(path: str | Path) -> str:

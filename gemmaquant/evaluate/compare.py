@@ -13,8 +13,8 @@ from ..formats.texts import Text, eval_text
 from ..model.loading import resolve_dtype
 from .artifact import open_artifact
 from . import drift  # drift.compute_base_ref looked up per call (tests replace it to prove the cache is used)
-from .drift import FP16_MAX, SHAPE_FIELDS, base_cache_key, check_compatible, compare, load_cached, ppl_stats, save_cached
-from .perplexity import chunk_tokens, tokens_needed
+from .drift import FP16_MAX, SHAPE_FIELDS, base_cache_key, check_compatible, compare, load_cached, save_cached
+from .perplexity import chunk_tokens, ppl_stats, tokens_needed
 
 Run = Callable[[str, int, Callable[[Callable[[int], None]], Any]], Any]
 

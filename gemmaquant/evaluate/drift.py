@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 
 from ..errors import GemmaQuantError
 from ..formats.hub import cache_dir
-from .perplexity import chunk_nll
+from .perplexity import chunk_nll, ppl_stats
 from ..model.qlinear import QuantLinear
 
 FP16_MAX = 65504.0
@@ -58,21 +57,6 @@ def topk_kl(base_topk_logp: torch.Tensor, base_topk_idx: torch.Tensor, art_logp:
     tail = torch.where(rest_p > 1e-6, rest_p * (torch.log(rest_p.clamp_min(1e-12)) - torch.log(rest_q)),
                        torch.zeros_like(rest_p))
     return (kl + tail).clamp_min(0.0)
-
-
-def exact_kl(base_logp: torch.Tensor, art_logp: torch.Tensor) -> torch.Tensor:
-    """Exact per-position KL(base ‖ artifact) from two full log-softmax tensors [S, V], float64 [S]."""
-    lp = base_logp.double()
-    return (lp.exp() * (lp - art_logp.double())).sum(-1).clamp_min(0.0)
-
-
-def ppl_stats(nll: torch.Tensor) -> tuple[float, float]:
-    """(ppl, stderr) of per-token NLLs, llama-perplexity's formula (see perplexity.py)."""
-    n = nll.numel()
-    mean = nll.double().mean().item()
-    var = (nll.double() ** 2).mean().item() - mean * mean
-    ppl = math.exp(mean) if mean < 700 else math.inf  # a broken model must still report
-    return ppl, (math.sqrt(var / (n - 1)) * ppl if var > 0 and n > 1 else 0.0)
 
 
 # -- one forward pass with statistics --------------------------------------------------------------

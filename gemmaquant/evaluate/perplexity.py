@@ -93,9 +93,22 @@ def perplexity(logits_fn: Callable[[torch.Tensor, int], torch.Tensor], chunks: t
             progress(i + 1)
     seconds = time.perf_counter() - t0
     mean = nll_sum / count
-    var = nll2_sum / count - mean * mean
-    stderr = math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
-    ppl = math.exp(mean)
-    return PerplexityResult(ppl=ppl, ppl_stderr=stderr * ppl, nll=mean, tokens_scored=count,
+    ppl, stderr = ppl_from_sums(nll_sum, nll2_sum, count)
+    return PerplexityResult(ppl=ppl, ppl_stderr=stderr, nll=mean, tokens_scored=count,
                             tokens_processed=n * ctx, chunks=n, ctx=ctx, seconds=seconds,
                             chunk_ppl=chunk_ppl)
+
+
+def ppl_from_sums(nll_sum: float, nll2_sum: float, count: int) -> tuple[float, float]:
+    """(ppl, stderr) from Σnll, Σnll² and the token count: llama-perplexity's formula,
+    stderr = sqrt(var(nll) / (n - 1)) · ppl. A broken model (mean NLL past exp's range) reports inf."""
+    mean = nll_sum / count
+    var = nll2_sum / count - mean * mean
+    ppl = math.exp(mean) if mean < 700 else math.inf
+    return ppl, (math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0)
+
+
+def ppl_stats(nll: torch.Tensor) -> tuple[float, float]:
+    """(ppl, stderr) of per-token NLLs (drift's reports), by the same formula as `perplexity`."""
+    nll = nll.double()
+    return ppl_from_sums(nll.sum().item(), (nll * nll).sum().item(), nll.numel())

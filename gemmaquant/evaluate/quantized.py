@@ -4,7 +4,6 @@ compressed-tensors openers (artifact.py, ct_artifact.py) both build through `ass
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from ..formats.config import GemmaConfig
-from ..model.gemma import Gemma, make_layer_context
+from ..model.gemma import Gemma, embed_scale, make_layer_context
 from ..model.qlinear import QuantEmbedding, QuantLinear
 
 
@@ -30,7 +29,7 @@ class QuantGemma(Gemma):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(ids).to(self.compute_dtype)
-        return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
+        return h * embed_scale(self.cfg, h.dtype)
 
     def layer_context(self, seq_len: int, device=None, dtype=None):
         return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,

@@ -12,16 +12,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import OutputError
+from ..formats.inputs import human_bytes
 
 MARGIN_BYTES = 16 << 20  # headers, GGUF metadata beyond the estimate, filesystem rounding
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return str(n)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -43,6 +36,6 @@ def check_free_space(out_path: str | Path, needed_bytes: int, margin: int = MARG
             raise
         return -1
     if needed_bytes + margin > free:
-        raise OutputError(f"{out_path}: not enough disk space: the output needs about {_human(needed_bytes)} "
-                          f"({needed_bytes} bytes) but {where} has {_human(free)} ({free} bytes) free")
+        raise OutputError(f"{out_path}: not enough disk space: the output needs about {human_bytes(needed_bytes)} "
+                          f"({needed_bytes} bytes) but {where} has {human_bytes(free)} ({free} bytes) free")
     return free

@@ -17,6 +17,8 @@ from typing import Any
 from ..errors import GemmaQuantError
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+# The one generation table: generation -> (HF model_type of the text model, GGUF general.architecture).
+GENERATIONS = {1: ("gemma", "gemma"), 2: ("gemma2", "gemma2"), 3: ("gemma3_text", "gemma3")}
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 # Defaults of the transformers config classes, used when a key is absent.
@@ -64,7 +66,11 @@ class GemmaConfig:
 
     @property
     def generation(self) -> int:
-        return {"gemma": 1, "gemma2": 2, "gemma3_text": 3}[self.model_type]
+        return next(g for g, (mt, _) in GENERATIONS.items() if mt == self.model_type)
+
+    @property
+    def gguf_arch(self) -> str:
+        return GENERATIONS[self.generation][1]
 
     @property
     def q_dim(self) -> int:

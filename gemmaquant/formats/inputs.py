@@ -41,6 +41,16 @@ PIECE_CHARS = 1 << 20  # text is decoded and tokenized a piece of ~1 M character
 log = logging.getLogger("gemmaquant")
 
 
+def human_bytes(n: float, digits: int = 1) -> str:
+    """1.5 MB, 27.3 GB: sizes of models and outputs, decimal units as the Hub and `ls --si` show them
+    (human_size below is for input limits, which are powers of two)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
 def human_size(n: int) -> str:
     """4 KiB, 46.9 KiB, 32 MiB: sizes in messages."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):

@@ -27,6 +27,12 @@ from torch import nn
 from ..formats.config import GemmaConfig
 
 
+def embed_scale(cfg: GemmaConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma multiplies embeddings by sqrt(hidden_size), rounded to the compute dtype first, as
+    transformers and vLLM do (in bf16, 640**0.5 becomes 25.25, not 25.298...)."""
+    return torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -163,7 +169,7 @@ class Gemma(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(ids)
-        return h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)  # rounded like HF
+        return h * embed_scale(self.cfg, h.dtype)
 
     def layer_context(self, seq_len: int, device=None, dtype=None) -> LayerContext:
         cfg = self.cfg

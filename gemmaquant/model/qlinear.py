@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics.ct.dequantize import dequantize_fp8, dequantize_int8, dequantize_packed
+from ..numerics.ct.quantize import FP8_MAX
 from ..numerics.ggml.types import BLOCK, GGMLType
 
 Tensor = torch.Tensor
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor for dynamic per-token FP8 scales
 INT8_MAX = 127.0
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import gguf
 
-from ...formats.config import FULL, GemmaConfig
+from ...formats.config import FULL, GENERATIONS, GemmaConfig
 
-ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+ARCH = {g: arch for g, (_, arch) in GENERATIONS.items()}  # generation -> general.architecture
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset",
                 "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count")

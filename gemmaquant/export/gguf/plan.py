@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ...formats.config import GemmaConfig
 from ...errors import GemmaQuantError
 from ...numerics.ggml.types import BLOCK, GGMLType
-from ...schemes import SCHEMES, Scheme
+from ...schemes import SCHEMES, Scheme, get_scheme
 from ...formats.gguf.names import gguf_name, llama_order_key
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -59,7 +59,13 @@ def gguf_schemes() -> list[str]:
 
 def preset(name_or_scheme: str | Scheme) -> Scheme:
     """The GGUF Scheme for a preset name; the error lists the GGUF presets."""
-    s = name_or_scheme if isinstance(name_or_scheme, Scheme) else SCHEMES.get(str(name_or_scheme).lower())
+    if isinstance(name_or_scheme, Scheme):
+        s = name_or_scheme
+    else:  # names normalised as everywhere else (get_scheme)
+        try:
+            s = get_scheme(str(name_or_scheme))
+        except GemmaQuantError:
+            s = None
     if s is None or not s.is_gguf:
         raise GemmaQuantError(f"unknown GGUF preset {str(getattr(s, 'name', name_or_scheme))!r} "
                               f"(allowed: {', '.join(gguf_schemes())})")

@@ -1,16 +1,15 @@
 """Run the writer's slab jobs concurrently and hand the results back in file order.
 
 The K-quant and 4/5-bit searches are chains of thousands of ~1 MB torch ops per slab. Two threads in
-one process doing that share the GIL for every op's dispatch: measured here, two threads quantizing
-Q4_K together ran at 14.5 M values/s against 9.3 for one (a 1.56x gain for 2 cores), while two
-processes ran at 2 x 9.9. So on Linux those slabs go to forked worker processes (no second torch
+one process doing that share the GIL for every op's dispatch, so threads scale worse than processes
+(benchmarks/RESULTS.md, GGUF writer). So on Linux those slabs go to forked worker processes (no second torch
 import: they start as copies of this one), each opening its own read-only mapping of the checkpoint
 and returning the slab's bytes. Cheap conversions (F32/F16/BF16 copies, Q8_0) stay on threads in
 this process: moving their bytes through a pipe would cost more than computing them. Elsewhere
 (no fork), everything runs on threads.
 
 Each worker computes with one torch thread: with torch's own 2-thread ops every ~1 MB op ends in a
-barrier, and on a busy machine a descheduled partner stalls it (measured 30x slower under load).
+barrier, and on a busy machine a descheduled partner stalls the whole op.
 Workers ignore SIGINT; Ctrl-C reaches this process, which stops them (running slabs finish, < 1 s).
 """
 

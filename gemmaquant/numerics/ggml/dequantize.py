@@ -16,8 +16,8 @@ shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~1
 
 `compiled=True` (or `ggml.compiled.set_enabled(True)`, GEMMAQUANT_COMPILE=1) runs the types' fused
 expressions (`ggml/fused.py`) through torch.compile on the CPU instead: one vectorized loop per
-tensor, same bits, 2.5-4.5x the plain path's speed (benchmarks/RESULTS.md section 6), after ~1-4 s of
-compiling per type; any failure falls back to these kernels with a warning.
+tensor, same bits, faster than the plain path after a compile per type (benchmarks/RESULTS.md
+section 6); any failure falls back to these kernels with a warning.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from gemmaquant.numerics.ggml.iq3 import dequantize_iq3_s, dequantize_iq3_xxs
 from gemmaquant.numerics.ggml.iq4 import dequantize_iq4_nl, dequantize_iq4_xs
 from gemmaquant.numerics.ggml.kquants_low import dequantize_q2_k, dequantize_q3_k
 from gemmaquant.numerics.ggml.ternary import dequantize_tq1_0, dequantize_tq2_0
-from gemmaquant.numerics.ggml.types import BLOCK, QK_K, GGMLType, ggml_type
+from gemmaquant.numerics.ggml.types import BLOCK, GGMLType, ggml_type
 
-# Weights per chunk and thread: 2 MB of float32 output each. A torch op costs ~3-5 us of
-# dispatch, so chunks must be large; 512K beat 32K..128K (launch-bound) and 4M (out of cache) on a
-# 2-core EPYC, and on a 2-core Xeon (2 MiB L2) a 1M chunk split over 2 threads beat 512K by ~1.4x.
+# Weights per chunk and thread (2 MB of float32 output each): every torch op pays a fixed dispatch
+# cost, so chunks must be large, yet small enough that a chunk's temporaries stay in cache
+# (benchmarks/RESULTS.md, dequantization).
 CHUNK_VALUES = 1 << 19
 
 
