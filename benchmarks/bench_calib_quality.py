@@ -33,7 +33,7 @@ from gemmaquant.calib.data import calibration_batches, load_tokenizer_for
 from gemmaquant.formats.inputs import read_text
 from gemmaquant.calib.fold import consumer_names
 from gemmaquant.calib.gptq import gptq_quantize
-from gemmaquant.calib.intq import rtn, split_rows
+from gemmaquant.numerics.ct.grid import rtn, split_rows
 from gemmaquant.calib.runner import embed_ids
 from gemmaquant.calib.stats import InputStats
 from gemmaquant.formats.checkpoint import Checkpoint

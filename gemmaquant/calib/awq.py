@@ -19,7 +19,7 @@ import torch
 
 from ..model.gemma import DecoderLayer
 from .fold import MAPPINGS, consumer_names, consumers, fold, kv_to_q, q_to_kv_max
-from .intq import rtn
+from ..numerics.ct.grid import rtn
 from .stats import InputStats
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .intq import WeightQuant, minmax_qparams, qrange, search_qparams
+from ..numerics.ct.grid import WeightQuant, minmax_qparams, qrange, search_qparams
 
 _MAX_DAMP_TRIES = 6
 

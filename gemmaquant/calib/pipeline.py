@@ -36,7 +36,7 @@ from .awq import awq_layer
 from .data import calibration_batches, load_tokenizer_for
 from .fold import MAPPINGS, consumer_names
 from .gptq import gptq_quantize
-from .intq import WeightQuant, rtn, split_rows
+from ..numerics.ct.grid import WeightQuant, rtn, split_rows
 from .runner import run_layers
 from .smoothquant import smooth_layer
 

@@ -7,7 +7,7 @@ import torch
 
 from gemmaquant.calib import calibrate
 from gemmaquant.calib.data import calibration_batches
-from gemmaquant.calib.intq import rtn
+from gemmaquant.numerics.ct.grid import rtn
 from gemmaquant.calib.runner import run_layers
 from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
