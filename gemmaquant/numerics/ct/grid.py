@@ -5,7 +5,9 @@ Signed codes q ∈ [qmin, qmax] = [−2^(b−1), 2^(b−1) − 1]; w ≈ (q − 
   asymmetric: scale = (max − min)/(qmax − qmin), with min ≤ 0 ≤ max (zero is always representable),
               zp = clamp(round(qmin − min/scale), qmin, qmax)  — a *signed* zero point
 Scales are rounded to bf16 (what the checkpoint stores) BEFORE codes and zero points are derived,
-so dequantizing the stored tensors reproduces exactly what was optimised.
+so dequantizing the stored tensors reproduces exactly what was optimised. The parameters are
+quantize.int_qparams', the writers' own (one grid, one rule for an all-zero group: scale eps, codes 0);
+this module adds what calibration needs on top: per-row groups, the clipping search, codes as floats.
 
 Min-max parameters waste resolution on a group's single largest weight. `search_qparams` shrinks the
 range by p ∈ {1, 1 − 1/n, …, 1 − max_shrink} and keeps, per group, the p with the smallest (optionally
@@ -20,27 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-
-def qrange(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+from .quantize import int_qparams, int_range
 
 
 def minmax_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """w [rows, k] → (scale [rows] float32 holding bf16 values, zp [rows] float32 or None)."""
-    qmin, qmax = qrange(bits)
+    """w [rows, k] → (scale [rows] float32 holding bf16 values, zp [rows] float32 or None): the
+    writers' min-max parameters (int_qparams) computed in float32, one group per row."""
     w = w.float()
-    if symmetric:
-        scale = w.abs().amax(1) / ((qmax - qmin) / 2)
-        zp = None
-    else:
-        lo = w.amin(1).clamp(max=0)
-        hi = w.amax(1).clamp(min=0)
-        scale = (hi - lo) / (qmax - qmin)
-    # an all-zero row: any scale gives codes 0 (and zp 0 below); 1.0 avoids 0/0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.bfloat16).float()
-    if not symmetric:
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    return scale, zp
+    scale, zp = int_qparams(w.amin(1), w.amax(1), bits, symmetric, scale_dtype=torch.bfloat16)
+    return scale.float(), None if zp is None else zp.float()
 
 
 def search_qparams(w: torch.Tensor, bits: int, symmetric: bool, *, importance: torch.Tensor | None = None,
@@ -74,7 +64,7 @@ def _weighted_err(w, s, z, bits, imp) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Codes (float32 holding integers) for w [rows, k] with per-row (broadcast) scale/zp [rows, 1]."""
-    qmin, qmax = qrange(bits)
+    qmin, qmax = int_range(bits)
     q = torch.round(w / scale)
     if zp is not None:
         q = q + zp
