@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from gemmaquant.numerics.ggml.fields import get_scale_min_k4
 from gemmaquant.numerics.ggml.types import GGMLType
 
 Fused = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -96,10 +97,8 @@ def _q5_1(b, f, out):
 def _k_scales(b: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: (d*sc, dmin*m) as float32 [nb, 4, 2, 1] (sub-block 2c + n at [c, n]), with the
     6-bit scales and mins of get_scale_min_k4 (a small pass of its own: 8 values per 256 weights)."""
-    s = b[:, 4:16].int()
-    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=1).float()
-    m = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=1).float()
+    sc, m = get_scale_min_k4(b[:, 4:16].int())
+    sc, m = sc.float(), m.float()
     shape = (-1, 4, 2, 1)
     return (f[:, 0:1].float() * sc).view(shape), (f[:, 1:2].float() * m).view(shape)  # gguf: d*sc, dmin*m
 

@@ -24,7 +24,7 @@ import torch
 
 from gemmaquant.numerics.ggml.iqgrid import best_neighbours
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, f32, nearest_int, seq_sum, sqrt
 
 DELTA = 0.125  # IQ1S_DELTA = IQ1M_DELTA
@@ -270,7 +270,7 @@ def _grid_points(b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def dequantize_iq1_s(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
-    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
+    d = f16(b, 0)  # [nb, 1]
     qh = b[:, 34:50].contiguous().view(torch.int16).long() & 0xFFFF  # [nb, 8]
     dl = d * (2 * ((qh >> 12) & 7) + 1).float()  # gguf: d * (2*((qh >> 12) & 7) + 1)
     delta = torch.where((qh & 0x8000) == 0, DELTA, -DELTA)

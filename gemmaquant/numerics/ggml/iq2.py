@@ -20,7 +20,7 @@ import torch
 
 from gemmaquant.numerics.ggml.iqgrid import GridSpec, grid_search, sub_scales
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables, ksigns
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, f32, seq_sum, sqrt
 
 IQ2_XXS = GridSpec(grid="IQ2_XXS", sub=32, steps=(6, 0.1), parity=True, on_grid_init=True,
@@ -91,7 +91,7 @@ def _sign_values(bits: torch.Tensor) -> torch.Tensor:
 
 def _db(b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """(d*(0.5 + l))*0.25 for sub-scales l [nb, k]."""
-    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    d = f16(b, 0)
     return (d * (l.float() + 0.5)) * 0.25
 
 

@@ -20,7 +20,7 @@ import torch
 
 from gemmaquant.numerics.ggml.iqgrid import GridSpec, grid_search, sub_scales
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables, ksigns
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, seq_sum, sqrt
 
 IQ3_XXS = GridSpec(grid="IQ3_XXS", sub=32, steps=(15, 0.2), parity=True, on_grid_init=True,
@@ -80,15 +80,11 @@ def _sign_values(bits: torch.Tensor) -> torch.Tensor:
     return 1.0 - 2.0 * b.float()
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
-
-
 def dequantize_iq3_xxs(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     grid = grid_tables("IQ3_XXS", b.device).values
     sas = b[:, 66:98].contiguous().view(torch.int32).long() & 0xFFFFFFFF  # [nb, 8]
-    db = (_f16(b) * ((sas >> 28).float() + 0.5)) * 0.5  # gguf: d * (0.5 + l) * 0.5
+    db = (f16(b, 0) * ((sas >> 28).float() + 0.5)) * 0.5  # gguf: d * (0.5 + l) * 0.5
     s7 = torch.stack([(sas >> (7 * k)) & 127 for k in range(4)], dim=2)  # [nb, 8, 4]
     sign = _sign_values(ksigns(b.device)[s7]).view(nb, 8, 32)
     g = grid[b[:, 2:66].long()].view(nb, 8, 32)
@@ -103,6 +99,6 @@ def dequantize_iq3_s(b: torch.Tensor, out: torch.Tensor) -> None:
     g = grid[b[:, 2:66].long() | (high << 8)].view(nb, 8, 32)
     sc = b[:, 106:110]
     l = torch.stack([sc & 15, sc >> 4], dim=2).reshape(nb, 8)
-    db = _f16(b) * (1 + 2 * l).float()  # gguf: d * (1 + 2*scales)
+    db = f16(b, 0) * (1 + 2 * l).float()  # gguf: d * (1 + 2*scales)
     sign = _sign_values(b[:, 74:106]).view(nb, 8, 32)
     out.view(nb, 8, 32).copy_((db[:, :, None] * g) * sign)

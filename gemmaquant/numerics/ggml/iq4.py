@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, seq_sum, sqrt
 
 NTRY = 7  # llama.cpp's quantize_iq4_nl / quantize_iq4_xs (the unused *_ref of IQ4_NL passes -1)
@@ -136,14 +136,14 @@ def _nibble_codes(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize_iq4_nl(b: torch.Tensor, out: torch.Tensor) -> None:
     kv = kvalues(b.device)
-    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
+    d = f16(b, 0)  # [nb, 1]
     torch.mul(d, kv[_nibble_codes(b[:, 2:]).view(-1, 32)], out=out)
 
 
 def dequantize_iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     kv = kvalues(b.device)
-    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
+    d = f16(b, 0)  # [nb, 1]
     high = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF  # [nb, 1]
     low = b[:, 4:8]
     ls = torch.stack([low & 15, low >> 4], dim=2).reshape(nb, 8).int()

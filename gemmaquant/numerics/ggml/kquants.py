@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gemmaquant.numerics.ggml.fields import fp16_bytes, get_scale_min_k4
 from gemmaquant.numerics.ggml.search import (
     GROUP_MAX_EPS,
     div,
@@ -21,11 +22,6 @@ from gemmaquant.numerics.ggml.search import (
     seq_sum,
     sqrt,
 )
-
-
-def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
-    """[n] float32 -> [n, 2] uint8: GGML_FP32_TO_FP16 (IEEE round to nearest even), little-endian."""
-    return v.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
 
 
 def _columns(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -70,9 +66,8 @@ def _pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def _unpack_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """get_scale_min_k4 for j = 0..7: [12, nb] bytes -> (sc [8, nb], m [8, nb])."""
-    sc = torch.cat([s[0:4] & 63, (s[8:12] & 0xF) | ((s[0:4] >> 6) << 4)])
-    m = torch.cat([s[4:8] & 63, (s[8:12] >> 4) | ((s[4:8] >> 6) << 4)])
-    return sc, m
+    sc, m = get_scale_min_k4(s.T)
+    return sc.T, m.T
 
 
 def quantize_q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:

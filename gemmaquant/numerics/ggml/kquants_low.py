@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import (
     div,
     first_abs_max,
@@ -148,16 +148,11 @@ def quantize_q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([hmask, pack_2bit(L), _pack_q3_scales(l), fp16_bytes(d16.float())], dim=1)
 
 
-def _f16(b: torch.Tensor, offset: int) -> torch.Tensor:
-    """The f16 field at byte `offset` of every block, as float32 [nb, 1]."""
-    return b[:, offset : offset + 2].contiguous().view(torch.float16).float()
-
-
 def dequantize_q2_k(b: torch.Tensor, out: torch.Tensor) -> None:
     nb = b.shape[0]
     sc = b[:, :16]
-    dl = _f16(b, 80) * (sc & 15).float()  # gguf: d * (scales & 0xF)
-    ml = _f16(b, 82) * (sc >> 4).float()
+    dl = f16(b, 80) * (sc & 15).float()  # gguf: d * (scales & 0xF)
+    ml = f16(b, 82) * (sc >> 4).float()
     q = unpack_2bit(b[:, 16:80]).float().view(nb, 16, 16)
     out.view(nb, 16, 16).copy_(q.mul_(dl[:, :, None]).sub_(ml[:, :, None]))
 
@@ -169,7 +164,7 @@ def dequantize_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     top = s[:, 8:12]
     high = torch.stack([top, top >> 2, top >> 4, top >> 6], dim=1).reshape(nb, 16) & 3
     sc = (low | (high << 4)).to(torch.int8) - 32
-    dl = _f16(b, 108) * sc.float()  # gguf: d * (sc - 32)
+    dl = f16(b, 108) * sc.float()  # gguf: d * (sc - 32)
     hm = b[:, :32]
     hbit = torch.stack([hm >> k for k in range(8)], dim=1).reshape(nb, 256) & 1
     q = unpack_2bit(b[:, 32:96]).to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)

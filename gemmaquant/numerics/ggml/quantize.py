@@ -19,7 +19,8 @@ from gemmaquant.numerics.ggml.iq1 import quantize_iq1_m, quantize_iq1_s
 from gemmaquant.numerics.ggml.iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
 from gemmaquant.numerics.ggml.iq3 import quantize_iq3_s, quantize_iq3_xxs
 from gemmaquant.numerics.ggml.iq4 import quantize_iq4_nl, quantize_iq4_xs
-from gemmaquant.numerics.ggml.kquants import fp16_bytes, quantize_q6_k, quantize_q45_k
+from gemmaquant.numerics.ggml.fields import fp16_bytes
+from gemmaquant.numerics.ggml.kquants import quantize_q6_k, quantize_q45_k
 from gemmaquant.numerics.ggml.kquants_low import quantize_q2_k, quantize_q3_k
 from gemmaquant.numerics.ggml.search import (
     div, first_abs_max, make_qkx, make_qx_quants, roundf, running_min_max, seq_sum, sqrt,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gemmaquant.numerics.ggml.kquants import fp16_bytes
+from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, roundf
 
 
@@ -58,14 +58,10 @@ def quantize_tq1_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Ten
     return torch.cat([packed.to(torch.uint8), fp16_bytes(d)], dim=1)
 
 
-def _f16(b: torch.Tensor, offset: int) -> torch.Tensor:
-    return b[:, offset : offset + 2].contiguous().view(torch.float16).float()
-
-
 def dequantize_tq2_0(b: torch.Tensor, out: torch.Tensor) -> None:
     q = b[:, :64].reshape(-1, 2, 1, 32)
     c = (torch.cat([q, q >> 2, q >> 4, q >> 6], dim=2) & 3).reshape(-1, 256).to(torch.int8) - 1
-    torch.mul(_f16(b, 64), c.float(), out=out)
+    torch.mul(f16(b, 64), c.float(), out=out)
 
 
 def dequantize_tq1_0(b: torch.Tensor, out: torch.Tensor) -> None:
@@ -79,4 +75,4 @@ def dequantize_tq1_0(b: torch.Tensor, out: torch.Tensor) -> None:
 
     q = torch.cat([digits(bq[:, :32], 5), digits(bq[:, 32:48], 5), digits(bq[:, 48:52], 4)], dim=1)
     c = ((q * 3) >> 8) - 1
-    torch.mul(_f16(b, 52), c.float(), out=out)
+    torch.mul(f16(b, 52), c.float(), out=out)
