@@ -17,7 +17,7 @@ mostly measures the scheduler, while CPU time still compares the work done). Cal
 between the implementations so that load changes hit both alike. "ours out=" dequantizes into a
 reused buffer (no page faults on fresh memory); "ours" and gguf numpy both return fresh memory
 (ours 2 MiB-aligned and advised for transparent huge pages, see `empty_f32`).
---compile adds the torch.compile kernels (`ggml/compiled.py`), fresh and into the reused buffer,
+--compile adds the torch.compile kernels (`numerics/ggml/compiled.py`), fresh and into the reused buffer,
 checked bit-equal with any fallback to the plain path made an error; "compile s" is the first call
 (compiling, or loading inductor's on-disk cache, plus the bit check).
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
     ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (ggml/compiled.py)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (numerics/ggml/compiled.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

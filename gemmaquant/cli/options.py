@@ -1,4 +1,4 @@
-"""Options shared by several commands (`eval`, `compare`), kept apart from cli.py so that command
+"""Options shared by several commands (`eval`, `compare`), kept apart from cli/app.py so that command
 modules can import them without importing the app."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Open a quantized artifact — a GGUF file (ours or llama.cpp's), one of our compressed-tensors
 directories, or a plain bf16 HF directory — as a `Gemma` running the built-in forward pass.
 
-Quantized weights stay packed (see qlinear.py); the tied embedding / LM head is a QuantEmbedding
+Quantized weights stay packed (see model/qlinear.py); the tied embedding / LM head is a QuantEmbedding
 so a 262k-row table is never expanded to float32 at once. Norm weights are kept in float32.
 
 GGUF hyperparameters follow what llama.cpp's loader does, not what HF configs say

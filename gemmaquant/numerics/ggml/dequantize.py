@@ -15,7 +15,7 @@ byte by byte, so Q6_K merges its qh bits before interleaving, into 64-byte runs.
 shifts are ~20x slower than scalar ones, so shifts are scalars. Each chunk is ~10-20 launches.
 
 `compiled=True` (or `ggml.compiled.set_enabled(True)`, GEMMAQUANT_COMPILE=1) runs the types' fused
-expressions (`ggml/fused.py`) through torch.compile on the CPU instead: one vectorized loop per
+expressions (`numerics/ggml/fused.py`) through torch.compile on the CPU instead: one vectorized loop per
 tensor, same bits, faster than the plain path after a compile per type (benchmarks/RESULTS.md
 section 6); any failure falls back to these kernels with a warning.
 """
@@ -253,7 +253,7 @@ def dequantize(
 
     `out`, a contiguous float32 tensor of `shape` on that device, is filled and returned instead
     of a new tensor: reusing one saves the page faults of fresh memory (see `empty_f32`).
-    `compiled`: use the torch.compile kernels (`ggml/compiled.py`, CPU only, same bits); None
+    `compiled`: use the torch.compile kernels (`numerics/ggml/compiled.py`, CPU only, same bits); None
     follows `compiled.set_enabled` / GEMMAQUANT_COMPILE."""
     qtype = ggml_type(qtype)
     block, nbytes = BLOCK[qtype]

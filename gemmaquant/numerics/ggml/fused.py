@@ -151,7 +151,7 @@ FUSED: dict[GGMLType, Fused] = {
 }
 
 
-# compressed-tensors: w = (q - zp) * scale in the scale's dtype (see ct/dequantize.py). Codes and
+# compressed-tensors: w = (q - zp) * scale in the scale's dtype (see numerics/ct/dequantize.py). Codes and
 # q - zp are exact in bf16/f16/f32 and their product with the scale is exact in float32, so computing
 # in float32 and rounding once to the scale's dtype gives the bits of ct's bf16 arithmetic.
 def ct_scaled(q, scale):  # q [R, C], scale [1] or [R, 1] (groups come as rows of a reshaped q)

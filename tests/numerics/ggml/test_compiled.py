@@ -1,4 +1,4 @@
-"""The torch.compile dequantizers (`ggml/fused.py` via `ggml/compiled.py`) against the `gguf` package's
+"""The torch.compile dequantizers (`numerics/ggml/fused.py` via `numerics/ggml/compiled.py`) against the `gguf` package's
 numpy ones: the same bit-equality as the plain kernels, with any fallback to the plain path made an
 error (a silent fallback would pass these comparisons while the compiled kernel were wrong); and the
 fallback itself, when compiling fails or a compiled kernel's bits differ."""
