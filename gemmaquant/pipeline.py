@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -104,8 +103,10 @@ def _size(path: Path) -> int:
 
 def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
     """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
+    from .numerics.ct.formats import ct_format
+
     cfg = ckpt.config
-    w = scheme.weights
+    w, fmt = scheme.weights, ct_format(scheme.ct_format)
     rows = []
     for name, shape in cfg.expected_shapes().items():
         is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
@@ -115,17 +116,7 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
                          "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
             continue
         n, k = shape
-        if scheme.ct_format == "pack-quantized":
-            groups = k // w.group_size if w.strategy == "group" else 1
-            b = n * k * w.num_bits // 8 + n * groups * 2 + 16
-            if not w.symmetric:
-                b += math.ceil(n * w.num_bits / 32) * groups * 4
-            t = f"int{w.num_bits} packed" + (f" g{w.group_size}" if w.strategy == "group" else " per-channel")
-        else:
-            b = n * k + (n * 2 if w.strategy == "channel" else 2)
-            if scheme.input_activations is not None and not scheme.input_activations.dynamic:
-                b += 2
-            t = ("fp8 e4m3" if w.type == "float" else "int8") + f" per-{w.strategy}"
+        t, b = fmt.plan_row(n, k, w, scheme.input_activations)
         rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
     return rows
 

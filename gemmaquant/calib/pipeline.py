@@ -57,17 +57,11 @@ class CalibResult:
         return {name: to_packed(q, ct_format) for name, q in self.quantized.items()}
 
 
-def to_packed(q: WeightQuant, ct_format: str):
-    """One result → ct.quantize.IntQuantized (int-quantized W8A8) or PackQuantized (pack-quantized)."""
-    from ..numerics.ct.quantize import IntQuantized, pack_int
+def to_packed(q: WeightQuant, fmt: str):
+    """One result in the writer's tensors of compressed-tensors format `fmt` (numerics/ct/formats.py)."""
+    from ..numerics.ct.formats import ct_format
 
-    if ct_format == "int-quantized":
-        if q.bits != 8 or q.group_size is not None or q.zero_point is not None:
-            raise ValueError("int-quantized holds symmetric per-channel INT8 only")
-        return IntQuantized(weight=q.codes, weight_scale=q.scale)
-    if ct_format == "pack-quantized":
-        return pack_int(q.codes, q.scale, q.zero_point, q.bits)
-    raise ValueError(f"no integer results for compressed-tensors format {ct_format!r}")
+    return ct_format(fmt).from_grid(q)
 
 
 def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None = None,

@@ -31,7 +31,8 @@ import torch
 
 from ..formats.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..numerics.ct.dequantize import dequantize
-from ..numerics.ct.quantize import SCALE_DTYPE, FloatQuantized, Packed, quantize_for
+from ..numerics.ct.formats import ct_format, quantize_for
+from ..numerics.ct.quantize import FloatQuantized, Packed
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
@@ -117,22 +118,8 @@ def config_with_quantization(src_text: str, qc: dict, where: str = "config.json"
 
 # -- planning ---------------------------------------------------------------------------------
 def _linear_outs(module: str, n: int, k: int, scheme: Scheme) -> tuple[_Out, ...]:
-    w = scheme.weights
-    if scheme.ct_format == "float-quantized":
-        outs = [_Out(f"{module}.weight", torch.float8_e4m3fn, (n, k)),
-                _Out(f"{module}.weight_scale", SCALE_DTYPE, (n, 1) if w.strategy == "channel" else (1,))]
-        if scheme.input_activations is not None and not scheme.input_activations.dynamic:
-            outs.append(_Out(f"{module}.input_scale", SCALE_DTYPE, (1,)))
-        return tuple(outs)
-    if scheme.ct_format == "int-quantized":
-        return (_Out(f"{module}.weight", torch.int8, (n, k)), _Out(f"{module}.weight_scale", SCALE_DTYPE, (n, 1)))
-    groups = k // w.group_size if w.strategy == "group" else 1
-    outs = [_Out(f"{module}.weight_packed", torch.int32, (n, -(-k * w.num_bits // 32))),
-            _Out(f"{module}.weight_scale", SCALE_DTYPE, (n, groups)),
-            _Out(f"{module}.weight_shape", torch.int64, (2,))]
-    if not w.symmetric:
-        outs.append(_Out(f"{module}.weight_zero_point", torch.int32, (-(-n * w.num_bits // 32), groups)))
-    return tuple(outs)
+    return tuple(_Out(f"{module}.{suffix}", dtype, shape) for suffix, dtype, shape in
+                 ct_format(scheme.ct_format).outputs(n, k, scheme.weights, scheme.input_activations))
 
 
 def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:

@@ -82,15 +82,3 @@ def dequantize(p: Packed, num_bits: int | None = None) -> Tensor:
         return dequantize_packed(p.weight_packed, p.weight_scale, p.weight_shape, num_bits,
                                  p.weight_zero_point)
     raise TypeError(f"not a quantized weight: {type(p).__name__}")
-
-
-def dequantize_tensors(tensors: dict[str, Tensor], ct_format: str, num_bits: int = 8) -> Tensor:
-    """Dequantize from {suffix: tensor} as read back from a checkpoint (`weight`, `weight_scale`, ...)."""
-    if ct_format == "float-quantized":
-        return dequantize_fp8(tensors["weight"], tensors["weight_scale"])
-    if ct_format == "int-quantized":
-        return dequantize_int8(tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point"))
-    if ct_format == "pack-quantized":
-        return dequantize_packed(tensors["weight_packed"], tensors["weight_scale"], tensors["weight_shape"],
-                                 num_bits, tensors.get("weight_zero_point"))
-    raise ValueError(f"compressed-tensors format {ct_format!r}")

@@ -7,7 +7,7 @@ operation by operation, *in the dtype of the inputs*, so for the same inputs our
 bit-identical to ct's (tests/numerics/ct/test_quantize.py). The dtype matters: for a bf16 weight and a bf16
 scale, ct (and llm-compressor, which feeds it bf16) rounds `w / s` to bf16 before rounding it to an
 integer, and bf16 holds only multiples of 0.5 above 64, so INT8 codes >= 64 can land 0.75 of a step
-from the true value. `quantize_for` (the writers' entry point) therefore computes in float32: exact
+from the true value. `formats.quantize_for` (the writers' entry point) therefore computes in float32: exact
 round-to-nearest of the bf16 weight by the stored scale (INT8 weight error 0.79% instead of 0.84%,
 FP8 2.64% instead of 2.66% on Gaussian weights). Pass bf16 tensors to reproduce llm-compressor.
 
@@ -257,23 +257,3 @@ def quantize_pack(w: Tensor, num_bits: int, *, group_size: int | None = None, sy
             raise ValueError("pass a zero point exactly when the scheme is asymmetric")
         z = None if zero_point is None else _as_zero_point(zero_point, tuple(s.shape), num_bits)
     return pack_int(int_codes(w, s, z, num_bits), s, z, num_bits)
-
-
-def quantize_for(w: Tensor, ct_format: str, args, *, input_scale=None,
-                 compute_dtype: torch.dtype = torch.float32) -> Packed:
-    """Round-to-nearest for one scheme: `args` is the scheme's weight QuantArgs (schemes.py).
-    Scales come out bf16; the division and rounding run in `compute_dtype` (see the module doc)."""
-    if w.dtype.itemsize < compute_dtype.itemsize:
-        w = w.to(compute_dtype)
-    if ct_format == "float-quantized":
-        return quantize_fp8(w, args.strategy, input_scale=input_scale)
-    if input_scale is not None:
-        raise ValueError(f"{ct_format} with dynamic or no activations takes no input scale")
-    if ct_format == "int-quantized":
-        if args.num_bits != 8 or args.strategy != "channel" or not args.symmetric:
-            raise ValueError("int-quantized supports INT8 symmetric per-channel weights only")
-        return quantize_int8(w)
-    if ct_format == "pack-quantized":
-        return quantize_pack(w, args.num_bits, symmetric=args.symmetric,
-                             group_size=args.group_size if args.strategy == "group" else None)
-    raise ValueError(f"compressed-tensors format {ct_format!r}")
