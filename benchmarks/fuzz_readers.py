@@ -338,7 +338,7 @@ class Targets:
     def _tiny_ckpt(self) -> Path:
         if self._ckpt is None:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from tests.test_checkpoint import write_ckpt
+            from tests.formats.test_checkpoint import write_ckpt
 
             self._ckpt = self.tmp / "ckpt"
             write_ckpt(self._ckpt)

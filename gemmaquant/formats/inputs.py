@@ -11,7 +11,7 @@ files are read with a size cap, and texts are read in pieces and tokenized only 
 
 Pieces end after a newline that is followed by a non-blank character. Gemma's tokenizer matches
 newline runs as whole added tokens, which split the text before BPE sees it, so tokenizing piece by
-piece gives the same ids as tokenizing the whole text (tests/test_inputs.py checks it on the demo's
+piece gives the same ids as tokenizing the whole text (tests/formats/test_inputs.py checks it on the demo's
 tokenizer). A line longer than a piece is cut before a space, where the ids may differ locally.
 """
 

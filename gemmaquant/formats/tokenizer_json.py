@@ -6,7 +6,7 @@ so that neither transformers nor sentencepiece is needed at run time:
 - model: BPE over the whole vocabulary with byte_fallback; merges are every split `(l, r)` of a piece
   whose halves are both pieces, ordered by the merged piece's score (highest first). SentencePiece
   BPE merges the adjacent pair whose result scores highest, so ordering the merges by that score
-  reproduces it (checked token for token against llama.cpp in tests/test_tokenizer.py).
+  reproduces it (checked token for token against llama.cpp in tests/formats/test_tokenizer.py).
 - normalizer: Replace " " → "▁" (Gemma's normalizer is the identity: no dummy prefix, spaces kept).
 - pre-tokenizer: none. (GemmaConverter writes Split(" ", MergedWithPrevious), which never fires
   because the normalizer has already replaced every space.)

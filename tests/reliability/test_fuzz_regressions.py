@@ -17,7 +17,7 @@ from gemmaquant.errors import GemmaQuantError
 from gemmaquant.formats.gguf.reader import read_gguf_header
 from gemmaquant.formats.safetensors import SafetensorsFile
 
-from ..test_checkpoint import write_ckpt
+from ..formats.test_checkpoint import write_ckpt
 
 
 def _st(tmp_path, header: bytes, body: int = 16):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gemmaquant.formats import inputs
 from gemmaquant.errors import GemmaQuantError
 
-from .reliability import TINY_G3, check_error, run_cli, write_tiny
+from ..reliability import TINY_G3, check_error, run_cli, write_tiny
 
 TINY_1L = {**TINY_G3, "num_hidden_layers": 1}
 

@@ -16,7 +16,7 @@ from gemmaquant.errors import GemmaQuantError
 from gemmaquant.calib.data import calib_text
 from gemmaquant.formats.texts import builtin_eval_path, eval_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTICE = ROOT / "gemmaquant" / "formats" / "texts" / "NOTICE.md"
 EVAL_SHA256 = "09ac424f3d8c0f36cef1d4c0a06adb1d5fd6a609f1b66e416ba317e8a6bfb80d"
 # (first line, bytes, sha256) of each document, in file order (Debian's /usr/share/common-licenses copies)
