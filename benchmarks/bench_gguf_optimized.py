@@ -52,7 +52,7 @@ def calib_ids(ckpt, calib: Path, ctx: int) -> torch.Tensor:
     """llama-imatrix's chunks of the calibration text: its tokenizer call (BOS, no special-token
     parsing), chunks of ctx with BOS written over the first token."""
     from gemmaquant.calib.data import load_tokenizer_for
-    from gemmaquant.imatrix import llama_chunks
+    from gemmaquant.calib.imatrix import llama_chunks
 
     tok = load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
     ids = tok.encode(calib.read_text(encoding="utf-8"), add_bos=True, parse_special=False)
@@ -60,7 +60,7 @@ def calib_ids(ckpt, calib: Path, ctx: int) -> torch.Tensor:
 
 
 def tensor_types(path: Path) -> dict:
-    from gemmaquant.gguf_file import GGUFFile
+    from gemmaquant.formats.gguf.reader import GGUFFile
 
     f = GGUFFile(path)
     try:
@@ -72,7 +72,7 @@ def tensor_types(path: Path) -> dict:
 def build_ours(ckpt, ids, template: Path, out: Path, info: Path, threads: int) -> dict:
     """Our error-feedback bytes for every decoder-layer Linear of `template`, patched into a copy."""
     from gemmaquant.calib.ggml_calibrate import optimize_gguf_tensors
-    from gemmaquant.gguf.patch import GGUFPatcher
+    from gemmaquant.export.gguf.patch import GGUFPatcher
 
     if out.exists() and info.exists():
         return json.loads(info.read_text())
@@ -105,7 +105,7 @@ def budget_types(sens: dict, template: Path, target_size: int) -> tuple[dict, in
     """Types for every measured tensor so that the file fits target_size (the template's other bytes,
     header included, stay as they are)."""
     from gemmaquant.calib.budget import Option, solve, tensor_bytes, total_bytes
-    from gemmaquant.ggml.types import GGMLType
+    from gemmaquant.numerics.ggml.types import GGMLType
 
     layout = tensor_types(template)
     fixed = template.stat().st_size - sum(tensor_bytes(tuple(layout[n][1]), layout[n][0]) for n in sens["tensors"])
@@ -135,8 +135,8 @@ def main():
     args = ap.parse_args()
 
     from gemmaquant.calib.data import DEFAULT_NAME, default_text
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.demo import ensure_demo_checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.formats.demo import ensure_demo_checkpoint
 
     d = args.dir
     d.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def main():
             run([*env, sys.executable, src / "convert_hf_to_gguf.py", model, "--outfile", bf16, "--outtype", "bf16"],
                 d / "convert.log")
         else:
-            from gemmaquant.gguf.writer import write_gguf
+            from gemmaquant.export.gguf.writer import write_gguf
 
             write_gguf(ckpt, "bf16", bf16)
     imatrix = d / "imatrix.gguf"

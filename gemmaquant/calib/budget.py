@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import GemmaQuantError
-from ..ggml.types import GGMLType, row_bytes
+from ..numerics.ggml.types import GGMLType, row_bytes
 
 ALIGNMENT = 32  # GGUF's default general.alignment: each tensor's data is padded to it
 

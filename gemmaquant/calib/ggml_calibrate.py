@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..ggml.dequantize import dequantize
-from ..ggml.quantize import quantize
-from ..ggml.types import GGMLType
-from ..gguf.names import gguf_name
+from ..formats.checkpoint import Checkpoint
+from ..numerics.ggml.dequantize import dequantize
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import GGMLType
+from ..formats.gguf.names import gguf_name
 from .ggml_codes import SCALAR_TYPES
 from .ggml_gptq import hessian_factor, layer_loss, optimize_tensor
 from .runner import run_layers
-from .stats import LINEARS
+from .stats import INPUT_OF
 
 Sink = Callable[[str, np.ndarray], None]
 
@@ -111,7 +111,7 @@ def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: tor
     def on_layer(i, layer, stats):
         prefix = f"model.layers.{i}."
         factors: dict[int, dict] = {}  # id(stats) -> H factors: q/k/v and gate/up share their input
-        for sfx in LINEARS:
+        for sfx in INPUT_OF:  # every decoder-layer Linear, in order
             name = gguf_name(prefix + sfx + ".weight", gen)
             qtype = types.get(name)
             if qtype is None or qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):

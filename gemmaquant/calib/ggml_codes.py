@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GemmaQuantError
-from ..ggml.iq4 import kvalues
-from ..ggml.kquants_low import pack_2bit, unpack_2bit
-from ..ggml.types import BLOCK, GGMLType
+from ..numerics.ggml.iq4 import kvalues
+from ..numerics.ggml.kquants_low import pack_2bit, unpack_2bit
+from ..numerics.ggml.types import BLOCK, GGMLType
 
 T = GGMLType
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from ..errors import GemmaQuantError
-from ..ggml.iq4 import best_index, kvalues, search_scales
-from ..ggml.quantize import quantize
-from ..ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
-from ..ggml.types import GGMLType
+from ..numerics.ggml.iq4 import best_index, kvalues, search_scales
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
+from ..numerics.ggml.types import GGMLType
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 
 T = GGMLType

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ggml.dequantize import dequantize
-from ..ggml.iqgrid_tables import grid_tables
-from ..ggml.quantize import quantize
-from ..ggml.types import GGMLType
+from ..numerics.ggml.dequantize import dequantize
+from ..numerics.ggml.iqgrid_tables import grid_tables
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import GGMLType
 from .ggml_gptq import HessianFactor, Optimized, hessian_factor, layer_loss, single_thread
 
 GRID_TYPES = (GGMLType.IQ3_S,)

@@ -29,17 +29,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
-from ..ggml.dequantize import dequantize
-from ..ggml.quantize import quantize
-from ..ggml.types import BLOCK, GGMLType
-from ..gguf.names import gguf_name
-from ..loading import load_layer
-from ..model import RMSNorm, make_layer_context
+from ..formats.checkpoint import Checkpoint
+from ..numerics.ggml.dequantize import dequantize
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import BLOCK, GGMLType
+from ..formats.gguf.names import gguf_name
+from ..model.loading import load_layer
+from ..model.gemma import RMSNorm, embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .ggml_gptq import single_thread
 from .runner import embed_ids
-from .stats import LINEARS, attach
+from .stats import INPUT_OF, attach
 
 T = GGMLType
 # Types the budget chooses from, by increasing size (bits per weight in brackets).
@@ -149,7 +149,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
         table = ckpt.tensor(emb_name)
         used, inv = torch.unique(ids, return_inverse=True)
         rows = table[used].float()
-        scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32)
+        scale = embed_scale(cfg, torch.float32)
         emb_types = candidates(cfg.hidden_size, embed_types)
         emb_err = {}
         emb_delta_ref = None
@@ -174,7 +174,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             for k in range(len(streams)):
                 streams[k] = _run(layer, streams[k], ctx, batch_size)
             originals = {}
-            for sfx in LINEARS:
+            for sfx in INPUT_OF:  # every decoder-layer Linear, in order
                 hf = f"model.layers.{i}.{sfx}"
                 st = stats[hf]
                 lin = layer.get_submodule(sfx)

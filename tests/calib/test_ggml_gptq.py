@@ -15,8 +15,8 @@ from gemmaquant.calib.ggml_gptq import (
     gptq_codes, hessian_factor, layer_loss, llama_rounding, optimize_tensor,
 )
 from gemmaquant.calib.ggml_gptq_grid import llama_grid_rounding, optimize_grid_tensor
-from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.types import GGMLType
+from gemmaquant.numerics.ggml.quantize import quantize
+from gemmaquant.numerics.ggml.types import GGMLType
 
 T = GGMLType
 ROWS, N = 16, 512
@@ -154,7 +154,7 @@ def test_codes_out_of_range_are_refused(data):
 @pytest.mark.parametrize("qtype", sorted(set(SCALAR_TYPES) - INEXACT), ids=lambda t: t.name)
 def test_without_feedback_the_bytes_are_libggmls(data, qtype):
     """Straight against llama.cpp's ggml_quantize_chunk, with the imatrix."""
-    from tests.ggml.libggml import ggml_quantize
+    from tests.numerics.ggml.libggml import ggml_quantize
 
     W, _, H, imatrix = data
     ref = ggml_quantize(W, int(qtype), imatrix)

@@ -13,9 +13,9 @@ import torch
 from gemmaquant.calib.data import default_text, load_tokenizer_for
 from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_gguf_tensors, optimize_layer_tensor
 from gemmaquant.calib.runner import run_layers
-from gemmaquant.checkpoint import Checkpoint
-from gemmaquant.ggml.types import GGMLType
-from gemmaquant.imatrix import llama_chunks
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.numerics.ggml.types import GGMLType
+from gemmaquant.calib.imatrix import llama_chunks
 
 T = GGMLType
 # per Linear input width of the demo: 640 (q/k/v, gate/up) takes 32-weight blocks only
