@@ -117,16 +117,27 @@ def compare_artifacts(base: str, artifacts: list[str], text: "Text | Path | str 
               **text.to_dict(), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
               "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
               "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
+    import logging
+
+    from .artifact import model_info
+    from .gguf.fidelity import differences
+
+    base_full = model_info(base)[0]
     for a in artifacts:
         art = open_artifact(a, dt, device)
         check_compatible(base_cfg, art.config, base, a)
+        # a GGUF runs as llama.cpp computes it: settings its metadata cannot carry explain part of the Δ
+        notes = differences(base_full, art.config, a) if art.kind == "gguf" else []
+        for note in notes:
+            logging.getLogger("gemmaquant").warning(note)
         bar = _progress(art.name, len(ref.chunks), quiet)
         d = _run(bar, art.name[:24], len(ref.chunks), lambda p: compare(art.model, ref, p))
         # each artifact's tokenizer re-reads the text, piece by piece, only as far as the chunks go
         same_tok = _encode(art.tokenizer, text, ref.chunks.numel())[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()
         tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
-        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
+        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match,
+                                    "notes": notes})
         del art
     return report
 

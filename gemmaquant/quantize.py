@@ -160,7 +160,14 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
 
 def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
+    import logging
+
+    from .gguf.fidelity import gguf_notes
     from .gguf.header import start_header
+
+    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
+    for note in lossy:  # before the work: a user may rather stop here
+        logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -181,6 +188,7 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
     finally:
         if header is not None:
             header.close()
+    summary.notes[:0] = lossy
     if card is not None:
         _gguf_card(ckpt, scheme, out, opts, summary, card[0])
     return summary
