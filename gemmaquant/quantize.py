@@ -31,6 +31,7 @@ class QuantizeOptions:
     inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
     card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
+    keep_dtype: bool = False  # compressed-tensors: copy an f32/f16 source's tensors as they are, not in bf16
 
 
 @dataclass
@@ -144,6 +145,10 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     calibrating = bool(opts.imatrix) if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
+    if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
+        from .export.safetensors_out import check_plan
+
+        check_plan(ckpt, scheme)
     if calibrating:  # the calibration settings only bind when calibration runs
         from .texts import calib_text
 
@@ -281,7 +286,8 @@ def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
                                    base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
-                                   inputs=inputs_of(ckpt, opts)[1:])
+                                   inputs=inputs_of(ckpt, opts)[1:], keep_dtype=opts.keep_dtype)
+    notes += rep.notes
     size = _size(out)
     params = ckpt.config.param_count()
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")

@@ -9,6 +9,7 @@ the memory-mapped source and written at its offset, one Linear at a time. Nothin
                          pack-quantized   P.weight_packed i32 [N, K*b/32], P.weight_scale [N,G],
                                           P.weight_shape i64 [2], P.weight_zero_point i32 [N*b/32, G] (asym)
     embeddings, norms -> copied byte for byte;  lm_head.weight (tied) -> not written
+    (an f32 source, or an f16 Gemma 2/3 source: copied in bf16 and config dtype bfloat16, `copy_dtype`)
 
 Within a shard, tensors are ordered by element size (8, 4, 2, 1 bytes) so every tensor starts at an
 offset aligned to its element size, as safetensors' own writer arranges them. After writing, every
@@ -79,6 +80,34 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
+# -- dtypes -----------------------------------------------------------------------------------
+_DTYPE_KEY = re.compile(r'("(?:torch_dtype|dtype)"\s*:\s*)"(?:float32|float16)"')
+
+
+def copy_dtype(ckpt: Checkpoint, keep: bool = False) -> tuple[torch.dtype | None, str | None]:
+    """(dtype the copied tensors and config.json get, or None to keep the source's; a note saying why).
+
+    vLLM runs Gemma in bf16: an f32 source's embedding kept in f32 only doubles the file (270.8 vs 136.6 MB
+    for the 270M). Gemma 2/3 activations overflow float16, and vLLM refuses float16 for them, so an f16
+    source's config must say bfloat16 (Gemma 1 runs in f16: kept)."""
+    src = ckpt.dtype("model.embed_tokens.weight")
+    if keep or src == torch.bfloat16:
+        return None, None
+    if src == torch.float32:
+        return torch.bfloat16, ("float32 source: embedding and norms written in bfloat16, config dtype "
+                                "bfloat16 (vLLM runs Gemma in bf16; --keep-dtype keeps float32)")
+    if src == torch.float16 and ckpt.config.generation >= 2:
+        return torch.bfloat16, ("float16 source: Gemma 2/3 must run in bfloat16 (float16 overflows their "
+                                "activations), so config dtype and the copied tensors are bfloat16")
+    return None, None
+
+
+def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
+    """Every check the writer makes of the source against the scheme (group sizes, LM head), for callers
+    that must fail before calibrating rather than after."""
+    _plan(ckpt, scheme)
+
+
 # -- config.json ------------------------------------------------------------------------------
 def quantization_config(scheme: Scheme, actorder: str | None = None) -> dict:
     """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0)."""
@@ -92,9 +121,13 @@ def quantization_config(scheme: Scheme, actorder: str | None = None) -> dict:
             "transform_config": {}}
 
 
-def config_with_quantization(src_text: str, qc: dict, where: str = "config.json") -> str:
+def config_with_quantization(src_text: str, qc: dict, where: str = "config.json",
+                             dtype: torch.dtype | None = None) -> str:
     """The source config.json text with `"quantization_config": {...}` inserted before its closing
-    brace; every other byte is kept (transformers would rewrite rope keys, docs/vllm-formats.md §0)."""
+    brace; every other byte is kept (transformers would rewrite rope keys, docs/vllm-formats.md §0),
+    except float32/float16 `dtype`/`torch_dtype` values when `dtype` is bfloat16."""
+    if dtype == torch.bfloat16:
+        src_text = _DTYPE_KEY.sub(r'\1"bfloat16"', src_text)
     try:
         data = json.loads(src_text)
     except json.JSONDecodeError as e:
@@ -135,7 +168,7 @@ def _linear_outs(module: str, n: int, k: int, scheme: Scheme) -> tuple[_Out, ...
     return tuple(outs)
 
 
-def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:
+def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tuple[list[_Unit], list[str]]:
     cfg = ckpt.config
     suffixes = tuple(cfg.linear_shapes())
     linear = re.compile(r"^(model\.layers\.\d+\.(?:%s))\.weight$" % "|".join(re.escape(s) for s in suffixes))
@@ -150,7 +183,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:
             continue
         m = linear.match(name)
         if m is None:
-            units.append(_Unit(name, (_Out(name, ckpt.dtype(name), ckpt.shape(name)),)))
+            units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
         w = scheme.weights
@@ -283,7 +316,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              drift: dict | None = None, input_scales: dict[str, float | torch.Tensor] | None = None,
                              actorder: str | None = None, base_model: str | None = None,
                              max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
-                             overrides: dict[str, torch.Tensor] | None = None, inputs=()) -> Report:
+                             overrides: dict[str, torch.Tensor] | None = None, inputs=(),
+                             keep_dtype: bool = False) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
     quantized: {module name: Packed} from a calibrated algorithm (GPTQ, AWQ, SmoothQuant); other
@@ -291,7 +325,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         with static activations (fp8-static), unless the module's Packed carries one.
     overrides: {tensor name: tensor} replacing copied tensors (the norms SmoothQuant/AWQ folded scales
         into); same dtype and shape as the source tensor.
-    inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them."""
+    inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them.
+    keep_dtype: copy float32/float16 tensors as they are (default: `copy_dtype`)."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
     if ckpt.config.multimodal:
@@ -301,7 +336,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     inputs = [ckpt.path, *inputs]
     check_output(out_dir, force=force, kind="dir", inputs=inputs)
     check_side_files(ckpt)  # a corrupt tokenizer.json is never copied into an output
-    units, skipped = _plan(ckpt, scheme)
+    to, dtype_note = copy_dtype(ckpt, keep_dtype)
+    units, skipped = _plan(ckpt, scheme, to)
     modules = {u.module for u in units if u.module}
     quantized = dict(quantized or {})
     input_scales = dict(input_scales or {})
@@ -336,7 +372,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     files = {fn: [o for u in sh for o in u.outs] for fn, sh in zip(names, shards)}
     report = Report(out_dir=out_dir, scheme=scheme.name, files=[], shards=len(shards), quantized=[], copied=[],
                     skipped=skipped, tensor_bytes=sum(o.nbytes for outs in files.values() for o in outs),
-                    source_bytes=ckpt.weight_nbytes())
+                    source_bytes=ckpt.weight_nbytes(), notes=[dtype_note] if dtype_note else [])
     num_bits = scheme.weights.num_bits
     digests: dict[str, str] = {}
     with atomic_output(out_dir, force=force, kind="dir") as tmp, byte_progress(progress) as bar:
@@ -348,7 +384,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                 for u in shard:
                     bar.update(task, tensor=u.source)
                     if u.module is None and u.source in overrides:
-                        t = overrides[u.source].detach().cpu().contiguous()
+                        t = overrides[u.source].detach().cpu().to(u.outs[0].dtype).contiguous()
                         _check_finite(t, u.source, ckpt.file_of(u.source))
                         parts = {u.source: _bytes_of(t)}
                         report.notes.append(f"{u.source}: rewritten (calibration folded scales into it)")
@@ -357,7 +393,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                         for i in range(0, src_view.numel(), 1 << 24):  # a 1.8 GB embedding: 32 MB at a time
                             _check_finite(src_view[i:i + (1 << 24)], u.source, ckpt.file_of(u.source))
                             release_pages(src_view[i:i + (1 << 24)])  # copied below, also released behind
-                        parts = {u.source: ckpt.raw_bytes(u.source)}
+                        parts = {u.source: ckpt.raw_bytes(u.source) if to is None
+                                 else _bytes_of(ckpt.tensor(u.source).to(to))}
                         report.copied.append(u.source)
                     else:
                         p, report.weight_error[u.module] = _linear_packed(
@@ -380,7 +417,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         qc = quantization_config(scheme, actorder)
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
-                                                                  str(src_cfg)), encoding="utf-8")
+                                                                  str(src_cfg), to), encoding="utf-8")
         for p in ckpt.side_files():
             if p.name != "config.json":
                 shutil.copyfile(p, tmp / p.name)
