@@ -99,23 +99,42 @@ def sentencepiece_arrays(model_dir: Path, vocab_size: int | None) -> VocabArrays
     return VocabArrays(tokens, scores, types)
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, generation: int, vocab_size: int | None) -> VocabArrays:
-    """Add the tokenizer.* keys in the converter's order (its `set_vocab`); returns the arrays."""
-    arrays = sentencepiece_arrays(model_dir, vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(arrays.tokens)
-    writer.add_token_scores(arrays.scores)
-    writer.add_token_types(arrays.types)
+def _special_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, load_merges: bool = False) -> None:
     # gguf's SpecialVocab logs a warning for Gemma's <bos>-separated pair template (the converter
     # prints it too); it changes nothing in the file, so keep it off our users' terminals
     log = logging.getLogger("gguf.vocab")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        gguf.SpecialVocab(model_dir, n_vocab=len(arrays.tokens)).add_to_gguf(writer, quiet=True)
+        gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
     finally:
         log.setLevel(level)
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, generation: int, vocab_size: int | None) -> VocabArrays:
+    """Add the tokenizer.* keys in the converter's order (its `set_vocab`); returns the arrays."""
+    model_dir = Path(model_dir)
+    if generation == 3 and vocab_size and not (model_dir / "tokenizer.model").is_file() \
+            and (model_dir / "tokenizer.json").is_file():
+        from .vocab_bpe import bpe_vocab  # the converter's Gemma 3 without tokenizer.model: gpt2 route
+
+        tokens, types, pre = bpe_vocab(model_dir, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        _special_vocab(writer, model_dir, len(tokens), load_merges=True)
+        return VocabArrays([t.encode("utf-8") for t in tokens], [], types)
+    if not (model_dir / "tokenizer.model").is_file() and (model_dir / "tokenizer.json").is_file():
+        raise GemmaQuantError(f"{model_dir}: no tokenizer.model; llama.cpp's converter reads a Gemma "
+                              f"{generation} vocabulary only from it (Gemma 3 also from tokenizer.json alone)")
+    arrays = sentencepiece_arrays(model_dir, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(arrays.tokens)
+    writer.add_token_scores(arrays.scores)
+    writer.add_token_types(arrays.types)
+    _special_vocab(writer, model_dir, len(arrays.tokens))
     if generation == 1:  # CodeGemma FIM ids; only eot has a writer method
         sv = gguf.SpecialVocab(model_dir, load_merges=False,
                                special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
