@@ -48,6 +48,9 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
                 b += 2
             t = ("fp8 e4m3" if w.type == "float" else "int8") + f" per-{w.strategy}"
         rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    for name in ckpt.vision_names():  # multimodal: copied unquantized
+        rows.append({"tensor": name, "shape": list(ckpt.shape(name)), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                     "bytes": ckpt.raw_bytes(name).nbytes, "note": "vision tower / projector: kept, in `ignore`"})
     return rows
 
 

@@ -290,8 +290,10 @@ def _compressed_tensors(ckpt, scheme, out, opts, text=None) -> QuantizeSummary:
     notes += rep.notes
     size = _size(out)
     params = ckpt.config.param_count()
+    vision = set(ckpt.vision_names())
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
-           if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
+           if "embed_tokens" in n else (n, "vision tower / projector: unquantized, in `ignore`") if n in vision
+           else (n, "norm: copied byte for byte") for n in rep.copied]
     unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
     errs = list(rep.weight_error.values())
     if overrides:

@@ -9,6 +9,8 @@ the memory-mapped source and written at its offset, one Linear at a time. Nothin
                          pack-quantized   P.weight_packed i32 [N, K*b/32], P.weight_scale [N,G],
                                           P.weight_shape i64 [2], P.weight_zero_point i32 [N*b/32, G] (asym)
     embeddings, norms -> copied byte for byte;  lm_head.weight (tied) -> not written
+    multimodal Gemma 3: the text tensors under `language_model.`, the vision tower and projector copied
+    unquantized and ignored, all in layout A's names whatever the source's (multimodal.py)
     (an f32 source, or an f16 Gemma 2/3 source: copied in bf16 and config dtype bfloat16, `copy_dtype`)
 
 Within a shard, tensors are ordered by element size (8, 4, 2, 1 bytes) so every tensor starts at an
@@ -36,6 +38,7 @@ from ..errors import GemmaQuantError, OutputError
 from ..safetensors_io import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from ..progress import byte_progress
+from ..multimodal import CT_IGNORE, TEXT_A
 from .atomic import atomic_output
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
@@ -62,7 +65,8 @@ class _Unit:
 
     source: str  # tensor name in the source checkpoint
     outs: tuple[_Out, ...]
-    module: str | None = None  # the Linear's module name when quantized
+    module: str | None = None  # the Linear's module name when quantized (text-model name)
+    prefix: str = ""  # what output names add to the text-model name (multimodal: "language_model.")
 
 
 @dataclass
@@ -109,14 +113,16 @@ def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
 
 
 # -- config.json ------------------------------------------------------------------------------
-def quantization_config(scheme: Scheme, actorder: str | None = None) -> dict:
-    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0)."""
+def quantization_config(scheme: Scheme, actorder: str | None = None, multimodal: bool = False) -> dict:
+    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); a multimodal
+    model's vision tower and projector are ignored (as llm-compressor's Gemma 3 recipes do)."""
     ia = scheme.input_activations
     group = {"targets": ["Linear"], "weights": scheme.weights.to_config(actorder),
              "input_activations": ia.to_config() if ia else None, "output_activations": None,
              "format": scheme.ct_format}
     return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": scheme.ct_format,
-            "quantization_status": "compressed", "config_groups": {"group_0": group}, "ignore": ["lm_head"],
+            "quantization_status": "compressed", "config_groups": {"group_0": group},
+            "ignore": ["lm_head"] + (CT_IGNORE if multimodal else []),
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
             "transform_config": {}}
 
@@ -172,6 +178,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
     cfg = ckpt.config
     suffixes = tuple(cfg.linear_shapes())
     linear = re.compile(r"^(model\.layers\.\d+\.(?:%s))\.weight$" % "|".join(re.escape(s) for s in suffixes))
+    prefix = TEXT_A if cfg.multimodal else ""
     units, skipped = [], []
     for name in ckpt.names():
         if name == "lm_head.weight":
@@ -183,7 +190,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
             continue
         m = linear.match(name)
         if m is None:
-            units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
+            units.append(_Unit(name, (_Out(prefix + name, to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
         w = scheme.weights
@@ -193,7 +200,9 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
                 f"{ckpt.path}: tensor '{name}' has input width {k}, not divisible by the group size "
                 f"{w.group_size} of scheme '{scheme.name}' (group sizes that divide {k}: "
                 f"{', '.join(map(str, ok)) or 'none'}; or per-channel)")
-        units.append(_Unit(name, _linear_outs(m.group(1), n, k, scheme), module=m.group(1)))
+        units.append(_Unit(name, _linear_outs(prefix + m.group(1), n, k, scheme), module=m.group(1), prefix=prefix))
+    for name in ckpt.vision_names():  # unquantized: vLLM and transformers run the tower in bf16
+        units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
     return units, skipped
 
 
@@ -255,7 +264,7 @@ def _linear_packed(ckpt: Checkpoint, u: _Unit, scheme: Scheme, given: Packed | N
 
 def _check_packed(p: Packed, u: _Unit) -> dict[str, torch.Tensor]:
     """The Packed's tensors must be exactly the planned ones (names, dtypes, shapes)."""
-    got = {f"{u.module}.{k}": v for k, v in p.tensors().items()}
+    got = {f"{u.prefix}{u.module}.{k}": v for k, v in p.tensors().items()}
     want = {o.name: o for o in u.outs}
     if set(got) != set(want):
         raise GemmaQuantError(f"quantized result for '{u.module}' has tensors {sorted(got)}; "
@@ -329,9 +338,6 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     keep_dtype: copy float32/float16 tensors as they are (default: `copy_dtype`)."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
-    if ckpt.config.multimodal:
-        raise GemmaQuantError(f"{ckpt.path}: multimodal Gemma 3 checkpoints are not supported by the "
-                              "compressed-tensors writer (text-only); use the text model's checkpoint")
     out_dir = Path(out_dir).absolute()
     inputs = [ckpt.path, *inputs]
     check_output(out_dir, force=force, kind="dir", inputs=inputs)
@@ -386,14 +392,14 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                     if u.module is None and u.source in overrides:
                         t = overrides[u.source].detach().cpu().to(u.outs[0].dtype).contiguous()
                         _check_finite(t, u.source, ckpt.file_of(u.source))
-                        parts = {u.source: _bytes_of(t)}
+                        parts = {u.outs[0].name: _bytes_of(t)}
                         report.notes.append(f"{u.source}: rewritten (calibration folded scales into it)")
                     elif u.module is None:
                         src_view = ckpt.tensor(u.source).reshape(-1)
                         for i in range(0, src_view.numel(), 1 << 24):  # a 1.8 GB embedding: 32 MB at a time
                             _check_finite(src_view[i:i + (1 << 24)], u.source, ckpt.file_of(u.source))
                             release_pages(src_view[i:i + (1 << 24)])  # copied below, also released behind
-                        parts = {u.source: ckpt.raw_bytes(u.source) if to is None
+                        parts = {u.outs[0].name: ckpt.raw_bytes(u.source) if to is None
                                  else _bytes_of(ckpt.tensor(u.source).to(to))}
                         report.copied.append(u.source)
                     else:
@@ -414,7 +420,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        qc = quantization_config(scheme, actorder)
+        qc = quantization_config(scheme, actorder, ckpt.config.multimodal)
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
                                                                   str(src_cfg), to), encoding="utf-8")
