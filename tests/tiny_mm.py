@@ -35,6 +35,15 @@ def _b(name: str) -> str:
     return "lm_head.weight" if name == "language_model.lm_head.weight" else "model." + name
 
 
+def to_a(name: str) -> str:
+    """Any layout's tensor name under layout A (llama.cpp's converter reads only A)."""
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model."):]
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    return _a(name.removeprefix("model."))
+
+
 def image_processor(size: int) -> dict:
     return {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
             "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Gemma3ImageProcessor",
