@@ -32,6 +32,7 @@ class QuantizeOptions:
     card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
     keep_dtype: bool = False  # compressed-tensors: copy an f32/f16 source's tensors as they are, not in bf16
+    mmproj: str | None = None  # GGUF of a multimodal model: the mmproj type (None: f16; "none": no mmproj)
 
 
 @dataclass
@@ -126,6 +127,26 @@ def check_source(ckpt: Checkpoint) -> None:
                               "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
 
 
+MMPROJ_DEFAULT = "f16"  # what llama.cpp's own Gemma 3 GGUF repos ship beside the text model
+
+
+def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: Path) -> tuple[str, Path] | None:
+    """(type, path) of the mmproj written beside a GGUF output of a multimodal checkpoint, named as
+    llama.cpp's converter names it (mmproj-<name>-<TYPE>.gguf in the output's folder); None when none is."""
+    from .gguf.mmproj import OUTTYPES, default_mmproj_path
+
+    asked = opts.mmproj
+    if asked is not None and asked != "none" and asked not in OUTTYPES:
+        raise GemmaQuantError(f"--mmproj {asked!r} is not supported (allowed: {', '.join(OUTTYPES)}, none)")
+    if asked not in (None, "none") and not (scheme.is_gguf and ckpt.config.multimodal):
+        why = "a GGUF scheme" if not scheme.is_gguf else "a multimodal checkpoint (Gemma3ForConditionalGeneration)"
+        raise GemmaQuantError(f"--mmproj {asked}: the vision tower's GGUF needs {why}")
+    if asked == "none" or not (scheme.is_gguf and ckpt.config.multimodal):
+        return None
+    t = asked or MMPROJ_DEFAULT
+    return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
+
+
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
     """Every path a quantize run reads: the output guard keeps the output off all of them."""
     return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
@@ -142,6 +163,15 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_source(ckpt)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
+    mmproj = mmproj_target(ckpt, scheme, opts, out)
+    mmproj_kept = False
+    if mmproj is not None:
+        from .gguf.mmproj import same_mmproj
+
+        # a second preset written into the same folder shares the mmproj an earlier one wrote
+        mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
+        if not mmproj_kept:
+            check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
     calibrating = bool(opts.imatrix) if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
@@ -157,6 +187,17 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress, text)
+        if mmproj_kept:
+            summary.notes.append(f"vision tower + projector: {mmproj[1]} already holds this model's "
+                                 f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
+        elif mmproj is not None:
+            from .gguf.mmproj import write_mmproj
+
+            rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
+            summary.notes.append(f"vision tower + projector: {rep.path} ({mmproj[0].upper()}, {len(rep.tensors)} "
+                                 f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
+        elif ckpt.config.multimodal:
+            summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
     else:
         summary = _compressed_tensors(ckpt, scheme, out, opts, text)
     summary.seconds = time.perf_counter() - t0

@@ -226,6 +226,24 @@ def default_mmproj_path(ckpt: Checkpoint, outtype: str, folder: Path) -> Path:
     return Path(folder) / f"mmproj-{shown}.gguf"
 
 
+def same_mmproj(path: Path, ckpt: Checkpoint, outtype: str) -> bool:
+    """Whether `path` already is this model's mmproj of this type (a second GGUF preset written into the
+    same folder shares it): a clip GGUF with the same file type, tensor names, types and shapes."""
+    from ..gguf_file import GGUFFile
+
+    try:
+        gf = GGUFFile(path)
+    except (GemmaQuantError, OSError):
+        return False
+    try:
+        want = plan_mmproj(ckpt, outtype)
+        return (gf.get("general.architecture") == "clip" and gf.get("general.file_type") == OUTTYPES[outtype][0]
+                and [(t.name, t.type, t.shape) for t in want]
+                == [(n, i.qtype, tuple(i.shape)) for n, i in gf.tensors.items()])
+    finally:
+        gf.close()
+
+
 def write_mmproj(ckpt: Checkpoint, outtype: str, out: Path, *, force: bool = False, inputs=()) -> MmprojReport:
     """Write the mmproj GGUF to `out` (all or nothing; the output guard applies as for any output)."""
     out = Path(out).absolute()

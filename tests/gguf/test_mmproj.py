@@ -149,3 +149,25 @@ def test_libmtmd_encodes_an_image_as_transformers_does(mm, tmp_path, outtype):
         feats = hf.model.get_image_features(pixel_values=x)
     feats = getattr(feats, "pooler_output", feats).reshape(-1, TEXT["hidden_size"]).numpy()
     assert np.abs(got - feats).max() < 1e-3 * max(1.0, np.abs(feats).max())
+
+
+def test_quantize_writes_the_mmproj_beside_the_gguf(mm, tmp_path):
+    """A GGUF of a multimodal model gets llama.cpp's mmproj beside it (f16 unless --mmproj says otherwise);
+    a second preset in the same folder keeps it; --mmproj none writes none; other uses are refused."""
+    from gemmaquant.quantize import QuantizeOptions, run_quantize
+    from gemmaquant.schemes import get_scheme
+
+    d, want, _ = mm["C"]
+    ck = Checkpoint(d)
+    s1 = run_quantize(ck, get_scheme("q8_0"), tmp_path / "a.Q8_0.gguf", QuantizeOptions())
+    proj = tmp_path / "mmproj-Tiny-Gemma-3-Mm-F16.gguf"
+    assert proj.read_bytes() == want["f16"].read_bytes() and any(str(proj) in n for n in s1.notes)
+    before = proj.stat().st_mtime_ns
+    s2 = run_quantize(ck, get_scheme("q4_0"), tmp_path / "a.Q4_0.gguf", QuantizeOptions())
+    assert proj.stat().st_mtime_ns == before and any("kept" in n for n in s2.notes)
+    run_quantize(ck, get_scheme("q4_0"), tmp_path / "b" / "a.gguf", QuantizeOptions(mmproj="q8_0"))
+    assert (tmp_path / "b" / "mmproj-Tiny-Gemma-3-Mm-Q8_0.gguf").read_bytes() == want["q8_0"].read_bytes()
+    run_quantize(ck, get_scheme("q4_0"), tmp_path / "c" / "a.gguf", QuantizeOptions(mmproj="none"))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.gguf"]
+    with pytest.raises(GemmaQuantError, match="--mmproj q8_0: the vision tower's GGUF needs a GGUF scheme"):
+        run_quantize(ck, get_scheme("fp8"), tmp_path / "ct", QuantizeOptions(mmproj="q8_0"))
