@@ -1,6 +1,6 @@
 """The vision tower and projector of a multimodal Gemma 3 as llama.cpp's `clip` GGUF (the "mmproj" file that
 llama-mtmd-cli, llama-server and libmtmd load beside the text GGUF), identical to
-`convert_hf_to_gguf.py --mmproj --outtype T` (docs/gguf-gemma.md, "mmproj").
+`convert_hf_to_gguf.py --mmproj --outtype T` (docs/gguf-gemma.md §8).
 
 What the converter does, and so do we:
 * tensors: every `vision_tower.*` and `multi_modal_projector.*` tensor (SigLIP's unused `head.*` dropped),
