@@ -171,3 +171,14 @@ def test_quantize_writes_the_mmproj_beside_the_gguf(mm, tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.gguf"]
     with pytest.raises(GemmaQuantError, match="--mmproj q8_0: the vision tower's GGUF needs a GGUF scheme"):
         run_quantize(ck, get_scheme("fp8"), tmp_path / "ct", QuantizeOptions(mmproj="q8_0"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_f32_and_f16_sources(tmp_path, dtype):
+    """An f32 source is written like a bf16 one (widened values), an f16 one keeps f16 through the
+    soft-emb-norm +1 as the converter does; both byte-identical for every type (layout D vs its A copy)."""
+    d = make_tiny_mm(tmp_path / "src", dtype=dtype)["D"]
+    a = _as_layout_a(d, tmp_path / "refD")
+    types = list(OUTTYPES)
+    for t, want in zip(types, ref.convert_many([(a, t + "+mmproj") for t in types])):
+        assert write_mmproj(Checkpoint(d), t, tmp_path / f"{t}.gguf").path.read_bytes() == want.read_bytes(), t
