@@ -81,3 +81,23 @@ def test_llama_cpp_computes_the_predicted_model(tmp_path, case):
     assert (got - want).abs().max() / scale < 0.05  # bf16 activations in llama.cpp: 0.02 measured
     drift = float((got - hf_logits).abs().max() / scale)
     assert (drift > 0.1) == bool(gguf_notes(ck.config, "x")), drift
+
+
+@pytest.mark.slow  # a GGUF written and two models run: seconds
+@pytest.mark.parametrize("case", ["released", "qpas48"])
+def test_compare_explains_a_gguf_delta(tmp_path, case, monkeypatch):
+    """`compare` of the HF model with its GGUF names the setting llama.cpp computes differently."""
+    from gemmaquant.compare_cli import compare_artifacts
+    from gemmaquant.gguf.writer import write_gguf
+
+    monkeypatch.setenv("GEMMAQUANT_CACHE", str(tmp_path / "cache"))
+    _tiny(tmp_path / "m", **CASES[case])
+    path = write_gguf(Checkpoint(tmp_path / "m"), "bf16", tmp_path / "m.gguf").path
+    text = tmp_path / "t.txt"
+    text.write_text("abc de fa bcd ea " * 40)
+    rep = compare_artifacts(str(tmp_path / "m"), [str(path)], text, ctx=16, chunks=2, use_cache=False)
+    notes = rep["artifacts"][0]["notes"]
+    if case == "released":
+        assert notes == []
+    else:
+        assert len(notes) == 1 and "query_pre_attn_scalar is 48" in notes[0] and str(path) in notes[0]
