@@ -184,7 +184,12 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
+    extra = 0
+    if mmproj is not None and not mmproj_kept:
+        from .gguf.mmproj import plan_mmproj
+
+        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress, text)
         if mmproj_kept:

@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import SOURCE_DTYPES, Checkpoint
 from ..errors import GemmaQuantError
 from ..export.atomic import atomic_output
 from ..export.guard import check_output
@@ -135,6 +135,9 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> list[MmprojTensor]:
         for a in sorted(by_file[f]):
             name = gguf_name(a)
             if name is not None:
+                if ckpt.dtype_name(a) not in SOURCE_DTYPES:
+                    raise GemmaQuantError(f"{ckpt.file_of(a)}: tensor '{a}' is {ckpt.dtype_name(a)}; expected a "
+                                          "bf16/f16/f32 vision tower (is this already quantized?)")
                 shape = ckpt.shape(a)
                 out.append(MmprojTensor(a, name, shape, _tensor_type(a, name, shape, plain)))
     if not any(t.name.startswith("v.blk.") for t in out):
