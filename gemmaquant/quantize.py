@@ -127,13 +127,10 @@ def check_source(ckpt: Checkpoint) -> None:
                               "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
 
 
-MMPROJ_DEFAULT = "f16"  # what llama.cpp's own Gemma 3 GGUF repos ship beside the text model
-
-
 def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: Path) -> tuple[str, Path] | None:
     """(type, path) of the mmproj written beside a GGUF output of a multimodal checkpoint, named as
     llama.cpp's converter names it (mmproj-<name>-<TYPE>.gguf in the output's folder); None when none is."""
-    from .gguf.mmproj import OUTTYPES, default_mmproj_path
+    from .gguf.mmproj import DEFAULT_OUTTYPE, OUTTYPES, default_mmproj_path
 
     asked = opts.mmproj
     if asked is not None and asked != "none" and asked not in OUTTYPES:
@@ -143,7 +140,7 @@ def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: 
         raise GemmaQuantError(f"--mmproj {asked}: the vision tower's GGUF needs {why}")
     if asked == "none" or not (scheme.is_gguf and ckpt.config.multimodal):
         return None
-    t = asked or MMPROJ_DEFAULT
+    t = asked or DEFAULT_OUTTYPE
     return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
 
 

@@ -42,6 +42,7 @@ from .metadata import QUANTIZATION_VERSION, display_dir_name, general_metadata
 # --outtype -> (general.file_type, type of the plain matrices)
 OUTTYPES = {"f32": (0, GGMLType.F32), "f16": (1, GGMLType.F16), "bf16": (32, GGMLType.BF16),
             "q8_0": (7, GGMLType.Q8_0)}
+DEFAULT_OUTTYPE = "f16"  # what llama.cpp's own Gemma 3 GGUF repositories ship beside the text model
 # SiglipVisionConfig's defaults: the converter reads the config through transformers, which fills them in
 SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16, layer_norm_eps=1e-6)
