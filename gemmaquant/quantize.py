@@ -188,18 +188,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress, text)
-        if mmproj_kept:
-            summary.notes.append(f"vision tower + projector: {mmproj[1]} already holds this model's "
-                                 f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
-        elif mmproj is not None:
-            from .gguf.mmproj import write_mmproj
-
-            rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
-            summary.notes.append(f"vision tower + projector: {rep.path} ({mmproj[0].upper()}, {len(rep.tensors)} "
-                                 f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
-        elif ckpt.config.multimodal:
-            summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept)
     else:
         summary = _compressed_tensors(ckpt, scheme, out, opts, text)
     summary.seconds = time.perf_counter() - t0
@@ -207,7 +196,22 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     return summary
 
 
-def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
+def _mmproj(ckpt, opts, summary, mmproj, kept) -> None:
+    """Write (or keep) the mmproj beside the GGUF and say so in the summary (and so in the card)."""
+    if kept:
+        summary.notes.append(f"vision tower + projector: {mmproj[1].name} (beside it) already holds this model's "
+                             f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
+    elif mmproj is not None:
+        from .gguf.mmproj import write_mmproj
+
+        rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
+        summary.notes.append(f"vision tower + projector: {rep.path.name} beside it ({mmproj[0].upper()}, {len(rep.tensors)} "
+                             f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
+    elif ckpt.config.multimodal:
+        summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
+
+
+def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False) -> QuantizeSummary:
     import logging
 
     from .gguf.fidelity import gguf_notes
@@ -237,6 +241,7 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
         if header is not None:
             header.close()
     summary.notes[:0] = lossy
+    _mmproj(ckpt, opts, summary, mmproj, mmproj_kept)
     if card is not None:
         _gguf_card(ckpt, scheme, out, opts, summary, card[0])
     return summary
