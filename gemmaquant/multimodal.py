@@ -38,11 +38,6 @@ def vision_name(stored: str) -> str | None:
     return None
 
 
-def text_name_a(text: str) -> str:
-    """Layout A name of a text-model tensor named as in a text-only checkpoint (model.layers.0...)."""
-    return TEXT_A + text
-
-
 def layout(stored_names) -> str:
     """Which of the layouts A/B/C/D a multimodal checkpoint's names are (for messages and reports)."""
     names = list(stored_names)

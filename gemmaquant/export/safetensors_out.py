@@ -38,7 +38,7 @@ from ..errors import GemmaQuantError, OutputError
 from ..safetensors_io import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
 from ..progress import byte_progress
-from ..multimodal import CT_IGNORE, TEXT_A
+from ..multimodal import CT_IGNORE, TEXT_A, layout
 from .atomic import atomic_output
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
@@ -344,6 +344,11 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     check_side_files(ckpt)  # a corrupt tokenizer.json is never copied into an output
     to, dtype_note = copy_dtype(ckpt, keep_dtype)
     units, skipped = _plan(ckpt, scheme, to)
+    notes = [dtype_note] if dtype_note else []
+    if ckpt.config.multimodal:
+        notes.append(f"multimodal: {len(ckpt.vision_names())} vision tower / projector tensors copied unquantized "
+                     f"(in `ignore`); tensor names in Google's layout A (the source's: "
+                     f"{layout(ckpt.stored_names())})")
     modules = {u.module for u in units if u.module}
     quantized = dict(quantized or {})
     input_scales = dict(input_scales or {})
@@ -378,7 +383,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     files = {fn: [o for u in sh for o in u.outs] for fn, sh in zip(names, shards)}
     report = Report(out_dir=out_dir, scheme=scheme.name, files=[], shards=len(shards), quantized=[], copied=[],
                     skipped=skipped, tensor_bytes=sum(o.nbytes for outs in files.values() for o in outs),
-                    source_bytes=ckpt.weight_nbytes(), notes=[dtype_note] if dtype_note else [])
+                    source_bytes=ckpt.weight_nbytes(), notes=notes)
     num_bits = scheme.weights.num_bits
     digests: dict[str, str] = {}
     with atomic_output(out_dir, force=force, kind="dir") as tmp, byte_progress(progress) as bar:

@@ -40,6 +40,7 @@ def test_transformers_loads_the_multimodal_output(layouts, tmp_path, layout, sch
     src, out = layouts[layout], tmp_path / "out"
     rep = write_compressed_tensors(Checkpoint(src), get_scheme(scheme), out, progress=False)
     assert len(rep.quantized) == 2 * 7
+    assert any(f"the source's: {layout})" in n for n in rep.notes)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"] and "vision_config" in cfg
     assert cfg["quantization_config"]["ignore"] == ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
