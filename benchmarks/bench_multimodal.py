@@ -5,7 +5,7 @@ transformers, libmtmd image embeddings, vLLM load} of benchmarks/RESULTS.md.
     python benchmarks/bench_multimodal.py [--untied] [--vllm /path/to/vllm-venv/bin/python]
 
 Tiny random checkpoints built and saved by transformers (tests/tiny_mm.py); llama.cpp's converter from the
-pinned sources (tests/gguf/llamacpp_ref.py). The converter reads only layout A, so its mmproj reference for
+pinned sources (tests/export/gguf/llamacpp_ref.py). The converter reads only layout A, so its mmproj reference for
 B/C/D is its output on the same files with the tensors renamed to A; what it does on the raw layout is
 reported too. vLLM runs only when given a Python with vLLM installed (never a gemmaquant dependency).
 """
@@ -40,8 +40,8 @@ def _rel(a, b) -> float:
 def eval_vs_transformers(d: Path) -> float:
     import transformers
 
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.loading import load_model
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.model.loading import load_model
 
     ids = torch.randint(4, 260, (1, 48), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 2
@@ -52,7 +52,7 @@ def eval_vs_transformers(d: Path) -> float:
 
 def converter_on_raw_layout(d: Path) -> str:
     """What convert_hf_to_gguf.py --mmproj itself does with this directory."""
-    from tests.gguf import llamacpp_ref as ref
+    from tests.export.gguf import llamacpp_ref as ref
 
     try:
         out = ref.convert_mmproj(d, "f16")
@@ -63,11 +63,11 @@ def converter_on_raw_layout(d: Path) -> str:
 
 
 def gguf_checks(d: Path, ref_a: Path, work: Path) -> dict:
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.gguf.mmproj import OUTTYPES, write_mmproj
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.export.gguf.mmproj import OUTTYPES, write_mmproj
+    from gemmaquant.export.gguf.writer import write_gguf
     from gemmaquant.schemes import get_scheme
-    from tests.gguf import llamacpp_ref as ref
+    from tests.export.gguf import llamacpp_ref as ref
 
     text_ref = ref.convert(d, "bf16")
     ours = write_gguf(Checkpoint(d), "q8_0", work / "t.gguf", force=True).path
@@ -83,7 +83,7 @@ def gguf_checks(d: Path, ref_a: Path, work: Path) -> dict:
 def mtmd_delta(d: Path, text_gguf: str, mmproj: str) -> float:
     import transformers
 
-    from tests.gguf.test_mmproj import _mtmd_image_embeddings
+    from tests.export.gguf.test_mmproj import _mtmd_image_embeddings
 
     rgb = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3)).astype(np.uint8)
     got = _mtmd_image_embeddings(text_gguf, mmproj, rgb)
@@ -98,8 +98,8 @@ def mtmd_delta(d: Path, text_gguf: str, mmproj: str) -> float:
 def ct_checks(d: Path, out: Path, scheme: str) -> dict:
     import transformers
 
-    from gemmaquant.artifact import open_artifact
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.evaluate.artifact import open_artifact
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
@@ -137,7 +137,7 @@ def main():
     ap.add_argument("--vllm", help="a Python with vLLM installed, for the vLLM column")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
-    from tests.gguf.test_mmproj import _as_layout_a
+    from tests.export.gguf.test_mmproj import _as_layout_a
     from tests.tiny_mm import LAYOUTS, make_tiny_mm
 
     root = Path(tempfile.mkdtemp(prefix="bench_mm_"))

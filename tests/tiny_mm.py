@@ -59,7 +59,7 @@ def make_tiny_mm(root: Path, *, untied: bool = False, dtype=torch.bfloat16, visi
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from tests.gguf.llamacpp_ref import tiny_tokenizer
+    from tests.export.gguf.llamacpp_ref import tiny_tokenizer
 
     vis = {**VISION, **(vision or {})}
     cfg = transformers.Gemma3Config(text_config=dict(TEXT, tie_word_embeddings=not untied), vision_config=vis,

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.export import write_compressed_tensors
 from gemmaquant.schemes import get_scheme
 from tests.tiny_mm import LAYOUTS, make_tiny_mm
@@ -35,7 +35,7 @@ def _cases():
 
 @pytest.mark.parametrize("scheme,layout", _cases())
 def test_transformers_loads_the_multimodal_output(layouts, tmp_path, layout, scheme):
-    from gemmaquant.artifact import open_artifact
+    from gemmaquant.evaluate.artifact import open_artifact
 
     src, out = layouts[layout], tmp_path / "out"
     rep = write_compressed_tensors(Checkpoint(src), get_scheme(scheme), out, progress=False)
@@ -75,7 +75,7 @@ def test_transformers_loads_the_multimodal_output(layouts, tmp_path, layout, sch
 @pytest.mark.slow
 def test_calibrated_scheme_runs_on_the_text_model(layouts, tmp_path):
     """GPTQ calibrates the text model of a multimodal checkpoint on text (the vision tower is not run)."""
-    from gemmaquant.quantize import QuantizeOptions, run_quantize
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
 
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
