@@ -31,6 +31,8 @@ class QuantizeOptions:
     inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
     card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
+    keep_dtype: bool = False  # compressed-tensors: copy an f32/f16 source's tensors as they are, not in bf16
+    mmproj: str | None = None  # GGUF of a multimodal model: the mmproj type (None: f16; "none": no mmproj)
 
 
 @dataclass
@@ -118,6 +120,9 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
         n, k = shape
         t, b = fmt.plan_row(n, k, w, scheme.input_activations)
         rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    for name in ckpt.vision_names():  # multimodal: copied unquantized
+        rows.append({"tensor": name, "shape": list(ckpt.shape(name)), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                     "bytes": ckpt.raw_bytes(name).nbytes, "note": "vision tower / projector: kept, in `ignore`"})
     return rows
 
 
@@ -155,6 +160,23 @@ def check_source(ckpt: Checkpoint) -> None:
                               "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
 
 
+def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: Path) -> tuple[str, Path] | None:
+    """(type, path) of the mmproj written beside a GGUF output of a multimodal checkpoint, named as
+    llama.cpp's converter names it (mmproj-<name>-<TYPE>.gguf in the output's folder); None when none is."""
+    from .export.gguf.mmproj import DEFAULT_OUTTYPE, OUTTYPES, default_mmproj_path
+
+    asked = opts.mmproj
+    if asked is not None and asked != "none" and asked not in OUTTYPES:
+        raise GemmaQuantError(f"--mmproj {asked!r} is not supported (allowed: {', '.join(OUTTYPES)}, none)")
+    if asked not in (None, "none") and not (scheme.is_gguf and ckpt.config.multimodal):
+        why = "a GGUF scheme" if not scheme.is_gguf else "a multimodal checkpoint (Gemma3ForConditionalGeneration)"
+        raise GemmaQuantError(f"--mmproj {asked}: the vision tower's GGUF needs {why}")
+    if asked == "none" or not (scheme.is_gguf and ckpt.config.multimodal):
+        return None
+    t = asked or DEFAULT_OUTTYPE
+    return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
+
+
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
     """Every path a quantize run reads: the output guard keeps the output off all of them."""
     return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
@@ -171,17 +193,35 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_source(ckpt)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
+    mmproj = mmproj_target(ckpt, scheme, opts, out)
+    mmproj_kept = False
+    if mmproj is not None:
+        from .export.gguf.mmproj import same_mmproj
+
+        # a second preset written into the same folder shares the mmproj an earlier one wrote
+        mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
+        if not mmproj_kept:
+            check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
     calibrating = bool(opts.imatrix) if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
+    if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
+        from .export.compressed_tensors import check_plan
+
+        check_plan(ckpt, scheme)
     if calibrating:  # the calibration settings only bind when calibration runs
         from .calib.data import calib_text
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
+    extra = 0
+    if mmproj is not None and not mmproj_kept:
+        from .export.gguf.mmproj import plan_mmproj
+
+        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress, text)
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept)
     else:
         summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
     summary.seconds = time.perf_counter() - t0
@@ -189,8 +229,30 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     return summary
 
 
-def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
+def _mmproj(ckpt, opts, summary, mmproj, kept) -> None:
+    """Write (or keep) the mmproj beside the GGUF and say so in the summary (and so in the card)."""
+    if kept:
+        summary.notes.append(f"vision tower + projector: {mmproj[1].name} (beside it) already holds this model's "
+                             f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
+    elif mmproj is not None:
+        from .export.gguf.mmproj import write_mmproj
+
+        rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
+        summary.notes.append(f"vision tower + projector: {rep.path.name} beside it ({mmproj[0].upper()}, {len(rep.tensors)} "
+                             f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
+    elif ckpt.config.multimodal:
+        summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
+
+
+def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False) -> QuantizeSummary:
+    import logging
+
     from .export.gguf.header import start_header
+    from .formats.gguf.fidelity import gguf_notes
+
+    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
+    for note in lossy:  # before the work: a user may rather stop here
+        logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -211,6 +273,8 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
     finally:
         if header is not None:
             header.close()
+    summary.notes[:0] = lossy
+    _mmproj(ckpt, opts, summary, mmproj, mmproj_kept)
     if card is not None:
         _gguf_card(ckpt, scheme, out, opts, summary, card[0])
     return summary
@@ -303,11 +367,14 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> Qu
                                    base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
-                                   inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+                                   inputs=inputs_of(ckpt, opts)[1:], keep_dtype=opts.keep_dtype, progress=progress)
+    notes += rep.notes
     size = _size(out)
     params = ckpt.config.param_count()
+    vision = set(ckpt.vision_names())
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
-           if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
+           if "embed_tokens" in n else (n, "vision tower / projector: unquantized, in `ignore`") if n in vision
+           else (n, "norm: copied byte for byte") for n in rep.copied]
     unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
     errs = list(rep.weight_error.values())
     if overrides:

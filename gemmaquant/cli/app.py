@@ -133,6 +133,11 @@ def quantize_cmd(
                               "second GGUF in the same folder joins it). compressed-tensors directories always get one."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The Hub repo id of MODEL, for the card's "
                                              "base_model when it cannot be derived (a local copy of a Hub repo)."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3: type of the vision "
+                                         "tower's mmproj file written beside it as mmproj-<name>-<TYPE>.gguf (f16 "
+                                         "default, bf16, q8_0, f32), or none."),
+    keep_dtype: bool = typer.Option(False, "--keep-dtype", help="compressed-tensors: copy a float32/float16 source's "
+                                    "embedding and norms as they are (default: bfloat16, the dtype vLLM runs Gemma in)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),
     show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
@@ -174,7 +179,7 @@ def quantize_cmd(
         raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
     _set_threads(threads)
     opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
-                           base_model=base_model,
+                           base_model=base_model, keep_dtype=keep_dtype, mmproj=mmproj,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)

@@ -238,15 +238,30 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
 
 
 def _gguf_tokenizer(gf: GGUFFile):
-    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*)."""
+    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*), or from the BPE tokens and merges
+    of a Gemma 3 converted from tokenizer.json alone."""
     model = gf.get("tokenizer.ggml.model")
-    if model != "llama":
+    if model not in ("llama", "gpt2"):
         raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.model {model!r} is not supported (allowed: llama, "
-                              "the SentencePiece vocabulary Gemma uses)")
+                              "the SentencePiece vocabulary Gemma uses; gpt2, Gemma 3's from tokenizer.json)")
     from tokenizers import Tokenizer as HFTokenizer
 
     from ..formats.tokenizer import Tokenizer, check_vocab_rows
-    from ..formats.tokenizer_json import tokenizer_json_text
+    from ..formats.tokenizer_json import bpe_tokenizer_json_text, tokenizer_json_text
+
+    if model == "gpt2":
+        tokens, types, merges = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+        if tokens is None or types is None or merges is None or len(tokens) != len(types):
+            raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.tokens/token_type/merges are missing or differ in "
+                                  "length")
+        check_vocab_rows(len(tokens), gf.tensors["token_embd.weight"].shape[0], gf.path)
+        bos = gf.get("tokenizer.ggml.bos_token_id")
+        eos = gf.get("tokenizer.ggml.eos_token_id")
+        backend = HFTokenizer.from_str(bpe_tokenizer_json_text(list(tokens), types.tolist(), list(merges),
+                                                               gf.get("tokenizer.ggml.unknown_token_id")))
+        # llama.cpp always adds BOS for this pre-tokenizer (llama-vocab.cpp)
+        return Tokenizer(backend, bos_id=bos, eos_ids=[] if eos is None else [int(eos)], add_bos=True,
+                         source=gf.path)
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):

@@ -17,6 +17,19 @@ from typing import Any
 from ..errors import GemmaQuantError
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "Gemma3ForConditionalGeneration")
+# Gemma-family checkpoints that are not one of the above, by model_type: refused by name, so that a
+# user learns which model they brought rather than reading about a missing tensor.
+OTHER_GEMMA_FAMILIES = {
+    "gemma3n": "Gemma 3n", "gemma4": "Gemma 4", "gemma4_text": "Gemma 4", "gemma4_unified": "Gemma 4",
+    "gemma4_assistant": "Gemma 4", "gemma4_unified_assistant": "Gemma 4", "paligemma": "PaliGemma",
+    "colpali": "ColPali", "recurrent_gemma": "RecurrentGemma", "t5gemma": "T5Gemma", "t5gemma2": "T5Gemma 2",
+    "shieldgemma2": "ShieldGemma 2", "vaultgemma": "VaultGemma", "embedding_gemma2": "EmbeddingGemma 2",
+    "diffusion_gemma": "DiffusionGemma",
+}
+# Gemma 1/2/3 model types whose heads are not a causal LM (EmbeddingGemma is Gemma3TextModel).
+OTHER_GEMMA_HEADS = {"Gemma3TextModel": "EmbeddingGemma (a bidirectional embedding model)"}
 # The one generation table: generation -> (HF model_type of the text model, GGUF general.architecture).
 GENERATIONS = {1: ("gemma", "gemma"), 2: ("gemma2", "gemma2"), 3: ("gemma3_text", "gemma3")}
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -204,6 +217,21 @@ def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[s
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
 
 
+def _refuse_other_gemma(raw: dict, where: str) -> None:
+    """One line naming the architecture of a Gemma-family checkpoint we do not handle."""
+    mt = raw.get("model_type")
+    archs = raw.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    family = OTHER_GEMMA_FAMILIES.get(mt) if isinstance(mt, str) else None
+    if family is None and arch is not None and arch not in SUPPORTED_ARCHITECTURES and (
+            arch.startswith("Gemma") or mt in SUPPORTED_MODEL_TYPES):
+        family = OTHER_GEMMA_HEADS.get(arch, "a Gemma model with a head other than the causal LM")
+    if family is not None:
+        raise GemmaQuantError(
+            f"{where}: {family} (architectures {arch or '?'}, model_type {mt!r}) is not supported; "
+            f"gemmaquant handles {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
 def config_from_dict(raw: dict, where: str = "config.json") -> GemmaConfig:
     """Validate a config.json object. Any value of the wrong JSON type is a one-line error."""
     try:
@@ -220,6 +248,7 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
     if not isinstance(raw, dict):
         raise GemmaQuantError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     mt = raw.get("model_type")
+    _refuse_other_gemma(raw, where)
     d = raw
     multimodal = False
     if mt == "gemma3":  # Gemma3ForConditionalGeneration: the text model sits in text_config

@@ -10,7 +10,9 @@ vLLM expects. Numerics follow transformers' reference implementation:
   * Gemma 2 tanh soft-capping of attention scores (50) and final logits (30);
   * sliding-window causal masks on local layers: key j is visible from query i iff 0 <= i-j < window;
   * Gemma 3 q/k RMSNorm over head_dim before RoPE; Gemma 2/3 sandwich norms around attention and MLP;
-  * GeGLU MLP with tanh-approximated GELU; the LM head is the (tied) embedding.
+  * GeGLU MLP with tanh-approximated GELU; the LM head is the (tied) embedding, or the checkpoint's own
+    `lm_head.weight` when it has one (fine-tunes saved untied: using the embedding there computes
+    another model).
 Every projection is an `nn.Linear` (or a drop-in quantized module) so calibration can hook its input,
 and decoder layers can run one at a time (`embed` → `layer_context` → `layers[i]` → `head`).
 """
@@ -154,10 +156,12 @@ class _Body(nn.Module):
 
 
 class Gemma(nn.Module):
-    def __init__(self, cfg: GemmaConfig):
+    def __init__(self, cfg: GemmaConfig, untied_head: bool = False):
         super().__init__()
         self.cfg = cfg
         self.model = _Body(cfg)
+        if untied_head:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -178,8 +182,9 @@ class Gemma(nn.Module):
         return make_layer_context(cfg, seq_len, device, dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, tied LM head, final soft-cap. Pass only the positions whose logits you need."""
-        logits = F.linear(self.model.norm(h), self.model.embed_tokens.weight)
+        """Final norm, LM head, final soft-cap. Pass only the positions whose logits you need."""
+        head = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+        logits = F.linear(self.model.norm(h), head)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -210,9 +215,10 @@ def make_layer_context(cfg: GemmaConfig, seq_len: int, device, dtype) -> LayerCo
     return LayerContext(rope=rope, mask=mask)
 
 
-def build_model(cfg: GemmaConfig, dtype: torch.dtype = torch.float32, device="cpu") -> Gemma:
+def build_model(cfg: GemmaConfig, dtype: torch.dtype = torch.float32, device="cpu",
+                untied_head: bool = False) -> Gemma:
     """An uninitialised model (weights are filled by `loading.load_weights`)."""
     with torch.device("meta"):
-        m = Gemma(cfg)
+        m = Gemma(cfg, untied_head)
     m = m.to_empty(device=device).to(dtype)
     return m.eval().requires_grad_(False)

@@ -52,10 +52,16 @@ def _interrupt_mid_write(args: list, out: Path, sig: int, settle: float = 0.3) -
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def _lines(stderr: str) -> list[str]:
+    """stderr's lines but the `note:`s quantize prints before it works (the tiny models' sliding pattern
+    is not llama.cpp's: issue 18's warning)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("note:", " "))]
+
+
 def _check(res, out: Path):
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = _lines(res.stderr)
     assert lines == ["interrupted: nothing was left at the output path"], res.stderr
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no temporary, no moved-aside old output
@@ -126,7 +132,7 @@ def test_two_runs_to_one_output(tmp_path):
     assert codes == [0, 3], res
     winner = next(s for s, (code, _) in res.items() if code == 0)
     loser_err = next(e for code, e in res.values() if code == 3)
-    lines = [ln for ln in loser_err.splitlines() if ln.strip()]
+    lines = _lines(loser_err)
     assert len(lines) == 1 and ("appeared while this run was writing" in lines[0] or "already exists" in lines[0])
     assert "Traceback" not in loser_err
     assert [p.name for p in out.parent.iterdir()] == ["same.gguf"]

@@ -28,6 +28,7 @@ from ...errors import GemmaQuantError
 from ...formats.inputs import MAX_JSON_BYTES, read_bytes
 from ...formats.tokenizer import check_vocab_rows
 from ...formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, decode_model_proto
+from .vocab_bpe import looks_special  # the converter's rule, shared by both vocabulary routes
 
 _SPACE_MARK = "\u2581"  # ▁
 
@@ -37,14 +38,6 @@ class VocabArrays:
     tokens: list[bytes]
     scores: list[float]
     types: list[int]
-
-
-def looks_special(text: str) -> bool:
-    """`TextModel.does_token_look_special`: added tokens that must be CONTROL even if not `special`."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
-            or (text.startswith("<unused") and text.endswith(">")))
 
 
 def _read_json(path: Path) -> dict:
@@ -99,23 +92,42 @@ def sentencepiece_arrays(model_dir: Path, vocab_size: int | None) -> VocabArrays
     return VocabArrays(tokens, scores, types)
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, generation: int, vocab_size: int | None) -> VocabArrays:
-    """Add the tokenizer.* keys in the converter's order (its `set_vocab`); returns the arrays."""
-    arrays = sentencepiece_arrays(model_dir, vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(arrays.tokens)
-    writer.add_token_scores(arrays.scores)
-    writer.add_token_types(arrays.types)
+def _special_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, load_merges: bool = False) -> None:
     # gguf's SpecialVocab logs a warning for Gemma's <bos>-separated pair template (the converter
     # prints it too); it changes nothing in the file, so keep it off our users' terminals
     log = logging.getLogger("gguf.vocab")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        gguf.SpecialVocab(model_dir, n_vocab=len(arrays.tokens)).add_to_gguf(writer, quiet=True)
+        gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
     finally:
         log.setLevel(level)
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, generation: int, vocab_size: int | None) -> VocabArrays:
+    """Add the tokenizer.* keys in the converter's order (its `set_vocab`); returns the arrays."""
+    model_dir = Path(model_dir)
+    if generation == 3 and vocab_size and not (model_dir / "tokenizer.model").is_file() \
+            and (model_dir / "tokenizer.json").is_file():
+        from .vocab_bpe import bpe_vocab  # the converter's Gemma 3 without tokenizer.model: gpt2 route
+
+        tokens, types, pre = bpe_vocab(model_dir, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        _special_vocab(writer, model_dir, len(tokens), load_merges=True)
+        return VocabArrays([t.encode("utf-8") for t in tokens], [], types)
+    if not (model_dir / "tokenizer.model").is_file() and (model_dir / "tokenizer.json").is_file():
+        raise GemmaQuantError(f"{model_dir}: no tokenizer.model; llama.cpp's converter reads a Gemma "
+                              f"{generation} vocabulary only from it (Gemma 3 also from tokenizer.json alone)")
+    arrays = sentencepiece_arrays(model_dir, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(arrays.tokens)
+    writer.add_token_scores(arrays.scores)
+    writer.add_token_types(arrays.types)
+    _special_vocab(writer, model_dir, len(arrays.tokens))
     if generation == 1:  # CodeGemma FIM ids; only eot has a writer method
         sv = gguf.SpecialVocab(model_dir, load_merges=False,
                                special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])

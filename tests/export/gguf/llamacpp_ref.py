@@ -66,7 +66,10 @@ sys.path.insert(0, sys.argv[1])
 import convert_hf_to_gguf
 jobs = sys.argv[2:]
 for i in range(0, len(jobs), 3):
-    sys.argv = ["convert_hf_to_gguf.py", jobs[i], "--outfile", jobs[i + 1], "--outtype", jobs[i + 2]]
+    outtype, _, mm = jobs[i + 2].partition("+")
+    sys.argv = ["convert_hf_to_gguf.py", jobs[i], "--outfile", jobs[i + 1], "--outtype", outtype]
+    if mm:
+        sys.argv.append("--mmproj")
     convert_hf_to_gguf.main()
 """
 
@@ -81,7 +84,8 @@ def _digest(model_dir: Path) -> str:
 
 def convert_many(jobs: list[tuple[Path, str]]) -> list[Path]:
     """`convert_hf_to_gguf.py model_dir --outtype outtype` for each (model_dir, outtype), in one Python
-    process (torch + transformers import once). Outputs are cached by the inputs' content hash."""
+    process (torch + transformers import once). Outputs are cached by the inputs' content hash.
+    An outtype "T+mmproj" runs `--outtype T --mmproj` (the vision tower's clip GGUF)."""
     tree = llamacpp_tree()
     cache = _cache() / "converted"
     cache.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,11 @@ def convert_many(jobs: list[tuple[Path, str]]) -> list[Path]:
             if not o.is_file():
                 os.replace(str(o) + ".part", o)
     return outs
+
+
+def convert_mmproj(model_dir: Path, outtype: str = "f16") -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py model_dir --mmproj --outtype outtype` (cached)."""
+    return convert_many([(model_dir, outtype + "+mmproj")])[0]
 
 
 def convert(model_dir: Path, outtype: str = "bf16") -> Path:
