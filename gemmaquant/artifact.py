@@ -151,12 +151,13 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
     ckpt = resolve_model(path)
     model = load_model(ckpt, dtype, device)
     files = sorted(p for p in ckpt.path.iterdir() if p.suffix == ".safetensors")
-    n = sum(math.prod(s) for k, s in ckpt.config.linear_shapes().items()) * ckpt.config.num_hidden_layers
-    nbytes = sum(ckpt.raw_bytes(f"model.layers.{i}.{k}.weight").nbytes for i in range(ckpt.config.num_hidden_layers)
-                 for k in ckpt.config.linear_shapes())
+    linears = [(f"model.layers.{i}.{k}.weight", shape) for i in range(ckpt.config.num_hidden_layers)
+               for k, shape in ckpt.config.linear_shapes(i).items()]
+    n = sum(math.prod(s) for _, s in linears)
+    nbytes = sum(ckpt.raw_bytes(name).nbytes for name, _ in linears)
     fmt = str(ckpt.dtype("model.layers.0.mlp.up_proj.weight")).replace("torch.", "")
     return Artifact(model, load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size), "hf", ckpt.path, ckpt.name, files,
-                    {fmt: 7 * ckpt.config.num_hidden_layers}, n, nbytes)
+                    {fmt: len(linears)}, n, nbytes)
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
