@@ -178,7 +178,7 @@ def quantize_cmd(
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
-    check_supported(ckpt, s)
+    check_supported(ckpt, s, opts)
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
         from .plan_view import render_plan

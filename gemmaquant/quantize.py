@@ -125,12 +125,17 @@ def check_source(ckpt: Checkpoint) -> None:
                               "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
 
 
-def check_supported(ckpt: Checkpoint, scheme: Scheme) -> None:
+def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
     """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
     are handled; elsewhere one line says so before any work starts."""
-    if ckpt.config.generation == 4 and not scheme.is_gguf:
+    if ckpt.config.generation != 4:
+        return
+    if not scheme.is_gguf:
         raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output is not supported for Gemma 4 "
-                              "yet (supported for Gemma 4: the GGUF presets)")
+                              "yet (supported for Gemma 4: the GGUF presets without an importance matrix)")
+    if opts is not None and (opts.imatrix or opts.imatrix_file):
+        raise GemmaQuantError(f"{ckpt.path}: an importance matrix (--imatrix/--imatrix-file) is not supported for "
+                              "Gemma 4 yet (its experts need per-expert importance); quantize without one")
 
 
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
@@ -147,7 +152,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     t0 = time.perf_counter()
     check_family(scheme, out)
     check_source(ckpt)
-    check_supported(ckpt, scheme)
+    check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     calibrating = bool(opts.imatrix) if scheme.is_gguf else \

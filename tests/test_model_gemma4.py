@@ -153,3 +153,16 @@ def test_compare_layer_replay_runs_on_gemma4(tiny):
     ref = compute_base_ref(model, _ids(2, 6), topk=8, layer_chunks=2)
     errs = layer_errors(model, ref)
     assert len(errs) == model.cfg.num_hidden_layers and max(errs) == 0.0
+
+
+def test_quantize_refuses_in_one_line_what_gemma4_lacks(tmp_path):
+    from gemmaquant.quantize import QuantizeOptions, check_supported
+    from gemmaquant.schemes import get_scheme
+
+    make_tiny_gemma4("dense", tmp_path / "d")
+    ck = Checkpoint(tmp_path / "d")
+    with pytest.raises(GemmaQuantError, match="compressed-tensors output is not supported for Gemma 4"):
+        check_supported(ck, get_scheme("fp8"))
+    with pytest.raises(GemmaQuantError, match="importance matrix"):
+        check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions(imatrix=True))
+    check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions())

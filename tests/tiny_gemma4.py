@@ -20,7 +20,7 @@ import torch
 
 VOCAB = 320
 S, F = "sliding_attention", "full_attention"
-MEDIA_IDS = (266, 267, 268, 269)  # boi, eoi, image, audio in the tiny tokenizer (the wrapper pads them)
+MEDIA_IDS = (265, 266, 267, 268)  # boi, eoi, image, audio in the tiny tokenizer (the wrapper pads them)
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, global_head_dim=32, sliding_window=8, max_position_embeddings=512,
             final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -36,8 +36,13 @@ VARIANTS = {
                 attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True, num_experts=16,
                 top_k_experts=4, moe_intermediate_size=32),
 }
+# Rows of 256: the K-quant rules without fallback (Q6_K bumps of ffn_down/_exps, per_layer_token_embd).
+WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+            global_head_dim=256)
+VARIANTS["moe-256"] = {**VARIANTS["moe"], **WIDE, "moe_intermediate_size": 256}
+VARIANTS["e2b-256"] = {**VARIANTS["e2b"], **WIDE, "hidden_size_per_layer_input": 256}
 WRAPPED = {"e2b-mm": "e2b"}  # multimodal name -> its text variant
-ALL = sorted(VARIANTS) + sorted(WRAPPED)
+ALL = ["dense", "dense-kv", "e2b", "moe"] + sorted(WRAPPED)  # the forward-pass combinations
 
 
 def tiny_tokenizer(out: Path) -> None:
@@ -104,8 +109,8 @@ def make_tiny_gemma4(name: str, out: Path, dtype=torch.float32, seed: int = 0):
             audio_config=transformers.Gemma4AudioConfig(
                 hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
                 output_proj_dims=48),
-            boi_token_id=266, eoi_token_id=267, image_token_id=268, video_token_id=268, audio_token_id=269,
-            boa_token_id=269, eoa_token_index=269)
+            boi_token_id=265, eoi_token_id=266, image_token_id=267, video_token_id=267, audio_token_id=268,
+            boa_token_id=268, eoa_token_index=268)
         cfg._attn_implementation = "eager"
         cfg._experts_implementation = "eager"
         model = transformers.Gemma4ForConditionalGeneration(cfg)
