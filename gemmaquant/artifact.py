@@ -27,7 +27,7 @@ from .ggml.types import BLOCK, F16_FIELDS, GGMLType
 from .model import Gemma
 from .qlinear import DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding, QuantLinear
 
-GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 
 
 class QuantGemma(Gemma):
@@ -182,6 +182,10 @@ def gguf_config(gf: GGUFFile) -> GemmaConfig:
     if "token_embd.weight" not in gf.tensors:
         raise GemmaQuantError(f"{gf.path}: tensor 'token_embd.weight' is missing")
     vocab = gf.tensors["token_embd.weight"].shape[0]
+    if arch == "gemma4":
+        from .gemma4_gguf import gemma4_config
+
+        return gemma4_config(gf, vocab)
     theta = float(gf.get(f"{a}.rope.freq_base", 10000.0))
     d = dict(
         model_type=mt, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers,
@@ -243,15 +247,20 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
     gf = GGUFFile(path)
     cfg = gguf_config(gf)
     expected = cfg.expected_shapes()
+    optional = cfg.optional_shapes()  # Gemma 4 K/V of KV-shared layers: loaded by llama.cpp, never read
     tensors: dict[str, str] = {}  # HF name -> GGUF name
     for name, info in gf.tensors.items():
+        if name == "rope_freqs.weight" and cfg.generation == 4:
+            continue  # read into the config (gemma4_gguf)
         try:
             hf = hf_name(name, cfg.generation)
         except GemmaQuantError:
             raise GemmaQuantError(f"{path}: unexpected tensor '{name}' for a {gf.get('general.architecture')} "
                                   "model") from None
+        if hf in optional and tuple(info.shape) == optional[hf]:
+            continue
         want = expected.get(hf, (cfg.vocab_size, cfg.hidden_size) if hf == "lm_head.weight" else None)
-        if tuple(info.shape) != tuple(want):
+        if want is None or tuple(info.shape) != tuple(want):
             raise GemmaQuantError(f"{path}: tensor '{name}' has shape {list(info.shape)}, the metadata "
                                   f"implies {list(want)}")
         bad = _first_bad_block(gf.raw(name), info.qtype)
@@ -263,19 +272,19 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
         if hf not in tensors:
             raise GemmaQuantError(f"{path}: tensor for '{hf}' is missing")
 
-    def qlin(hf: str) -> QuantLinear:
+    def qlin(hf: str) -> QuantLinear:  # 3-D experts: all experts' rows, [E·rows, n]
         info = gf.tensors[tensors[hf]]
         raw = gf.raw(tensors[hf])
         if info.qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             return DenseLinear(raw.view({GGMLType.F32: torch.float32, GGMLType.F16: torch.float16,
                                          GGMLType.BF16: torch.bfloat16}[info.qtype]))
-        return GGMLLinear(raw, info.qtype, *info.shape)
+        return GGMLLinear(raw, info.qtype, math.prod(info.shape[:-1]), info.shape[-1])
 
-    def norm(hf: str) -> torch.Tensor:  # stored as HF value + 1; F32 per the converter
+    def norm(hf: str) -> torch.Tensor:  # Gemma 1-3: stored as HF value + 1; F32 per the converter
         info = gf.tensors[tensors[hf]]
         if info.qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {info.qtype.name} (expected F32)")
-        return qlin(hf).weight.reshape(-1).float() - 1.0
+        return qlin(hf).weight.reshape(-1).float() - (1.0 if cfg.norm_unit_offset else 0.0)
 
     model = _assemble(cfg, dtype, qlin, norm)
     if "lm_head.weight" in tensors:
@@ -291,15 +300,43 @@ def _assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
     model.eval().requires_grad_(False)
     model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
     for i, layer in enumerate(model.layers):
-        for suffix in cfg.linear_shapes():
-            parent, attr = suffix.split(".")
-            setattr(getattr(layer, parent), attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+        for suffix in cfg.linear_shapes(i):
+            *path, attr = suffix.split(".")
+            parent = layer
+            for part in path:
+                parent = getattr(parent, part)
+            setattr(parent, attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+    if cfg.generation == 4:
+        _assemble_gemma4(model, cfg, qlin, norm)
     for name, module in model.named_modules():
         if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"unfilled tensors: {left[:3]}"
     return model
+
+
+def _assemble_gemma4(model: QuantGemma, cfg: GemmaConfig, qlin, norm) -> None:
+    """Gemma 4's extra tensors: the PLE table (looked up like the embedding) and projection, each
+    layer's router (F32 Linear; its scales and the layer scalar as float32 vectors) and experts."""
+    from .gemma4_gguf import QuantExperts
+
+    m = model.model
+    if cfg.hidden_size_per_layer_input:
+        m.embed_tokens_per_layer = QuantEmbedding(qlin("model.embed_tokens_per_layer.weight"))
+        m.per_layer_model_projection = qlin("model.per_layer_model_projection.weight")
+
+    def vector(hf: str) -> nn.Parameter:  # 1-D F32 tensors that are not norms: no offset to undo
+        return nn.Parameter(qlin(hf).weight.reshape(-1).float(), requires_grad=False)
+
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        layer.layer_scalar = vector(p + "layer_scalar")
+        if cfg.is_moe:
+            layer.router.proj = qlin(p + "router.proj.weight")
+            layer.router.scale = vector(p + "router.scale")
+            layer.router.per_expert_scale = vector(p + "router.per_expert_scale")
+            layer.experts = QuantExperts(cfg, qlin(p + "experts.gate_up_proj"), qlin(p + "experts.down_proj"))
 
 
 def _linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:
@@ -315,15 +352,15 @@ def _linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:
 
 
 def _gguf_tokenizer(gf: GGUFFile):
-    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*)."""
+    """Tokenizer from the GGUF's SentencePiece arrays, or Gemma 4's BPE tokens and merges (tokenizer.ggml.*)."""
     model = gf.get("tokenizer.ggml.model")
-    if model != "llama":
+    if model not in ("llama", "gemma4"):
         raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.model {model!r} is not supported (allowed: llama, "
-                              "the SentencePiece vocabulary Gemma uses)")
+                              "the SentencePiece vocabulary Gemma 1-3 use; gemma4, Gemma 4's BPE)")
     from tokenizers import Tokenizer as HFTokenizer
 
     from .tokenizer import Tokenizer, check_vocab_rows
-    from .tokenizer_json import tokenizer_json_text
+    from .tokenizer_json import bpe_tokenizer_json_text, tokenizer_json_text
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):
@@ -331,8 +368,16 @@ def _gguf_tokenizer(gf: GGUFFile):
     check_vocab_rows(len(tokens), gf.tensors["token_embd.weight"].shape[0], gf.path)
     pieces = list(zip(tokens, scores.tolist(), types.tolist()))
     bos, eos, unk = (gf.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown"))
-    backend = HFTokenizer.from_str(tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3,
-                                                       bos_id=bos if bos is not None else 2, add_bos=False))
+    if model == "gemma4":
+        merges = gf.get("tokenizer.ggml.merges")
+        if merges is None:
+            raise GemmaQuantError(f"{gf.path}: metadata key 'tokenizer.ggml.merges' is missing (a gemma4 BPE vocabulary)")
+        text = bpe_tokenizer_json_text(list(tokens), types.tolist(), list(merges),
+                                       unk_id=unk if unk is not None else 3)
+    else:
+        text = tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3, bos_id=bos if bos is not None else 2,
+                                   add_bos=False)
+    backend = HFTokenizer.from_str(text)
     backend.post_processor = None  # Tokenizer.encode adds BOS itself
     return Tokenizer(backend, bos_id=bos, eos_ids=[] if eos is None else [int(eos)],
                      add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)), source=gf.path)

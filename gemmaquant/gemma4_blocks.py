@@ -58,9 +58,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of expert `e` in the compute dtype."""
-        return self.gate_up_proj[e], self.down_proj[e]
+    def gate_up(self, e: int, like: torch.Tensor) -> torch.Tensor:
+        """Expert `e`'s fused gate/up weight [2I, H] for a matmul with `like` (quantized subclasses
+        dequantize into a shared scratch buffer: use it before asking for the next weight)."""
+        return self.gate_up_proj[e]
+
+    def down(self, e: int, like: torch.Tensor) -> torch.Tensor:
+        """Expert `e`'s down weight [H, I]."""
+        return self.down_proj[e]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/idx [N, k] → Σ_k weight · expert_idx(x)  [N, H]."""
@@ -68,9 +73,10 @@ class Experts(nn.Module):
         by_slot = idx.t()  # [k, N]: tokens in transformers' order (slot-major)
         for e in torch.unique(idx).tolist():  # ascending expert ids
             slot, tok = torch.where(by_slot == e)
-            gate_up, down = self.expert(e)
-            gate, up = F.linear(x[tok], gate_up).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, down)
+            xe = x[tok]
+            gate, up = F.linear(xe, self.gate_up(e, xe)).chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
+            y = F.linear(h, self.down(e, h))
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 

@@ -157,3 +157,15 @@ def build_tokenizer_config(pieces: list[Piece], *, bos_id: int, eos_id: int, unk
 def build_special_tokens_map(pieces: list[Piece], *, bos_id: int, eos_id: int, unk_id: int, pad_id: int) -> dict:
     return {"bos_token": _token_entry(pieces[bos_id][0]), "eos_token": _token_entry(pieces[eos_id][0]),
             "pad_token": _token_entry(pieces[pad_id][0]), "unk_token": _token_entry(pieces[unk_id][0])}
+
+
+def bpe_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], *, unk_id: int) -> str:
+    """tokenizer.json for a Gemma 4 GGUF's vocabulary (tokenizer.ggml.model "gemma4"): the stored BPE
+    merges ("a b") as they are, the same normalizer/decoder as above, control and user-defined tokens
+    matched whole."""
+    pieces = [(t, 0.0, ty) for t, ty in zip(tokens, types)]
+    _check(pieces, {"unk_id": unk_id})
+    d = build_tokenizer_json(pieces, unk_id=unk_id, bos_id=unk_id, add_bos=False)
+    d["model"]["merges"] = [m.split(" ", 1) for m in merges]
+    return json.dumps(d, ensure_ascii=False)
+

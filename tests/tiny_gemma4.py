@@ -71,11 +71,16 @@ def tiny_tokenizer(out: Path) -> None:
 
 
 def _randomize(model, seed: int) -> None:
-    """Norms and scales near 1 (Gemma 4 multiplies by w itself), weights small, layer scalars varied."""
+    """Norms and scales near 1 (Gemma 4 multiplies by w itself), weights small, layer scalars varied.
+    q/k norms near head_dim^-1/4, as trained ones keep scores O(1) under attention scaling 1.0: at 1
+    the scores reach ±head_dim, attention is an argmax, and llama.cpp's bf16/Q8 activation rounding
+    alone moves a 256-wide model's logits by 15-50 %."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("scale"):
+            if n.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_((1.0 + 0.3 * torch.randn(p.shape, generator=g)) * p.numel() ** -0.25)
+            elif "norm" in n or n.endswith("scale"):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
