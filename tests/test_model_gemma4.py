@@ -166,3 +166,13 @@ def test_quantize_refuses_in_one_line_what_gemma4_lacks(tmp_path):
     with pytest.raises(GemmaQuantError, match="importance matrix"):
         check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions(imatrix=True))
     check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions())
+
+
+def test_calibration_refuses_gemma4_in_one_line(tmp_path):
+    """`gemmaquant imatrix` and every calibrated scheme go through calibrate()."""
+    from gemmaquant.calib.pipeline import calibrate
+
+    make_tiny_gemma4("e2b", tmp_path / "e")
+    with pytest.raises(GemmaQuantError, match="calibration .* not supported for Gemma 4 yet") as e:
+        calibrate(Checkpoint(tmp_path / "e"), "q8_0", imatrix=True, ids=torch.zeros(1, 8, dtype=torch.long))
+    assert "\n" not in str(e.value)
