@@ -155,12 +155,18 @@ def test_compare_layer_replay_runs_on_gemma4(tiny):
     assert len(errs) == model.cfg.num_hidden_layers and max(errs) == 0.0
 
 
-def test_quantize_refuses_in_one_line_what_gemma4_lacks(tmp_path):
+@pytest.fixture(scope="module")
+def e2b_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2b-refusals")
+    make_tiny_gemma4("e2b", d)
+    return d
+
+
+def test_quantize_refuses_in_one_line_what_gemma4_lacks(e2b_dir):
     from gemmaquant.quantize import QuantizeOptions, check_supported
     from gemmaquant.schemes import get_scheme
 
-    make_tiny_gemma4("dense", tmp_path / "d")
-    ck = Checkpoint(tmp_path / "d")
+    ck = Checkpoint(e2b_dir)
     with pytest.raises(GemmaQuantError, match="compressed-tensors output is not supported for Gemma 4"):
         check_supported(ck, get_scheme("fp8"))
     with pytest.raises(GemmaQuantError, match="importance matrix"):
@@ -168,11 +174,10 @@ def test_quantize_refuses_in_one_line_what_gemma4_lacks(tmp_path):
     check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions())
 
 
-def test_calibration_refuses_gemma4_in_one_line(tmp_path):
+def test_calibration_refuses_gemma4_in_one_line(e2b_dir):
     """`gemmaquant imatrix` and every calibrated scheme go through calibrate()."""
     from gemmaquant.calib.pipeline import calibrate
 
-    make_tiny_gemma4("e2b", tmp_path / "e")
     with pytest.raises(GemmaQuantError, match="calibration .* not supported for Gemma 4 yet") as e:
-        calibrate(Checkpoint(tmp_path / "e"), "q8_0", imatrix=True, ids=torch.zeros(1, 8, dtype=torch.long))
+        calibrate(Checkpoint(e2b_dir), "q8_0", imatrix=True, ids=torch.zeros(1, 8, dtype=torch.long))
     assert "\n" not in str(e.value)
