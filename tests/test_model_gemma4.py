@@ -181,3 +181,12 @@ def test_calibration_refuses_gemma4_in_one_line(e2b_dir):
     with pytest.raises(GemmaQuantError, match="calibration .* not supported for Gemma 4 yet") as e:
         calibrate(Checkpoint(e2b_dir), "q8_0", imatrix=True, ids=torch.zeros(1, 8, dtype=torch.long))
     assert "\n" not in str(e.value)
+
+
+def test_inspect_describes_the_gemma4_geometry(e2b_dir):
+    from gemmaquant.inspect import inspect_path
+
+    g = inspect_path(str(e2b_dir))["gemma"]
+    assert (g["head_dim"], g["full_head_dim"], g["kv_heads"], g["full_kv_heads"]) == (16, 32, 1, 1)
+    assert (g["per_layer_input"], g["kv_shared_layers"], g["experts"]) == (16, 4, 0)
+    assert g["text_parameters"] == sum(p.numel() for p in load_model(Checkpoint(e2b_dir)).parameters())
