@@ -82,6 +82,7 @@ class GemmaConfig:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
     rope_partial_factor: float = 1.0  # full layers rotate this share of the head dim (proportional RoPE)
+    media_token_ids: tuple[int, ...] = ()  # Gemma4ForConditionalGeneration embeds these ids as pad
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -358,7 +359,8 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
         )
     hidden = _positive_int(d, "hidden_size", where)
     head_dim = _positive_int(d, "head_dim", where, dflt.get("head_dim", hidden // heads))
-    gemma4 = _gemma4_fields(d, n_layers, heads, kv_heads, head_dim, where) if mt == "gemma4_text" else {}
+    gemma4 = _gemma4_fields(d, n_layers, heads, kv_heads, head_dim, where, raw if multimodal else {}) \
+        if mt == "gemma4_text" else {}
     theta, local_theta, factor = gemma4.pop("rope") if gemma4 else _rope(d, mt, where)
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
@@ -408,13 +410,15 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
     )
 
 
-def _gemma4_fields(d: dict, n_layers: int, heads: int, kv_heads: int, head_dim: int, where: str) -> dict:
+def _gemma4_fields(d: dict, n_layers: int, heads: int, kv_heads: int, head_dim: int, where: str,
+                   outer: dict) -> dict:
     """The Gemma 4 flags, resolved as transformers 5.23 resolves a Gemma4TextConfig.
 
     Per-layer geometry comes from `per_layer_config` (what transformers >= 5.15 saves: {"05":
     {"head_dim": 512, "num_key_value_heads": 2}}) or, in Google's original config.json, from
     `global_head_dim` / `num_global_key_value_heads` on full layers -- the latter only with
-    `attention_k_eq_v`, as transformers ignores it otherwise."""
+    `attention_k_eq_v`, as transformers ignores it otherwise. `outer`: the multimodal wrapper's config
+    (its media placeholder ids), else {}."""
     g = GEMMA4_DEFAULTS
     lt = d.get("layer_types")
     if lt is None:
@@ -476,6 +480,8 @@ def _gemma4_fields(d: dict, n_layers: int, heads: int, kv_heads: int, head_dim: 
         raise GemmaQuantError(f"{where}: 'use_bidirectional_attention' 'all' (a bidirectional encoder) is not "
                               "supported (allowed: null, 'vision')")
     return dict(layer_types=layer_types, rope=_gemma4_rope(d, where), norm_unit_offset=False,
+                media_token_ids=tuple(i for k in ("image_token_id", "video_token_id", "audio_token_id")
+                                      if isinstance(i := outer.get(k), int) and not isinstance(i, bool)),
                 layer_head_dims=tuple(hd), layer_kv_heads=tuple(nkv), attention_k_eq_v=k_eq_v,
                 num_kv_shared_layers=n_shared, hidden_size_per_layer_input=ple,
                 vocab_size_per_layer_input=ple_vocab if ple else 0,

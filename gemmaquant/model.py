@@ -257,6 +257,11 @@ class Gemma(nn.Module):
 
     def prepare(self, ids: torch.Tensor) -> tuple[torch.Tensor, LayerContext]:
         """ids [B, S] → (embedded h, the context every layer of this batch reads)."""
+        if self.cfg.media_token_ids and self.cfg.pad_token_id is not None:
+            # Gemma4ForConditionalGeneration embeds image/video/audio placeholders as pad, in both
+            # tables, even in text-only input (the vision/audio features would replace them)
+            media = torch.tensor(self.cfg.media_token_ids, device=ids.device)
+            ids = torch.where(torch.isin(ids, media), self.cfg.pad_token_id, ids)
         h = self.embed(ids)
         ctx = self.layer_context(ids.shape[1], h.device, h.dtype)
         if self.cfg.hidden_size_per_layer_input:

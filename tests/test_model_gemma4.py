@@ -46,6 +46,16 @@ def test_float32_logits_match_transformers(tiny):
     assert _rel(ours, expected) <= 1e-5, name
 
 
+def test_wrapper_embeds_media_placeholders_as_pad_like_transformers(tmp_path):
+    """Text that contains <|image|> / <|audio|> ids: the multimodal wrapper swaps them for pad."""
+    d = tmp_path / "mm"
+    ref = make_tiny_gemma4("e2b-mm", d)
+    ids = _ids(1, 7)
+    ids[0, 3:7] = torch.tensor(MEDIA_IDS)
+    assert _rel(load_model(Checkpoint(d))(ids), reference_logits(ref, ids)) <= 1e-5
+    assert Checkpoint(d).config.media_token_ids == (267, 267, 268)
+
+
 def test_layer_by_layer_equals_forward(tiny):
     """Calibration and compare run layers one at a time: K/V sharing and per-layer inputs travel in
     the layer context, so the split run must equal the whole forward pass."""
