@@ -326,8 +326,8 @@ def _assemble_gemma4(model: QuantGemma, cfg: GemmaConfig, qlin, norm) -> None:
         m.embed_tokens_per_layer = QuantEmbedding(qlin("model.embed_tokens_per_layer.weight"))
         m.per_layer_model_projection = qlin("model.per_layer_model_projection.weight")
 
-    def vector(hf: str) -> nn.Parameter:  # 1-D F32 tensors that are not norms: no offset to undo
-        return nn.Parameter(qlin(hf).weight.reshape(-1).float(), requires_grad=False)
+    def vector(hf: str) -> nn.Parameter:  # 1-D tensors that are not norms (Gemma 4 norms have no offset)
+        return nn.Parameter(norm(hf).float(), requires_grad=False)
 
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."

@@ -130,9 +130,12 @@ def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | No
     are handled; elsewhere one line says so before any work starts."""
     if ckpt.config.generation != 4:
         return
-    if not scheme.is_gguf:
-        raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output is not supported for Gemma 4 "
-                              "yet (supported for Gemma 4: the GGUF presets without an importance matrix)")
+    c = ckpt.config
+    if not scheme.is_gguf and (c.is_moe or c.multimodal):
+        what = "a mixture of experts" if c.is_moe else "Gemma4ForConditionalGeneration checkpoints"
+        raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
+                              "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
+                              "dense Gemma4ForCausalLM)")
     if opts is not None and (opts.imatrix or opts.imatrix_file):
         raise GemmaQuantError(f"{ckpt.path}: an importance matrix (--imatrix/--imatrix-file) is not supported for "
                               "Gemma 4 yet (its experts need per-expert importance); quantize without one")

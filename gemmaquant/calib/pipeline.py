@@ -94,7 +94,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     """
     if ckpt.config.generation == 4:  # its experts, K/V sharing and per-layer inputs are not calibrated yet
         raise GemmaQuantError(f"{ckpt.path}: calibration (importance matrix, GPTQ/AWQ/SmoothQuant, static scales) is "
-                              "not supported for Gemma 4 yet; round-to-nearest GGUF presets are")
+                              "not supported for Gemma 4 yet; round-to-nearest schemes are (the GGUF presets, fp8, --algorithm rtn)")
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     algorithm = _check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []
