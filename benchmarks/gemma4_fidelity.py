@@ -8,7 +8,7 @@ Prints markdown tables: max |Δlogit| / max |logit| and ‖Δ‖/‖ref‖ per c
 attention and experts, 2 × 24 tokens); llama.cpp running the converter's f32 file against our forward
 pass (48 tokens, f32 and llama.cpp's default f16 K/V cache); per combination and preset whether our
 GGUF is byte-identical, and llama.cpp's perplexity of it against our eval of it (8 chunks of 64). Needs the test dependencies (transformers, llama-cpp-python) and the llama.cpp sources
-that tests/gguf/llamacpp_ref.py fetches.
+that tests/export/gguf/llamacpp_ref.py fetches.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gemmaquant.checkpoint import Checkpoint  # noqa: E402
-from gemmaquant.gguf.plan import gguf_schemes  # noqa: E402
-from gemmaquant.gguf.writer import write_gguf  # noqa: E402
-from gemmaquant.loading import load_model  # noqa: E402
+from gemmaquant.formats.checkpoint import Checkpoint  # noqa: E402
+from gemmaquant.export.gguf.plan import gguf_schemes  # noqa: E402
+from gemmaquant.export.gguf.writer import write_gguf  # noqa: E402
+from gemmaquant.model.loading import load_model  # noqa: E402
 from gemmaquant.schemes import get_scheme  # noqa: E402
 from tests.tiny_gemma4 import ALL, MEDIA_IDS, VOCAB, make_tiny_gemma4, reference_logits  # noqa: E402
 
@@ -49,7 +49,7 @@ def forward_rows(root: Path) -> None:
 
 
 def gguf_rows(root: Path) -> None:
-    from tests.gguf import llamacpp_ref as ref
+    from tests.export.gguf import llamacpp_ref as ref
 
     kinds = ["dense", "dense-kv", "e2b", "moe", "e2b-mm", "moe-256", "e2b-256"]
     dirs = []
@@ -71,9 +71,9 @@ def gguf_rows(root: Path) -> None:
 def llama_rows(root: Path) -> None:
     import numpy as np
 
-    from gemmaquant.artifact import open_artifact
-    from gemmaquant.perplexity import chunk_tokens, perplexity
-    from tests.gguf import llamacpp_ref as ref
+    from gemmaquant.evaluate.artifact import open_artifact
+    from gemmaquant.evaluate.perplexity import chunk_tokens, perplexity
+    from tests.export.gguf import llamacpp_ref as ref
     from tests.llamacpp import open_llama
 
     def logits(path, ids, **kw):

@@ -1,0 +1,531 @@
+"""Gemma 1/2/3/4 text-model configuration: one frozen dataclass of flags for the generations.
+
+Reads a Hugging Face config.json written by transformers 4.x (rope_theta, rope_local_base_freq,
+sliding_window_pattern, query_pre_attn_scalar) or 5.x (rope_parameters, layer_types). A multimodal
+Gemma 3 checkpoint (model_type "gemma3" with a `text_config`) is read as its text model; its tensors
+carry a `language_model.` prefix that the checkpoint reader strips. Gemma 4 ("gemma4_text", or
+"gemma4" with a `text_config`) adds per-layer geometry and blocks: see `_gemma4_fields`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GemmaQuantError
+
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
+# The one generation table: generation -> (HF model_type of the text model, GGUF general.architecture).
+GENERATIONS = {1: ("gemma", "gemma"), 2: ("gemma2", "gemma2"), 3: ("gemma3_text", "gemma3"),
+               4: ("gemma4_text", "gemma4")}
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# Defaults of the transformers config classes, used when a key is absent.
+_DEFAULTS = {
+    "gemma": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192),
+    "gemma2": dict(
+        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256,
+    ),
+    "gemma3_text": dict(
+        rope_theta=1_000_000.0, rope_local_base_freq=10000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=131072, sliding_window=4096, sliding_window_pattern=6,
+        query_pre_attn_scalar=256, head_dim=256, num_attention_heads=8, num_key_value_heads=4,
+    ),
+    "gemma4_text": dict(
+        rope_theta=1_000_000.0, rope_local_base_freq=10000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=131072, sliding_window=512, head_dim=256, num_attention_heads=8,
+        num_key_value_heads=4, final_logit_softcapping=None, attn_logit_softcapping=None,
+    ),
+}
+# Gemma4TextConfig's defaults for the keys only Gemma 4 has.
+GEMMA4_DEFAULTS = dict(global_head_dim=512, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+                       vocab_size=262144, partial_rotary_factor=0.25)
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    model_type: str  # "gemma" | "gemma2" | "gemma3_text" | "gemma4_text" (multimodal wrappers map here)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float  # global (full-attention) layers
+    rope_local_theta: float  # sliding layers (Gemma 3: 10k; Gemma 1/2: same as global)
+    rope_scaling_factor: float  # linear position scaling, global layers only (Gemma 3 4B+: 8)
+    query_pre_attn_scalar: float  # queries are scaled by its -1/2 power (27B: 144, not head_dim)
+    attn_logit_softcapping: float | None
+    final_logit_softcapping: float | None
+    sliding_window: int | None
+    layer_types: tuple[str, ...]
+    qk_norm: bool  # Gemma 3
+    sandwich_norms: bool  # Gemma 2/3: post-attention and pre/post feed-forward norms
+    multimodal: bool = False  # came from a Gemma3ForConditionalGeneration checkpoint
+    bos_token_id: int | None = 2
+    eos_token_id: Any = 1
+    pad_token_id: int | None = 0
+    # Gemma 4 (the defaults leave Gemma 1-3 as they were)
+    norm_unit_offset: bool = True  # Gemma 1-3 norms scale by (1 + w); Gemma 4 by w
+    layer_head_dims: tuple[int, ...] = ()  # per layer; full layers use global_head_dim (empty: head_dim)
+    layer_kv_heads: tuple[int, ...] = ()  # per layer (empty: num_key_value_heads)
+    attention_k_eq_v: bool = False  # full layers take V from the raw k_proj output (no v_proj)
+    num_kv_shared_layers: int = 0  # the last N layers reuse an earlier layer's keys and values
+    hidden_size_per_layer_input: int = 0  # per-layer embeddings (PLE) width; 0: none
+    vocab_size_per_layer_input: int = 0
+    use_double_wide_mlp: bool = False  # 2x intermediate on KV-shared layers
+    num_experts: int = 0  # MoE block beside the dense MLP; 0: none
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    rope_partial_factor: float = 1.0  # full layers rotate this share of the head dim (proportional RoPE)
+    media_token_ids: tuple[int, ...] = ()  # Gemma4ForConditionalGeneration embeds these ids as pad
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def generation(self) -> int:
+        return next(g for g, (mt, _) in GENERATIONS.items() if mt == self.model_type)
+
+    @property
+    def gguf_arch(self) -> str:
+        return GENERATIONS[self.generation][1]
+
+    # -- per-layer geometry (constant for Gemma 1-3) ------------------------------------------------
+    def head_dim_of(self, layer: int) -> int:
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_key_value_heads
+
+    def head_dim_of_kind(self, kind: str) -> int:
+        """Head dim of a layer kind (validated equal on every layer of that kind)."""
+        return next((self.head_dim_of(i) for i, t in enumerate(self.layer_types) if t == kind), self.head_dim)
+
+    @property
+    def first_kv_shared(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_shared(self, layer: int) -> bool:
+        return layer >= self.first_kv_shared
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys/values `layer` attends with: itself, or for a KV-shared layer the last
+        non-shared layer of the same kind (transformers' "store" layer)."""
+        if not self.kv_shared(layer):
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(self.first_kv_shared) if self.layer_types[i] == kind)
+
+    def has_v_proj(self, layer: int) -> bool:
+        return not self.kv_shared(layer) and not (self.attention_k_eq_v and not self.is_sliding(layer))
+
+    def intermediate_of(self, layer: int) -> int:
+        wide = self.use_double_wide_mlp and self.kv_shared(layer)
+        return self.intermediate_size * (2 if wide else 1)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def linear_shapes(self, layer: int = 0) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each Linear in decoder layer `layer`, by HF suffix (the same
+        on every layer before Gemma 4). The MoE router stays out: it is never quantized."""
+        if self.generation == 4:
+            return self._gemma4_linear_shapes(layer)
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "self_attn.q_proj": (self.q_dim, h),
+            "self_attn.k_proj": (self.kv_dim, h),
+            "self_attn.v_proj": (self.kv_dim, h),
+            "self_attn.o_proj": (h, self.q_dim),
+            "mlp.gate_proj": (i, h),
+            "mlp.up_proj": (i, h),
+            "mlp.down_proj": (h, i),
+        }
+
+    def _gemma4_linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        h, i, q = self.hidden_size, self.intermediate_of(layer), self.num_attention_heads * self.head_dim_of(layer)
+        kv = self.kv_heads_of(layer) * self.head_dim_of(layer)
+        shapes = {"self_attn.q_proj": (q, h)}
+        if not self.kv_shared(layer):
+            shapes["self_attn.k_proj"] = (kv, h)
+        if self.has_v_proj(layer):
+            shapes["self_attn.v_proj"] = (kv, h)
+        shapes.update({"self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+                       "mlp.down_proj": (h, i)})
+        if self.hidden_size_per_layer_input:
+            p = self.hidden_size_per_layer_input
+            shapes.update({"per_layer_input_gate": (p, h), "per_layer_projection": (h, p)})
+        return shapes
+
+    def norm_names(self, layer: int = 0) -> tuple[str, ...]:
+        names = ["input_layernorm", "post_attention_layernorm"]
+        if self.sandwich_norms:
+            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        if self.qk_norm:
+            names += ["self_attn.q_norm"] + ([] if self.kv_shared(layer) else ["self_attn.k_norm"])
+        if self.is_moe:
+            names += ["pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"]
+        if self.hidden_size_per_layer_input:
+            names += ["post_per_layer_input_norm"]
+        return tuple(names)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the HF text checkpoint (names without any multimodal prefix)."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+            "model.norm.weight": (self.hidden_size,),
+        }
+        if self.hidden_size_per_layer_input:
+            lp = self.num_hidden_layers * self.hidden_size_per_layer_input
+            shapes.update({"model.embed_tokens_per_layer.weight": (self.vocab_size_per_layer_input, lp),
+                           "model.per_layer_model_projection.weight": (lp, self.hidden_size),
+                           "model.per_layer_projection_norm.weight": (self.hidden_size_per_layer_input,)})
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            for suffix, shape in self.linear_shapes(n).items():
+                shapes[p + suffix + ".weight"] = shape
+            for norm in self.norm_names(n):
+                dim = self.head_dim_of(n) if norm.startswith("self_attn.") else self.hidden_size
+                shapes[p + norm + ".weight"] = (dim,)
+            if self.generation == 4:
+                shapes[p + "layer_scalar"] = (1,)
+            if self.is_moe:
+                h, e, ie = self.hidden_size, self.num_experts, self.moe_intermediate_size
+                shapes.update({p + "router.proj.weight": (e, h), p + "router.scale": (h,),
+                               p + "router.per_expert_scale": (e,), p + "experts.gate_up_proj": (e, 2 * ie, h),
+                               p + "experts.down_proj": (e, h, ie)})
+        return shapes
+
+    def optional_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensors a checkpoint may carry that the forward pass never reads: Google's original Gemma 4
+        E2B/E4B files keep k_proj/v_proj/k_norm on KV-shared layers (transformers drops them on load)."""
+        shapes = {}
+        for n in range(self.first_kv_shared, self.num_hidden_layers):
+            p, kv = f"model.layers.{n}.self_attn.", self.kv_heads_of(n) * self.head_dim_of(n)
+            shapes.update({p + "k_proj.weight": (kv, self.hidden_size), p + "v_proj.weight": (kv, self.hidden_size),
+                           p + "k_norm.weight": (self.head_dim_of(n),)})
+        return shapes
+
+    def param_count(self) -> int:
+        return sum(math.prod(s) for s in self.expected_shapes().values())
+
+
+# The range each size may take. Gemma's largest (27B) has 62 layers, hidden 5376, ffn 21504, 32
+# heads, a 262k vocabulary and a 128k context; the bounds leave room for larger models while refusing
+# values that would build huge structures (1e9 layers: a billion-entry tuple) or overflow a GGUF uint32.
+INT_RANGES = {
+    "num_hidden_layers": (1, 1024), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 1 << 14),
+    "vocab_size": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24), "sliding_window": (1, 1 << 24),
+    "sliding_window_pattern": (1, 1024), "global_head_dim": (1, 1 << 14), "num_global_key_value_heads": (1, 1024),
+    "num_kv_shared_layers": (0, 1023), "hidden_size_per_layer_input": (0, 1 << 14),
+    "vocab_size_per_layer_input": (1, 1 << 24), "num_experts": (1, 1 << 12), "top_k_experts": (1, 1 << 12),
+    "moe_intermediate_size": (1, 1 << 20),
+}
+
+
+def _int_in(v: Any, key: str, where: str) -> int:
+    lo, hi = INT_RANGES[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+        raise GemmaQuantError(f"{where}: '{key}' must be an integer in {lo}..{hi}, got {v!r}")
+    return int(v)
+
+
+def _positive_int(d: dict, key: str, where: str, default: Any = None) -> int:
+    v = d.get(key, default)
+    if v is None:
+        raise GemmaQuantError(f"{where}: missing required key '{key}'")
+    return _int_in(v, key, where)
+
+
+def _number(v: Any, key: str, where: str, hi: float | None = None) -> float:
+    """A finite number > 0 (and < hi): zero, negative or NaN values here gave NaN or 1e10 perplexities."""
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
+    if not ok or (hi is not None and v >= hi):
+        rng = f"a number with 0 < {key} < {hi:g}" if hi is not None else "a finite number > 0"
+        raise GemmaQuantError(f"{where}: '{key}' must be {rng}, got {v!r}")
+    return float(v)
+
+
+def _rope(d: dict, model_type: str, where: str) -> tuple[float, float, float]:
+    """(global theta, local theta, global linear factor) from 4.x keys or 5.x rope_parameters."""
+    defaults = _DEFAULTS[model_type]
+    rp = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    if isinstance(rp, dict) and (FULL in rp or SLIDING in rp):  # 5.x, per layer type
+        full = rp.get(FULL, {}) or {}
+        local = rp.get(SLIDING, {}) or {}
+        theta = _number(full.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = _number(local.get("rope_theta", defaults.get("rope_local_base_freq", theta)),
+                              "rope_local_base_freq", where)
+        scaling = full
+    else:
+        if isinstance(rp, dict):  # 5.x, one set for all layers
+            theta = _number(rp.get("rope_theta", d.get("rope_theta", defaults["rope_theta"])), "rope_theta", where)
+            scaling = rp
+        else:
+            theta = _number(d.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = _number(d.get("rope_local_base_freq", defaults.get("rope_local_base_freq", theta)),
+                              "rope_local_base_freq", where)
+    factor = 1.0
+    if isinstance(scaling, dict):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "linear":
+            factor = _number(scaling.get("factor"), "rope_scaling.factor", where)
+        elif kind not in ("default", None):
+            raise GemmaQuantError(
+                f"config.json: rope scaling type {kind!r} is not supported (allowed: default, linear)"
+            )
+    return theta, local_theta, factor
+
+
+def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[str, ...]:
+    lt = d.get("layer_types")
+    if lt is not None:
+        if not isinstance(lt, list) or len(lt) != n_layers or any(t not in (SLIDING, FULL) for t in lt):
+            raise GemmaQuantError(
+                f"{where}: 'layer_types' must list {n_layers} entries of "
+                f"'{SLIDING}'/'{FULL}', got {lt!r}"
+            )
+        return tuple(lt)
+    if model_type == "gemma":
+        return (FULL,) * n_layers
+    if model_type == "gemma2":  # even layers slide (transformers: not bool(layer_idx % 2))
+        return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n_layers))
+    pattern = _int_in(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6)),
+                      "sliding_window_pattern", where)
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
+
+
+def config_from_dict(raw: dict, where: str = "config.json") -> GemmaConfig:
+    """Validate a config.json object. Any value of the wrong JSON type is a one-line error."""
+    try:
+        return _config_from_dict(raw, where)
+    except GemmaQuantError:
+        raise
+    except RecursionError:
+        raise GemmaQuantError(f"{where}: nested too deeply") from None
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+        raise GemmaQuantError(f"{where}: a value has the wrong type or range ({type(e).__name__}: {e})") from None
+
+
+def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
+    if not isinstance(raw, dict):
+        raise GemmaQuantError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    mt = raw.get("model_type")
+    d = raw
+    multimodal = False
+    if mt in ("gemma3", "gemma4"):  # Gemma{3,4}ForConditionalGeneration: the text model sits in text_config
+        if not isinstance(raw.get("text_config"), dict):
+            raise GemmaQuantError(f"{where}: model_type {mt!r} without a 'text_config' object")
+        d = dict(raw["text_config"])
+        mt += "_text"
+        d.setdefault("model_type", mt)
+        multimodal = True
+        # Multimodal configs may omit the text defaults: fill them from the text config class.
+        d.setdefault("vocab_size", 262208 if mt == "gemma3_text" else GEMMA4_DEFAULTS["vocab_size"])
+    if mt == "gemma4_text":
+        d = {"vocab_size": GEMMA4_DEFAULTS["vocab_size"], "intermediate_size": 9216, **d}
+    if mt not in [text_type for text_type, _ in GENERATIONS.values()]:
+        raise GemmaQuantError(
+            f"{where}: model_type {mt!r} is not a Gemma text model "
+            f"(allowed: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    dflt = _DEFAULTS[mt]
+    n_layers = _positive_int(d, "num_hidden_layers", where)
+    heads = _positive_int(d, "num_attention_heads", where, dflt.get("num_attention_heads"))
+    kv_heads = _positive_int(d, "num_key_value_heads", where, d.get("num_key_value_heads") or
+                             dflt.get("num_key_value_heads", heads))
+    if heads % kv_heads:
+        raise GemmaQuantError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    hidden = _positive_int(d, "hidden_size", where)
+    head_dim = _positive_int(d, "head_dim", where, dflt.get("head_dim", hidden // heads))
+    gemma4 = _gemma4_fields(d, n_layers, heads, kv_heads, head_dim, where, raw if multimodal else {}) \
+        if mt == "gemma4_text" else {}
+    theta, local_theta, factor = gemma4.pop("rope") if gemma4 else _rope(d, mt, where)
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
+        raise GemmaQuantError(
+            f"{where}: hidden_activation {act!r} is not supported (allowed: gelu_pytorch_tanh)"
+        )
+    qpas = d.get("query_pre_attn_scalar", dflt.get("query_pre_attn_scalar")) if mt != "gemma" else None
+    if gemma4:
+        qpas = 1.0  # Gemma 4 attends with scaling 1.0: the q/k norms set the scale
+    window = d.get("sliding_window", dflt.get("sliding_window")) if mt != "gemma" else None
+    layer_types = gemma4.pop("layer_types") if gemma4 else _layer_types(d, mt, n_layers, where)
+    if window is not None:
+        window = _int_in(window, "sliding_window", where)
+    elif SLIDING in layer_types:
+        raise GemmaQuantError(f"{where}: sliding layers need a positive 'sliding_window'")
+    softcaps = {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = d.get(key, dflt.get(key))
+        softcaps[key] = None if v is None else _number(v, key, where)
+    return GemmaConfig(
+        model_type=mt,
+        vocab_size=_positive_int(d, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_positive_int(d, "intermediate_size", where),
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_number(d.get("rms_norm_eps", dflt["rms_norm_eps"]), "rms_norm_eps", where, hi=1),
+        max_position_embeddings=_positive_int(d, "max_position_embeddings", where, dflt["max_position_embeddings"]),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_scaling_factor=factor,
+        query_pre_attn_scalar=_number(qpas, "query_pre_attn_scalar", where) if qpas is not None else float(head_dim),
+        attn_logit_softcapping=softcaps["attn_logit_softcapping"],
+        final_logit_softcapping=softcaps["final_logit_softcapping"],
+        sliding_window=window,
+        layer_types=layer_types,
+        qk_norm=mt in ("gemma3_text", "gemma4_text"),
+        sandwich_norms=mt != "gemma",
+        multimodal=multimodal,
+        bos_token_id=d.get("bos_token_id", raw.get("bos_token_id", 2)),
+        eos_token_id=d.get("eos_token_id", raw.get("eos_token_id", 1)),
+        pad_token_id=d.get("pad_token_id", raw.get("pad_token_id", 0)),
+        raw=raw,
+        **gemma4,
+    )
+
+
+def _gemma4_fields(d: dict, n_layers: int, heads: int, kv_heads: int, head_dim: int, where: str,
+                   outer: dict) -> dict:
+    """The Gemma 4 flags, resolved as transformers 5.23 resolves a Gemma4TextConfig.
+
+    Per-layer geometry comes from `per_layer_config` (what transformers >= 5.15 saves: {"05":
+    {"head_dim": 512, "num_key_value_heads": 2}}) or, in Google's original config.json, from
+    `global_head_dim` / `num_global_key_value_heads` on full layers -- the latter only with
+    `attention_k_eq_v`, as transformers ignores it otherwise. `outer`: the multimodal wrapper's config
+    (its media placeholder ids), else {}."""
+    g = GEMMA4_DEFAULTS
+    lt = d.get("layer_types")
+    if lt is None:
+        lt = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+    if not isinstance(lt, list) or len(lt) != n_layers or any(t not in (SLIDING, FULL) for t in lt):
+        raise GemmaQuantError(f"{where}: 'layer_types' must list {n_layers} entries of '{SLIDING}'/'{FULL}', got {lt!r}")
+    layer_types = tuple(lt[:-1]) + (FULL,)  # transformers turns a sliding last layer into a full one
+    k_eq_v = bool(d.get("attention_k_eq_v", False))
+    hd, nkv = [head_dim] * n_layers, [kv_heads] * n_layers
+    plc = d.get("per_layer_config")
+    if plc is not None:
+        if not isinstance(plc, dict):
+            raise GemmaQuantError(f"{where}: 'per_layer_config' must be an object of layer -> overrides")
+        for key, o in plc.items():
+            i = int(key)
+            if not 0 <= i < n_layers or not isinstance(o, dict):
+                raise GemmaQuantError(f"{where}: 'per_layer_config' entry {key!r} must name a layer 0..{n_layers - 1} "
+                                      "with an object of overrides")
+            hd[i] = _int_in(o.get("head_dim", hd[i]), "head_dim", where)
+            nkv[i] = _int_in(o.get("num_key_value_heads", nkv[i]), "num_key_value_heads", where)
+    else:
+        ghd = _int_in(d.get("global_head_dim") or g["global_head_dim"], "global_head_dim", where)
+        gkv = d.get("num_global_key_value_heads")
+        for i, t in enumerate(layer_types):
+            if t == FULL:
+                hd[i] = ghd
+                if k_eq_v and gkv is not None:
+                    nkv[i] = _int_in(gkv, "num_global_key_value_heads", where)
+    for kind in (SLIDING, FULL):  # RoPE tables are per kind: one geometry per kind
+        geo = {(hd[i], nkv[i]) for i, t in enumerate(layer_types) if t == kind}
+        if len(geo) > 1:
+            raise GemmaQuantError(f"{where}: {kind} layers have different head_dim/num_key_value_heads {sorted(geo)}; "
+                                  "gemmaquant supports one geometry per layer kind")
+    for i in range(n_layers):
+        if heads % nkv[i]:
+            raise GemmaQuantError(f"{where}: layer {i}: num_attention_heads {heads} is not a multiple of "
+                                  f"{nkv[i]} key/value heads")
+    n_shared = _int_in(d.get("num_kv_shared_layers") or 0, "num_kv_shared_layers", where)
+    first_shared = n_layers - n_shared
+    if n_shared >= n_layers:
+        raise GemmaQuantError(f"{where}: 'num_kv_shared_layers' {n_shared} must be below num_hidden_layers {n_layers}")
+    for kind in set(layer_types[first_shared:]):
+        if kind not in layer_types[:first_shared]:
+            raise GemmaQuantError(f"{where}: KV-shared {kind} layers have no earlier {kind} layer to share with")
+    ple = _int_in(d.get("hidden_size_per_layer_input", g["hidden_size_per_layer_input"]) or 0,
+                  "hidden_size_per_layer_input", where)
+    ple_vocab = _int_in(d.get("vocab_size_per_layer_input") or g["vocab_size_per_layer_input"],
+                        "vocab_size_per_layer_input", where)
+    moe = {}
+    if d.get("enable_moe_block"):
+        moe = {k: _positive_int(d, k, where)
+               for k in ("num_experts", "top_k_experts", "moe_intermediate_size")}
+        if moe["top_k_experts"] > moe["num_experts"]:
+            raise GemmaQuantError(f"{where}: 'top_k_experts' {moe['top_k_experts']} exceeds num_experts "
+                                  f"{moe['num_experts']}")
+    if d.get("attention_bias"):
+        raise GemmaQuantError(f"{where}: 'attention_bias' true is not supported for Gemma 4 (allowed: false)")
+    if d.get("use_bidirectional_attention") == "all":
+        raise GemmaQuantError(f"{where}: 'use_bidirectional_attention' 'all' (a bidirectional encoder) is not "
+                              "supported (allowed: null, 'vision')")
+    return dict(layer_types=layer_types, rope=_gemma4_rope(d, where), norm_unit_offset=False,
+                media_token_ids=tuple(i for k in ("image_token_id", "video_token_id", "audio_token_id")
+                                      if isinstance(i := outer.get(k), int) and not isinstance(i, bool)),
+                layer_head_dims=tuple(hd), layer_kv_heads=tuple(nkv), attention_k_eq_v=k_eq_v,
+                num_kv_shared_layers=n_shared, hidden_size_per_layer_input=ple,
+                vocab_size_per_layer_input=ple_vocab if ple else 0,
+                use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)), **moe,
+                rope_partial_factor=_gemma4_rope_partial(d, where))
+
+
+def _gemma4_rope_params(d: dict, where: str) -> tuple[dict, dict]:
+    rp = d.get("rope_parameters") or {}
+    if not isinstance(rp, dict) or not all(isinstance(rp.get(k, {}), dict) for k in (SLIDING, FULL)):
+        raise GemmaQuantError(f"{where}: 'rope_parameters' must map '{SLIDING}'/'{FULL}' to objects")
+    local = {"rope_type": "default", "rope_theta": 10000.0, **rp.get(SLIDING, {})}
+    full = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0, **rp.get(FULL, {})}
+    if local["rope_type"] != "default":
+        raise GemmaQuantError(f"{where}: sliding-layer rope_type {local['rope_type']!r} is not supported "
+                              "(allowed: default)")
+    if full["rope_type"] not in ("default", "proportional"):
+        raise GemmaQuantError(f"{where}: full-layer rope_type {full['rope_type']!r} is not supported "
+                              "(allowed: proportional, default)")
+    return local, full
+
+
+def _gemma4_rope(d: dict, where: str) -> tuple[float, float, float]:
+    local, full = _gemma4_rope_params(d, where)
+    factor = full.get("factor", 1.0) if full["rope_type"] == "proportional" else 1.0
+    return (_number(full["rope_theta"], "rope_theta", where), _number(local["rope_theta"], "rope_theta", where),
+            _number(factor, "rope_parameters.factor", where))
+
+
+def _gemma4_rope_partial(d: dict, where: str) -> float:
+    _, full = _gemma4_rope_params(d, where)
+    if full["rope_type"] != "proportional":
+        return 1.0
+    v = full.get("partial_rotary_factor", 1.0)
+    return _number(v, "partial_rotary_factor", where) if v != 1 else 1.0
+
+
+def load_config(path: str | Path) -> GemmaConfig:
+    from .inputs import read_json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise GemmaQuantError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    return config_from_dict(read_json(path, "config.json"), where=str(path))
