@@ -4,24 +4,24 @@ Reads a Hugging Face config.json written by transformers 4.x (rope_theta, rope_l
 sliding_window_pattern, query_pre_attn_scalar) or 5.x (rope_parameters, layer_types). A multimodal
 Gemma 3 checkpoint (model_type "gemma3" with a `text_config`) is read as its text model; its tensors
 carry a `language_model.` prefix that the checkpoint reader strips. Gemma 4 ("gemma4_text", or
-"gemma4" with a `text_config`) adds per-layer geometry and blocks: see `_gemma4_fields`.
+"gemma4" with a `text_config`) adds per-layer geometry and blocks, read by gemma4_config.py.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import GemmaQuantError
+from .config_values import FULL, SLIDING, int_in_range, positive_number, required_int
+from .gemma4_config import GEMMA4_DEFAULTS, gemma4_fields
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
 # The one generation table: generation -> (HF model_type of the text model, GGUF general.architecture).
 GENERATIONS = {1: ("gemma", "gemma"), 2: ("gemma2", "gemma2"), 3: ("gemma3_text", "gemma3"),
                4: ("gemma4_text", "gemma4")}
-SLIDING, FULL = "sliding_attention", "full_attention"
 
 # Defaults of the transformers config classes, used when a key is absent.
 _DEFAULTS = {
@@ -41,9 +41,6 @@ _DEFAULTS = {
         num_key_value_heads=4, final_logit_softcapping=None, attn_logit_softcapping=None,
     ),
 }
-# Gemma4TextConfig's defaults for the keys only Gemma 4 has.
-GEMMA4_DEFAULTS = dict(global_head_dim=512, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
-                       vocab_size=262144, partial_rotary_factor=0.25)
 
 
 @dataclass(frozen=True)
@@ -228,43 +225,6 @@ class GemmaConfig:
         return sum(math.prod(s) for s in self.expected_shapes().values())
 
 
-# The range each size may take. Gemma's largest (27B) has 62 layers, hidden 5376, ffn 21504, 32
-# heads, a 262k vocabulary and a 128k context; the bounds leave room for larger models while refusing
-# values that would build huge structures (1e9 layers: a billion-entry tuple) or overflow a GGUF uint32.
-INT_RANGES = {
-    "num_hidden_layers": (1, 1024), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
-    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 1 << 14),
-    "vocab_size": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24), "sliding_window": (1, 1 << 24),
-    "sliding_window_pattern": (1, 1024), "global_head_dim": (1, 1 << 14), "num_global_key_value_heads": (1, 1024),
-    "num_kv_shared_layers": (0, 1023), "hidden_size_per_layer_input": (0, 1 << 14),
-    "vocab_size_per_layer_input": (1, 1 << 24), "num_experts": (1, 1 << 12), "top_k_experts": (1, 1 << 12),
-    "moe_intermediate_size": (1, 1 << 20),
-}
-
-
-def _int_in(v: Any, key: str, where: str) -> int:
-    lo, hi = INT_RANGES[key]
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
-        raise GemmaQuantError(f"{where}: '{key}' must be an integer in {lo}..{hi}, got {v!r}")
-    return int(v)
-
-
-def _positive_int(d: dict, key: str, where: str, default: Any = None) -> int:
-    v = d.get(key, default)
-    if v is None:
-        raise GemmaQuantError(f"{where}: missing required key '{key}'")
-    return _int_in(v, key, where)
-
-
-def _number(v: Any, key: str, where: str, hi: float | None = None) -> float:
-    """A finite number > 0 (and < hi): zero, negative or NaN values here gave NaN or 1e10 perplexities."""
-    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
-    if not ok or (hi is not None and v >= hi):
-        rng = f"a number with 0 < {key} < {hi:g}" if hi is not None else "a finite number > 0"
-        raise GemmaQuantError(f"{where}: '{key}' must be {rng}, got {v!r}")
-    return float(v)
-
-
 def _rope(d: dict, model_type: str, where: str) -> tuple[float, float, float]:
     """(global theta, local theta, global linear factor) from 4.x keys or 5.x rope_parameters."""
     defaults = _DEFAULTS[model_type]
@@ -273,23 +233,24 @@ def _rope(d: dict, model_type: str, where: str) -> tuple[float, float, float]:
     if isinstance(rp, dict) and (FULL in rp or SLIDING in rp):  # 5.x, per layer type
         full = rp.get(FULL, {}) or {}
         local = rp.get(SLIDING, {}) or {}
-        theta = _number(full.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
-        local_theta = _number(local.get("rope_theta", defaults.get("rope_local_base_freq", theta)),
+        theta = positive_number(full.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = positive_number(local.get("rope_theta", defaults.get("rope_local_base_freq", theta)),
                               "rope_local_base_freq", where)
         scaling = full
     else:
         if isinstance(rp, dict):  # 5.x, one set for all layers
-            theta = _number(rp.get("rope_theta", d.get("rope_theta", defaults["rope_theta"])), "rope_theta", where)
+            theta = positive_number(rp.get("rope_theta", d.get("rope_theta", defaults["rope_theta"])), "rope_theta",
+                                    where)
             scaling = rp
         else:
-            theta = _number(d.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
-        local_theta = _number(d.get("rope_local_base_freq", defaults.get("rope_local_base_freq", theta)),
+            theta = positive_number(d.get("rope_theta", defaults["rope_theta"]), "rope_theta", where)
+        local_theta = positive_number(d.get("rope_local_base_freq", defaults.get("rope_local_base_freq", theta)),
                               "rope_local_base_freq", where)
     factor = 1.0
     if isinstance(scaling, dict):
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "linear":
-            factor = _number(scaling.get("factor"), "rope_scaling.factor", where)
+            factor = positive_number(scaling.get("factor"), "rope_scaling.factor", where)
         elif kind not in ("default", None):
             raise GemmaQuantError(
                 f"config.json: rope scaling type {kind!r} is not supported (allowed: default, linear)"
@@ -310,7 +271,7 @@ def _layer_types(d: dict, model_type: str, n_layers: int, where: str) -> tuple[s
         return (FULL,) * n_layers
     if model_type == "gemma2":  # even layers slide (transformers: not bool(layer_idx % 2))
         return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n_layers))
-    pattern = _int_in(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6)),
+    pattern = int_in_range(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6)),
                       "sliding_window_pattern", where)
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
 
@@ -350,17 +311,17 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
             f"(allowed: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     dflt = _DEFAULTS[mt]
-    n_layers = _positive_int(d, "num_hidden_layers", where)
-    heads = _positive_int(d, "num_attention_heads", where, dflt.get("num_attention_heads"))
-    kv_heads = _positive_int(d, "num_key_value_heads", where, d.get("num_key_value_heads") or
+    n_layers = required_int(d, "num_hidden_layers", where)
+    heads = required_int(d, "num_attention_heads", where, dflt.get("num_attention_heads"))
+    kv_heads = required_int(d, "num_key_value_heads", where, d.get("num_key_value_heads") or
                              dflt.get("num_key_value_heads", heads))
     if heads % kv_heads:
         raise GemmaQuantError(
             f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
         )
-    hidden = _positive_int(d, "hidden_size", where)
-    head_dim = _positive_int(d, "head_dim", where, dflt.get("head_dim", hidden // heads))
-    gemma4 = _gemma4_fields(d, n_layers, heads, kv_heads, head_dim, where, raw if multimodal else {}) \
+    hidden = required_int(d, "hidden_size", where)
+    head_dim = required_int(d, "head_dim", where, dflt.get("head_dim", hidden // heads))
+    gemma4 = gemma4_fields(d, n_layers, heads, kv_heads, head_dim, where, raw if multimodal else {}) \
         if mt == "gemma4_text" else {}
     theta, local_theta, factor = gemma4.pop("rope") if gemma4 else _rope(d, mt, where)
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
@@ -374,28 +335,29 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
     window = d.get("sliding_window", dflt.get("sliding_window")) if mt != "gemma" else None
     layer_types = gemma4.pop("layer_types") if gemma4 else _layer_types(d, mt, n_layers, where)
     if window is not None:
-        window = _int_in(window, "sliding_window", where)
+        window = int_in_range(window, "sliding_window", where)
     elif SLIDING in layer_types:
         raise GemmaQuantError(f"{where}: sliding layers need a positive 'sliding_window'")
     softcaps = {}
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         v = d.get(key, dflt.get(key))
-        softcaps[key] = None if v is None else _number(v, key, where)
+        softcaps[key] = None if v is None else positive_number(v, key, where)
     return GemmaConfig(
         model_type=mt,
-        vocab_size=_positive_int(d, "vocab_size", where),
+        vocab_size=required_int(d, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=_positive_int(d, "intermediate_size", where),
+        intermediate_size=required_int(d, "intermediate_size", where),
         num_hidden_layers=n_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=_number(d.get("rms_norm_eps", dflt["rms_norm_eps"]), "rms_norm_eps", where, hi=1),
-        max_position_embeddings=_positive_int(d, "max_position_embeddings", where, dflt["max_position_embeddings"]),
+        rms_norm_eps=positive_number(d.get("rms_norm_eps", dflt["rms_norm_eps"]), "rms_norm_eps", where, hi=1),
+        max_position_embeddings=required_int(d, "max_position_embeddings", where, dflt["max_position_embeddings"]),
         rope_theta=theta,
         rope_local_theta=local_theta,
         rope_scaling_factor=factor,
-        query_pre_attn_scalar=_number(qpas, "query_pre_attn_scalar", where) if qpas is not None else float(head_dim),
+        query_pre_attn_scalar=(positive_number(qpas, "query_pre_attn_scalar", where) if qpas is not None
+                               else float(head_dim)),
         attn_logit_softcapping=softcaps["attn_logit_softcapping"],
         final_logit_softcapping=softcaps["final_logit_softcapping"],
         sliding_window=window,
@@ -409,115 +371,6 @@ def _config_from_dict(raw: dict, where: str) -> GemmaConfig:
         raw=raw,
         **gemma4,
     )
-
-
-def _gemma4_fields(d: dict, n_layers: int, heads: int, kv_heads: int, head_dim: int, where: str,
-                   outer: dict) -> dict:
-    """The Gemma 4 flags, resolved as transformers 5.23 resolves a Gemma4TextConfig.
-
-    Per-layer geometry comes from `per_layer_config` (what transformers >= 5.15 saves: {"05":
-    {"head_dim": 512, "num_key_value_heads": 2}}) or, in Google's original config.json, from
-    `global_head_dim` / `num_global_key_value_heads` on full layers -- the latter only with
-    `attention_k_eq_v`, as transformers ignores it otherwise. `outer`: the multimodal wrapper's config
-    (its media placeholder ids), else {}."""
-    g = GEMMA4_DEFAULTS
-    lt = d.get("layer_types")
-    if lt is None:
-        lt = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
-    if not isinstance(lt, list) or len(lt) != n_layers or any(t not in (SLIDING, FULL) for t in lt):
-        raise GemmaQuantError(f"{where}: 'layer_types' must list {n_layers} entries of '{SLIDING}'/'{FULL}', got {lt!r}")
-    layer_types = tuple(lt[:-1]) + (FULL,)  # transformers turns a sliding last layer into a full one
-    k_eq_v = bool(d.get("attention_k_eq_v", False))
-    hd, nkv = [head_dim] * n_layers, [kv_heads] * n_layers
-    plc = d.get("per_layer_config")
-    if plc is not None:
-        if not isinstance(plc, dict):
-            raise GemmaQuantError(f"{where}: 'per_layer_config' must be an object of layer -> overrides")
-        for key, o in plc.items():
-            i = int(key)
-            if not 0 <= i < n_layers or not isinstance(o, dict):
-                raise GemmaQuantError(f"{where}: 'per_layer_config' entry {key!r} must name a layer 0..{n_layers - 1} "
-                                      "with an object of overrides")
-            hd[i] = _int_in(o.get("head_dim", hd[i]), "head_dim", where)
-            nkv[i] = _int_in(o.get("num_key_value_heads", nkv[i]), "num_key_value_heads", where)
-    else:
-        ghd = _int_in(d.get("global_head_dim") or g["global_head_dim"], "global_head_dim", where)
-        gkv = d.get("num_global_key_value_heads")
-        for i, t in enumerate(layer_types):
-            if t == FULL:
-                hd[i] = ghd
-                if k_eq_v and gkv is not None:
-                    nkv[i] = _int_in(gkv, "num_global_key_value_heads", where)
-    for kind in (SLIDING, FULL):  # RoPE tables are per kind: one geometry per kind
-        geo = {(hd[i], nkv[i]) for i, t in enumerate(layer_types) if t == kind}
-        if len(geo) > 1:
-            raise GemmaQuantError(f"{where}: {kind} layers have different head_dim/num_key_value_heads {sorted(geo)}; "
-                                  "gemmaquant supports one geometry per layer kind")
-    for i in range(n_layers):
-        if heads % nkv[i]:
-            raise GemmaQuantError(f"{where}: layer {i}: num_attention_heads {heads} is not a multiple of "
-                                  f"{nkv[i]} key/value heads")
-    n_shared = _int_in(d.get("num_kv_shared_layers") or 0, "num_kv_shared_layers", where)
-    first_shared = n_layers - n_shared
-    if n_shared >= n_layers:
-        raise GemmaQuantError(f"{where}: 'num_kv_shared_layers' {n_shared} must be below num_hidden_layers {n_layers}")
-    for kind in set(layer_types[first_shared:]):
-        if kind not in layer_types[:first_shared]:
-            raise GemmaQuantError(f"{where}: KV-shared {kind} layers have no earlier {kind} layer to share with")
-    ple = _int_in(d.get("hidden_size_per_layer_input", g["hidden_size_per_layer_input"]) or 0,
-                  "hidden_size_per_layer_input", where)
-    ple_vocab = _int_in(d.get("vocab_size_per_layer_input") or g["vocab_size_per_layer_input"],
-                        "vocab_size_per_layer_input", where)
-    moe = {}
-    if d.get("enable_moe_block"):
-        moe = {k: _positive_int(d, k, where)
-               for k in ("num_experts", "top_k_experts", "moe_intermediate_size")}
-        if moe["top_k_experts"] > moe["num_experts"]:
-            raise GemmaQuantError(f"{where}: 'top_k_experts' {moe['top_k_experts']} exceeds num_experts "
-                                  f"{moe['num_experts']}")
-    if d.get("attention_bias"):
-        raise GemmaQuantError(f"{where}: 'attention_bias' true is not supported for Gemma 4 (allowed: false)")
-    if d.get("use_bidirectional_attention") == "all":
-        raise GemmaQuantError(f"{where}: 'use_bidirectional_attention' 'all' (a bidirectional encoder) is not "
-                              "supported (allowed: null, 'vision')")
-    return dict(layer_types=layer_types, rope=_gemma4_rope(d, where), norm_unit_offset=False,
-                media_token_ids=tuple(i for k in ("image_token_id", "video_token_id", "audio_token_id")
-                                      if isinstance(i := outer.get(k), int) and not isinstance(i, bool)),
-                layer_head_dims=tuple(hd), layer_kv_heads=tuple(nkv), attention_k_eq_v=k_eq_v,
-                num_kv_shared_layers=n_shared, hidden_size_per_layer_input=ple,
-                vocab_size_per_layer_input=ple_vocab if ple else 0,
-                use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)), **moe,
-                rope_partial_factor=_gemma4_rope_partial(d, where))
-
-
-def _gemma4_rope_params(d: dict, where: str) -> tuple[dict, dict]:
-    rp = d.get("rope_parameters") or {}
-    if not isinstance(rp, dict) or not all(isinstance(rp.get(k, {}), dict) for k in (SLIDING, FULL)):
-        raise GemmaQuantError(f"{where}: 'rope_parameters' must map '{SLIDING}'/'{FULL}' to objects")
-    local = {"rope_type": "default", "rope_theta": 10000.0, **rp.get(SLIDING, {})}
-    full = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0, **rp.get(FULL, {})}
-    if local["rope_type"] != "default":
-        raise GemmaQuantError(f"{where}: sliding-layer rope_type {local['rope_type']!r} is not supported "
-                              "(allowed: default)")
-    if full["rope_type"] not in ("default", "proportional"):
-        raise GemmaQuantError(f"{where}: full-layer rope_type {full['rope_type']!r} is not supported "
-                              "(allowed: proportional, default)")
-    return local, full
-
-
-def _gemma4_rope(d: dict, where: str) -> tuple[float, float, float]:
-    local, full = _gemma4_rope_params(d, where)
-    factor = full.get("factor", 1.0) if full["rope_type"] == "proportional" else 1.0
-    return (_number(full["rope_theta"], "rope_theta", where), _number(local["rope_theta"], "rope_theta", where),
-            _number(factor, "rope_parameters.factor", where))
-
-
-def _gemma4_rope_partial(d: dict, where: str) -> float:
-    _, full = _gemma4_rope_params(d, where)
-    if full["rope_type"] != "proportional":
-        return 1.0
-    v = full.get("partial_rotary_factor", 1.0)
-    return _number(v, "partial_rotary_factor", where) if v != 1 else 1.0
 
 
 def load_config(path: str | Path) -> GemmaConfig:
