@@ -166,6 +166,12 @@ def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: 
     from .export.gguf.mmproj import DEFAULT_OUTTYPE, OUTTYPES, default_mmproj_path
 
     asked = opts.mmproj
+    if ckpt.config.generation == 4 and ckpt.config.multimodal and scheme.is_gguf:
+        # Gemma 4's towers (vision, audio) are another clip layout than Gemma 3's SigLIP
+        if asked not in (None, "none"):
+            raise GemmaQuantError(f"--mmproj {asked}: Gemma 4's vision/audio mmproj is not supported yet (supported: "
+                                  "Gemma 3's); write it with llama.cpp's convert_hf_to_gguf.py --mmproj")
+        return None
     if asked is not None and asked != "none" and asked not in OUTTYPES:
         raise GemmaQuantError(f"--mmproj {asked!r} is not supported (allowed: {', '.join(OUTTYPES)}, none)")
     if asked not in (None, "none") and not (scheme.is_gguf and ckpt.config.multimodal):
@@ -175,6 +181,22 @@ def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: 
         return None
     t = asked or DEFAULT_OUTTYPE
     return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
+
+
+def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
+    """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
+    are handled; elsewhere one line says so before any work starts."""
+    if ckpt.config.generation != 4:
+        return
+    c = ckpt.config
+    if not scheme.is_gguf and (c.is_moe or c.multimodal):
+        what = "a mixture of experts" if c.is_moe else "Gemma4ForConditionalGeneration checkpoints"
+        raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
+                              "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
+                              "dense Gemma4ForCausalLM)")
+    if opts is not None and (opts.imatrix or opts.imatrix_file):
+        raise GemmaQuantError(f"{ckpt.path}: an importance matrix (--imatrix/--imatrix-file) is not supported for "
+                              "Gemma 4 yet (its experts need per-expert importance); quantize without one")
 
 
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
@@ -191,6 +213,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     t0 = time.perf_counter()
     check_family(scheme, out)
     check_source(ckpt)
+    check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     mmproj = mmproj_target(ckpt, scheme, opts, out)

@@ -150,7 +150,7 @@ def quantize_cmd(
     from ..formats.hub import valid_repo_id
     from ..formats.inputs import check_input_file
     from ..limits import check_numbers
-    from ..pipeline import QuantizeOptions, check_family, check_source, default_output, run_quantize
+    from ..pipeline import QuantizeOptions, check_family, check_source, check_supported, default_output, run_quantize
     from ..recipes import load_recipe
     from ..schemes import get_scheme
 
@@ -183,6 +183,7 @@ def quantize_cmd(
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
+    check_supported(ckpt, s, opts)
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
         from .plan_view import render_plan

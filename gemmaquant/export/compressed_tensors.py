@@ -114,16 +114,18 @@ def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
 
 
 # -- config.json ------------------------------------------------------------------------------
-def quantization_config(scheme: Scheme, actorder: str | None = None, multimodal: bool = False) -> dict:
+def quantization_config(scheme: Scheme, actorder: str | None = None, multimodal: bool = False,
+                        ignore: tuple[str, ...] = ()) -> dict:
     """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); a multimodal
-    model's vision tower and projector are ignored (as llm-compressor's Gemma 3 recipes do)."""
+    model's vision tower and projector are ignored (as llm-compressor's Gemma 3 recipes do). `ignore`:
+    other Linears left unquantized besides lm_head (matched as `targets: Linear` otherwise)."""
     ia = scheme.input_activations
     group = {"targets": ["Linear"], "weights": scheme.weights.to_config(actorder),
              "input_activations": ia.to_config() if ia else None, "output_activations": None,
              "format": scheme.ct_format}
     return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": scheme.ct_format,
             "quantization_status": "compressed", "config_groups": {"group_0": group},
-            "ignore": ["lm_head"] + (CT_IGNORE if multimodal else []),
+            "ignore": ["lm_head"] + (CT_IGNORE if multimodal else []) + list(ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
             "transform_config": {}}
 
@@ -163,7 +165,7 @@ def _linear_outs(module: str, n: int, k: int, scheme: Scheme) -> tuple[_Out, ...
 
 def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tuple[list[_Unit], list[str]]:
     cfg = ckpt.config
-    suffixes = tuple(cfg.linear_shapes())
+    suffixes = tuple(sorted(set().union(*(cfg.linear_shapes(i) for i in range(cfg.num_hidden_layers)))))
     linear = re.compile(r"^(model\.layers\.\d+\.(?:%s))\.weight$" % "|".join(re.escape(s) for s in suffixes))
     prefix = TEXT_A if cfg.multimodal else ""
     units, skipped = [], []
@@ -417,7 +419,9 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        qc = quantization_config(scheme, actorder, ckpt.config.multimodal)
+        # Gemma 4: the PLE model projection stays bf16 (llama.cpp never quantizes it either)
+        qc = quantization_config(scheme, actorder, ckpt.config.multimodal, ("re:.*per_layer_model_projection$",)
+                                 if ckpt.config.hidden_size_per_layer_input else ())
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
                                                                   str(src_cfg), to), encoding="utf-8")

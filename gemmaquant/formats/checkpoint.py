@@ -38,7 +38,8 @@ def text_name(name: str) -> str | None:
     if name.startswith("language_model.lm_head."):
         return name[len("language_model."):]
     if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                        "model.multi_modal_projector.", "audio_tower.", "model.audio_tower.")):
+                        "model.multi_modal_projector.", "audio_tower.", "model.audio_tower.",
+                        "model.embed_vision.", "model.embed_audio.")):
         return None
     return name
 
@@ -155,7 +156,7 @@ class Checkpoint:
                     f"{self.path}: tensor '{name}' is {dt}; expected a bf16/f16/f32 source checkpoint "
                     "(is this already quantized?)"
                 )
-        extra = set(self._where) - set(expected) - {"lm_head.weight"}
+        extra = set(self._where) - set(expected) - {"lm_head.weight"} - set(self.config.optional_shapes())
         if extra:
             raise GemmaQuantError(
                 f"{self.path}: unexpected tensor '{sorted(extra)[0]}' for a {self.config.model_type} "

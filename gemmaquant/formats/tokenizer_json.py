@@ -1,5 +1,5 @@
 """Hugging Face tokenizer files from a SentencePiece-BPE vocabulary (pieces, scores, types), and
-(`bpe_tokenizer_json_text`) from the tokens and merges of a GGUF converted by llama.cpp's gpt2 route.
+(`gpt2_tokenizer_json_text`) from the tokens and merges of a GGUF converted by llama.cpp's gpt2 route.
 
 We build the JSON ourselves, the way transformers' `GemmaConverter` (convert_slow_tokenizer.py) does,
 so that neither transformers nor sentencepiece is needed at run time:
@@ -163,7 +163,7 @@ def build_special_tokens_map(pieces: list[Piece], *, bos_id: int, eos_id: int, u
 _GPT2_SPACE = "\u0120"  # Ġ: how merges spell a space inside a part
 
 
-def bpe_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], unk_id: int | None) -> str:
+def gpt2_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], unk_id: int | None) -> str:
     """tokenizer.json text equivalent to a gpt2-route Gemma 3 GGUF vocabulary (export/gguf/vocab_bpe.py writes
     them; this runs such a GGUF here):
     BPE with byte fallback over its tokens and merges, spaces as ▁, added tokens matched whole."""
@@ -188,3 +188,15 @@ def bpe_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[st
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                   "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": pairs},
     }, ensure_ascii=False)
+
+
+def gemma4_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], *, unk_id: int) -> str:
+    """tokenizer.json for a Gemma 4 GGUF's vocabulary (tokenizer.ggml.model "gemma4"): the stored BPE
+    merges ("a b") as they are, the same normalizer/decoder as above, control and user-defined tokens
+    matched whole."""
+    pieces = [(t, 0.0, ty) for t, ty in zip(tokens, types)]
+    _check(pieces, {"unk_id": unk_id})
+    d = build_tokenizer_json(pieces, unk_id=unk_id, bos_id=unk_id, add_bos=False)
+    d["model"]["merges"] = [m.split(" ", 1) for m in merges]
+    return json.dumps(d, ensure_ascii=False)
+

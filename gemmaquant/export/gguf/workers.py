@@ -47,8 +47,9 @@ class Slab:
 
 
 def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate)."""
-    x = view.to(torch.bfloat16)
+    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate), except
+    for tensors the converter writes F32 (Gemma 4's expert router)."""
+    x = view.float() if p.type == GGMLType.F32 else view.to(torch.bfloat16)
     if not torch.isfinite(x).all():
         raise GemmaQuantError(f"{where}: tensor '{p.hf_name}' contains NaN/inf values")
     return quantize(x, p.type, qw).numpy()
@@ -65,7 +66,7 @@ def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
 
 def _run_slab(s: Slab) -> np.ndarray:
     ckpt, p = _STATE["ckpt"], _STATE["plans"][s.i]
-    view = ckpt.tensor(p.hf_name)[s.r0:s.r1]
+    view = ckpt.tensor(p.hf_name).reshape(-1, p.n_per_row)[s.r0:s.r1]
     out = quantize_rows(ckpt.path, p, view, _STATE["qws"][p.name])
     release_pages(view)
     return out
