@@ -80,7 +80,7 @@ def default_output(ckpt: Checkpoint, scheme: Scheme) -> Path:
 def check_family(scheme: Scheme, out: Path | None) -> None:
     if out is not None and out.suffix == ".gguf" and not scheme.is_gguf:
         raise GemmaQuantError(f"{out}: a .gguf output needs a GGUF scheme, not '{scheme.name}' "
-                              "(GGUF schemes: bf16, f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q4_0)")
+                              "(GGUF schemes: bf16, f16, q8_0, q6_k, q4_k_m, ... see `gemmaquant schemes`)")
 
 
 def peak_rss() -> int:
