@@ -9,8 +9,9 @@ llama-quantize refuses without one, unless --imatrix-all), the file's bytes and 
 (8 · file bytes / weights, the figure `gemmaquant quantize` reports), the wall time; with
 --llama-quantize, the same preset by llama-quantize from --bf16 (llama.cpp's converter output, or our
 bf16 file, which is byte-identical to it) with the same imatrix file, `cmp`-style identity and its time.
-Files are deleted after measuring unless --keep. Results go to OUT/presets.jsonl and a markdown
-table on stdout. Timings on a shared machine are indicative only: the table is about sizes and bytes.
+Files are deleted after measuring unless --keep. --sizes-only writes nothing: each file's size is
+the header our writer would write plus every tensor's planned bytes padded to 32 (exact: the full run
+checks it against the written files). Results go to OUT/presets.jsonl and a markdown table on stdout. Timings on a shared machine are indicative only: the table is about sizes and bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def _same(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
                 return True
 
 
+def _predicted_size(ck, s, im):
+    """(file bytes, plans) from the plan and the header alone."""
+    from gemmaquant.ggml.types import row_bytes
+    from gemmaquant.gguf.header import ALIGNMENT, header_bytes
+    from gemmaquant.gguf.plan import plan_types
+
+    plans = plan_types(ck.config, s, im is not None, has_lm_head="lm_head.weight" in ck.names())
+    head, _ = header_bytes(ck.path, ck.config, s, plans, None if im is None else im.meta())
+    data = 0
+    for p in plans:
+        n = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
+        data += n + (-n % ALIGNMENT)
+    return len(head) + data, plans
+
+
 def main() -> None:
     from gemmaquant.checkpoint import Checkpoint
     from gemmaquant.demo import ensure_demo_checkpoint
@@ -56,6 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--sizes-only", action="store_true", help="plan + header sizes, no quantizing")
     a = ap.parse_args()
     if a.llama_quantize and not a.bf16:
         ap.error("--llama-quantize needs --bf16")
@@ -79,6 +96,12 @@ def main() -> None:
                     print(f"{name}: skipped (needs --imatrix)", file=sys.stderr)
                     continue
                 use = im
+        predicted = _predicted_size(ck, s, use)
+        if a.sizes_only:
+            n = sum(p.numel for p in predicted[1])
+            rows.append({"preset": name, "bytes": predicted[0], "weights": n, "bpw": 8 * predicted[0] / n,
+                         "imatrix": use is not None, "seconds": "-"})
+            continue
         ours = a.out / f"{name}.ours.gguf"
         t0 = time.perf_counter()
         rep = write_gguf(ck, s, ours, imatrix=None if use is None else use.importance,
@@ -86,7 +109,7 @@ def main() -> None:
         row = {"preset": name, "bytes": rep.file_bytes, "weights": sum(p.numel for p in rep.plans),
                "bpw": 8 * rep.file_bytes / sum(p.numel for p in rep.plans), "imatrix": use is not None,
                "seconds": round(time.perf_counter() - t0, 1), "types": rep.type_counts,
-               "fallback": rep.n_fallback}
+               "fallback": rep.n_fallback, "size_as_predicted": rep.file_bytes == predicted[0]}
         if a.llama_quantize:
             theirs = a.out / f"{name}.llama.gguf"
             cmd = [str(a.llama_quantize), *(["--imatrix", str(a.imatrix)] if use is not None else []),
