@@ -336,8 +336,10 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     t = Table(title="gemmaquant schemes")
     for col in ("scheme", "format", "engine", "what"):
         t.add_column(col)
+    t.add_column("bpw (demo)", justify="right")
     for r in rows:
-        t.add_row(r["scheme"], r["format"], r["engine"], r["what"])
+        t.add_row(r["scheme"], r["format"], r["engine"], r["what"],
+                  f"{r['demo_bpw']:.2f}" if r["demo_bpw"] is not None else "")
     out.print(t)
 
 

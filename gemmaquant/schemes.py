@@ -160,6 +160,20 @@ UNSUPPORTED_GGUF: dict[str, str] = {
 GGUF_NEEDS_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m", "q2_k_s"})
 
 
+# Bits per weight of each GGUF preset's whole file on the demo model (Gemma 3 270M: 8 x file bytes /
+# weights; its 262144 x 640 embedding, Q8_0 in every quantized preset, and the vocabulary in the header
+# weigh on every figure), with an imatrix only for the presets that need one. Produced by
+# benchmarks/bench_gguf_presets.py (RESULTS.md, "Every GGUF preset on the demo"); tests check it.
+DEMO_BPW: dict[str, float] = {
+    "bf16": 16.198, "f16": 16.198, "q8_0": 8.700, "q6_k": 8.444, "q5_k_m": 7.759, "q5_k_s": 7.699,
+    "q4_k_m": 7.553, "q4_k_s": 7.457, "q4_0": 7.204, "q5_1": 7.765, "q5_0": 7.578, "q4_1": 7.391,
+    "iq4_nl": 7.230, "iq4_xs": 7.199, "q3_k_l": 7.352, "q3_k_m": 7.220, "q3_k_s": 7.063, "iq3_m": 7.131,
+    "iq3_s": 7.074, "iq3_xs": 7.074, "iq3_xxs": 7.085, "q2_k": 7.074, "q2_k_s": 6.985, "iq2_m": 7.006,
+    "iq2_s": 6.986, "iq2_xs": 6.929, "iq2_xxs": 6.898, "iq1_m": 6.874, "iq1_s": 6.859, "tq2_0": 6.882,
+    "tq1_0": 6.832,
+}
+
+
 def get_scheme(name: str) -> Scheme:
     key = name.strip().lower().replace("_", "-") if name else ""
     for s in SCHEMES.values():
@@ -186,13 +200,15 @@ def _gguf_algorithms(s: Scheme) -> str:
 def scheme_table() -> list[dict]:
     """Rows for `gemmaquant schemes` and the README."""
     return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
-             "algorithms": ", ".join(s.algorithms) if s.algorithms else _gguf_algorithms(s)}
+             "algorithms": ", ".join(s.algorithms) if s.algorithms else _gguf_algorithms(s),
+             "demo_bpw": DEMO_BPW.get(s.name)}
             for s in SCHEMES.values()]
 
 
 def scheme_markdown() -> str:
     """The README's scheme table (tests check the README carries exactly this)."""
-    lines = ["| scheme | format | loads in | what | algorithms |", "|---|---|---|---|---|"]
+    lines = ["| scheme | format | loads in | what | algorithms | bits/weight, demo |", "|---|---|---|---|---|---:|"]
     for r in scheme_table():
-        lines.append(f"| `{r['scheme']}` | {r['format']} | {r['engine']} | {r['what']} | {r['algorithms']} |")
+        bpw = f"{r['demo_bpw']:.2f}" if r["demo_bpw"] is not None else ""
+        lines.append(f"| `{r['scheme']}` | {r['format']} | {r['engine']} | {r['what']} | {r['algorithms']} | {bpw} |")
     return "\n".join(lines) + "\n"

@@ -161,3 +161,27 @@ def test_reasons_name_the_rule():
     assert p["blk.0.ffn_down.weight"].reason == "ffn_down 0/16: i<n/16 -> Q5_K"
     assert p["blk.1.ffn_down.weight"].reason == "ffn_down: preset rule -> Q4_K"
     assert p["blk.2.attn_v.weight"].reason == "attn_v: preset rule -> Q4_K"
+
+
+@pytest.mark.demo
+def test_registry_bits_per_weight_are_the_demo_files(demo_dir):
+    """`gemmaquant schemes` / the README quote each preset's bits per weight on the demo: the header we
+    write plus every planned tensor padded to 32 bytes (benchmarks/bench_gguf_presets.py checks that this
+    equals the written file's size). Header lengths do not depend on the preset, only on the imatrix keys."""
+    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.ggml.types import row_bytes
+    from gemmaquant.gguf.header import ALIGNMENT, header_bytes
+    from gemmaquant.schemes import DEMO_BPW
+
+    ck = Checkpoint(demo_dir)
+    meta = {"file": "demo.imatrix.gguf", "dataset": "gemmaquant-default-calibration", "entries_count": 126,
+            "chunks_count": 16}
+    head = {im: len(header_bytes(ck.path, ck.config, get_scheme("q8_0"), plan_types(ck.config, "q8_0", im),
+                                 meta if im else None)[0]) for im in (False, True)}
+    assert set(DEMO_BPW) == set(GGUF)
+    for preset in GGUF:
+        im = preset in GGUF_NEEDS_IMATRIX
+        plans = plan_types(ck.config, preset, has_imatrix=im)
+        data = [p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row) for p in plans]
+        size = head[im] + sum(n + (-n % ALIGNMENT) for n in data)
+        assert abs(8 * size / sum(p.numel for p in plans) - DEMO_BPW[preset]) < 6e-4, preset
