@@ -96,3 +96,16 @@ def test_cli_writes_the_set_and_prints_each_summary(ckpt, tmp_path):
                         "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "iq1_s: this quantization requires an imatrix" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_an_imatrix_without_a_very_low_bit_tensor_is_refused_before_writing(ckpt, tmp_path):
+    """llama-quantize stops half-way through its file on this; we refuse before the first byte."""
+    import torch
+
+    from gemmaquant.gguf.writer import write_gguf
+
+    with pytest.raises(GemmaQuantError, match=r"^im\.gguf: missing importance matrix for tensor 'blk\.0\.attn_k\.weight' "
+                                              r"in a very low-bit quantization \(iq2_xxs makes it IQ2_XXS\)$"):
+        write_gguf(ckpt, "iq2_xxs", tmp_path / "x.gguf", imatrix={"blk.0.attn_q.weight": torch.ones(256)},
+                   imatrix_meta={"file": "im.gguf"})
+    assert not list(tmp_path.iterdir())

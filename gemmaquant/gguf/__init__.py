@@ -4,7 +4,8 @@
     write_gguf(ckpt, preset, out_path, imatrix=..., imatrix_meta=..., force=...) -> Report
     read_imatrix(path) -> Imatrix / write_imatrix(...)        llama.cpp importance-matrix files
 
-Layout: names (HF <-> GGUF tensor names), plan (llama-quantize's type choice), metadata and vocab
+Layout: names (HF <-> GGUF tensor names), plan (llama-quantize's type choice; its per-preset rule
+table in preset_rules), metadata and vocab
 (the key/value list), writer (streaming write + read-back check), imatrix_io.
 See docs/gguf-gemma.md for the rules reproduced here.
 """

@@ -287,8 +287,8 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
     low = next((p for p in plans if p.name in missing and requires_imatrix(s.name, p.name, p.type)), None)
     if low is not None:  # llama-quantize stops on it half-way through the file; we refuse before writing
-        raise GemmaQuantError(f"{(imatrix_meta or {}).get('file') or 'imatrix'}: no entry for tensor '{low.name}', "
-                              f"which {s.name} makes {low.type.name}: a very low-bit type needs importance weights")
+        raise GemmaQuantError(f"{(imatrix_meta or {}).get('file') or 'imatrix'}: missing importance matrix for tensor "
+                              f"'{low.name}' in a very low-bit quantization ({s.name} makes it {low.type.name})")
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
     if header is None:

@@ -2,7 +2,7 @@
 
 Default (slow tier): a tiny random Gemma 3 with 256-wide rows, so every preset's own types are written
 (no fallback), each preset without an imatrix where llama-quantize allows it and with the same imatrix
-given to both; llama.cpp's perplexity on our file equals our `eval` on it.
+given to both; llama.cpp loads each file and its perplexity equals our `eval` of it.
 GEMMAQUANT_DEMO_GGUF=1 adds the demo model (Gemma 3 270M): every preset byte for byte against
 llama-quantize, an imatrix file (computed by our forward pass) for the ones that need one (minutes).
 """
@@ -71,39 +71,32 @@ def test_tiny_file_identical_to_llama_quantize(tiny256, tmp_path, preset):
         _same_file(ck, bf16, preset, tmp_path / "plain")
     # the preset's own types were written, not only fallbacks
     assert get_scheme(preset).default_type in got.type_counts
+    _ppl_as_llama_cpp(got.path)
 
 
-@pytest.mark.parametrize("preset", ["q3_k_m", "iq4_xs", "iq2_m", "tq1_0"])
-def test_llama_cpp_perplexity_equals_ours_on_our_file(tiny256, tmp_path, preset):
-    """llama.cpp loads our file and its perplexity (llama-perplexity's method, 2 chunks) equals our
-    `eval` of the same file within the 1 % that llama.cpp's rounding of activations costs."""
+def _ppl_as_llama_cpp(path):
+    """llama.cpp loads `path`, and its perplexity (llama-perplexity's method: 2 chunks of 64, the second
+    half scored) equals our `eval` of the same file within the 1 % that llama.cpp's rounding of
+    activations costs."""
     import torch
 
     from gemmaquant.artifact import open_artifact
     from gemmaquant.perplexity import chunk_nll, chunk_tokens, perplexity
     from tests.llamacpp import open_llama
 
-    d, _, im = tiny256
-    path = write_gguf(Checkpoint(d), preset, tmp_path / "ours.gguf", imatrix=im.importance,
-                      imatrix_meta=im.meta()).path
     llm = open_llama(path, n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
     rng = np.random.default_rng(0)
-    ids = [2] + rng.integers(4, ref.TINY_VOCAB, 160).tolist()
-    chunks = chunk_tokens(ids, 64, 2, 2)
+    chunks = chunk_tokens([2] + rng.integers(4, ref.TINY_VOCAB, 160).tolist(), 64, 2, 2)
     first = 32
-
-    def llama_nll():
-        out = []
-        for c in chunks:
-            llm.reset()
-            llm.eval(c.tolist())
-            logits = torch.from_numpy(np.array(llm.scores[: len(c)], dtype=np.float32))
-            out.append(chunk_nll(logits[first:-1], c[first + 1:]))
-        return torch.cat(out).mean().item()
-
+    nll = []
+    for c in chunks:
+        llm.reset()
+        llm.eval(c.tolist())
+        logits = torch.from_numpy(np.array(llm.scores[: len(c)], dtype=np.float32))
+        nll.append(chunk_nll(logits[first:-1], c[first + 1:]))
+    theirs = float(np.exp(torch.cat(nll).mean().item()))
     art = open_artifact(str(path), torch.float32)
     ours = perplexity(lambda x, f: art.model(x, logits_from=f), chunks).ppl
-    theirs = float(np.exp(llama_nll()))
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
 
@@ -124,5 +117,8 @@ def demo(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", NEW)
 def test_demo_file_identical_to_llama_quantize(demo, tmp_path, preset):
+    from gemmaquant.schemes import DEMO_BPW
+
     d, bf16, im = demo
-    _same_file(Checkpoint(d), bf16, preset, tmp_path, im if preset in GGUF_NEEDS_IMATRIX else None)
+    rep = _same_file(Checkpoint(d), bf16, preset, tmp_path, im if preset in GGUF_NEEDS_IMATRIX else None)
+    assert abs(8 * rep.file_bytes / sum(p.numel for p in rep.plans) - DEMO_BPW[preset]) < 6e-4  # `schemes`' figure
