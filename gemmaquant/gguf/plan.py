@@ -23,7 +23,8 @@ from ..errors import GemmaQuantError
 from ..ggml.types import GGMLType
 from ..schemes import SCHEMES, Scheme
 from .names import gguf_name, llama_order_key
-from .preset_rules import Where, category, fallback, requires_imatrix, rule_type, use_more_bits
+from .preset_rules import Where, category, fallback, requires_imatrix, rule_type
+from .preset_rules import use_more_bits  # noqa: F401 - part of plan's API (gguf/__init__, tests)
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
