@@ -86,6 +86,29 @@ def test_plan_equals_llama_quantize_dry_run(inputs, model, preset):
 
 
 @pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory):
+    """Tiny random Gemma 1/2/3 saved by transformers, and convert_hf_to_gguf.py's bf16 of each (cached;
+    test_writer.py converts the same checkpoints)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    kinds = ("gemma1", "gemma2-256", "gemma3")
+    dirs = [ref.tiny_checkpoint(kind, root / f"tiny-{kind}-1M") for kind in kinds]
+    return dict(zip(kinds, zip(dirs, ref.convert_many([(d, "bf16") for d in dirs]))))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["gemma1", "gemma2-256", "gemma3"])
+def test_plan_equals_llama_quantize_on_checkpoints_saved_by_transformers(saved_by_transformers, kind):
+    from gemmaquant.checkpoint import Checkpoint
+
+    d, src = saved_by_transformers[kind]
+    config = Checkpoint(d).config
+    for preset in GGUF:
+        for imatrix in (False, True):
+            _compare(config, False, src, preset, imatrix)
+
+
+@pytest.fixture(scope="module")
 def demo_bf16(demo_dir, tmp_path_factory):
     pytest.importorskip("llama_cpp")
     from gemmaquant.checkpoint import Checkpoint
