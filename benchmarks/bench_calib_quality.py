@@ -10,7 +10,7 @@ Each variant's weights are replaced by their dequantized values in our forward p
 W8A8 int8 variants also fake-quantize every Linear input per token, symmetric int8, as vLLM computes
 dynamic per-token activations (scale = absmax/127, round to nearest). Compute is float32 throughout,
 so the differences come from quantization only. Metrics over --eval-text windows (default: the shipped
-evaluation text, gemmaquant/texts/default_eval.txt, the same bytes as the development dev-eval.txt):
+evaluation text, gemmaquant/formats/texts/default_eval.txt, the same bytes as the development dev-eval.txt):
 mean KL(bf16 ‖ quantized) per token and top-1 agreement. Calibration uses the packaged default text
 unless --calib names a file. For a held-out check, calibrate on one part of a text and evaluate on
 another (`--calib A.txt --eval-text B.txt`): never calibrate on the evaluated text, or the number
@@ -29,16 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from gemmaquant.calib import calibrate
-from gemmaquant.calib.data import calibration_batches, load_tokenizer_for, read_text
+from gemmaquant.calib.data import calibration_batches, load_tokenizer_for
+from gemmaquant.formats.inputs import read_text
 from gemmaquant.calib.fold import consumer_names
 from gemmaquant.calib.gptq import gptq_quantize
-from gemmaquant.calib.intq import rtn, split_rows
+from gemmaquant.numerics.ct.grid import rtn, split_rows
 from gemmaquant.calib.runner import embed_ids
 from gemmaquant.calib.stats import InputStats
-from gemmaquant.checkpoint import Checkpoint
-from gemmaquant.loading import load_layer, load_model
-from gemmaquant.model import make_layer_context
-from gemmaquant.texts import builtin_eval_path
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.model.loading import load_layer, load_model
+from gemmaquant.model.gemma import make_layer_context
+from gemmaquant.formats.texts import builtin_eval_path
 
 EVAL_TEXT = builtin_eval_path()  # the shipped evaluation text (licence documents)
 
@@ -54,7 +55,7 @@ def act_int8_hooks(model):
 
 def eval_windows(tok, path: Path, n: int, length: int, bos: int) -> torch.Tensor:
     """n BOS-led windows of `length` tokens spread evenly over the text (disjoint when it is long enough)."""
-    text = read_text(path)
+    text = read_text(path, "--calib")
     try:
         ids = list(tok.encode(text, add_bos=False))
     except TypeError:
@@ -138,7 +139,7 @@ def main():
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per variant here")
     args = ap.parse_args()
     if args.model is None:
-        from gemmaquant.demo import ensure_demo_checkpoint
+        from gemmaquant.formats.demo import ensure_demo_checkpoint
         args.model = ensure_demo_checkpoint()
     ck = Checkpoint(args.model)
     tok = load_tokenizer_for(ck.path)

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gemmaquant.demo import ensure_demo_checkpoint
-from gemmaquant.texts import builtin_eval_path
-from gemmaquant.tokenizer import load_tokenizer
+from gemmaquant.formats.demo import ensure_demo_checkpoint
+from gemmaquant.formats.texts import builtin_eval_path
+from gemmaquant.formats.tokenizer import load_tokenizer
 
 EVAL_TEXT = builtin_eval_path()
 

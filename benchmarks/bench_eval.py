@@ -3,7 +3,7 @@
     python benchmarks/bench_eval.py [--chunks 6] [--threads 2] [--ppl-chunks 0]
     python benchmarks/bench_eval.py --artifacts demo A.gguf CT_DIR ... [--chunks 4] [--rounds 2] [--compile]
 
-Speed: the same chunks of ctx 512 of the shipped evaluation text (gemmaquant/texts/default_eval.txt), the same thread count, each engine
+Speed: the same chunks of ctx 512 of the shipped evaluation text (gemmaquant/formats/texts/default_eval.txt), the same thread count, each engine
 computing logits for the second half of each chunk only (llama-perplexity's work); tokens/s counts
 processed tokens (ctx per chunk, like llama.cpp's prompt-eval rate), median over chunks.
 --artifacts: `gemmaquant eval MODEL --json -` for each model in its own process, in --rounds rounds
@@ -32,11 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_ppl import LlamaCpp  # noqa: E402
 
-from gemmaquant.checkpoint import resolve_model  # noqa: E402
-from gemmaquant.loading import load_model  # noqa: E402
-from gemmaquant.perplexity import chunk_tokens, perplexity, read_text  # noqa: E402
-from gemmaquant.texts import builtin_eval_path  # noqa: E402
-from gemmaquant.tokenizer import load_tokenizer  # noqa: E402
+from gemmaquant.formats.checkpoint import resolve_model  # noqa: E402
+from gemmaquant.model.loading import load_model  # noqa: E402
+from gemmaquant.formats.inputs import read_text  # noqa: E402
+from gemmaquant.evaluate.perplexity import chunk_tokens, perplexity  # noqa: E402
+from gemmaquant.formats.texts import builtin_eval_path  # noqa: E402
+from gemmaquant.formats.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT = builtin_eval_path()  # the bytes of the development dev-eval.txt (same sha256)
 
@@ -136,7 +137,7 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     gguf_path = a.gguf
     if gguf_path is None:
-        from gemmaquant.gguf.writer import write_gguf
+        from gemmaquant.export.gguf.writer import write_gguf
 
         gguf_path = Path(tmp.name) / "demo.BF16.gguf"
         write_gguf(ckpt, "bf16", gguf_path)

@@ -17,7 +17,7 @@ mostly measures the scheduler, while CPU time still compares the work done). Cal
 between the implementations so that load changes hit both alike. "ours out=" dequantizes into a
 reused buffer (no page faults on fresh memory); "ours" and gguf numpy both return fresh memory
 (ours 2 MiB-aligned and advised for transparent huge pages, see `empty_f32`).
---compile adds the torch.compile kernels (`ggml/compiled.py`), fresh and into the reused buffer,
+--compile adds the torch.compile kernels (`numerics/ggml/compiled.py`), fresh and into the reused buffer,
 checked bit-equal with any fallback to the plain path made an error; "compile s" is the first call
 (compiling, or loading inductor's on-disk cache, plus the bit check).
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
@@ -37,11 +37,11 @@ import gguf
 import numpy as np
 import torch
 
-from gemmaquant.ggml import compiled
-from gemmaquant.ggml.dequantize import dequantize
-from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.fused import FUSED
-from gemmaquant.ggml.types import REQUIRES_IMATRIX, GGMLType, ggml_type
+from gemmaquant.numerics.ggml import compiled
+from gemmaquant.numerics.ggml.dequantize import dequantize
+from gemmaquant.numerics.ggml.quantize import quantize
+from gemmaquant.numerics.ggml.fused import FUSED
+from gemmaquant.numerics.ggml.types import REQUIRES_IMATRIX, GGMLType, ggml_type
 
 TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
          GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16]  # fmt: skip
@@ -69,7 +69,7 @@ def _libggml():
     """llama.cpp's ggml_quantize_chunk via the test binding, or None when llama_cpp is absent."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     try:
-        from tests.ggml.libggml import _load, ggml_quantize  # noqa: PLC0415
+        from tests.numerics.ggml.libggml import _load, ggml_quantize  # noqa: PLC0415
     except ImportError:
         return None
     return ggml_quantize if _load()[0] is not None else None
@@ -159,8 +159,8 @@ def bench_ct(args: argparse.Namespace) -> None:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: PLC0415
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: PLC0415
 
-    from gemmaquant.ct import dequantize as ct_dequantize  # noqa: PLC0415
-    from gemmaquant.ct import quantize_fp8, quantize_int8, quantize_pack  # noqa: PLC0415
+    from gemmaquant.numerics.ct import dequantize as ct_dequantize  # noqa: PLC0415
+    from gemmaquant.numerics.ct import quantize_fp8, quantize_int8, quantize_pack  # noqa: PLC0415
 
     w = (torch.randn(args.rows, args.cols) * 0.02).to(torch.bfloat16)
     cases = [  # (name, packed, our num_bits, ct compressor, ct quantization args)
@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
     ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (ggml/compiled.py)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (numerics/ggml/compiled.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,9 +41,9 @@ def _same(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
 
 def _predicted_size(ck, s, im):
     """(file bytes, plans) from the plan and the header alone."""
-    from gemmaquant.ggml.types import row_bytes
-    from gemmaquant.gguf.header import ALIGNMENT, header_bytes
-    from gemmaquant.gguf.plan import plan_types
+    from gemmaquant.numerics.ggml.types import row_bytes
+    from gemmaquant.export.gguf.header import ALIGNMENT, header_bytes
+    from gemmaquant.export.gguf.plan import plan_types
 
     plans = plan_types(ck.config, s, im is not None, has_lm_head="lm_head.weight" in ck.names())
     head, _ = header_bytes(ck.path, ck.config, s, plans, None if im is None else im.meta())
@@ -55,11 +55,11 @@ def _predicted_size(ck, s, im):
 
 
 def main() -> None:
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.demo import ensure_demo_checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.formats.demo import ensure_demo_checkpoint
     from gemmaquant.errors import GemmaQuantError
-    from gemmaquant.gguf.imatrix_io import read_imatrix
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.formats.gguf.imatrix import read_imatrix
+    from gemmaquant.export.gguf.writer import write_gguf
     from gemmaquant.schemes import SCHEMES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -88,7 +88,7 @@ def main() -> None:
             use = im
         else:
             try:  # does llama-quantize refuse this preset without an imatrix on this model?
-                from gemmaquant.gguf.plan import plan_types
+                from gemmaquant.export.gguf.plan import plan_types
 
                 plan_types(ck.config, s, False, has_lm_head="lm_head.weight" in ck.names())
             except GemmaQuantError:

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from gemmaquant.ct import dequantize_tensors, quantize_fp8, quantize_int8, quantize_pack
-from gemmaquant.ggml.dequantize import dequantize
-from gemmaquant.ggml.quantize import quantize
-from gemmaquant.ggml.types import GGMLType
+from gemmaquant.numerics.ct import dequantize_tensors, quantize_fp8, quantize_int8, quantize_pack
+from gemmaquant.numerics.ggml.dequantize import dequantize
+from gemmaquant.numerics.ggml.quantize import quantize
+from gemmaquant.numerics.ggml.types import GGMLType
 
 GGML = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
         GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16]  # fmt: skip

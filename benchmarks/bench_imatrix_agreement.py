@@ -10,7 +10,7 @@ float32 forward pass. Default text: gemmaquant's built-in calibration text.
 
 Same chunks on both sides: llama-imatrix tokenizes the whole text with BOS (`--parse-special`, as our
 tokenizer parses `<start_of_turn>` etc.), cuts it into len//ctx chunks and overwrites each chunk's first
-token with BOS; `gemmaquant.imatrix.llama_chunks` does the same, after checking that llama.cpp's
+token with BOS; `gemmaquant.calib.imatrix.llama_chunks` does the same, after checking that llama.cpp's
 tokenizer (llama-cpp-python, vocab only) gives the very same ids as ours.
 
 Both files are read with the `gguf` package. Per tensor: Pearson r of the per-column mean squares
@@ -104,8 +104,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     from gemmaquant.calib.data import default_text, load_tokenizer_for
-    from gemmaquant.checkpoint import resolve_model
-    from gemmaquant.imatrix import compute_imatrix, llama_chunks
+    from gemmaquant.formats.checkpoint import resolve_model
+    from gemmaquant.calib.imatrix import compute_imatrix, llama_chunks
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

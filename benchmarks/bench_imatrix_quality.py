@@ -18,7 +18,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from gemmaquant.texts import builtin_eval_path
+from gemmaquant.formats.texts import builtin_eval_path
 
 PATTERNS = {
     "ppl_q": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemmaquant.texts import builtin_eval_path
+from gemmaquant.formats.texts import builtin_eval_path
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
     torch.set_num_threads(args.threads)
     import llama_cpp
 
-    from gemmaquant.artifact import open_artifact
-    from gemmaquant.perplexity import chunk_nll, chunk_tokens
+    from gemmaquant.evaluate.artifact import open_artifact
+    from gemmaquant.evaluate.perplexity import chunk_nll, chunk_tokens
 
     path = args.gguf
     if path is None:

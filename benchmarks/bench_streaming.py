@@ -12,7 +12,7 @@ see, so the harness also samples the whole process tree every 0.2 s and records 
 Pss (each shared page divided among the processes mapping it: forked workers are not double-counted)
 and summed Rss (an upper bound). Outputs are deleted after measuring (they can be 10+ GB); results are appended
 as JSON lines. llama.cpp's converter comes from the llama-cpp-python 0.3.36 sdist (the library's own
-tree, `tests/gguf/llamacpp_ref.llamacpp_tree`), llama-quantize is `llama_cpp.llama_model_quantize`
+tree, `tests/export/gguf/llamacpp_ref.llamacpp_tree`), llama-quantize is `llama_cpp.llama_model_quantize`
 with nthread = the CPU count.
 
 `--cold` starts each tool's first step with an empty page cache (sync, then `echo 3 >
@@ -42,7 +42,7 @@ def _hwm():
 atexit.register(_hwm)
 """
 _GEMMAQUANT = _HWM + """
-from gemmaquant.cli import main
+from gemmaquant.cli.app import main
 sys.argv = ["gemmaquant"] + sys.argv[1:]
 main()
 """
@@ -166,7 +166,7 @@ def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] =
 
 def bench_llamacpp(model: Path, preset: str, out_dir: Path, cold: bool = False) -> list[dict]:
     sys.path.insert(0, str(REPO))
-    from tests.gguf.llamacpp_ref import llamacpp_tree
+    from tests.export.gguf.llamacpp_ref import llamacpp_tree
 
     tree = llamacpp_tree()
     bf16 = out_dir / f"{model.name}.lcpp-bf16.gguf"

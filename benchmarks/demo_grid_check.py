@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from gemmaquant.checkpoint import resolve_model
-from gemmaquant.ggml.dequantize import dequantize
-from gemmaquant.ggml.quantize import quantize
-from gemmaquant.gguf.plan import plan_types, preset
+from gemmaquant.formats.checkpoint import resolve_model
+from gemmaquant.numerics.ggml.dequantize import dequantize
+from gemmaquant.numerics.ggml.quantize import quantize
+from gemmaquant.export.gguf.plan import plan_types, preset
 
 
 def main(presets: list[str]) -> None:

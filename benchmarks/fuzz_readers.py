@@ -68,7 +68,7 @@ def seed_safetensors(tmp: Path) -> bytes:
 
 
 def seed_spm(tmp: Path) -> bytes:
-    from gemmaquant.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
+    from gemmaquant.formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
 
     pieces = [("<pad>", 0.0, CONTROL), ("<eos>", 0.0, CONTROL), ("<bos>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN),
               ("<0x00>", 0.0, BYTE), ("\u2581a", -1.0, NORMAL), ("b", -2.0, NORMAL)]
@@ -84,7 +84,7 @@ def seed_imatrix_legacy(tmp: Path) -> bytes:
 def seed_imatrix_gguf(tmp: Path) -> bytes:
     import torch
 
-    from gemmaquant.gguf.imatrix_io import write_imatrix
+    from gemmaquant.formats.gguf.imatrix import write_imatrix
 
     p = tmp / "seed.imatrix.gguf"
     write_imatrix(p, {"blk.0.attn_q.weight": torch.ones(32)}, {"blk.0.attn_q.weight": 4}, datasets=["d"],
@@ -216,17 +216,17 @@ class Targets:
         return p
 
     def gguf_header(self, data: bytes):
-        from gemmaquant.gguf_header import read_gguf_header
+        from gemmaquant.formats.gguf.reader import read_gguf_header
 
         read_gguf_header(self._to_file(data))
 
     def gguf_file(self, data: bytes):
-        from gemmaquant.gguf_file import GGUFFile
+        from gemmaquant.formats.gguf.reader import GGUFFile
 
         GGUFFile(self._to_file(data)).close()
 
     def safetensors(self, data: bytes):
-        from gemmaquant.safetensors_io import SafetensorsFile
+        from gemmaquant.formats.safetensors import SafetensorsFile
 
         f = SafetensorsFile(self._to_file(data))
         for k in f.keys():
@@ -234,12 +234,12 @@ class Targets:
         f.close()
 
     def spm_proto(self, data: bytes):
-        from gemmaquant.spm_proto import decode_model_proto
+        from gemmaquant.formats.spm_proto import decode_model_proto
 
         decode_model_proto(data)
 
     def imatrix(self, data: bytes):
-        from gemmaquant.gguf.imatrix_io import read_imatrix
+        from gemmaquant.formats.gguf.imatrix import read_imatrix
 
         read_imatrix(self._to_file(data))
 
@@ -254,12 +254,12 @@ class Targets:
         load_recipe(str(self._to_file(data, "r.toml")))
 
     def config(self, d: dict):
-        from gemmaquant.config import config_from_dict
+        from gemmaquant.formats.config import config_from_dict
 
         config_from_dict(d)
 
     def config_file(self, text: str | bytes):
-        from gemmaquant.config import load_config
+        from gemmaquant.formats.config import load_config
 
         self._to_file(text if isinstance(text, bytes) else text.encode(), "config.json")
         load_config(self.tmp / "config.json")
@@ -268,8 +268,8 @@ class Targets:
         """A tiny model directory (config + 300-piece tokenizer.model + tokenizer.json) for the tokenizer readers."""
         d = self.tmp / "tok"
         if not d.exists():
-            from gemmaquant.spm_proto import decode_model_proto
-            from gemmaquant.tokenizer_json import tokenizer_json_text
+            from gemmaquant.formats.spm_proto import decode_model_proto
+            from gemmaquant.formats.tokenizer_json import tokenizer_json_text
             from tests.reliability import tiny_tokenizer_model
 
             d.mkdir()
@@ -283,21 +283,21 @@ class Targets:
         return d
 
     def tokenizer_json(self, data: bytes):
-        from gemmaquant.tokenizer import load_tokenizer
+        from gemmaquant.formats.tokenizer import load_tokenizer
 
         d = self._tok_dir()
         (d / "tokenizer.json").write_bytes(data)
         load_tokenizer(d, rows=300).encode("the cat\n\nsat")
 
     def tokenizer_model(self, data: bytes):
-        from gemmaquant.tokenizer import load_tokenizer
+        from gemmaquant.formats.tokenizer import load_tokenizer
 
         d = self._tok_dir()
         (d / "tokenizer.model").write_bytes(data)
         load_tokenizer(d, rows=300).encode("the cat\n\nsat")
 
     def tokenizer_side_files(self, files: dict):
-        from gemmaquant.tokenizer import load_tokenizer
+        from gemmaquant.formats.tokenizer import load_tokenizer
 
         d = self._tok_dir()
         (d / "tokenizer.json").write_bytes(self.tok_json)
@@ -307,9 +307,9 @@ class Targets:
 
     def gguf_header_side_files(self, files: dict):
         """The GGUF header build (vocab.py + gguf's own readers of the same files) on random side files."""
-        from gemmaquant.config import load_config
-        from gemmaquant.gguf.header import header_bytes
-        from gemmaquant.gguf.plan import plan_types, preset
+        from gemmaquant.formats.config import load_config
+        from gemmaquant.export.gguf.header import header_bytes
+        from gemmaquant.export.gguf.plan import plan_types, preset
 
         d = self._tok_dir()
         for name, text in files.items():
@@ -319,7 +319,7 @@ class Targets:
         header_bytes(d, cfg, s, plan_types(cfg, s, False, has_lm_head=False), None)
 
     def index(self, wm):
-        from gemmaquant.checkpoint import Checkpoint
+        from gemmaquant.formats.checkpoint import Checkpoint
 
         d = self._tiny_ckpt()
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
@@ -338,7 +338,7 @@ class Targets:
     def _tiny_ckpt(self) -> Path:
         if self._ckpt is None:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from tests.test_checkpoint import write_ckpt
+            from tests.formats.test_checkpoint import write_ckpt
 
             self._ckpt = self.tmp / "ckpt"
             write_ckpt(self._ckpt)
@@ -354,11 +354,11 @@ TINY_CFG = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "i
 def plan(tmp: Path) -> dict:
     """reader -> (strategy, target)."""
     t = Targets(tmp)
-    import gemmaquant.checkpoint  # noqa: F401 - imported before RSS is measured
-    import gemmaquant.gguf.imatrix_io  # noqa: F401
+    import gemmaquant.formats.checkpoint  # noqa: F401 - imported before RSS is measured
+    import gemmaquant.formats.gguf.imatrix  # noqa: F401
     import gemmaquant.recipes  # noqa: F401
-    import gemmaquant.gguf.header  # noqa: F401
-    import gemmaquant.tokenizer  # noqa: F401
+    import gemmaquant.export.gguf.header  # noqa: F401
+    import gemmaquant.formats.tokenizer  # noqa: F401
     names = st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "", ".", "..",
                              "missing.safetensors", "a\x00b"])
     weight_maps = st.one_of(json_values, st.dictionaries(st.text(max_size=30), names | json_values, max_size=5),

@@ -4,7 +4,7 @@ Runs ONLY in a separate venv (llm-compressor is not a gemmaquant dependency):
 
     python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor
     # the calibration batches gemmaquant itself uses (same token ids, BOS first), from the project venv:
-    .venv/bin/python -c "import json; from gemmaquant.demo import ensure_demo_checkpoint as e; \
+    .venv/bin/python -c "import json; from gemmaquant.formats.demo import ensure_demo_checkpoint as e; \
       from gemmaquant.calib.data import calibration_batches as cb, load_tokenizer_for as lt; d = e(); \
       json.dump(cb(lt(d), None, 32, 512).tolist(), open('/tmp/cmp/calib_32x512.json', 'w'))"
     /tmp/llmc/bin/python benchmarks/llmcompressor_reference.py ~/.cache/gemmaquant/gemma-3-270m \

@@ -146,7 +146,7 @@ def make_checkpoint(model: str, out: Path, seed: int = 0, tokenizer_dir: Path | 
     """Write the synthetic `model` (a key of CONFIGS) to directory `out`; returns `out`."""
     cfg = {**CONFIGS[model], "_name_or_path": f"synthetic/{model}"}
     if tokenizer_dir is None:
-        from gemmaquant.demo import ensure_demo_checkpoint
+        from gemmaquant.formats.demo import ensure_demo_checkpoint
 
         tokenizer_dir = ensure_demo_checkpoint()
     out.mkdir(parents=True, exist_ok=True)

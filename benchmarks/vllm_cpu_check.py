@@ -6,7 +6,7 @@ Runs ONLY in a separate venv (vLLM is not a gemmaquant dependency):
     /tmp/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # else `import vllm` fails
     # the eval chunks exactly as `gemmaquant compare` builds them (BOS-prefixed tokenization, parse_special
     # off, BOS replacing each chunk's first token), from the project venv:
-    .venv/bin/python -c "import json; from gemmaquant.evaluate import open_for_eval as o; \
+    .venv/bin/python -c "import json; from gemmaquant.evaluate.eval_model import open_for_eval as o; \
       json.dump(o('demo').chunks(None, 512, 8).tolist(), open('/tmp/cmp/chunks.json', 'w'))"
     /tmp/vllm/bin/python benchmarks/vllm_cpu_check.py /tmp/cmp/chunks.json out.json DIR...
 

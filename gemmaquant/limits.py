@@ -70,11 +70,18 @@ def check_numbers(*, ctx: int | None = None, chunks: int | None = None, calib_sa
                               or not math.isfinite(alpha) or not 0 <= alpha <= 1):
         raise GemmaQuantError(f"--alpha {alpha}: must be a number in 0..1 (SmoothQuant migration strength)")
     if dtype is not None:
-        from .loading import resolve_dtype  # its error names the allowed dtypes
-
-        resolve_dtype(dtype)
+        check_dtype(dtype)
     if device is not None:
         check_device(device)
+
+
+# --dtype names (model.loading.resolve_dtype maps them to torch dtypes; "auto" picks per device)
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_dtype(name: str) -> None:
+    if name != "auto" and name not in DTYPE_NAMES:
+        raise GemmaQuantError(f"dtype {name!r} is not supported (allowed: auto, {', '.join(DTYPE_NAMES)})")
 
 
 def physical_memory() -> int | None:

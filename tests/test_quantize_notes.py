@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gemmaquant.quantize import CALIB_HINT
+from gemmaquant.pipeline import CALIB_HINT
 
 from .reliability import TINY_G3, run_cli, write_tiny
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError, OutputError
-from gemmaquant.quantize import QuantizeOptions, default_output, run_quantize, run_quantize_set
+from gemmaquant.pipeline import QuantizeOptions, default_output, run_quantize, run_quantize_set
 from gemmaquant.schemes import get_scheme
-from tests.gguf import llamacpp_ref as ref
+from tests.export.gguf import llamacpp_ref as ref
 
 SET = ["q8_0", "q4_k_m", "q3_k_s"]
 
@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from gemmaquant.config import config_from_dict
+    from gemmaquant.formats.config import config_from_dict
 
     cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=ref.TINY_VOCAB,
                hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -40,7 +40,7 @@ def ckpt(tmp_path_factory):
 @pytest.mark.slow  # six GGUF writes and an imatrix pass: ~10 s
 @pytest.mark.parametrize("imatrix", [False, True])
 def test_each_file_is_the_single_preset_file(ckpt, tmp_path, monkeypatch, imatrix):
-    import gemmaquant.imatrix as im
+    import gemmaquant.calib.imatrix as im
 
     calls = []
     real = im.compute_imatrix
@@ -102,7 +102,7 @@ def test_an_imatrix_without_a_very_low_bit_tensor_is_refused_before_writing(ckpt
     """llama-quantize stops half-way through its file on this; we refuse before the first byte."""
     import torch
 
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.export.gguf.writer import write_gguf
 
     with pytest.raises(GemmaQuantError, match=r"^im\.gguf: missing importance matrix for tensor 'blk\.0\.attn_k\.weight' "
                                               r"in a very low-bit quantization \(iq2_xxs makes it IQ2_XXS\)$"):

@@ -41,7 +41,7 @@ def _wide_checkpoint(d: Path, layers: int) -> Path:
     """A random bf16 Gemma 2 checkpoint, 2 shards with an index (as the hub shards big models)."""
     from safetensors.torch import save_file
 
-    from gemmaquant.config import config_from_dict
+    from gemmaquant.formats.config import config_from_dict
 
     from .reliability import tiny_tokenizer_model
 
@@ -78,7 +78,7 @@ def hwm():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     sys.stderr.write("VmHWM-bytes %d\\n" % (int(line.split()[1]) * 1024))
 atexit.register(hwm)
-from gemmaquant.cli import main
+from gemmaquant.cli.app import main
 sys.argv = ["gemmaquant"] + sys.argv[1:]
 main()
 """
@@ -114,8 +114,8 @@ def test_peak_rss_flat_in_model_size(wide, tmp_path, scheme, out_name):
 
 def test_estimate_bounds_the_real_output(wide, tmp_path):
     """The disk check's estimate is at least the bytes actually written, and close to them."""
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.quantize import QuantizeOptions, estimate_output_bytes, run_quantize
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.pipeline import QuantizeOptions, estimate_output_bytes, run_quantize
     from gemmaquant.schemes import get_scheme
 
     ckpt = Checkpoint(wide[1])
@@ -128,7 +128,7 @@ def test_estimate_bounds_the_real_output(wide, tmp_path):
 
 
 def test_release_pages_drops_rss_and_keeps_data(wide):
-    from gemmaquant.safetensors_io import SafetensorsFile, release_pages, stream_bytes
+    from gemmaquant.formats.safetensors import SafetensorsFile, release_pages, stream_bytes
 
     shard = sorted(wide[8].glob("*.safetensors"))[-1]
 
@@ -159,8 +159,8 @@ def test_release_pages_drops_rss_and_keeps_data(wide):
 
 
 def test_disk_full_is_refused_before_writing(wide, tmp_path, monkeypatch):
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.quantize import QuantizeOptions, run_quantize
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
     from gemmaquant.schemes import get_scheme
 
     real = shutil.disk_usage

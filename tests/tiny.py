@@ -27,6 +27,10 @@ TINY = {
         num_attention_heads=2, num_key_value_heads=2, head_dim=32, sliding_window=6,
         sliding_window_pattern=3, query_pre_attn_scalar=48, rope_theta=1e6,
         rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # the compressed-tensors tests' model (tests/evaluate/test_artifact.py); every model test runs on it too
+    "ct-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=32)),
 }
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DecoderLayer
+from ..model.gemma import DecoderLayer
 from .fold import MAPPINGS, consumer_names, consumers, fold, kv_to_q, q_to_kv_max
-from .intq import rtn
+from ..numerics.ct.grid import rtn
 from .stats import InputStats
 
 

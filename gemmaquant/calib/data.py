@@ -14,21 +14,27 @@ from pathlib import Path
 import torch
 
 from ..errors import GemmaQuantError
+from ..formats.texts import Text, named_text
 
 DEFAULT_NAME = "default_calib.txt"
 CALIB_SPREAD = 4  # a calibration file is read until it holds this many times the tokens the samples take
 
 
 def default_text() -> str:
-    return resources.files(__package__).joinpath(DEFAULT_NAME).read_text(encoding="utf-8")
+    return builtin_calib_path().read_text(encoding="utf-8")
 
 
-def read_text(path: Path) -> str:
-    """A whole UTF-8 calibration text (up to inputs.TEXT_CAP_BYTES); empty, binary or undecodable files,
-    FIFOs, devices and directories are user errors naming the file."""
-    from ..inputs import text_pieces
+def builtin_calib_path() -> Path:
+    """Where the shipped calibration text lives (inside the installed package)."""
+    return Path(str(resources.files(__package__).joinpath(DEFAULT_NAME)))
 
-    return "".join(text_pieces(path, "--calib"))
+
+def calib_text(path: str | Path | None = None) -> Text:
+    """`--calib PATH`, or the shipped calibration text when None (imatrix, calibrated schemes), named
+    and hashed before any model loads (formats/texts)."""
+    if path is None:
+        return named_text(f"built-in:{DEFAULT_NAME}", builtin_calib_path(), True, "--calib")
+    return named_text(str(path), Path(path), False, "--calib")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -61,7 +67,7 @@ def calibration_batches(tokenizer, path: Path | None, n_samples: int = 128, seq_
     what = str(path) if path is not None else f"the default calibration text ({DEFAULT_NAME})"
     span = seq_len - 1
     if path is not None:
-        from ..inputs import encode_text
+        from ..formats.inputs import encode_text
 
         # windows are drawn from the first CALIB_SPREAD x (what the samples take) tokens: a 200 MB
         # file costs what a 1 MB one does, and a text shorter than that is used whole, as before
@@ -93,6 +99,6 @@ def calibration_batches(tokenizer, path: Path | None, n_samples: int = 128, seq_
 def load_tokenizer_for(model_dir: Path, rows: int | None = None):
     """The model's tokenizer (tokenizer.json or tokenizer.model); `rows`: its embedding rows, checked
     against the tokenizer's size."""
-    from ..tokenizer import load_tokenizer
+    from ..formats.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir, rows=rows)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DecoderLayer, RMSNorm
+from ..model.gemma import DecoderLayer, RMSNorm
 
 MAPPINGS = ("qkv", "gate_up", "o", "down")
 

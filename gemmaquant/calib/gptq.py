@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .intq import WeightQuant, minmax_qparams, qrange, search_qparams
+from ..numerics.ct.grid import WeightQuant, minmax_qparams, search_qparams
+from ..numerics.ct.quantize import int_range
 
 _MAX_DAMP_TRIES = 6
 
@@ -64,7 +65,7 @@ def _gptq(W, H, *, bits, group_size, symmetric, damp, act_order, block_size, mse
     gs = cols if group_size is None else group_size
     if cols % gs:
         raise ValueError(f"in_features {cols} is not a multiple of the group size {gs}")
-    qmin, qmax = qrange(bits)
+    qmin, qmax = int_range(bits)
     W = W.float().clone()
     H = H.double().clone()
     dead = H.diagonal() == 0  # inputs never seen: no information, quantize as zero like the reference

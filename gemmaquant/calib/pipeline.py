@@ -28,19 +28,17 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
+from ..numerics.ct.quantize import FP8_MAX
 from ..schemes import Scheme, get_scheme
 from .awq import awq_layer
 from .data import calibration_batches, load_tokenizer_for
 from .fold import MAPPINGS, consumer_names
 from .gptq import gptq_quantize
-from .intq import WeightQuant, rtn, split_rows
+from ..numerics.ct.grid import WeightQuant, rtn, split_rows
 from .runner import run_layers
 from .smoothquant import smooth_layer
-
-FP8_MAX = 448.0
-ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 
 
 @dataclass
@@ -59,17 +57,11 @@ class CalibResult:
         return {name: to_packed(q, ct_format) for name, q in self.quantized.items()}
 
 
-def to_packed(q: WeightQuant, ct_format: str):
-    """One result → ct.quantize.IntQuantized (int-quantized W8A8) or PackQuantized (pack-quantized)."""
-    from ..ct.quantize import IntQuantized, pack_int
+def to_packed(q: WeightQuant, fmt: str):
+    """One result in the writer's tensors of compressed-tensors format `fmt` (numerics/ct/formats.py)."""
+    from ..numerics.ct.formats import ct_format
 
-    if ct_format == "int-quantized":
-        if q.bits != 8 or q.group_size is not None or q.zero_point is not None:
-            raise ValueError("int-quantized holds symmetric per-channel INT8 only")
-        return IntQuantized(weight=q.codes, weight_scale=q.scale)
-    if ct_format == "pack-quantized":
-        return pack_int(q.codes, q.scale, q.zero_point, q.bits)
-    raise ValueError(f"no integer results for compressed-tensors format {ct_format!r}")
+    return ct_format(fmt).from_grid(q)
 
 
 def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None = None,
@@ -81,19 +73,17 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
               mappings=MAPPINGS, progress: bool = False, sink=None) -> CalibResult:
     """Run the calibration `scheme` (+ `algorithm`, default: the scheme's first) needs.
 
-    alpha: SmoothQuant migration strength. 0.8 by default: on Gemma 3 270M (W8A8, per-token int8
-    activations) it gave KL 0.016 vs bf16 against 0.022 for the paper's 0.5 and 0.035 for RTN
-    (benchmarks/bench_calib_quality.py).
-    gptq_mse / gptq_refit (clip search, least-squares scale refit; gptq.py): on by default, on Gemma 3
-    270M w4a16 (16×256 calibration tokens) KL vs bf16 went 0.370 → 0.291, top-1 0.702 → 0.718.
-    float_target: off by default; there it made KL 2.07 (the least-squares target over-fits: 4k tokens
-    for a 2048-wide down_proj input; not measured with more data).
+    alpha: SmoothQuant migration strength; 0.8 by default because it drifted least on the demo model,
+    ahead of the paper's 0.5 (benchmarks/RESULTS.md, bench_calib_quality.py).
+    gptq_mse / gptq_refit (clip search, least-squares scale refit; gptq.py): on by default, both lowered
+    the w4a16 drift (RESULTS.md). float_target: off by default: with a few thousand calibration tokens
+    the least-squares target over-fits a 2048-wide down_proj input.
     `ids` [n, S] bypasses tokenization (tests, benchmarks). GGUF schemes calibrate only with `imatrix`.
     `sink(name, WeightQuant)`, if given, receives each Linear's result as its layer finishes instead of
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    algorithm = _check_algorithm(scheme, algorithm, imatrix)
+    algorithm = check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []
     res = CalibResult()
     stored = {n: ckpt.dtype(n) for n in ckpt.names()}
@@ -197,18 +187,14 @@ def float_target_weight(W: torch.Tensor, xtx: torch.Tensor, xfx: torch.Tensor, d
     return torch.linalg.solve(H, rhs).T.to(W.dtype)
 
 
-def _check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str | None:
+def check_algorithm(scheme: Scheme, algorithm: str | None, imatrix: bool) -> str | None:
     if scheme.is_gguf:
         if algorithm not in (None, "rtn"):
             raise GemmaQuantError(f"GGUF scheme {scheme.name} takes no --algorithm (use --imatrix)")
         return None
     if imatrix:
         raise GemmaQuantError(f"--imatrix applies to GGUF schemes only, not {scheme.name}")
-    allowed = tuple(scheme.algorithms)
-    if "gptq" in allowed and "awq" in allowed:
-        allowed += ("awq+gptq",)
-    if "smoothquant" in allowed:
-        allowed += ("smoothquant+gptq",)
+    allowed = scheme.allowed_algorithms
     if algorithm is None:
         return allowed[0] if allowed else None
     if algorithm not in allowed:

@@ -16,16 +16,15 @@ the same token. One more pass per layer and one more [n, S, hidden] buffer.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
-from ..loading import load_layer
-from ..model import DecoderLayer, make_layer_context
+from ..model.loading import load_layer
+from ..model.gemma import DecoderLayer, embed_scale, make_layer_context
 from .stats import InputStats, Pairing, attach
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
@@ -43,8 +42,7 @@ def embed_ids(ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype = torch.fl
             f"{ckpt.path}: the tokenizer produced token id {int(ids.max())}, but the model's vocabulary has "
             f"{table.shape[0]} rows (tokenizer files from another model?)")
     h = F.embedding(ids, table).to(dtype)
-    # sqrt(hidden) rounded to the compute dtype, like transformers and vLLM
-    return h * torch.tensor(math.sqrt(ckpt.config.hidden_size), dtype=dtype)
+    return h * embed_scale(ckpt.config, dtype)
 
 
 def _progress(enabled: bool, total: int):

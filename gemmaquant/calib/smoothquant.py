@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DecoderLayer
+from ..model.gemma import DecoderLayer
 from .fold import MAPPINGS, consumer_names, consumers, fold, q_to_kv_max
 from .stats import InputStats
 

@@ -34,7 +34,6 @@ INPUT_OF = {
     "mlp.up_proj": "mlp.gate_proj",
     "mlp.down_proj": "mlp.down_proj",
 }
-LINEARS = tuple(INPUT_OF)
 
 
 @dataclass
@@ -74,10 +73,6 @@ class InputStats:
     @property
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.count, 1)).float()
-
-    @property
-    def mean_sq(self) -> torch.Tensor:
-        return (self.sum_sq / max(self.count, 1)).float()
 
 
 class Pairing:

@@ -80,7 +80,7 @@ def _state(p: Path) -> str:
             return "dir"
     if stat.S_ISREG(st.st_mode):
         return "file"
-    from ..inputs import kind_of
+    from ..formats.inputs import kind_of
 
     return kind_of(st.st_mode)
 

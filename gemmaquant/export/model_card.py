@@ -18,49 +18,21 @@ import json
 import re
 from pathlib import Path
 
+from ..formats.hub import front_matter, is_repo_id, valid_repo_id
+
 CARD_VERSION = 1
 MAX_CARD_BYTES = 1 << 20  # a card is a few KB; the Hub's largest READMEs are a few hundred
 QUANTIZED_BY = "gemmaquant"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FRONT = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
 _DATA = re.compile(r"<!-- gemmaquant-card (\{.*\}) -->\s*\Z", re.S)
 _HF_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
 
 
-def valid_repo_id(s: str | None) -> bool:
-    """Spelled like a Hub repo id (owner/name)."""
-    return bool(s) and bool(_REPO_ID.match(s))
-
-
-def is_repo_id(s: str | None) -> bool:
-    """A repo id, not a local path that happens to look like one."""
-    return valid_repo_id(s) and not Path(s).exists()
-
-
 # -- what the source says about itself ----------------------------------------------------------
-def front_matter(text: str) -> dict:
-    """Top-level `key: value` and `key:` + `- item` lists of a card's YAML front matter (the subset
-    the Hub's keys use; nested or folded values are skipped)."""
-    m = _FRONT.match(text)
-    if not m:
-        return {}
-    out: dict = {}
-    key = None
-    for line in m.group(1).splitlines():
-        if line[:1] not in (" ", "\t", "-") and ":" in line:
-            k, _, v = line.partition(":")
-            key, v = k.strip(), v.strip()
-            out[key] = v.strip("'\"") if v else []
-        elif key is not None and line.lstrip().startswith("- ") and isinstance(out.get(key), list):
-            out[key].append(line.lstrip()[2:].strip().strip("'\""))
-    return out
-
-
 def _read_card_text(path: Path) -> str | None:
     """A README.md's text, or None when it is absent, not a regular file (a FIFO would block a plain
     read), larger than MAX_CARD_BYTES or not UTF-8: cards are optional, and such a file is not ours."""
     from ..errors import GemmaQuantError
-    from ..inputs import read_bytes
+    from ..formats.inputs import read_bytes
 
     try:
         return read_bytes(path, "README.md", MAX_CARD_BYTES).decode("utf-8")
@@ -108,7 +80,7 @@ def base_model_of(source: str, model_dir: Path, config: dict) -> str | None:
         return name
     card = source_card(model_dir)
     base = _single(card.get("base_model"))
-    if card.get("base_model_relation") == "quantized" and isinstance(base, str) and _REPO_ID.match(base):
+    if card.get("base_model_relation") == "quantized" and isinstance(base, str) and valid_repo_id(base):
         return base
     return None
 

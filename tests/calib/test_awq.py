@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from gemmaquant.calib import CalibResult, calibrate
 from gemmaquant.calib.awq import output_error, search_scale
-from gemmaquant.calib.intq import rtn
-from gemmaquant.checkpoint import Checkpoint
-from gemmaquant.loading import load_model
+from gemmaquant.numerics.ct.grid import rtn
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.model.loading import load_model
 from gemmaquant.schemes import QuantArgs, get_scheme
 
 from ..tiny import make_tiny

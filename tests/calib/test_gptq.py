@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemmaquant.calib.gptq import gptq_quantize
-from gemmaquant.calib.intq import rtn
+from gemmaquant.numerics.ct.grid import rtn
 
 
 def _correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.calib.gptq import gptq_quantize, refit_scales
-from gemmaquant.calib.intq import minmax_qparams, rtn, search_qparams
+from gemmaquant.numerics.ct.grid import minmax_qparams, rtn, search_qparams
 from gemmaquant.calib.pipeline import float_target_weight
 
 from .test_gptq import _correlated_inputs

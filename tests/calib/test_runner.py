@@ -7,11 +7,11 @@ import torch
 
 from gemmaquant.calib import calibrate
 from gemmaquant.calib.data import calibration_batches
-from gemmaquant.calib.intq import rtn
+from gemmaquant.numerics.ct.grid import rtn
 from gemmaquant.calib.runner import run_layers
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.loading import load_model
+from gemmaquant.model.loading import load_model
 
 from ..tiny import make_tiny
 

@@ -8,8 +8,8 @@ import torch
 from gemmaquant.calib.fold import MAPPINGS
 from gemmaquant.calib.runner import run_layers
 from gemmaquant.calib.smoothquant import smooth_layer
-from gemmaquant.checkpoint import Checkpoint
-from gemmaquant.loading import load_model
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.model.loading import load_model
 
 from ..tiny import make_tiny
 
@@ -93,7 +93,7 @@ def test_alpha_balances_activation_and_weight_ranges(tmp_path):
     acts = []
     h = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.append(a[0].abs().amax((0, 1))))
     from gemmaquant.calib.runner import embed_ids
-    from gemmaquant.model import make_layer_context
+    from gemmaquant.model.gemma import make_layer_context
     with torch.no_grad():
         layer(embed_ids(ck, ids), make_layer_context(ck.config, SEQ, torch.device("cpu"), torch.float32))
     h.remove()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gemmaquant.export.model_card import (add_drift, add_output, base_model_of, front_matter, new_card, read_card,
-                                          render_card, source_license)
-from gemmaquant.texts import eval_text
+from gemmaquant.export.model_card import (add_drift, add_output, base_model_of, new_card, read_card, render_card,
+                                          source_license)
+from gemmaquant.formats.hub import front_matter
+from gemmaquant.formats.texts import eval_text
 from tests.reliability import TINY_G3, run_cli, tree, write_tiny
 
 TINY_1L = {**TINY_G3, "num_hidden_layers": 1}
@@ -158,7 +159,7 @@ def test_bad_base_model_is_refused(src, tmp_path, capsys):
 
 
 def test_card_names_the_calibration_text(src, tmp_path, capsys):
-    from gemmaquant.texts import calib_text
+    from gemmaquant.calib.data import calib_text
 
     out = tmp_path / "static"
     res = run_cli(["quantize", src, "--scheme", "fp8-static", "-o", out, "--calib-samples", "2", "--calib-len", "32",

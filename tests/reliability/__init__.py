@@ -1,7 +1,7 @@
 """Reliability suite (issue 8): bad input, interrupts, determinism, fuzz regressions.
 
 Shared helpers: a tiny-but-real Gemma 3 checkpoint (hidden 256, so K-quants apply to every Linear)
-that carries the demo model's real tokenizer files, and `run_cli`, which runs `gemmaquant.cli.main`
+that carries the demo model's real tokenizer files, and `run_cli`, which runs `gemmaquant.cli.app.main`
 exactly as the console script does (same argument parsing, same error handling and exit codes) but in
 this process, so the suite pays torch's import once instead of once per case.
 """
@@ -29,7 +29,7 @@ def tiny_tokenizer_model(vocab_size: int = 512) -> bytes:
     """A BPE tokenizer.model laid out like Gemma's (0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, byte fallback)
     with `vocab_size` pieces, so every id it produces fits a tiny embedding. Parsing Gemma's real
     262k-piece model costs ~4 s per run on this machine; this one costs milliseconds."""
-    from gemmaquant.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
+    from gemmaquant.formats.spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, encode_model_proto
 
     pieces = [("<pad>", 0.0, CONTROL), ("<eos>", 0.0, CONTROL), ("<bos>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN)]
     pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
@@ -46,7 +46,7 @@ def write_tiny(d: Path, cfg: dict | None = None, *, seed: int = 0, tokenizer: bo
     """A random Gemma checkpoint at `d` (config.json + model.safetensors [+ the demo's tokenizer])."""
     from safetensors.torch import save_file
 
-    from gemmaquant.config import config_from_dict
+    from gemmaquant.formats.config import config_from_dict
 
     cfg = dict(TINY_G3 if cfg is None else cfg)
     d.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
     """`gemmaquant ARGS` through the console script's entry point; a traceback fails the test."""
     import signal
 
-    from gemmaquant.cli import main
+    from gemmaquant.cli.app import main
 
     old_argv, old_term, old_hup = sys.argv, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     sys.argv = ["gemmaquant", *map(str, args)]
@@ -126,12 +126,12 @@ def forbid_weight_loading(monkeypatch) -> None:
     The modules are imported first, so the patch never leaks into a name bound at import time."""
     import pytest
 
-    import gemmaquant.artifact
-    import gemmaquant.evaluate
-    import gemmaquant.loading
+    import gemmaquant.evaluate.artifact
+    import gemmaquant.evaluate.eval_model
+    import gemmaquant.model.loading
 
     def loaded(*a, **k):
         pytest.fail("weights were loaded before the refusal")
-    for mod, name in ((gemmaquant.loading, "load_model"), (gemmaquant.evaluate, "load_model"),
-                      (gemmaquant.artifact, "open_artifact")):
+    for mod, name in ((gemmaquant.model.loading, "load_model"), (gemmaquant.evaluate.eval_model, "load_model"),
+                      (gemmaquant.evaluate.artifact, "open_artifact")):
         monkeypatch.setattr(mod, name, loaded)

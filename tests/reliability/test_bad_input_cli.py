@@ -330,8 +330,8 @@ def _(tmp, good):
 # -- GGUF given to eval / inspect ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def good_gguf(good):
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.export.gguf.writer import write_gguf
 
     out = good.parent / "good.Q8_0.gguf"
     write_gguf(Checkpoint(good), "q8_0", out)

@@ -41,8 +41,8 @@ def good(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def good_gguf(good):
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.export.gguf.writer import write_gguf
 
     out = good.parent / "good.Q8_0.gguf"
     write_gguf(Checkpoint(good), "q8_0", out)
@@ -350,7 +350,7 @@ def f8_source(good, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ct_source(good, tmp_path_factory):
-    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.formats.checkpoint import Checkpoint
     from gemmaquant.export import write_compressed_tensors
     from gemmaquant.schemes import get_scheme
 
@@ -375,7 +375,7 @@ def test_a_quantization_config_marks_a_source_as_quantized(good, tmp_path, capsy
 
 # -- imatrix files that do not fit -------------------------------------------------------------------------
 def _imatrix(tmp: Path, names: list[str]) -> Path:
-    from gemmaquant.gguf.imatrix_io import write_imatrix
+    from gemmaquant.formats.gguf.imatrix import write_imatrix
 
     p = tmp / "im.gguf"
     write_imatrix(p, {n: torch.ones(256) for n in names}, {n: 4 for n in names}, datasets=["d"], chunk_count=1,
@@ -441,14 +441,15 @@ for _cmd in ("q8_0", "fp8", "eval"):
 # -- eval/compare give inspect's verdict on overlapping tensor data -------------------------------------
 def _overlapping(gg: Path, tmp: Path) -> Path:
     """Point one norm's data at another's: same bytes, two tensors."""
-    from gemmaquant.gguf_file import GGUFFile
+    from gemmaquant.formats.gguf.reader import GGUFFile
 
     f = GGUFFile(gg)
     a, b = f.tensors["blk.0.attn_norm.weight"], f.tensors["blk.0.ffn_norm.weight"]
     start = f.data_start
     f.close()
     data = bytearray(gg.read_bytes())
-    rec = b.info_offset + 8 + len(b.name.encode()) + 4 + 8 * len(b.shape) + 4  # its u64 data offset
+    info = data.index(len(b.name.encode()).to_bytes(8, "little") + b.name.encode())  # its tensor-info record
+    rec = info + 8 + len(b.name.encode()) + 4 + 8 * len(b.shape) + 4  # its u64 data offset
     data[rec:rec + 8] = struct.pack("<Q", a.offset - start)
     p = tmp / "overlap.gguf"
     p.write_bytes(bytes(data))

@@ -59,7 +59,7 @@ def test_same_bytes_with_1_and_2_threads(src, tmp_path, capsys, scheme, out_name
 def test_gguf_same_bytes_from_worker_processes_and_threads(src, tmp_path, capsys, monkeypatch, scheme, out_name):
     """On Linux the GGUF searches run in forked worker processes (GEMMAQUANT_GGUF_WORKERS=threads
     keeps them on threads): the bytes must not depend on where a slab was quantized."""
-    from gemmaquant.gguf.workers import processes_available
+    from gemmaquant.export.gguf.workers import processes_available
 
     if not processes_available():
         pytest.skip("no fork here: threads only")

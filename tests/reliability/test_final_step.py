@@ -147,7 +147,7 @@ def test_read_only_file_system_is_one_line(good, tmp_path, capsys, monkeypatch):
     """EROFS when the temporary is created, and again from the cleanup's unlink (which used to raise
     its own traceback); os.access is made to say yes so the write itself meets the error."""
     import gemmaquant.export.guard as guard
-    import gemmaquant.gguf.writer as writer
+    import gemmaquant.export.gguf.writer as writer
 
     def erofs(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -12,12 +12,12 @@ import struct
 
 import pytest
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
-from gemmaquant.gguf_header import read_gguf_header
-from gemmaquant.safetensors_io import SafetensorsFile
+from gemmaquant.formats.gguf.reader import read_gguf_header
+from gemmaquant.formats.safetensors import SafetensorsFile
 
-from ..test_checkpoint import write_ckpt
+from ..formats.test_checkpoint import write_ckpt
 
 
 def _st(tmp_path, header: bytes, body: int = 16):
@@ -104,7 +104,7 @@ def test_gguf_header_nested_arrays_and_bad_alignment(tmp_path):
     _gguf_string(b"x") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0),
 ])
 def test_gguf_file_alignment_and_nesting(tmp_path, kv):
-    from gemmaquant.gguf_file import GGUFFile
+    from gemmaquant.formats.gguf.reader import GGUFFile
 
     with pytest.raises(GemmaQuantError):
         GGUFFile(_gguf(tmp_path, kv))
@@ -113,7 +113,7 @@ def test_gguf_file_alignment_and_nesting(tmp_path, kv):
 @pytest.mark.parametrize("key,value", [("max_position_embeddings", [1]), ("max_position_embeddings", "abc"),
                                        ("layer_types", 5)])
 def test_config_value_types(key, value):
-    from gemmaquant.config import config_from_dict
+    from gemmaquant.formats.config import config_from_dict
 
     cfg = {"model_type": "gemma", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, key: value}
@@ -122,7 +122,7 @@ def test_config_value_types(key, value):
 
 
 def test_config_deeply_nested(tmp_path):
-    from gemmaquant.config import load_config
+    from gemmaquant.formats.config import load_config
 
     (tmp_path / "config.json").write_text("[" * 50_000 + "]" * 50_000)
     with pytest.raises(GemmaQuantError):

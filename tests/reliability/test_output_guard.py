@@ -30,8 +30,8 @@ def good(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def good_gguf(good):
-    from gemmaquant.checkpoint import Checkpoint
-    from gemmaquant.gguf.writer import write_gguf
+    from gemmaquant.formats.checkpoint import Checkpoint
+    from gemmaquant.export.gguf.writer import write_gguf
 
     out = good.parent / "good.Q8_0.gguf"
     write_gguf(Checkpoint(good), "q8_0", out)
@@ -130,7 +130,7 @@ def _(tmp, good, gg):
 
 @case("GGUF output onto the --imatrix-file", 3, "is an input of this command")
 def _(tmp, good, gg):
-    from gemmaquant.gguf.imatrix_io import write_imatrix
+    from gemmaquant.formats.gguf.imatrix import write_imatrix
     import torch
 
     write_imatrix(tmp / "im.gguf", {"blk.0.attn_q.weight": torch.ones(256)}, {"blk.0.attn_q.weight": 4},

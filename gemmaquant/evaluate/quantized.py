@@ -1,0 +1,101 @@
+"""What every opened artifact is: a QuantGemma (the built-in model with quantized Linears and embedding)
+wrapped in an Artifact that says where it came from and what its weights cost. The GGUF and
+compressed-tensors openers (artifact.py, ct_artifact.py) both build through `assemble`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..formats.config import GemmaConfig
+from ..model.gemma import Gemma, embed_scale, make_layer_context
+from ..model.qlinear import QuantEmbedding, QuantLinear
+
+
+class QuantGemma(Gemma):
+    """Gemma whose embedding (and optional separate LM head) are QuantEmbedding modules."""
+
+    def __init__(self, cfg: GemmaConfig, compute_dtype: torch.dtype):
+        super().__init__(cfg)
+        self.compute_dtype = compute_dtype
+        self.lm_head: QuantEmbedding | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(ids).to(self.compute_dtype)
+        return h * embed_scale(self.cfg, h.dtype)
+
+    def layer_context(self, seq_len: int, device=None, dtype=None):
+        return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
+                                  dtype or self.compute_dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        table = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        logits = table.logits(self.model.norm(h))
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@dataclass
+class Artifact:
+    model: Gemma
+    tokenizer: object
+    kind: str  # "gguf" | "compressed-tensors" | "hf"
+    path: Path
+    name: str
+    files: list[Path]
+    formats: dict[str, int] = field(default_factory=dict)  # Linear format -> count
+    linear_weights: int = 0  # weights in the decoder Linears
+    linear_bytes: int = 0  # their stored bytes, scales and zero points included
+
+    @property
+    def config(self) -> GemmaConfig:
+        return self.model.cfg
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    @property
+    def bpw_linear(self) -> float:
+        return 8.0 * self.linear_bytes / self.linear_weights if self.linear_weights else float("nan")
+
+    @property
+    def bpw_file(self) -> float:
+        return 8.0 * self.size_bytes / self.config.param_count()
+
+
+def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
+    """A QuantGemma whose Linears come from `qlin(hf_name)` and norms from `norm(hf_name)` (HF form)."""
+    with torch.device("meta"):
+        model = QuantGemma(cfg, dtype)
+    model.eval().requires_grad_(False)
+    model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
+    for i, layer in enumerate(model.layers):
+        for suffix in cfg.linear_shapes():
+            parent, attr = suffix.split(".")
+            setattr(getattr(layer, parent), attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+    for name, module in model.named_modules():
+        if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+            module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"unfilled tensors: {left[:3]}"
+    return model
+
+
+def linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:
+    formats: dict[str, int] = {}
+    n = nbytes = 0
+    for layer in model.layers:
+        for m in layer.modules():
+            if isinstance(m, QuantLinear):
+                formats[m.fmt] = formats.get(m.fmt, 0) + 1
+                n += m.weight_count
+                nbytes += m.nbytes
+    return formats, n, nbytes

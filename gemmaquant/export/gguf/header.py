@@ -1,0 +1,240 @@
+"""The GGUF header (every key and tensor info, then padding), built in the background while the
+tensors are quantized. No torch here: the job is started before torch's import.
+
+For a Gemma 3 checkpoint the header is mostly the 262k-entry vocabulary, ~1.8 s of single-threaded
+Python (tokenizer.model decoded, the 33 MB tokenizer.json parsed by the `gguf` package's
+SpecialVocab, the arrays packed) — a fifth of the demo's whole HF → Q6_K run. `HeaderJob` builds
+it in a separate process (a fresh interpreter: no fork of a threaded parent), so it runs on the
+other core while the parent imports torch and starts quantizing; the writer keeps the first slabs
+in memory until the header bytes arrive (`writer.write_gguf`). The bytes are those of the inline
+build (`build_header`); tests compare whole files both ways.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+from gguf.gguf_writer import WriterState
+
+from ...formats.config import GemmaConfig
+from ...errors import GemmaQuantError
+from ...numerics.ggml.types import row_bytes
+from ...schemes import Scheme
+from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
+from .plan import TensorPlan, plan_types, preset
+from .vocab import add_vocab
+
+if TYPE_CHECKING:
+    from ...formats.checkpoint import Checkpoint
+
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
+CONVERT_FTYPE_BF16 = 32  # the converter's general.file_type; llama-quantize replaces it
+
+
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter with array values packed by numpy / one join instead of one `_pack_val` call per
+    element: the 262k-entry tokens, scores and types arrays took ~2 s. Same bytes (the tests
+    compare whole files with convert_hf_to_gguf.py's); anything unusual goes to the original."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        t = gguf.GGUFValueType
+        if (vtype != t.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, (list, tuple)) or len(val) < 256 or len(set(map(type, val))) != 1):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = t.get_type(val[0])
+        if ltype == t.STRING:
+            u64 = struct.Struct("<Q").pack
+            enc = (v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val)
+            body = b"".join(u64(len(e)) + e for e in enc)
+        elif ltype in (t.INT32, t.FLOAT32, t.BOOL):
+            body = np.array(val, dtype={t.INT32: "<i4", t.FLOAT32: "<f4", t.BOOL: "?"}[ltype]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = (struct.pack("<I", int(vtype)) if add_vtype else b"") + struct.pack("<IQ", int(ltype), len(val))
+        return head + body
+
+
+def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
+                 imatrix_meta: dict | None) -> gguf.GGUFWriter:
+    """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
+    w = _Writer(None, ARCH[config.generation])
+    total = sum(p.numel for p in plans)
+    add_model_kvs(w, model_dir, config, file_type=CONVERT_FTYPE_BF16, total_params=total)
+    arrays = add_vocab(w, model_dir, config.generation, config.vocab_size)
+    if len(arrays.tokens) != config.vocab_size:  # the Gemma 3 converter cuts token_embd to the token list
+        raise GemmaQuantError(f"{model_dir}: {len(arrays.tokens)} tokens for vocab_size {config.vocab_size}")
+    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta)
+    for p in plans:
+        rows = p.numel // p.n_per_row
+        nbytes = rows * row_bytes(p.type, p.n_per_row)
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.type)
+    return w
+
+
+def header_bytes(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
+                 imatrix_meta: dict | None) -> tuple[bytes, dict]:
+    """The header as bytes (magic, counts, keys, tensor infos, zero padding to ALIGNMENT), written
+    by GGUFWriter's own methods into memory, and the keys ({name: GGUFValue}, for the read-back check)."""
+    try:
+        w = build_header(model_dir, config, scheme, plans, imatrix_meta)
+    except GemmaQuantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the gguf package's own readers of the model's side files
+        _diagnose(Path(model_dir))
+        raise GemmaQuantError(f"{model_dir}: building the GGUF header failed ({type(e).__name__}: {e})") from None
+    buf = io.BytesIO()
+    w.fout, w.state = [buf], WriterState.EMPTY  # an open output: GGUFWriter writes into `buf`
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    except (struct.error, OverflowError, ValueError, TypeError) as e:
+        raise GemmaQuantError(_unpackable(w, Path(model_dir), e)) from None
+    n = buf.tell()
+    buf.write(b"\0" * (-n % ALIGNMENT))
+    return buf.getvalue(), dict(w.kv_data[0])
+
+
+# Where the value of a key comes from, for messages: the converter takes sampling defaults from
+# generation_config.json, tokenizer keys from the tokenizer files, the rest from config.json.
+_KEY_SOURCES = (("general.sampling.", "generation_config.json"), ("tokenizer.", "the tokenizer files"),
+                ("general.", "config.json / README.md"), ("", "config.json"))
+_SIDE_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "tokenizer.json")
+
+
+def _unpackable(w: gguf.GGUFWriter, model_dir: Path, err: Exception) -> str:
+    """Name the key whose value its GGUF type cannot hold (struct says only 'argument out of range')."""
+    for key, val in w.kv_data[0].items():
+        try:
+            w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+        except (struct.error, OverflowError, ValueError, TypeError):
+            src = next(f for prefix, f in _KEY_SOURCES if key.startswith(prefix))
+            shown = repr(val.value) if not isinstance(val.value, (list, tuple)) else f"an array of {len(val.value)}"
+            return (f"{model_dir}: GGUF key '{key}' cannot hold {shown} as {val.type.name.lower()} "
+                    f"(the value comes from {src})")
+    return f"{model_dir}: the GGUF header cannot be written ({type(err).__name__}: {err})"
+
+
+def _diagnose(model_dir: Path) -> None:
+    """Raise the one-line error of the first malformed JSON side file, if any is."""
+    from ...formats.inputs import read_json
+
+    for name in _SIDE_JSON:
+        if (model_dir / name).exists():
+            read_json(model_dir / name, name)
+
+
+# A vocabulary this large makes the header worth a process (~0.3 s to start one): real Gemma
+# vocabularies are 256k-262k entries; the test suite's tiny models (64-512) build inline in ms.
+BACKGROUND_MIN_VOCAB = 32768
+
+
+class HeaderJob:
+    """The header of one output, built inline or in a child process; `result()` -> (bytes, keys).
+
+    `background`: None decides by the vocabulary size (BACKGROUND_MIN_VOCAB). `plans` and `scheme`
+    are kept so the writer can check the job belongs to the file it writes."""
+
+    def __init__(self, model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
+                 imatrix_meta: dict | None = None, background: bool | None = None):
+        self.scheme, self.plans, self.imatrix_meta = scheme, plans, imatrix_meta
+        self._args = (Path(model_dir), config, scheme, plans, imatrix_meta)
+        self._result: tuple[bytes, dict] | None = None
+        self._proc: subprocess.Popen | None = None
+        if background is None:
+            background = (config.vocab_size or 0) >= BACKGROUND_MIN_VOCAB
+        if background:
+            self._start()
+
+    def _start(self) -> None:
+        pkg_root = str(Path(__file__).resolve().parents[2])  # the directory holding `gemmaquant`
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from gemmaquant.export.gguf.header import _child; _child()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                start_new_session=True)  # Ctrl-C reaches the parent only; it stops the child (close)
+        except OSError:
+            self._proc = None  # no subprocess here: build inline when asked
+            return
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        # drain both pipes on threads so the child never blocks on a full pipe and `ready()` is exact
+        self._readers = [threading.Thread(target=lambda s=s, d=d: d.append(s.read()), daemon=True)
+                         for s, d in ((self._proc.stdout, self._out), (self._proc.stderr, self._err))]
+        for t in self._readers:
+            t.start()
+        try:
+            self._proc.stdin.write(pickle.dumps(self._args, protocol=pickle.HIGHEST_PROTOCOL))
+            self._proc.stdin.close()
+        except OSError:
+            pass  # the child died at start: result() reports its stderr
+
+    def ready(self) -> bool:
+        """True once result() would not wait."""
+        return self._result is not None or self._proc is None or not any(t.is_alive() for t in self._readers)
+
+    def result(self) -> tuple[bytes, dict]:
+        if self._result is not None:
+            return self._result
+        if self._proc is None:
+            self._result = header_bytes(*self._args)
+            return self._result
+        for t in self._readers:
+            t.join()
+        code = self._proc.wait()
+        out, err = b"".join(self._out), b"".join(self._err).decode("utf-8", "replace").strip()
+        self._proc = None
+        if code != 0 or not out:
+            raise GemmaQuantError(f"building the GGUF header failed (child exit code {code})"
+                                  + (f": {err.splitlines()[-1]}" if err else ""))
+        ok, payload = pickle.loads(out)
+        if not ok:
+            raise GemmaQuantError(payload)
+        self._result = payload
+        return self._result
+
+    def close(self) -> None:
+        """Stop the child if it is still running (an error or Ctrl-C elsewhere)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+def _child() -> None:
+    """Entry point of the header process: pickled args on stdin, pickled (ok, payload) on stdout."""
+    from ..procs import die_with_parent
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = pickle.load(sys.stdin.buffer)
+    try:
+        payload = (True, header_bytes(*args))
+    except GemmaQuantError as e:
+        payload = (False, str(e))
+    except Exception as e:  # noqa: BLE001 - anything else: the parent raises it with this text
+        payload = (False, f"building the GGUF header failed: {type(e).__name__}: {e}")
+    sys.stdout.buffer.write(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.buffer.flush()
+
+
+def start_header(ckpt: "Checkpoint", scheme: str | Scheme, imatrix_meta: dict | None = None) -> HeaderJob:
+    """Start building the header of `write_gguf(ckpt, scheme, ...)` now (in the background for a
+    real vocabulary). `imatrix_meta`: as passed to write_gguf when it gets an imatrix, else None."""
+    s = preset(scheme)
+    plans = plan_types(ckpt.config, s, imatrix_meta is not None, has_lm_head="lm_head.weight" in ckpt.names())
+    return HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta)

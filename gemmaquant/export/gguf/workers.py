@@ -1,0 +1,117 @@
+"""Run the writer's slab jobs concurrently and hand the results back in file order.
+
+The K-quant and 4/5-bit searches are chains of thousands of ~1 MB torch ops per slab. Two threads in
+one process doing that share the GIL for every op's dispatch, so threads scale worse than processes
+(benchmarks/RESULTS.md, GGUF writer). So on Linux those slabs go to forked worker processes (no second torch
+import: they start as copies of this one), each opening its own read-only mapping of the checkpoint
+and returning the slab's bytes. Cheap conversions (F32/F16/BF16 copies, Q8_0) stay on threads in
+this process: moving their bytes through a pipe would cost more than computing them. Elsewhere
+(no fork), everything runs on threads.
+
+Each worker computes with one torch thread: with torch's own 2-thread ops every ~1 MB op ends in a
+barrier, and on a busy machine a descheduled partner stalls the whole op.
+Workers ignore SIGINT; Ctrl-C reaches this process, which stops them (running slabs finish, < 1 s).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import GemmaQuantError
+from ...numerics.ggml.quantize import quantize
+from ...numerics.ggml.types import GGMLType
+from ..procs import die_with_parent
+from ...formats.safetensors import release_pages
+from .plan import TensorPlan
+
+CHEAP = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0)  # conversions, not searches
+_STATE: dict = {}  # in a worker process: its checkpoint, the plans and the importance vectors
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Rows [r0, r1) of plans[i], quantized from the worker's own mapping of the checkpoint."""
+    i: int
+    r0: int
+    r1: int
+
+
+def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
+    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate)."""
+    x = view.to(torch.bfloat16)
+    if not torch.isfinite(x).all():
+        raise GemmaQuantError(f"{where}: tensor '{p.hf_name}' contains NaN/inf values")
+    return quantize(x, p.type, qw).numpy()
+
+
+def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
+    die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    from ...formats.checkpoint import Checkpoint
+
+    _STATE.update(ckpt=Checkpoint(path), plans=plans, qws=qws)
+
+
+def _run_slab(s: Slab) -> np.ndarray:
+    ckpt, p = _STATE["ckpt"], _STATE["plans"][s.i]
+    view = ckpt.tensor(p.hf_name)[s.r0:s.r1]
+    out = quantize_rows(ckpt.path, p, view, _STATE["qws"][p.name])
+    release_pages(view)
+    return out
+
+
+def processes_available() -> bool:
+    """Linux with fork, unless GEMMAQUANT_GGUF_WORKERS=threads (for side-by-side measurements)."""
+    if os.environ.get("GEMMAQUANT_GGUF_WORKERS", "") == "threads":
+        return False
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def run_ordered(jobs, workers: int, proc_init: tuple | None = None):
+    """Run (tag, job, slab) triples, yielding (tag, result) in submission order.
+
+    `job` is a callable; `slab` (a Slab or None) says the same work can run in a worker process,
+    which happens when `proc_init` = (checkpoint dir, plans, importance vectors) is given, there
+    are several workers and the platform forks. At most 2 x workers slabs are in flight or
+    done-but-unconsumed: a few slabs' temporaries and outputs."""
+    if workers <= 1:
+        for tag, job, _ in jobs:
+            yield tag, job()
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    threads = ThreadPoolExecutor(workers, thread_name_prefix="gguf-quant")
+    procs: Executor | None = None
+    pending: deque = deque()
+    try:
+        for tag, job, slab in jobs:
+            if slab is not None and proc_init is not None and processes_available():
+                if procs is None:
+                    procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=_init_worker, initargs=proc_init)
+                pending.append((tag, procs.submit(_run_slab, slab)))
+            else:
+                pending.append((tag, threads.submit(job)))
+            while len(pending) > 2 * workers:
+                t, f = pending.popleft()
+                yield t, f.result()
+        while pending:
+            t, f = pending.popleft()
+            yield t, f.result()
+    finally:
+        # Ctrl-C or an error: running slabs finish (< 1 s), queued ones are dropped
+        threads.shutdown(wait=True, cancel_futures=True)
+        if procs is not None:
+            procs.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(before)

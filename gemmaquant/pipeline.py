@@ -1,0 +1,381 @@
+"""The quantize pipeline: load → (calibrate) → write → verify, for both output families.
+
+    checkpoint ──► calibrate (calibrated schemes, --imatrix) ──► compressed-tensors writer ─► DIR/
+                                                          └──► GGUF writer ──────────────► FILE.gguf
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .formats.checkpoint import Checkpoint
+from .errors import GemmaQuantError
+from .schemes import SCHEMES, Scheme
+
+
+@dataclass
+class QuantizeOptions:
+    algorithm: str | None = None
+    calib: Path | None = None
+    calib_samples: int = 128
+    calib_len: int = 512
+    alpha: float = 0.8
+    imatrix: bool = False
+    imatrix_file: Path | None = None
+    force: bool = False
+    device: str = "cpu"
+    command: str = ""
+    inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
+    card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
+    base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
+
+
+@dataclass
+class QuantizeSummary:
+    output: Path
+    scheme: str
+    family: str
+    seconds: float
+    output_bytes: int
+    source_bytes: int
+    params: int
+    bits_per_weight: float
+    peak_rss_bytes: int
+    notes: list[str] = field(default_factory=list)
+    unquantized: list[tuple[str, str]] = field(default_factory=list)  # (tensor, why)
+    types: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "scheme": self.scheme, "format": self.family,
+                "seconds": round(self.seconds, 3), "output_bytes": self.output_bytes,
+                "source_bytes": self.source_bytes, "params": self.params,
+                "bits_per_weight": round(self.bits_per_weight, 4), "peak_rss_bytes": self.peak_rss_bytes,
+                "notes": self.notes, "unquantized": [{"tensor": t, "why": w} for t, w in self.unquantized],
+                "tensor_types": self.types}
+
+
+# 4-bit weights depend most on what they were calibrated on (benchmarks/RESULTS.md, "what the calibration
+# text is worth": w4a16 GPTQ on the demo, KL 0.30 → 0.15 and top-1 0.73 → 0.82 vs bf16 with held-out text of
+# the evaluated kind instead of the built-in generic one).
+CALIB_HINT = ("calibrated on the built-in generic text: for 4-bit weights, --calib FILE with text like what the "
+              "model will serve halved the KL drift on the demo model")
+
+
+def model_stem(ckpt: Checkpoint) -> str:
+    """The model's name in output names and card titles: gemma-2-2b-it (the demo: gemma-3-270m)."""
+    return "gemma-3-270m" if ckpt.source == "demo" else ckpt.name
+
+
+def default_output(ckpt: Checkpoint, scheme: Scheme) -> Path:
+    """gemma-2-2b-it.Q6_K.gguf / gemma-2-9b-it-FP8-dynamic (in the current directory)."""
+    name = model_stem(ckpt)
+    if scheme.is_gguf:
+        return Path(f"{name}.{scheme.label}.gguf")
+    return Path(f"{name}-{scheme.label}")
+
+
+def check_family(scheme: Scheme, out: Path | None) -> None:
+    if out is not None and out.suffix == ".gguf" and not scheme.is_gguf:
+        gguf = ", ".join(s.name for s in SCHEMES.values() if s.is_gguf)
+        raise GemmaQuantError(f"{out}: a .gguf output needs a GGUF scheme, not '{scheme.name}' (GGUF schemes: {gguf})")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere, which may include the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
+    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
+    from .numerics.ct.formats import ct_format
+
+    cfg = ckpt.config
+    w, fmt = scheme.weights, ct_format(scheme.ct_format)
+    rows = []
+    for name, shape in cfg.expected_shapes().items():
+        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if not is_linear:
+            why = "embedding (tied LM head): kept" if "embed_tokens" in name else "norm: copied byte for byte"
+            rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
+            continue
+        n, k = shape
+        t, b = fmt.plan_row(n, k, w, scheme.input_activations)
+        rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    return rows
+
+
+def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]:
+    from .export.gguf.plan import plan_types
+    from .numerics.ggml.types import row_bytes
+
+    rows = []
+    for p in plan_types(ckpt.config, scheme, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names()):
+        n_rows = p.numel // p.n_per_row
+        rows.append({"tensor": p.name, "shape": list(p.shape), "type": p.type.name,
+                     "bytes": n_rows * row_bytes(p.type, p.n_per_row), "note": p.reason})
+    return rows
+
+
+def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions) -> int:
+    """The output's size, an upper bound within ~100 KB: tensor data from the --dry-run plan (exact);
+    the side files (tokenizer, configs) that a compressed-tensors directory copies and that bound a
+    GGUF's vocab metadata; per GGUF tensor its info record and alignment padding; 64 KiB for the
+    remaining metadata, model card and index."""
+    rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
+        else ct_plan(ckpt, scheme)
+    per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
+    return (sum(r["bytes"] + per_tensor for r in rows) + sum(p.stat().st_size for p in ckpt.side_files())
+            + (64 << 10))
+
+
+def check_source(ckpt: Checkpoint) -> None:
+    """A source that is already quantized is refused, whatever the scheme (weights in F8/int dtypes
+    are refused by the checkpoint reader; a quantization_config marks the rest)."""
+    qc = ckpt.config.raw.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise GemmaQuantError(f"{ckpt.path}: config.json has a quantization_config (quant_method {method!r}): the "
+                              "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
+
+
+def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
+    """Every path a quantize run reads: the output guard keeps the output off all of them."""
+    return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
+
+
+def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
+                 progress=None, computed_imatrix=None) -> QuantizeSummary:
+    from .export.diskspace import check_free_space
+    from .export.guard import check_output
+    from .limits import check_for_model
+
+    t0 = time.perf_counter()
+    check_family(scheme, out)
+    check_source(ckpt)
+    # the output guard before any calibration time (the writers apply it again when they start)
+    check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
+    calibrating = bool(opts.imatrix) if scheme.is_gguf else \
+        scheme.needs_calibration or opts.algorithm not in (None, "rtn")
+    text = None
+    if calibrating:  # the calibration settings only bind when calibration runs
+        from .calib.data import calib_text
+
+        check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+        text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
+    if scheme.is_gguf:
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, computed_imatrix)
+    else:
+        summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_bytes = peak_rss()
+    return summary
+
+
+def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> list[Path]:
+    """Where `--scheme a,b,c --out DIR/` writes: each file named as the single-preset command names it."""
+    if not schemes:
+        raise GemmaQuantError("--scheme: a comma-separated list needs at least one GGUF preset")
+    bad = [s.name for s in schemes if not s.is_gguf]
+    if bad:
+        raise GemmaQuantError(f"--scheme: several schemes at once are GGUF presets only, not {', '.join(bad)}")
+    names = [s.name for s in schemes]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise GemmaQuantError(f"--scheme: preset {dup} is listed twice")
+    if out_dir.suffix == ".gguf" or out_dir.is_file():
+        raise GemmaQuantError(f"--out {out_dir}: several presets need a directory to write their files into")
+    return [out_dir / default_output(ckpt, s).name for s in schemes]
+
+
+def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opts: QuantizeOptions,
+                     progress_for=None) -> list[QuantizeSummary]:
+    """Several GGUF presets in one command: every output passes the output guard and every preset its
+    imatrix refusal before any work, the importance matrix is computed once, and each file is the
+    single-preset command's file. (The checkpoint is read once per preset, mostly from the page cache.)
+    `progress_for(scheme)` gives each file's progress callback."""
+    from .export.guard import check_output
+    from .export.gguf.plan import plan_types
+
+    outs = gguf_set_outputs(ckpt, schemes, out_dir)
+    check_source(ckpt)
+    has_imatrix = bool(opts.imatrix or opts.imatrix_file)
+    for s, out in zip(schemes, outs):
+        check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
+        plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
+    computed = None
+    if opts.imatrix and not opts.imatrix_file:
+        from .calib.imatrix import compute_imatrix
+        from .limits import check_for_model
+
+        check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                   seq_len=opts.calib_len, device=opts.device)
+    return [run_quantize(ckpt, s, out, opts, progress=progress_for(s) if progress_for else None,
+                         computed_imatrix=computed) for s, out in zip(schemes, outs)]
+
+
+def _gguf(ckpt, scheme, out, opts, progress, text=None, computed_imatrix=None) -> QuantizeSummary:
+    from .export.gguf.header import start_header
+
+    if opts.imatrix and opts.imatrix_file:
+        raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
+    card = None
+    if opts.card:  # a README.md that is not ours is refused now, not after the work
+        from .export.guard import check_output
+        from .export.model_card import card_location, gguf_card_target
+
+        readme = card_location(out)[0]
+        check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
+        card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
+    header = None
+    if not (opts.imatrix or opts.imatrix_file):
+        # the header (mostly the vocabulary) builds in its own process while torch is imported here
+        header = start_header(ckpt, scheme)
+    try:
+        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
+    finally:
+        if header is not None:
+            header.close()
+    if card is not None:
+        _gguf_card(ckpt, scheme, out, opts, summary, card[0])
+    return summary
+
+
+def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
+    """Add this GGUF to its folder's model card (a new card, or the one an earlier GGUF started)."""
+    from .export.model_card import add_output, base_model_of, card_location, new_card, source_license, write_card
+
+    readme, key = card_location(out)
+    card = existing or new_card(
+        fmt="gguf", title=f"{model_stem(ckpt)}-GGUF",
+        base_model=opts.base_model or base_model_of(ckpt.source, ckpt.path, ckpt.config.raw),
+        source=ckpt.source, license=source_license(ckpt.path, ckpt.config.model_type),
+        tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
+    add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
+                      "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
+                      "types": summary.types, "notes": [n for n in summary.notes if n]})
+    write_card(readme, card, inputs=inputs_of(ckpt, opts))
+    summary.notes.append(f"model card: {readme}")
+
+
+def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None) -> QuantizeSummary:
+    from .formats.gguf.imatrix import read_imatrix
+    from .export.gguf.writer import write_gguf
+
+    imatrix = imatrix_meta = None
+    notes = []
+    if opts.imatrix_file:
+        im = read_imatrix(opts.imatrix_file)
+        imatrix, imatrix_meta = im.importance, im.meta()
+        notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
+    elif opts.imatrix:
+        if computed is None:  # a multi-preset run computes it once and passes it in
+            from .calib.imatrix import compute_imatrix
+
+            computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                       seq_len=opts.calib_len, device=opts.device)
+        im = computed.to_imatrix()
+        imatrix, imatrix_meta = im.importance, im.meta()
+        named = f"; text {text.describe()}" if text is not None else ""
+        notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}{named}")
+    rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
+                     progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
+    if rep.imatrix_missing:
+        m = rep.imatrix_missing
+        notes.append(f"the imatrix has no entry for {len(m)} tensors, quantized without importance weights: "
+                     + ", ".join(m[:4]) + (f" and {len(m) - 4} more" if len(m) > 4 else ""))
+    params = sum(p.numel for p in rep.plans)
+    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
+    if rep.n_fallback:
+        notes.append(f"{rep.n_fallback} tensors took llama.cpp's fallback type (row length not a multiple of 256)")
+    return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=rep.file_bytes,
+                           source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * rep.file_bytes / params, peak_rss_bytes=0, notes=notes,
+                           unquantized=unq, types=rep.type_counts)
+
+
+def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> QuantizeSummary:
+    from .calib.pipeline import calibrate
+    from .export.compressed_tensors import write_compressed_tensors
+
+    if opts.imatrix or opts.imatrix_file:
+        raise GemmaQuantError(f"--imatrix/--imatrix-file apply to GGUF schemes only, not {scheme.name}")
+    from .calib.pipeline import check_algorithm
+
+    algorithm = check_algorithm(scheme, opts.algorithm, False)
+    needs = scheme.needs_calibration if opts.algorithm is None else algorithm not in (None, "rtn") or \
+        scheme.needs_calibration
+    quantized = overrides = input_scales = None
+    calibration_note = "none (round-to-nearest needs no data)"
+    algo_note = "round-to-nearest (RTN), compressed-tensors min-max scales"
+    notes = []
+    if needs:
+        if text is None:
+            from .calib.data import calib_text
+
+            text = calib_text(opts.calib)
+        res = calibrate(ckpt, scheme, algorithm=algorithm, calib_path=opts.calib, n_samples=opts.calib_samples,
+                        seq_len=opts.calib_len, alpha=opts.alpha, device=opts.device, progress=True)
+        quantized = res.packed(scheme.ct_format) if res.quantized else None
+        overrides = res.overrides or None
+        input_scales = res.input_scales or None
+        calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens of `{text.describe()}`"
+        algo_note = _algorithm_note(algorithm, opts)
+        notes.append(res.notes)
+        if opts.calib is None and scheme.weights is not None and scheme.weights.num_bits <= 4:
+            notes.append(CALIB_HINT)
+    rep = write_compressed_tensors(ckpt, scheme, out, quantized=quantized, overrides=overrides,
+                                   input_scales=input_scales, force=opts.force, command=opts.command,
+                                   base_model=opts.base_model,
+                                   algorithm_note=algo_note, calibration_note=calibration_note,
+                                   actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
+                                   inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+    size = _size(out)
+    params = ckpt.config.param_count()
+    unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
+           if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
+    unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
+    errs = list(rep.weight_error.values())
+    if overrides:
+        notes.append(f"{len(overrides)} norm tensors rewritten by scale folding (weights differ from the source "
+                     "by design; measure the drift with `gemmaquant compare`)")
+    elif errs:
+        notes.append(f"relative weight error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    return QuantizeSummary(output=out, scheme=scheme.name, family="compressed-tensors", seconds=0,
+                           output_bytes=size, source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * size / params, peak_rss_bytes=0,
+                           notes=notes + [algo_note],
+                           unquantized=unq, types={f"{scheme.label} Linears": len(rep.quantized)})
+
+
+def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:
+    if algorithm == "smoothquant":
+        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then RTN"
+    if algorithm == "gptq":
+        return ("GPTQ (damping 0.01, static act-order, block 128, per-group MSE clip search, "
+                "least-squares scale refit), no g_idx")
+    if algorithm == "awq":
+        return "AWQ-style activation-aware scale search (20-point grid), then RTN"
+    if algorithm == "awq+gptq":
+        return "AWQ scale search, then GPTQ"
+    if algorithm == "smoothquant+gptq":
+        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then GPTQ"
+    return "round-to-nearest (RTN) with static input scales from calibration"

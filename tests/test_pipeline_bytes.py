@@ -1,0 +1,205 @@
+"""Every output file keeps its bytes: sha256 of what `gemmaquant quantize` writes, committed (issue 17).
+
+The expected digests were computed on the code before issue 17 reshaped the package; any change to a
+quantizer, a writer, the calibration or the model card shows here as a changed digest. Each case runs
+the CLI in this process (`tests.reliability.run_cli`), into a temporary directory.
+
+Normalised: a model card (README.md) quotes the command line and names the source checkpoint, whose
+paths are temporary directories here; in README.md the output's directory is replaced by `OUT` and the
+source's by `SRC` before hashing. Nothing else is left out.
+
+Two sets:
+- the demo model (real Gemma 3 270M shapes): q6_k, q4_k_m, fp8, w4a16 with round-to-nearest and w4a16
+  with its default GPTQ (on 4 x 64 calibration tokens: GPTQ's per-column loop, not the token count,
+  costs its minutes here, so it carries the `slow` mark even among the demo tests);
+- a tiny random Gemma 3 (tests.reliability.TINY_G3, hidden 256 so every K-quant applies), through every
+  calibration algorithm and the imatrix: seconds each, so they run in the fast tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from .reliability import run_cli, write_tiny
+
+CALIB = ["--calib-samples", "4", "--calib-len", "64"]
+TINY_CALIB = ["--calib-samples", "4", "--calib-len", "32"]
+
+
+def _digests(out: Path, tmp: Path, src) -> dict[str, str]:
+    """sha256 of each file the output holds (a GGUF: the file itself), README.md normalised."""
+    files = [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
+    got = {}
+    for p in files:
+        data = p.read_bytes()
+        if p.name == "README.md":
+            data = data.replace(str(tmp).encode(), b"OUT").replace(str(src).encode(), b"SRC")
+        got[p.name] = hashlib.sha256(data).hexdigest()
+    return got
+
+
+def _quantize(src, out: Path, tmp: Path, capsys, args) -> dict[str, str]:
+    res = run_cli(["quantize", src, "-o", out, "--quiet", *args], capsys)
+    assert res.code == 0, res.stderr
+    return _digests(out, tmp, src)
+
+
+DEMO = {
+    "q6_k": (["--scheme", "q6_k"], "g.Q6_K.gguf", {
+        "g.Q6_K.gguf": "4219dca9ff375f6a019a9df1f0ce8914ef819f4cfb65d5b78bce9355bce2d085",
+    }),
+    "q4_k_m": (["--scheme", "q4_k_m"], "g.Q4_K_M.gguf", {
+        "g.Q4_K_M.gguf": "fbc4ccbfcc929d25f1284f78d87f7b04126a004218cf123746bd524f11b103c9",
+    }),
+    "fp8": (["--scheme", "fp8"], "g-FP8", {
+        "LICENSE.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+        "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
+        "README.md": "fbfee70913ddd41b414baa658c1d087d8c17c15a3f32014e753c9eec46d6c899",
+        "config.json": "29549184962e01f12ba474d291c9b7d2de1c3103f6f5fb76748a7d4f88d227fb",
+        "gemmaquant.json": "e33d9c0b561b248473c966d880c430d418bf238ac221015b261308cbe81d205c",
+        "generation_config.json": "5c2827c04d82b66f631239911c43f5766f0025f98c2bb2f63cdb6d7283748510",
+        "model.safetensors": "4b3a820904f9af590d17c3490769e4d98889889b59f8e1b9f739507df193f39b",
+        "special_tokens_map.json": "db82f8bd9b25d14f9c788e6bde64de84d42f1c2538f1c245ba6cb3e872d14b18",
+        "tokenizer.json": "80476a34c9abd261a00973e7e142c9ffdf8c92658fe5a9c8e56fb080b0d34595",
+        "tokenizer.model": "ddf1daa24c8d975cc1b8459f4718c969d41be714c59c26dd4fd037059941413f",
+        "tokenizer_config.json": "6556e006310aab4fd69834045e56478dbb5d79689c291f14956e624175e2a8da",
+    }),
+    "w4a16-rtn": (["--scheme", "w4a16", "--algorithm", "rtn"], "g-W4A16", {
+        "LICENSE.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+        "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
+        "README.md": "ee80819afd7475949b802b43df55340c8bfce6d5881b4467a703aeb7f65c84f2",
+        "config.json": "50fdd125a61e45b200bd252e63cec63d65e4feb8a290cc50f331e986dd96cb52",
+        "gemmaquant.json": "cb510594d0b5cf08411a8f596648aeb892330ee7adf0b746d6873ec8b530e849",
+        "generation_config.json": "5c2827c04d82b66f631239911c43f5766f0025f98c2bb2f63cdb6d7283748510",
+        "model.safetensors": "bebca6b4b37fb99537dba3adf21e651e668ba5e2f313520ac121e8faa6e37197",
+        "special_tokens_map.json": "db82f8bd9b25d14f9c788e6bde64de84d42f1c2538f1c245ba6cb3e872d14b18",
+        "tokenizer.json": "80476a34c9abd261a00973e7e142c9ffdf8c92658fe5a9c8e56fb080b0d34595",
+        "tokenizer.model": "ddf1daa24c8d975cc1b8459f4718c969d41be714c59c26dd4fd037059941413f",
+        "tokenizer_config.json": "6556e006310aab4fd69834045e56478dbb5d79689c291f14956e624175e2a8da",
+    }),
+}
+DEMO_GPTQ = (["--scheme", "w4a16", *CALIB], "g-W4A16-gptq", {
+    "LICENSE.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+    "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
+    "README.md": "f66e5ed6580b6ea6546080be3ff7c4dbe21d8af920444c7bcd03267e7608b8f1",
+    "config.json": "4bf8c371821a81ba937e9e0c98b61851ec7c8fc11820cf5358b28d159076e6d3",
+    "gemmaquant.json": "cb510594d0b5cf08411a8f596648aeb892330ee7adf0b746d6873ec8b530e849",
+    "generation_config.json": "5c2827c04d82b66f631239911c43f5766f0025f98c2bb2f63cdb6d7283748510",
+    "model.safetensors": "b6764a2059b081e099a94b85db9978317346a36ad8fbc9526f1a771b9625ed6c",
+    "special_tokens_map.json": "db82f8bd9b25d14f9c788e6bde64de84d42f1c2538f1c245ba6cb3e872d14b18",
+    "tokenizer.json": "80476a34c9abd261a00973e7e142c9ffdf8c92658fe5a9c8e56fb080b0d34595",
+    "tokenizer.model": "ddf1daa24c8d975cc1b8459f4718c969d41be714c59c26dd4fd037059941413f",
+    "tokenizer_config.json": "6556e006310aab4fd69834045e56478dbb5d79689c291f14956e624175e2a8da",
+})
+
+
+@pytest.mark.parametrize("case", list(DEMO))
+def test_demo_outputs_keep_their_bytes(demo_dir, tmp_path, capsys, case):
+    args, name, want = DEMO[case]
+    assert _quantize("demo", tmp_path / name, tmp_path, capsys, args) == want
+
+
+@pytest.mark.slow
+def test_demo_w4a16_gptq_keeps_its_bytes(demo_dir, tmp_path, capsys):
+    args, name, want = DEMO_GPTQ
+    assert _quantize("demo", tmp_path / name, tmp_path, capsys, args) == want
+
+
+TINY = {
+    "q6_k": (["--scheme", "q6_k"], "t.Q6_K.gguf", {
+        "t.Q6_K.gguf": "95d8087233c8cc240fc4109e5e31fabecebca88d922dcadbf811148929bde19b",
+    }),
+    "q4_k_m-imatrix": (["--scheme", "q4_k_m", "--imatrix", *TINY_CALIB], "t.Q4_K_M.gguf", {
+        "t.Q4_K_M.gguf": "0bd360f3675e531f79e2eab2297225b3af5b9c57379411db27585869c02c88d3",
+    }),
+    "q4_0-imatrix": (["--scheme", "q4_0", "--imatrix", *TINY_CALIB], "t.Q4_0.gguf", {
+        "t.Q4_0.gguf": "53c51d4194e939af2af31f542f171a2563bd5768481a8bb96008ce2c1d2522fe",
+    }),
+    "fp8": (["--scheme", "fp8"], "t-FP8", {
+        "README.md": "7b9d82249756196959bad836f77aee9ce8346b45a91fb23a0f644611beca3eb2",
+        "config.json": "a8000c4a7c8d4d13133a023688d5b5921fb0a426d6ed4f3eba3620241630c7ba",
+        "gemmaquant.json": "bea5c6813b84497d77ad1390e8cf0828dafc121bc063210e11b8dc788bf0cd6d",
+        "model.safetensors": "6a96b21aa04bcc15ffe41407bd93865744a30d3311c1571ce80f1c39ba96d707",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "fp8-static": (["--scheme", "fp8-static", *TINY_CALIB], "t-FP8-static", {
+        "README.md": "e7278d9aad640cf4284144108cc08ed1d612ac4f79fe9ff0fc565f8313d7d89d",
+        "config.json": "b2602ee8e49a0f7df3f3e01ea349978241cf98a1fe9a6dd8fcc2e8cf46e4044b",
+        "gemmaquant.json": "72fa7195aae834076ac5f8321080f91643b3014007052953f89e164ac49c0813",
+        "model.safetensors": "737352d16262415d70b003baa89b99fe9db066de44ab9e87e64a88977aace162",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "int8-smoothquant": (["--scheme", "int8", *TINY_CALIB], "t-INT8", {
+        "README.md": "e175fcaea5970f1343a07838c22d46729e0660d10ef13b945e9f0c65064b1694",
+        "config.json": "9802a2bcb16ebb5e9b7158440680fb772bd3a6d257c0bd548e17b4e6ed500385",
+        "gemmaquant.json": "1c94690e42d66b2def4e9611ec9ab439056c76355ea954a0b8f9df0edaeb3bab",
+        "model.safetensors": "5ac29dc0e83704409b3c1d43bdbe837fba8b4de903b1eeefeb07de64e93c22d3",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "int8-smoothquant+gptq": (["--scheme", "int8", "--algorithm", "smoothquant+gptq", *TINY_CALIB], "t-INT8-g", {
+        # the card's Algorithm line said RTN for this algorithm (issue 17 fixed the label); weights unchanged
+        "README.md": "7de9f7c1a74a00eb7e1568302c2ba59600458a2aa4793918b87a962c5e211e00",
+        "config.json": "9802a2bcb16ebb5e9b7158440680fb772bd3a6d257c0bd548e17b4e6ed500385",
+        "gemmaquant.json": "1c94690e42d66b2def4e9611ec9ab439056c76355ea954a0b8f9df0edaeb3bab",
+        "model.safetensors": "2ccc5aacfff2d51c26aa5ac41b6a853d894047c6a996bc763b647bb5ecb2407b",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "int8-rtn": (["--scheme", "int8", "--algorithm", "rtn"], "t-INT8-rtn", {
+        "README.md": "cf054edac992337fda21f96cb8a3dd6b18a4218c2e31089fb688cb67c80edf55",
+        "config.json": "9802a2bcb16ebb5e9b7158440680fb772bd3a6d257c0bd548e17b4e6ed500385",
+        "gemmaquant.json": "1c94690e42d66b2def4e9611ec9ab439056c76355ea954a0b8f9df0edaeb3bab",
+        "model.safetensors": "179c4799436003724dc56f8830cace575c0797bc382495b0f0b0588cd2059d76",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "int8-w8a16-gptq": (["--scheme", "int8-w8a16", "--algorithm", "gptq", *TINY_CALIB], "t-W8A16", {
+        "README.md": "5c27c2694dd12974619fbc22d4f650f8ab2dc5c379d2f32aff203ce6e43df30d",
+        "config.json": "ef63195070f0e85a83765e1ce539d283c2ddc44f7e89bf696bcd65a041cff667",
+        "gemmaquant.json": "4839e7cb20a7d4b2f345b9b061b3c1f6e38b3fdf18a0bb6cec4b19e43c9ba697",
+        "model.safetensors": "a68b56820230ac625e4052be4810a7238c2a8cc3b57f5de314917f2381dbf385",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "w4a16-gptq": (["--scheme", "w4a16", *TINY_CALIB], "t-W4A16", {
+        "README.md": "c7d1d33cdd1307d94cec16a5fdf81782650a348a0ac2f78bc1e8ee5018540455",
+        "config.json": "776caaef77011446bf279c393fb979a02b0b6fea9c4f9fcbb8c3ceca81956405",
+        "gemmaquant.json": "bc94571a88212484306a6bab0ebd45070868e121415c7585ff572502c35c2755",
+        "model.safetensors": "6b12fd06566837ca14f925839fb916b5726e57c51c0b04b512ff85ad585d2bc6",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "w4a16-awq": (["--scheme", "w4a16", "--algorithm", "awq", *TINY_CALIB], "t-W4A16-awq", {
+        "README.md": "6f2aa05f6022374c4efcb96ae97cf5a6ef7be28982d0267706bfe40a777b38c1",
+        "config.json": "0d09144d3fe13282ff39e85702acc7e5f38e7117ce80e00d4417de7f1e72a82b",
+        "gemmaquant.json": "bc94571a88212484306a6bab0ebd45070868e121415c7585ff572502c35c2755",
+        "model.safetensors": "cf6f22f08f2cee255ede88c4d960e369fa4f167c89eb1a94ad0b0bc829278de1",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "w4a16-asym-awq+gptq": (["--scheme", "w4a16-asym", "--algorithm", "awq+gptq", *TINY_CALIB], "t-W4A16-asym", {
+        "README.md": "625f90ca10202e244a0390d994e03a4a4eea10a1f6d2433b7c50f21cf8492de9",
+        "config.json": "1a06a039914f13dd470b62418c44750c45daa537204c20be46eb83f6d6eb0bf9",
+        "gemmaquant.json": "1b5f530420f5ce2f8c479327588ad312514892f8c2ac325d52e0f9546dcc336e",
+        "model.safetensors": "c424de6c436010a7d862fc8b38b2f9e1c260406e5fc9e5c8587b64776a60da32",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+    "w4a16-asym-rtn": (["--scheme", "w4a16-asym", "--algorithm", "rtn"], "t-W4A16-asym-rtn", {
+        "README.md": "cf2e2b23440023f9c91ca1f93383585188f409c2ed01f5b782c929842c945ca3",
+        "config.json": "c45cdaf6a77ac0d5e571e8d3e422699a50f020d7cb697081e40fe277f004497a",
+        "gemmaquant.json": "1b5f530420f5ce2f8c479327588ad312514892f8c2ac325d52e0f9546dcc336e",
+        "model.safetensors": "575c99a2b46c1e395ef932a990d4efc6fa0c989e3f915acfc69037d0d8f21015",
+        "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
+    }),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bytes") / "tiny"
+    write_tiny(d, seed=17)
+    return d
+
+
+@pytest.mark.parametrize("case", list(TINY))
+def test_tiny_outputs_keep_their_bytes(tiny_src, tmp_path, capsys, case):
+    args, name, want = TINY[case]
+    assert _quantize(tiny_src, tmp_path / name, tmp_path, capsys, args) == want
