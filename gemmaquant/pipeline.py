@@ -205,7 +205,7 @@ def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
 
 
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
-                 progress=None) -> QuantizeSummary:
+                 progress=None, computed_imatrix=None) -> QuantizeSummary:
     from .export.diskspace import check_free_space
     from .export.guard import check_output
     from .limits import check_for_model
@@ -244,7 +244,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept)
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix)
     else:
         summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
     summary.seconds = time.perf_counter() - t0
@@ -267,7 +267,51 @@ def _mmproj(ckpt, opts, summary, mmproj, kept) -> None:
         summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
 
 
-def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False) -> QuantizeSummary:
+def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> list[Path]:
+    """Where `--scheme a,b,c --out DIR/` writes: each file named as the single-preset command names it."""
+    if not schemes:
+        raise GemmaQuantError("--scheme: a comma-separated list needs at least one GGUF preset")
+    bad = [s.name for s in schemes if not s.is_gguf]
+    if bad:
+        raise GemmaQuantError(f"--scheme: several schemes at once are GGUF presets only, not {', '.join(bad)}")
+    names = [s.name for s in schemes]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise GemmaQuantError(f"--scheme: preset {dup} is listed twice")
+    if out_dir.suffix == ".gguf" or out_dir.is_file():
+        raise GemmaQuantError(f"--out {out_dir}: several presets need a directory to write their files into")
+    return [out_dir / default_output(ckpt, s).name for s in schemes]
+
+
+def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opts: QuantizeOptions,
+                     progress_for=None) -> list[QuantizeSummary]:
+    """Several GGUF presets in one command: every output passes the output guard and every preset its
+    imatrix refusal before any work, the importance matrix is computed once, and each file is the
+    single-preset command's file. (The checkpoint is read once per preset, mostly from the page cache.)
+    `progress_for(scheme)` gives each file's progress callback."""
+    from .export.guard import check_output
+    from .export.gguf.plan import plan_types
+
+    outs = gguf_set_outputs(ckpt, schemes, out_dir)
+    check_source(ckpt)
+    has_imatrix = bool(opts.imatrix or opts.imatrix_file)
+    for s, out in zip(schemes, outs):
+        check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
+        plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
+    computed = None
+    if opts.imatrix and not opts.imatrix_file:
+        from .calib.imatrix import compute_imatrix
+        from .limits import check_for_model
+
+        check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                   seq_len=opts.calib_len, device=opts.device)
+    return [run_quantize(ckpt, s, out, opts, progress=progress_for(s) if progress_for else None,
+                         computed_imatrix=computed) for s, out in zip(schemes, outs)]
+
+
+def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False,
+          computed_imatrix=None) -> QuantizeSummary:
     import logging
 
     from .export.gguf.header import start_header
@@ -292,7 +336,7 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
         # the header (mostly the vocabulary) builds in its own process while torch is imported here
         header = start_header(ckpt, scheme)
     try:
-        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text)
+        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
     finally:
         if header is not None:
             header.close()
@@ -320,7 +364,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
     summary.notes.append(f"model card: {readme}")
 
 
-def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> QuantizeSummary:
+def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None) -> QuantizeSummary:
     from .formats.gguf.imatrix import read_imatrix
     from .export.gguf.writer import write_gguf
 
@@ -331,10 +375,11 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
     elif opts.imatrix:
-        from .calib.imatrix import compute_imatrix
+        if computed is None:  # a multi-preset run computes it once and passes it in
+            from .calib.imatrix import compute_imatrix
 
-        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                   seq_len=opts.calib_len, device=opts.device)
+            computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                       seq_len=opts.calib_len, device=opts.device)
         im = computed.to_imatrix()
         imatrix, imatrix_meta = im.importance, im.meta()
         named = f"; text {text.describe()}" if text is not None else ""

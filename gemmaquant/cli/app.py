@@ -114,7 +114,8 @@ def eval_cmd(
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`); "
+                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
                                             parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
@@ -166,8 +167,12 @@ def quantize_cmd(
         scheme = r.scheme.name
     if not scheme:
         raise GemmaQuantError("give --scheme or --recipe (schemes: see `gemmaquant schemes`)")
-    s = get_scheme(scheme)
-    check_family(s, out_path)
+    several = [get_scheme(n.strip()) for n in scheme.split(",") if n.strip()] if "," in scheme else None
+    if several is not None and recipe:
+        raise GemmaQuantError("--recipe names one scheme; give several GGUF presets with --scheme a,b,c alone")
+    s = several[0] if several else get_scheme(scheme)
+    if several is None:
+        check_family(s, out_path)
     explicit = dict(algorithm=algorithm, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                     alpha=alpha, imatrix=imatrix)
     settings.update({k: v for k, v in explicit.items() if v is not None})
@@ -183,7 +188,11 @@ def quantize_cmd(
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
-    check_supported(ckpt, s, opts)
+    for each in several or [s]:
+        check_supported(ckpt, each, opts)
+    if several is not None:
+        _quantize_set(ckpt, several, out_path or Path("."), opts, dry_run, show_all, json_out, quiet)
+        return
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
         from .plan_view import render_plan
@@ -205,6 +214,37 @@ def quantize_cmd(
         from .plan_view import render_summary
 
         render_summary(summary, out)
+
+
+def _quantize_set(ckpt, schemes, out_dir, opts, dry_run, show_all, json_out, quiet) -> None:
+    """`quantize --scheme a,b,c --out DIR/`: one GGUF per preset, named as the single-preset command names it."""
+    from ..pipeline import gguf_set_outputs, run_quantize_set
+
+    outs = gguf_set_outputs(ckpt, schemes, out_dir)
+    if dry_run:
+        from .plan_view import render_plan
+
+        for s, o in zip(schemes, outs):
+            render_plan(ckpt, s, o, opts, out, json_out, show_all=show_all)
+        return
+    from .progress import byte_progress
+
+    with byte_progress(not (quiet or json_out), console=err) as bar:
+        def progress_for(s):
+            task = bar.add_task(f"writing {s.label}", total=None, tensor="")
+
+            def progress(done, total, tensor):
+                bar.update(task, total=total, completed=done, tensor=tensor)
+            return progress
+
+        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, progress_for)
+    if json_out:
+        sys.stdout.write(json.dumps([x.to_dict() for x in summaries], indent=2) + "\n")
+    elif not quiet:
+        from .plan_view import render_summary
+
+        for summary in summaries:
+            render_summary(summary, out)
 
 
 @app.command("imatrix")
@@ -303,8 +343,10 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     t = Table(title="gemmaquant schemes")
     for col in ("scheme", "format", "engine", "what"):
         t.add_column(col)
+    t.add_column("bpw (demo)", justify="right")
     for r in rows:
-        t.add_row(r["scheme"], r["format"], r["engine"], r["what"])
+        t.add_row(r["scheme"], r["format"], r["engine"], r["what"],
+                  f"{r['demo_bpw']:.2f}" if r["demo_bpw"] is not None else "")
     out.print(t)
 
 

@@ -40,6 +40,7 @@ from .header import ALIGNMENT, HeaderJob
 from ...formats.config import FULL
 from ...formats.gguf.names import ROPE_FREQS
 from .plan import TensorPlan, fallback_count, plan_types, preset
+from .preset_rules import requires_imatrix
 from .workers import CHEAP, Slab, quantize_rows, run_ordered
 
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
@@ -300,6 +301,10 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     if imatrix is not None and imatrix_meta is None:
         imatrix_meta = {"entries_count": len(imatrix)}
     missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
+    low = next((p for p in plans if p.name in missing and requires_imatrix(s.name, p.name, p.type)), None)
+    if low is not None:  # llama-quantize stops on it half-way through the file; we refuse before writing
+        raise GemmaQuantError(f"{(imatrix_meta or {}).get('file') or 'imatrix'}: missing importance matrix for tensor "
+                              f"'{low.name}' in a very low-bit quantization ({s.name} makes it {low.type.name})")
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
     if header is None:
