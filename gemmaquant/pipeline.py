@@ -33,6 +33,8 @@ class QuantizeOptions:
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
     target_bpw: float | None = None  # GGUF: per-tensor types for a size budget (export/gguf/optimized.py)
     target_size: str | None = None
+    keep_dtype: bool = False  # compressed-tensors: copy an f32/f16 source's tensors as they are, not in bf16
+    mmproj: str | None = None  # GGUF of a multimodal model: the mmproj type (None: f16; "none": no mmproj)
 
     @property
     def tuned(self) -> bool:
@@ -125,6 +127,9 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
         n, k = shape
         t, b = fmt.plan_row(n, k, w, scheme.input_activations)
         rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
+    for name in ckpt.vision_names():  # multimodal: copied unquantized
+        rows.append({"tensor": name, "shape": list(ckpt.shape(name)), "type": str(ckpt.dtype(name)).replace("torch.", ""),
+                     "bytes": ckpt.raw_bytes(name).nbytes, "note": "vision tower / projector: kept, in `ignore`"})
     return rows
 
 
@@ -182,13 +187,52 @@ def check_source(ckpt: Checkpoint) -> None:
                               "checkpoint is already quantized; quantize its bf16/f16/f32 original instead")
 
 
+def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: Path) -> tuple[str, Path] | None:
+    """(type, path) of the mmproj written beside a GGUF output of a multimodal checkpoint, named as
+    llama.cpp's converter names it (mmproj-<name>-<TYPE>.gguf in the output's folder); None when none is."""
+    from .export.gguf.mmproj import DEFAULT_OUTTYPE, OUTTYPES, default_mmproj_path
+
+    asked = opts.mmproj
+    if ckpt.config.generation == 4 and ckpt.config.multimodal and scheme.is_gguf:
+        # Gemma 4's towers (vision, audio) are another clip layout than Gemma 3's SigLIP
+        if asked not in (None, "none"):
+            raise GemmaQuantError(f"--mmproj {asked}: Gemma 4's vision/audio mmproj is not supported yet (supported: "
+                                  "Gemma 3's); write it with llama.cpp's convert_hf_to_gguf.py --mmproj")
+        return None
+    if asked is not None and asked != "none" and asked not in OUTTYPES:
+        raise GemmaQuantError(f"--mmproj {asked!r} is not supported (allowed: {', '.join(OUTTYPES)}, none)")
+    if asked not in (None, "none") and not (scheme.is_gguf and ckpt.config.multimodal):
+        why = "a GGUF scheme" if not scheme.is_gguf else "a multimodal checkpoint (Gemma3ForConditionalGeneration)"
+        raise GemmaQuantError(f"--mmproj {asked}: the vision tower's GGUF needs {why}")
+    if asked == "none" or not (scheme.is_gguf and ckpt.config.multimodal):
+        return None
+    t = asked or DEFAULT_OUTTYPE
+    return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
+
+
+def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
+    """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
+    are handled; elsewhere one line says so before any work starts."""
+    if ckpt.config.generation != 4:
+        return
+    c = ckpt.config
+    if not scheme.is_gguf and (c.is_moe or c.multimodal):
+        what = "a mixture of experts" if c.is_moe else "Gemma4ForConditionalGeneration checkpoints"
+        raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
+                              "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
+                              "dense Gemma4ForCausalLM)")
+    if opts is not None and (opts.imatrix or opts.imatrix_file):
+        raise GemmaQuantError(f"{ckpt.path}: an importance matrix (--imatrix/--imatrix-file) is not supported for "
+                              "Gemma 4 yet (its experts need per-expert importance); quantize without one")
+
+
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
     """Every path a quantize run reads: the output guard keeps the output off all of them."""
     return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
 
 
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
-                 progress=None) -> QuantizeSummary:
+                 progress=None, computed_imatrix=None) -> QuantizeSummary:
     from .export.diskspace import check_free_space
     from .export.guard import check_output
     from .export.gguf.optimized import check_request, make_budget
@@ -198,19 +242,38 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_family(scheme, out)
     check_request(scheme, opts.algorithm, make_budget(opts.target_bpw, opts.target_size), bool(opts.imatrix_file))
     check_source(ckpt)
+    check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
+    mmproj = mmproj_target(ckpt, scheme, opts, out)
+    mmproj_kept = False
+    if mmproj is not None:
+        from .export.gguf.mmproj import same_mmproj
+
+        # a second preset written into the same folder shares the mmproj an earlier one wrote
+        mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
+        if not mmproj_kept:
+            check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
     calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
+    if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
+        from .export.compressed_tensors import check_plan
+
+        check_plan(ckpt, scheme)
     if calibrating:  # the calibration settings only bind when calibration runs
         from .calib.data import calib_text
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts))
+    extra = 0
+    if mmproj is not None and not mmproj_kept:
+        from .export.gguf.mmproj import plan_mmproj
+
+        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress, text)
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix)
     else:
         summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
     summary.seconds = time.perf_counter() - t0
@@ -218,8 +281,74 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     return summary
 
 
-def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
+def _mmproj(ckpt, opts, summary, mmproj, kept) -> None:
+    """Write (or keep) the mmproj beside the GGUF and say so in the summary (and so in the card)."""
+    if kept:
+        summary.notes.append(f"vision tower + projector: {mmproj[1].name} (beside it) already holds this model's "
+                             f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
+    elif mmproj is not None:
+        from .export.gguf.mmproj import write_mmproj
+
+        rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
+        summary.notes.append(f"vision tower + projector: {rep.path.name} beside it ({mmproj[0].upper()}, {len(rep.tensors)} "
+                             f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
+    elif ckpt.config.multimodal:
+        summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
+
+
+def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> list[Path]:
+    """Where `--scheme a,b,c --out DIR/` writes: each file named as the single-preset command names it."""
+    if not schemes:
+        raise GemmaQuantError("--scheme: a comma-separated list needs at least one GGUF preset")
+    bad = [s.name for s in schemes if not s.is_gguf]
+    if bad:
+        raise GemmaQuantError(f"--scheme: several schemes at once are GGUF presets only, not {', '.join(bad)}")
+    names = [s.name for s in schemes]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise GemmaQuantError(f"--scheme: preset {dup} is listed twice")
+    if out_dir.suffix == ".gguf" or out_dir.is_file():
+        raise GemmaQuantError(f"--out {out_dir}: several presets need a directory to write their files into")
+    return [out_dir / default_output(ckpt, s).name for s in schemes]
+
+
+def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opts: QuantizeOptions,
+                     progress_for=None) -> list[QuantizeSummary]:
+    """Several GGUF presets in one command: every output passes the output guard and every preset its
+    imatrix refusal before any work, the importance matrix is computed once, and each file is the
+    single-preset command's file. (The checkpoint is read once per preset, mostly from the page cache.)
+    `progress_for(scheme)` gives each file's progress callback."""
+    from .export.guard import check_output
+    from .export.gguf.plan import plan_types
+
+    outs = gguf_set_outputs(ckpt, schemes, out_dir)
+    check_source(ckpt)
+    has_imatrix = bool(opts.imatrix or opts.imatrix_file)
+    for s, out in zip(schemes, outs):
+        check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
+        plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
+    computed = None
+    if opts.imatrix and not opts.imatrix_file:
+        from .calib.imatrix import compute_imatrix
+        from .limits import check_for_model
+
+        check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                   seq_len=opts.calib_len, device=opts.device)
+    return [run_quantize(ckpt, s, out, opts, progress=progress_for(s) if progress_for else None,
+                         computed_imatrix=computed) for s, out in zip(schemes, outs)]
+
+
+def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False,
+          computed_imatrix=None) -> QuantizeSummary:
+    import logging
+
     from .export.gguf.header import start_header
+    from .formats.gguf.fidelity import gguf_notes
+
+    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
+    for note in lossy:  # before the work: a user may rather stop here
+        logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -234,17 +363,17 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None) -> QuantizeSummary:
     header = None
     if opts.tuned:
         summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text)
-        if card is not None:
-            _gguf_card(ckpt, scheme, out, opts, summary, card[0])
-        return summary
-    if not (opts.imatrix or opts.imatrix_file):
-        # the header (mostly the vocabulary) builds in its own process while torch is imported here
-        header = start_header(ckpt, scheme)
-    try:
-        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text)
-    finally:
-        if header is not None:
-            header.close()
+    else:
+        if not (opts.imatrix or opts.imatrix_file):
+            # the header (mostly the vocabulary) builds in its own process while torch is imported here
+            header = start_header(ckpt, scheme)
+        try:
+            summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
+        finally:
+            if header is not None:
+                header.close()
+    summary.notes[:0] = lossy
+    _mmproj(ckpt, opts, summary, mmproj, mmproj_kept)
     if card is not None:
         _gguf_card(ckpt, scheme, out, opts, summary, card[0])
     return summary
@@ -267,7 +396,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
     summary.notes.append(f"model card: {readme}")
 
 
-def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> QuantizeSummary:
+def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None) -> QuantizeSummary:
     from .formats.gguf.imatrix import read_imatrix
     from .export.gguf.writer import write_gguf
 
@@ -278,10 +407,11 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None) -> Quantiz
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
     elif opts.imatrix:
-        from .calib.imatrix import compute_imatrix
+        if computed is None:  # a multi-preset run computes it once and passes it in
+            from .calib.imatrix import compute_imatrix
 
-        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                   seq_len=opts.calib_len, device=opts.device)
+            computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
+                                       seq_len=opts.calib_len, device=opts.device)
         im = computed.to_imatrix()
         imatrix, imatrix_meta = im.importance, im.meta()
         named = f"; text {text.describe()}" if text is not None else ""
@@ -351,11 +481,14 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> Qu
                                    base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
-                                   inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+                                   inputs=inputs_of(ckpt, opts)[1:], keep_dtype=opts.keep_dtype, progress=progress)
+    notes += rep.notes
     size = _size(out)
     params = ckpt.config.param_count()
+    vision = set(ckpt.vision_names())
     unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
-           if "embed_tokens" in n else (n, "norm: copied byte for byte") for n in rep.copied]
+           if "embed_tokens" in n else (n, "vision tower / projector: unquantized, in `ignore`") if n in vision
+           else (n, "norm: copied byte for byte") for n in rep.copied]
     unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
     errs = list(rep.weight_error.values())
     if overrides:

@@ -171,6 +171,8 @@ _add(CTScheme("w4a16-asym", "INT4 weight-only, group 128, asymmetric with zero p
             algorithms=("gptq", "awq", "rtn")))
 
 # GGUF presets: llama.cpp's LlamaFileType values and default tensor types (docs/gguf-gemma.md §4.2).
+# llama-quantize also accepts these names (its "alias for" entries); users type either.
+GGUF_ALIASES = {"q3-k": "q3_k_m", "q4-k": "q4_k_m", "q5-k": "q5_k_m"}
 for _name, _ftype, _default, _summary in [
     ("bf16", 32, "BF16", "unquantized bfloat16 (recommended unquantized format for Gemma)"),
     ("f16", 1, "F16", "unquantized float16 (Gemma activations may overflow fp16 engines)"),
@@ -181,9 +183,62 @@ for _name, _ftype, _default, _summary in [
     ("q4_k_m", 15, "Q4_K", "4-bit K-quant, attn_v/ffn_down bumped to Q6_K on some layers"),
     ("q4_k_s", 14, "Q4_K", "4-bit K-quant, small"),
     ("q4_0", 2, "Q4_0", "legacy 4-bit, 32-weight blocks"),
+    # the rest of llama-quantize's list (tools/quantize/quantize.cpp); per-tensor rules: export/gguf/preset_rules.py
+    ("q5_1", 9, "Q5_1", "legacy 5-bit with a per-block minimum, 32-weight blocks"),
+    ("q5_0", 8, "Q5_0", "legacy 5-bit, 32-weight blocks"),
+    ("q4_1", 3, "Q4_1", "legacy 4-bit with a per-block minimum, 32-weight blocks"),
+    ("iq4_nl", 25, "IQ4_NL", "4.5 bpw non-linear levels, 32-weight blocks; attn_v Q5_K when n_head/n_kv >= 4"),
+    ("iq4_xs", 30, "IQ4_XS", "4.25 bpw non-linear levels, 256-weight blocks"),
+    ("q3_k_l", 13, "Q3_K", "3-bit K-quant, large: attn_v/attn_output/ffn_down Q5_K"),
+    ("q3_k_m", 12, "Q3_K", "3-bit K-quant, medium: attn_v Q5_K/Q4_K, attn_output/ffn_down Q4_K"),
+    ("q3_k_s", 11, "Q3_K", "3-bit K-quant, small"),
+    ("iq3_m", 27, "IQ3_S", "3.66 bpw grid mix: attn_v/attn_output Q4_K, first ffn_down Q4_K"),
+    ("iq3_s", 26, "IQ3_S", "3.44 bpw grid quantization"),
+    ("iq3_xs", 22, "IQ3_S", "3.3 bpw grid mix: attn_q/k and middle ffn_gate/up IQ3_XXS"),
+    ("iq3_xxs", 23, "IQ3_XXS", "3.06 bpw grid quantization; attn_q/k IQ2_S"),
+    ("q2_k", 10, "Q2_K", "2-bit K-quant: attn_v Q3_K/Q4_K, attn_output/ffn_down Q3_K"),
+    ("q2_k_s", 21, "Q2_K", "2-bit K-quant, small"),
+    ("iq2_m", 29, "IQ2_S", "2.7 bpw grid mix: attn_v/attn_output IQ3_S"),
+    ("iq2_s", 28, "IQ2_XS", "2.5 bpw grid mix: attn_v/attn_output IQ3_S"),
+    ("iq2_xs", 20, "IQ2_XS", "2.31 bpw grid quantization"),
+    ("iq2_xxs", 19, "IQ2_XXS", "2.06 bpw grid quantization"),
+    ("iq1_m", 31, "IQ1_M", "1.75 bpw ternary grid; attn_output IQ2_XXS"),
+    ("iq1_s", 24, "IQ1_S", "1.56 bpw ternary grid; attn_output IQ2_XXS"),
+    ("tq2_0", 37, "TQ2_0", "2.06 bpw ternarization, for ternary-trained (BitNet-style) weights only"),
+    ("tq1_0", 36, "TQ1_0", "1.69 bpw ternarization, for ternary-trained (BitNet-style) weights only"),
 ]:
     _add(GGUFScheme(_name, _summary, "llama.cpp / llamafile / ollama", _name.upper(),
                     algorithms=() if _default in UNQUANTIZED else ("rtn", "gptq"), ftype=_ftype, default_type=_default))
+
+# llama-quantize presets gemmaquant does not write, with the reason (README "GGUF presets left out").
+UNSUPPORTED_GGUF: dict[str, str] = {
+    "q1_0": "Q1_0 is a 1-bit format for checkpoints trained for it (QAT), which Gemma's are not; "
+            "the gguf package has no reference (de)quantizer for it",
+    "q2_0": "Q2_0 is a 2-bit format for checkpoints trained for it (QAT); the gguf package cannot even name the type",
+    "mxfp4_moe": "MXFP4 applies to mixture-of-experts tensors only: on a dense Gemma llama-quantize makes every "
+                 "tensor Q8_0, so use q8_0",
+    "f32": "32-bit floats double bf16's size and add nothing to bf16 Gemma weights: use bf16",
+    "copy": "COPY re-packs an existing GGUF without quantizing; gemmaquant writes from the HF checkpoint: use bf16",
+}
+
+# Presets refused without an importance matrix (llama-quantize's "this quantization requires an imatrix"):
+# their bulk types are too coarse to search without one. iq3_xxs/iq3_xs need one unless every IQ3_XXS/IQ2_S
+# tensor fell back (row lengths not a multiple of 256, as on Gemma 3 270M and 1B): the plan decides.
+GGUF_NEEDS_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m", "q2_k_s"})
+
+
+# Bits per weight of each GGUF preset's whole file on the demo model (Gemma 3 270M: 8 x file bytes /
+# weights; its 262144 x 640 embedding, Q8_0 in every quantized preset, and the vocabulary in the header
+# weigh on every figure), with an imatrix only for the presets that need one. Produced by
+# benchmarks/bench_gguf_presets.py (RESULTS.md, "Every GGUF preset on the demo"); tests check it.
+DEMO_BPW: dict[str, float] = {
+    "bf16": 16.198, "f16": 16.198, "q8_0": 8.700, "q6_k": 8.444, "q5_k_m": 7.759, "q5_k_s": 7.699,
+    "q4_k_m": 7.553, "q4_k_s": 7.457, "q4_0": 7.204, "q5_1": 7.765, "q5_0": 7.578, "q4_1": 7.391,
+    "iq4_nl": 7.230, "iq4_xs": 7.199, "q3_k_l": 7.352, "q3_k_m": 7.220, "q3_k_s": 7.063, "iq3_m": 7.131,
+    "iq3_s": 7.074, "iq3_xs": 7.074, "iq3_xxs": 7.085, "q2_k": 7.074, "q2_k_s": 6.985, "iq2_m": 7.006,
+    "iq2_s": 6.986, "iq2_xs": 6.929, "iq2_xxs": 6.898, "iq1_m": 6.874, "iq1_s": 6.859, "tq2_0": 6.882,
+    "tq1_0": 6.832,
+}
 
 
 def get_scheme(name: str) -> Scheme:
@@ -191,6 +246,11 @@ def get_scheme(name: str) -> Scheme:
     for s in SCHEMES.values():
         if key in (s.name, s.name.replace("_", "-")):
             return s
+    if key in GGUF_ALIASES:
+        return SCHEMES[GGUF_ALIASES[key]]
+    why = UNSUPPORTED_GGUF.get(key.replace("-", "_"))
+    if why is not None:
+        raise GemmaQuantError(f"GGUF preset {name!r} is not supported: use llama-quantize ({why})")
     raise GemmaQuantError(f"unknown scheme {name!r} (allowed: {', '.join(SCHEMES)})")
 
 
@@ -200,19 +260,25 @@ def _gguf_algorithms(s: Scheme) -> str:
     gptq = "; `--algorithm gptq`: error-feedback codes from calibration"
     if s.default_type == "Q8_0":
         return "llama.cpp's rounding (ignores an imatrix)" + gptq
+    if s.name in GGUF_NEEDS_IMATRIX:
+        return "llama.cpp's search; needs --imatrix or --imatrix-file" + gptq
+    if s.name in ("iq3_xxs", "iq3_xs"):
+        return "llama.cpp's search; needs an imatrix unless its IQ3_XXS/IQ2_S rows fall back (Gemma 3 270M, 1B)" + gptq
     return "llama.cpp's scale search; optional --imatrix" + gptq
 
 
 def scheme_table() -> list[dict]:
     """Rows for `gemmaquant schemes` and the README."""
     return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
-             "algorithms": _gguf_algorithms(s) if s.is_gguf else ", ".join(s.allowed_algorithms)}
+             "algorithms": _gguf_algorithms(s) if s.is_gguf else ", ".join(s.allowed_algorithms),
+             "demo_bpw": DEMO_BPW.get(s.name)}
             for s in SCHEMES.values()]
 
 
 def scheme_markdown() -> str:
     """The README's scheme table (tests check the README carries exactly this)."""
-    lines = ["| scheme | format | loads in | what | algorithms |", "|---|---|---|---|---|"]
+    lines = ["| scheme | format | loads in | what | algorithms | bits/weight, demo |", "|---|---|---|---|---|---:|"]
     for r in scheme_table():
-        lines.append(f"| `{r['scheme']}` | {r['format']} | {r['engine']} | {r['what']} | {r['algorithms']} |")
+        bpw = f"{r['demo_bpw']:.2f}" if r["demo_bpw"] is not None else ""
+        lines.append(f"| `{r['scheme']}` | {r['format']} | {r['engine']} | {r['what']} | {r['algorithms']} | {bpw} |")
     return "\n".join(lines) + "\n"

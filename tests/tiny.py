@@ -22,6 +22,11 @@ TINY = {
         vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
         sliding_window_pattern=2, query_pre_attn_scalar=32, rope_theta=1e6, rope_local_base_freq=1e4)),
+    # a fine-tune saved with its own LM head (tie_word_embeddings false): lm_head.weight is stored
+    "gemma3-untied": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+        query_pre_attn_scalar=32, tie_word_embeddings=False)),
     "gemma3-scaled": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=2, head_dim=32, sliding_window=6,

@@ -82,6 +82,9 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     `sink(name, WeightQuant)`, if given, receives each Linear's result as its layer finishes instead of
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
     """
+    if ckpt.config.generation == 4:  # its experts, K/V sharing and per-layer inputs are not calibrated yet
+        raise GemmaQuantError(f"{ckpt.path}: calibration (importance matrix, GPTQ/AWQ/SmoothQuant, static scales) is "
+                              "not supported for Gemma 4 yet; round-to-nearest schemes are (the GGUF presets, fp8, --algorithm rtn)")
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     algorithm = check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []

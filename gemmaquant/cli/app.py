@@ -114,7 +114,8 @@ def eval_cmd(
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`); "
+                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
                                             parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
@@ -137,6 +138,11 @@ def quantize_cmd(
                                                "sensitivity so that the tensor data takes at most this many bits per weight."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same for a whole-file size "
                                               "(1.2GB, 900MiB, bytes); the file is at most this big."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3: type of the vision "
+                                         "tower's mmproj file written beside it as mmproj-<name>-<TYPE>.gguf (f16 "
+                                         "default, bf16, q8_0, f32), or none."),
+    keep_dtype: bool = typer.Option(False, "--keep-dtype", help="compressed-tensors: copy a float32/float16 source's "
+                                    "embedding and norms as they are (default: bfloat16, the dtype vLLM runs Gemma in)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),
     show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
@@ -149,7 +155,7 @@ def quantize_cmd(
     from ..formats.hub import valid_repo_id
     from ..formats.inputs import check_input_file
     from ..limits import check_numbers
-    from ..pipeline import QuantizeOptions, check_family, check_source, default_output, run_quantize
+    from ..pipeline import QuantizeOptions, check_family, check_source, check_supported, default_output, run_quantize
     from ..recipes import load_recipe
     from ..schemes import get_scheme
 
@@ -165,8 +171,12 @@ def quantize_cmd(
         scheme = r.scheme.name
     if not scheme:
         raise GemmaQuantError("give --scheme or --recipe (schemes: see `gemmaquant schemes`)")
-    s = get_scheme(scheme)
-    check_family(s, out_path)
+    several = [get_scheme(n.strip()) for n in scheme.split(",") if n.strip()] if "," in scheme else None
+    if several is not None and recipe:
+        raise GemmaQuantError("--recipe names one scheme; give several GGUF presets with --scheme a,b,c alone")
+    s = several[0] if several else get_scheme(scheme)
+    if several is None:
+        check_family(s, out_path)
     explicit = dict(algorithm=algorithm, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                     alpha=alpha, imatrix=imatrix)
     settings.update({k: v for k, v in explicit.items() if v is not None})
@@ -179,9 +189,15 @@ def quantize_cmd(
     _set_threads(threads)
     opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
                            base_model=base_model, target_bpw=target_bpw, target_size=target_size,
+                           keep_dtype=keep_dtype, mmproj=mmproj,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
+    for each in several or [s]:
+        check_supported(ckpt, each, opts)
+    if several is not None:
+        _quantize_set(ckpt, several, out_path or Path("."), opts, dry_run, show_all, json_out, quiet)
+        return
     out_p = out_path or default_output(ckpt, s)
     if dry_run:
         from .plan_view import render_plan
@@ -203,6 +219,37 @@ def quantize_cmd(
         from .plan_view import render_summary
 
         render_summary(summary, out)
+
+
+def _quantize_set(ckpt, schemes, out_dir, opts, dry_run, show_all, json_out, quiet) -> None:
+    """`quantize --scheme a,b,c --out DIR/`: one GGUF per preset, named as the single-preset command names it."""
+    from ..pipeline import gguf_set_outputs, run_quantize_set
+
+    outs = gguf_set_outputs(ckpt, schemes, out_dir)
+    if dry_run:
+        from .plan_view import render_plan
+
+        for s, o in zip(schemes, outs):
+            render_plan(ckpt, s, o, opts, out, json_out, show_all=show_all)
+        return
+    from .progress import byte_progress
+
+    with byte_progress(not (quiet or json_out), console=err) as bar:
+        def progress_for(s):
+            task = bar.add_task(f"writing {s.label}", total=None, tensor="")
+
+            def progress(done, total, tensor):
+                bar.update(task, total=total, completed=done, tensor=tensor)
+            return progress
+
+        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, progress_for)
+    if json_out:
+        sys.stdout.write(json.dumps([x.to_dict() for x in summaries], indent=2) + "\n")
+    elif not quiet:
+        from .plan_view import render_summary
+
+        for summary in summaries:
+            render_summary(summary, out)
 
 
 @app.command("imatrix")
@@ -301,8 +348,10 @@ def schemes_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JS
     t = Table(title="gemmaquant schemes")
     for col in ("scheme", "format", "engine", "what"):
         t.add_column(col)
+    t.add_column("bpw (demo)", justify="right")
     for r in rows:
-        t.add_row(r["scheme"], r["format"], r["engine"], r["what"])
+        t.add_row(r["scheme"], r["format"], r["engine"], r["what"],
+                  f"{r['demo_bpw']:.2f}" if r["demo_bpw"] is not None else "")
     out.print(t)
 
 

@@ -31,8 +31,15 @@ def _summary(info: dict) -> Table:
     t.add_row("architecture", arch)
     g = info.get("gemma")
     if g:
-        t.add_row("shape", f"{g['layers']} layers, hidden {g['hidden_size']}, ffn {g['intermediate_size']}, "
-                           f"heads {g['heads']}/{g['kv_heads']}×{g['head_dim']}, vocab {g['vocab_size']}")
+        shape = (f"{g['layers']} layers, hidden {g['hidden_size']}, ffn {g['intermediate_size']}, "
+                 f"heads {g['heads']}/{g['kv_heads']}×{g['head_dim']}, vocab {g['vocab_size']}")
+        if "full_head_dim" in g:  # Gemma 4
+            shape += (f"; full layers {g['full_kv_heads']}×{g['full_head_dim']}"
+                      + (" (V = K)" if g["attention_k_eq_v"] else "")
+                      + (f", {g['experts']} experts (top {g['experts_per_token']})" if g["experts"] else "")
+                      + (f", per-layer inputs {g['per_layer_input']}" if g["per_layer_input"] else "")
+                      + (f", last {g['kv_shared_layers']} layers share K/V" if g["kv_shared_layers"] else ""))
+        t.add_row("shape", shape)
     if info.get("note"):
         t.add_row("note", info["note"])
     t.add_row("parameters", f"{_count(info['parameters'])} ({info['parameters']:,})")

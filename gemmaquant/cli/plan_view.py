@@ -90,6 +90,14 @@ def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console:
     hint = "" if show_all else f" {len(rows)} tensors in {len(group_rows(rows))} rows; --all lists each tensor."
     console.print(f"estimated output: {human_bytes(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
                   f"+ metadata; source {human_bytes(ckpt.weight_nbytes())}. Nothing was written (--dry-run).{hint}")
+    if scheme.is_gguf and ckpt.config.multimodal and opts.mmproj != "none":
+        from ..export.gguf.mmproj import DEFAULT_OUTTYPE, default_mmproj_path, plan_mmproj
+
+        kind = opts.mmproj or DEFAULT_OUTTYPE
+        mm = plan_mmproj(ckpt, kind)
+        console.print(f"and beside it {default_mmproj_path(ckpt, kind, Path(out_path).absolute().parent).name}: the "
+                      f"vision tower + projector ({kind.upper()}, {len(mm)} tensors, "
+                      f"{human_bytes(sum(t.nbytes for t in mm))}; --mmproj none: without it).")
 
 
 def render_summary(summary, console: Console):

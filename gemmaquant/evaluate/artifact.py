@@ -93,12 +93,13 @@ def open_artifact(path: str, dtype: torch.dtype = torch.float32, device: str = "
     ckpt = resolve_model(path)
     model = load_model(ckpt, dtype, device)
     files = sorted(p for p in ckpt.path.iterdir() if p.suffix == ".safetensors")
-    n = sum(math.prod(s) for k, s in ckpt.config.linear_shapes().items()) * ckpt.config.num_hidden_layers
-    nbytes = sum(ckpt.raw_bytes(f"model.layers.{i}.{k}.weight").nbytes for i in range(ckpt.config.num_hidden_layers)
-                 for k in ckpt.config.linear_shapes())
+    linears = [(f"model.layers.{i}.{k}.weight", shape) for i in range(ckpt.config.num_hidden_layers)
+               for k, shape in ckpt.config.linear_shapes(i).items()]
+    n = sum(math.prod(s) for _, s in linears)
+    nbytes = sum(ckpt.raw_bytes(name).nbytes for name, _ in linears)
     fmt = str(ckpt.dtype("model.layers.0.mlp.up_proj.weight")).replace("torch.", "")
     return Artifact(model, load_tokenizer(ckpt.path, rows=ckpt.config.vocab_size), "hf", ckpt.path, ckpt.name, files,
-                    {fmt: 7 * ckpt.config.num_hidden_layers}, n, nbytes)
+                    {fmt: len(linears)}, n, nbytes)
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
@@ -123,6 +124,10 @@ def gguf_config(gf: GGUFFile) -> GemmaConfig:
     if "token_embd.weight" not in gf.tensors:
         raise GemmaQuantError(f"{gf.path}: tensor 'token_embd.weight' is missing")
     vocab = gf.tensors["token_embd.weight"].shape[0]
+    if arch == "gemma4":
+        from .gemma4_gguf import gemma4_config
+
+        return gemma4_config(gf, vocab)
     theta = float(gf.get(f"{a}.rope.freq_base", 10000.0))
     d = dict(
         model_type=mt, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers,
@@ -195,16 +200,21 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
     gf = GGUFFile(path)
     cfg = gguf_config(gf)
     expected = cfg.expected_shapes()
+    optional = cfg.optional_shapes()  # Gemma 4 K/V of KV-shared layers: loaded by llama.cpp, never read
     tensors: dict[str, str] = {}  # HF name -> GGUF name
     qtypes = {name: _computable(gf, info) for name, info in gf.tensors.items()}
     for name, info in gf.tensors.items():
+        if name == "rope_freqs.weight" and cfg.generation == 4:
+            continue  # read into the config (gemma4_gguf)
         try:
             hf = hf_name(name, cfg.generation)
         except GemmaQuantError:
             raise GemmaQuantError(f"{path}: unexpected tensor '{name}' for a {gf.get('general.architecture')} "
                                   "model") from None
+        if hf in optional and tuple(info.shape) == optional[hf]:
+            continue
         want = expected.get(hf, (cfg.vocab_size, cfg.hidden_size) if hf == "lm_head.weight" else None)
-        if tuple(info.shape) != tuple(want):
+        if want is None or tuple(info.shape) != tuple(want):
             raise GemmaQuantError(f"{path}: tensor '{name}' has shape {list(info.shape)}, the metadata "
                                   f"implies {list(want)}")
         bad = _first_bad_block(gf.raw(name), qtypes[name])
@@ -216,19 +226,19 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
         if hf not in tensors:
             raise GemmaQuantError(f"{path}: tensor for '{hf}' is missing")
 
-    def qlin(hf: str) -> QuantLinear:
+    def qlin(hf: str) -> QuantLinear:  # 3-D experts: all experts' rows, [E·rows, n]
         info, qtype = gf.tensors[tensors[hf]], qtypes[tensors[hf]]
         raw = gf.raw(tensors[hf])
         if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             return DenseLinear(raw.view({GGMLType.F32: torch.float32, GGMLType.F16: torch.float16,
                                          GGMLType.BF16: torch.bfloat16}[qtype]))
-        return GGMLLinear(raw, qtype, *info.shape)
+        return GGMLLinear(raw, qtype, math.prod(info.shape[:-1]), info.shape[-1])
 
-    def norm(hf: str) -> torch.Tensor:  # stored as HF value + 1; F32 per the converter
+    def norm(hf: str) -> torch.Tensor:  # Gemma 1-3: stored as HF value + 1; F32 per the converter
         qtype = qtypes[tensors[hf]]
         if qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             raise GemmaQuantError(f"{path}: norm tensor '{tensors[hf]}' is {qtype.name} (expected F32)")
-        return qlin(hf).weight.reshape(-1).float() - 1.0
+        return qlin(hf).weight.reshape(-1).float() - (1.0 if cfg.norm_unit_offset else 0.0)
 
     model = assemble(cfg, dtype, qlin, norm)
     if "lm_head.weight" in tensors:
@@ -238,15 +248,31 @@ def _open_gguf(path: Path, dtype: torch.dtype, device: str) -> Artifact:
 
 
 def _gguf_tokenizer(gf: GGUFFile):
-    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*)."""
+    """Tokenizer from the GGUF's SentencePiece arrays (tokenizer.ggml.*), from the BPE tokens and merges
+    of a Gemma 3 converted from tokenizer.json alone (gpt2), or from Gemma 4's BPE (gemma4)."""
     model = gf.get("tokenizer.ggml.model")
-    if model != "llama":
+    if model not in ("llama", "gpt2", "gemma4"):
         raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.model {model!r} is not supported (allowed: llama, "
-                              "the SentencePiece vocabulary Gemma uses)")
+                              "the SentencePiece vocabulary Gemma 1-3 use; gpt2, Gemma 3's from tokenizer.json; "
+                              "gemma4, Gemma 4's BPE)")
     from tokenizers import Tokenizer as HFTokenizer
 
     from ..formats.tokenizer import Tokenizer, check_vocab_rows
-    from ..formats.tokenizer_json import tokenizer_json_text
+    from ..formats.tokenizer_json import gemma4_tokenizer_json_text, gpt2_tokenizer_json_text, tokenizer_json_text
+
+    if model == "gpt2":
+        tokens, types, merges = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+        if tokens is None or types is None or merges is None or len(tokens) != len(types):
+            raise GemmaQuantError(f"{gf.path}: tokenizer.ggml.tokens/token_type/merges are missing or differ in "
+                                  "length")
+        check_vocab_rows(len(tokens), gf.tensors["token_embd.weight"].shape[0], gf.path)
+        bos = gf.get("tokenizer.ggml.bos_token_id")
+        eos = gf.get("tokenizer.ggml.eos_token_id")
+        backend = HFTokenizer.from_str(gpt2_tokenizer_json_text(list(tokens), types.tolist(), list(merges),
+                                                               gf.get("tokenizer.ggml.unknown_token_id")))
+        # llama.cpp always adds BOS for this pre-tokenizer (llama-vocab.cpp)
+        return Tokenizer(backend, bos_id=bos, eos_ids=[] if eos is None else [int(eos)], add_bos=True,
+                         source=gf.path)
 
     tokens, scores, types = (gf.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):
@@ -254,8 +280,16 @@ def _gguf_tokenizer(gf: GGUFFile):
     check_vocab_rows(len(tokens), gf.tensors["token_embd.weight"].shape[0], gf.path)
     pieces = list(zip(tokens, scores.tolist(), types.tolist()))
     bos, eos, unk = (gf.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown"))
-    backend = HFTokenizer.from_str(tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3,
-                                                       bos_id=bos if bos is not None else 2, add_bos=False))
+    if model == "gemma4":
+        merges = gf.get("tokenizer.ggml.merges")
+        if merges is None:
+            raise GemmaQuantError(f"{gf.path}: metadata key 'tokenizer.ggml.merges' is missing (a gemma4 BPE vocabulary)")
+        text = gemma4_tokenizer_json_text(list(tokens), types.tolist(), list(merges),
+                                          unk_id=unk if unk is not None else 3)
+    else:
+        text = tokenizer_json_text(pieces, unk_id=unk if unk is not None else 3, bos_id=bos if bos is not None else 2,
+                                   add_bos=False)
+    backend = HFTokenizer.from_str(text)
     backend.post_processor = None  # Tokenizer.encode adds BOS itself
     return Tokenizer(backend, bos_id=bos, eos_ids=[] if eos is None else [int(eos)],
                      add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)), source=gf.path)

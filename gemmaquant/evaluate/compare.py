@@ -3,15 +3,17 @@ them on the same chunks, as one JSON-able report (evaluate/drift.py computes; th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from ..errors import GemmaQuantError
+from ..formats.gguf.fidelity import differences
 from ..formats.texts import Text, eval_text
 from ..model.loading import resolve_dtype
-from .artifact import open_artifact
+from .artifact import model_info, open_artifact
 from . import drift  # drift.compute_base_ref looked up per call (tests replace it to prove the cache is used)
 from .drift import FP16_MAX, SHAPE_FIELDS, base_cache_key, check_compatible, compare, load_cached, save_cached
 from .perplexity import chunk_tokens, ppl_stats, tokens_needed
@@ -75,14 +77,20 @@ def compare_artifacts(base: str, artifacts: list[str], text: Text | Path | str |
               **text.to_dict(), "ctx": ctx, "chunks": int(ref.chunks.shape[0]),
               "dtype": str(dt).replace("torch.", ""), "device": device, "topk": topk,
               "kl_method": f"top-{topk} + remainder mass (lower bound of the exact KL)", "artifacts": []}
+    base_full = model_info(base)[0]
     for a in artifacts:
         art = open_artifact(a, dt, device)
         check_compatible(base_cfg, art.config, base, a)
+        # a GGUF runs as llama.cpp computes it: settings its metadata cannot carry explain part of the Δ
+        notes = differences(base_full, art.config, a) if art.kind == "gguf" else []
+        for note in notes:
+            logging.getLogger("gemmaquant").warning(note)
         d = run(art.name, len(ref.chunks), lambda p: compare(art.model, ref, p))
         # each artifact's tokenizer re-reads the text, piece by piece, only as far as the chunks go
         same_tok = _encode(art.tokenizer, text, ref.chunks.numel())[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()
         tok_match = all(x == y for i, (x, y) in enumerate(zip(same_tok, flat)) if i % ctx)
-        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match})
+        report["artifacts"].append({**_summary(art), **d.to_dict(with_values=True), "tokenizer_match": tok_match,
+                                    "notes": notes})
         del art
     return report

@@ -90,8 +90,7 @@ def run_with_stats(model, ids: torch.Tensor, first: int, keep_hidden: bool = Fal
                    ) -> tuple[torch.Tensor, list[tuple[float, str]], list[torch.Tensor] | None]:
     """ids [1, S] → (logits [S - first, V], per-layer (max |act|, site), hidden states h_0..h_L
     [S, hidden] float32 if keep_hidden)."""
-    h = model.embed(ids)
-    ctx = model.layer_context(ids.shape[1], h.device, h.dtype)
+    h, ctx = model.prepare(ids)
     hidden = [h[0].float().cpu()] if keep_hidden else None
     stats = []
     for layer in model.layers:
@@ -269,8 +268,8 @@ def layer_errors(model, ref: BaseRef) -> list[float]:
     n_layers = len(model.layers)
     num = torch.zeros(n_layers, dtype=torch.float64)
     den = torch.zeros(n_layers, dtype=torch.float64)
-    for hs in ref.hidden:  # [L+1, ctx, hidden]
-        ctx = model.layer_context(hs.shape[1], device, model.dtype)
+    for c, hs in enumerate(ref.hidden):  # [L+1, ctx, hidden] of chunk c
+        _, ctx = model.prepare(ref.chunks[c:c + 1].to(device))  # Gemma 4: per-layer inputs of these ids
         for i, layer in enumerate(model.layers):
             out = layer(hs[i:i + 1].to(device, model.dtype), ctx)[0].float().cpu()
             num[i] += (out - hs[i + 1]).double().pow(2).sum()

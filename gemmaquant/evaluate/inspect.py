@@ -137,6 +137,12 @@ def _dir_summary(raw: dict | None) -> dict:
                     "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
                     "sliding_window": c.sliding_window, "multimodal": c.multimodal,
                     "text_parameters": c.param_count()}
+    if c.generation == 4:  # the full layers' own geometry and Gemma 4's blocks
+        full = c.layer_types.index("full_attention")
+        out["gemma"].update(full_kv_heads=c.kv_heads_of(full), full_head_dim=c.head_dim_of(full),
+                            attention_k_eq_v=c.attention_k_eq_v, kv_shared_layers=c.num_kv_shared_layers,
+                            per_layer_input=c.hidden_size_per_layer_input, experts=c.num_experts,
+                            experts_per_token=c.top_k_experts)
     return out
 
 

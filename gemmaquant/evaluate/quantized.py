@@ -13,6 +13,7 @@ from torch import nn
 from ..formats.config import GemmaConfig
 from ..model.gemma import Gemma, embed_scale, make_layer_context
 from ..model.qlinear import QuantEmbedding, QuantLinear
+from .gemma4_gguf import QuantExperts
 
 
 class QuantGemma(Gemma):
@@ -78,15 +79,41 @@ def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
     model.eval().requires_grad_(False)
     model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
     for i, layer in enumerate(model.layers):
-        for suffix in cfg.linear_shapes():
-            parent, attr = suffix.split(".")
-            setattr(getattr(layer, parent), attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+        for suffix in cfg.linear_shapes(i):
+            *path, attr = suffix.split(".")
+            parent = layer
+            for part in path:
+                parent = getattr(parent, part)
+            setattr(parent, attr, qlin(f"model.layers.{i}.{suffix}.weight"))
+    if cfg.generation == 4:
+        _assemble_gemma4(model, cfg, qlin, norm)
     for name, module in model.named_modules():
         if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"unfilled tensors: {left[:3]}"
     return model
+
+
+def _assemble_gemma4(model: QuantGemma, cfg: GemmaConfig, qlin, norm) -> None:
+    """Gemma 4's extra tensors: the PLE table (looked up like the embedding) and projection, each
+    layer's router (F32 Linear; its scales and the layer scalar as float32 vectors) and experts."""
+    m = model.model
+    if cfg.hidden_size_per_layer_input:
+        m.embed_tokens_per_layer = QuantEmbedding(qlin("model.embed_tokens_per_layer.weight"))
+        m.per_layer_model_projection = qlin("model.per_layer_model_projection.weight")
+
+    def vector(hf: str) -> nn.Parameter:  # 1-D tensors that are not norms (Gemma 4 norms have no offset)
+        return nn.Parameter(norm(hf).float(), requires_grad=False)
+
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        layer.layer_scalar = vector(p + "layer_scalar")
+        if cfg.is_moe:
+            layer.router.proj = qlin(p + "router.proj.weight")
+            layer.router.scale = vector(p + "router.scale")
+            layer.router.per_expert_scale = vector(p + "router.per_expert_scale")
+            layer.experts = QuantExperts(cfg, qlin(p + "experts.gate_up_proj"), qlin(p + "experts.down_proj"))
 
 
 def linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:

@@ -9,6 +9,9 @@ the memory-mapped source and written at its offset, one Linear at a time. Nothin
                          pack-quantized   P.weight_packed i32 [N, K*b/32], P.weight_scale [N,G],
                                           P.weight_shape i64 [2], P.weight_zero_point i32 [N*b/32, G] (asym)
     embeddings, norms -> copied byte for byte;  lm_head.weight (tied) -> not written
+    multimodal Gemma 3: the text tensors under `language_model.`, the vision tower and projector copied
+    unquantized and ignored, all in layout A's names whatever the source's (multimodal.py)
+    (an f32 source, or an f16 Gemma 2/3 source: copied in bf16 and config dtype bfloat16, `copy_dtype`)
 
 Within a shard, tensors are ordered by element size (8, 4, 2, 1 bytes) so every tensor starts at an
 offset aligned to its element size, as safetensors' own writer arranges them. After writing, every
@@ -36,6 +39,7 @@ from ..numerics.ct.quantize import FloatQuantized, Packed
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
+from ..formats.multimodal import CT_IGNORE, TEXT_A, layout
 from .atomic import atomic_output
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
@@ -62,7 +66,8 @@ class _Unit:
 
     source: str  # tensor name in the source checkpoint
     outs: tuple[_Out, ...]
-    module: str | None = None  # the Linear's module name when quantized
+    module: str | None = None  # the Linear's module name when quantized (text-model name)
+    prefix: str = ""  # what output names add to the text-model name (multimodal: "language_model.")
 
 
 @dataclass
@@ -80,22 +85,58 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
+# -- dtypes -----------------------------------------------------------------------------------
+_DTYPE_KEY = re.compile(r'("(?:torch_dtype|dtype)"\s*:\s*)"(?:float32|float16)"')
+
+
+def copy_dtype(ckpt: Checkpoint, keep: bool = False) -> tuple[torch.dtype | None, str | None]:
+    """(dtype the copied tensors and config.json get, or None to keep the source's; a note saying why).
+
+    vLLM runs Gemma in bf16: an f32 source's embedding kept in f32 only doubles the file (270.8 vs 136.6 MB
+    for the 270M). Gemma 2/3 activations overflow float16, and vLLM refuses float16 for them, so an f16
+    source's config must say bfloat16 (Gemma 1 runs in f16: kept)."""
+    src = ckpt.dtype("model.embed_tokens.weight")
+    if keep or src == torch.bfloat16:
+        return None, None
+    if src == torch.float32:
+        return torch.bfloat16, ("float32 source: embedding and norms written in bfloat16, config dtype "
+                                "bfloat16 (vLLM runs Gemma in bf16; --keep-dtype keeps float32)")
+    if src == torch.float16 and ckpt.config.generation >= 2:
+        return torch.bfloat16, ("float16 source: Gemma 2/3 must run in bfloat16 (float16 overflows their "
+                                "activations), so config dtype and the copied tensors are bfloat16")
+    return None, None
+
+
+def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
+    """Every check the writer makes of the source against the scheme (group sizes, LM head), for callers
+    that must fail before calibrating rather than after."""
+    _plan(ckpt, scheme)
+
+
 # -- config.json ------------------------------------------------------------------------------
-def quantization_config(scheme: Scheme, actorder: str | None = None) -> dict:
-    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0)."""
+def quantization_config(scheme: Scheme, actorder: str | None = None, multimodal: bool = False,
+                        ignore: tuple[str, ...] = ()) -> dict:
+    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); a multimodal
+    model's vision tower and projector are ignored (as llm-compressor's Gemma 3 recipes do). `ignore`:
+    other Linears left unquantized besides lm_head (matched as `targets: Linear` otherwise)."""
     ia = scheme.input_activations
     group = {"targets": ["Linear"], "weights": scheme.weights.to_config(actorder),
              "input_activations": ia.to_config() if ia else None, "output_activations": None,
              "format": scheme.ct_format}
     return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": scheme.ct_format,
-            "quantization_status": "compressed", "config_groups": {"group_0": group}, "ignore": ["lm_head"],
+            "quantization_status": "compressed", "config_groups": {"group_0": group},
+            "ignore": ["lm_head"] + (CT_IGNORE if multimodal else []) + list(ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
             "transform_config": {}}
 
 
-def config_with_quantization(src_text: str, qc: dict, where: str = "config.json") -> str:
+def config_with_quantization(src_text: str, qc: dict, where: str = "config.json",
+                             dtype: torch.dtype | None = None) -> str:
     """The source config.json text with `"quantization_config": {...}` inserted before its closing
-    brace; every other byte is kept (transformers would rewrite rope keys, docs/vllm-formats.md §0)."""
+    brace; every other byte is kept (transformers would rewrite rope keys, docs/vllm-formats.md §0),
+    except float32/float16 `dtype`/`torch_dtype` values when `dtype` is bfloat16."""
+    if dtype == torch.bfloat16:
+        src_text = _DTYPE_KEY.sub(r'\1"bfloat16"', src_text)
     try:
         data = json.loads(src_text)
     except json.JSONDecodeError as e:
@@ -122,10 +163,11 @@ def _linear_outs(module: str, n: int, k: int, scheme: Scheme) -> tuple[_Out, ...
                  ct_format(scheme.ct_format).outputs(n, k, scheme.weights, scheme.input_activations))
 
 
-def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:
+def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tuple[list[_Unit], list[str]]:
     cfg = ckpt.config
-    suffixes = tuple(cfg.linear_shapes())
+    suffixes = tuple(sorted(set().union(*(cfg.linear_shapes(i) for i in range(cfg.num_hidden_layers)))))
     linear = re.compile(r"^(model\.layers\.\d+\.(?:%s))\.weight$" % "|".join(re.escape(s) for s in suffixes))
+    prefix = TEXT_A if cfg.multimodal else ""
     units, skipped = [], []
     for name in ckpt.names():
         if name == "lm_head.weight":
@@ -137,7 +179,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:
             continue
         m = linear.match(name)
         if m is None:
-            units.append(_Unit(name, (_Out(name, ckpt.dtype(name), ckpt.shape(name)),)))
+            units.append(_Unit(name, (_Out(prefix + name, to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
         w = scheme.weights
@@ -147,7 +189,9 @@ def _plan(ckpt: Checkpoint, scheme: Scheme) -> tuple[list[_Unit], list[str]]:
                 f"{ckpt.path}: tensor '{name}' has input width {k}, not divisible by the group size "
                 f"{w.group_size} of scheme '{scheme.name}' (group sizes that divide {k}: "
                 f"{', '.join(map(str, ok)) or 'none'}; or per-channel)")
-        units.append(_Unit(name, _linear_outs(m.group(1), n, k, scheme), module=m.group(1)))
+        units.append(_Unit(name, _linear_outs(prefix + m.group(1), n, k, scheme), module=m.group(1), prefix=prefix))
+    for name in ckpt.vision_names():  # unquantized: vLLM and transformers run the tower in bf16
+        units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
     return units, skipped
 
 
@@ -209,7 +253,7 @@ def _linear_packed(ckpt: Checkpoint, u: _Unit, scheme: Scheme, given: Packed | N
 
 def _check_packed(p: Packed, u: _Unit) -> dict[str, torch.Tensor]:
     """The Packed's tensors must be exactly the planned ones (names, dtypes, shapes)."""
-    got = {f"{u.module}.{k}": v for k, v in p.tensors().items()}
+    got = {f"{u.prefix}{u.module}.{k}": v for k, v in p.tensors().items()}
     want = {o.name: o for o in u.outs}
     if set(got) != set(want):
         raise GemmaQuantError(f"quantized result for '{u.module}' has tensors {sorted(got)}; "
@@ -270,7 +314,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              drift: dict | None = None, input_scales: dict[str, float | torch.Tensor] | None = None,
                              actorder: str | None = None, base_model: str | None = None,
                              max_shard_bytes: int = MAX_SHARD_BYTES, progress: Callable[[int, int, str], None] | None = None,
-                             overrides: dict[str, torch.Tensor] | None = None, inputs=()) -> Report:
+                             overrides: dict[str, torch.Tensor] | None = None, inputs=(),
+                             keep_dtype: bool = False) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
     quantized: {module name: Packed} from a calibrated algorithm (GPTQ, AWQ, SmoothQuant); other
@@ -280,17 +325,21 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         into); same dtype and shape as the source tensor.
     inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them.
     progress(done, total, tensor): source bytes written so far, of all, and the tensor being written (the
-        CLI draws its bar from it; the writer itself never prints)."""
+        CLI draws its bar from it; the writer itself never prints).
+    keep_dtype: copy float32/float16 tensors as they are (default: `copy_dtype`)."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
-    if ckpt.config.multimodal:
-        raise GemmaQuantError(f"{ckpt.path}: multimodal Gemma 3 checkpoints are not supported by the "
-                              "compressed-tensors writer (text-only); use the text model's checkpoint")
     out_dir = Path(out_dir).absolute()
     inputs = [ckpt.path, *inputs]
     check_output(out_dir, force=force, kind="dir", inputs=inputs)
     check_side_files(ckpt)  # a corrupt tokenizer.json is never copied into an output
-    units, skipped = _plan(ckpt, scheme)
+    to, dtype_note = copy_dtype(ckpt, keep_dtype)
+    units, skipped = _plan(ckpt, scheme, to)
+    notes = [dtype_note] if dtype_note else []
+    if ckpt.config.multimodal:
+        notes.append(f"multimodal: {len(ckpt.vision_names())} vision tower / projector tensors copied unquantized "
+                     f"(in `ignore`); tensor names in Google's layout A (the source's: "
+                     f"{layout(ckpt.stored_names())})")
     modules = {u.module for u in units if u.module}
     quantized = dict(quantized or {})
     input_scales = dict(input_scales or {})
@@ -325,7 +374,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     files = {fn: [o for u in sh for o in u.outs] for fn, sh in zip(names, shards)}
     report = Report(out_dir=out_dir, scheme=scheme.name, files=[], shards=len(shards), quantized=[], copied=[],
                     skipped=skipped, tensor_bytes=sum(o.nbytes for outs in files.values() for o in outs),
-                    source_bytes=ckpt.weight_nbytes())
+                    source_bytes=ckpt.weight_nbytes(), notes=notes)
     num_bits = scheme.weights.num_bits
     digests: dict[str, str] = {}
     total, done = sum(_source_bytes(ckpt, u) for u in units), 0
@@ -338,16 +387,17 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                     if progress:
                         progress(done, total, u.source)
                     if u.module is None and u.source in overrides:
-                        t = overrides[u.source].detach().cpu().contiguous()
+                        t = overrides[u.source].detach().cpu().to(u.outs[0].dtype).contiguous()
                         _check_finite(t, u.source, ckpt.file_of(u.source))
-                        parts = {u.source: _bytes_of(t)}
+                        parts = {u.outs[0].name: _bytes_of(t)}
                         report.notes.append(f"{u.source}: rewritten (calibration folded scales into it)")
                     elif u.module is None:
                         src_view = ckpt.tensor(u.source).reshape(-1)
                         for i in range(0, src_view.numel(), 1 << 24):  # a 1.8 GB embedding: 32 MB at a time
                             _check_finite(src_view[i:i + (1 << 24)], u.source, ckpt.file_of(u.source))
                             release_pages(src_view[i:i + (1 << 24)])  # copied below, also released behind
-                        parts = {u.source: ckpt.raw_bytes(u.source)}
+                        parts = {u.outs[0].name: ckpt.raw_bytes(u.source) if to is None
+                                 else _bytes_of(ckpt.tensor(u.source).to(to))}
                         report.copied.append(u.source)
                     else:
                         p, report.weight_error[u.module] = _linear_packed(
@@ -369,10 +419,12 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        qc = quantization_config(scheme, actorder)
+        # Gemma 4: the PLE model projection stays bf16 (llama.cpp never quantizes it either)
+        qc = quantization_config(scheme, actorder, ckpt.config.multimodal, ("re:.*per_layer_model_projection$",)
+                                 if ckpt.config.hidden_size_per_layer_input else ())
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
-                                                                  str(src_cfg)), encoding="utf-8")
+                                                                  str(src_cfg), to), encoding="utf-8")
         for p in ckpt.side_files():
             if p.name != "config.json":
                 shutil.copyfile(p, tmp / p.name)

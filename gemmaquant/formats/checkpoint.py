@@ -16,6 +16,7 @@ from ..errors import GemmaQuantError
 from .config import GemmaConfig, load_config
 from .hub import REPO_ID, download
 from .inputs import read_json
+from .multimodal import vision_name
 from .safetensors import SafetensorsFile
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to parse a config or headers
@@ -37,7 +38,8 @@ def text_name(name: str) -> str | None:
     if name.startswith("language_model.lm_head."):
         return name[len("language_model."):]
     if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                        "model.multi_modal_projector.", "audio_tower.", "model.audio_tower.")):
+                        "model.multi_modal_projector.", "audio_tower.", "model.audio_tower.",
+                        "model.embed_vision.", "model.embed_audio.")):
         return None
     return name
 
@@ -94,6 +96,7 @@ class Checkpoint:
         self.config: GemmaConfig = load_config(self.path)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, tuple[str, str]] = {}  # text name -> (file name, stored name)
+        self._mm: dict[str, tuple[str, str]] = {}  # multimodal: vision/projector, layout A name -> same
         self._index_files()
         self._check_shapes()
 
@@ -126,6 +129,12 @@ class Checkpoint:
             for stored in f.keys():
                 text = text_name(stored)
                 if text is None:
+                    a = vision_name(stored) if self.config.multimodal else None
+                    if a is not None:
+                        if a in self._mm:
+                            raise GemmaQuantError(f"{self.path}: tensor '{a}' appears twice (under more than one "
+                                                  "multimodal name layout)")
+                        self._mm[a] = (fname, stored)
                     continue
                 if text in self._where:
                     raise GemmaQuantError(f"{self.path}: tensor '{text}' appears in more than one file")
@@ -147,7 +156,7 @@ class Checkpoint:
                     f"{self.path}: tensor '{name}' is {dt}; expected a bf16/f16/f32 source checkpoint "
                     "(is this already quantized?)"
                 )
-        extra = set(self._where) - set(expected) - {"lm_head.weight"}
+        extra = set(self._where) - set(expected) - {"lm_head.weight"} - set(self.config.optional_shapes())
         if extra:
             raise GemmaQuantError(
                 f"{self.path}: unexpected tensor '{sorted(extra)[0]}' for a {self.config.model_type} "
@@ -156,12 +165,22 @@ class Checkpoint:
 
     # -- access ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """The text model's tensors, named as in a text-only checkpoint (`model.layers.0…`)."""
         return list(self._where)
 
+    def vision_names(self) -> list[str]:
+        """A multimodal checkpoint's vision tower and projector tensors, by their layout A names
+        (`vision_tower.vision_model.…`, `multi_modal_projector.…`; multimodal.py), in stored order."""
+        return list(self._mm)
+
+    def stored_names(self) -> list[str]:
+        """Every tensor name as the files spell it."""
+        return [s for _, s in (*self._where.values(), *self._mm.values())]
+
     def _file(self, name: str) -> tuple[SafetensorsFile, str]:
-        if name not in self._where:
+        if name not in self._where and name not in self._mm:
             raise GemmaQuantError(f"{self.path}: no tensor named '{name}'")
-        fname, stored = self._where[name]
+        fname, stored = self._where[name] if name in self._where else self._mm[name]
         return self._files[fname], stored
 
     def file_of(self, name: str) -> Path:

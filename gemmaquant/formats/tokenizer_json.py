@@ -1,4 +1,5 @@
-"""Hugging Face tokenizer files from a SentencePiece-BPE vocabulary (pieces, scores, types).
+"""Hugging Face tokenizer files from a SentencePiece-BPE vocabulary (pieces, scores, types), and
+(`gpt2_tokenizer_json_text`) from the tokens and merges of a GGUF converted by llama.cpp's gpt2 route.
 
 We build the JSON ourselves, the way transformers' `GemmaConverter` (convert_slow_tokenizer.py) does,
 so that neither transformers nor sentencepiece is needed at run time:
@@ -157,3 +158,45 @@ def build_tokenizer_config(pieces: list[Piece], *, bos_id: int, eos_id: int, unk
 def build_special_tokens_map(pieces: list[Piece], *, bos_id: int, eos_id: int, unk_id: int, pad_id: int) -> dict:
     return {"bos_token": _token_entry(pieces[bos_id][0]), "eos_token": _token_entry(pieces[eos_id][0]),
             "pad_token": _token_entry(pieces[pad_id][0]), "unk_token": _token_entry(pieces[unk_id][0])}
+
+
+_GPT2_SPACE = "\u0120"  # Ġ: how merges spell a space inside a part
+
+
+def gpt2_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], unk_id: int | None) -> str:
+    """tokenizer.json text equivalent to a gpt2-route Gemma 3 GGUF vocabulary (export/gguf/vocab_bpe.py writes
+    them; this runs such a GGUF here):
+    BPE with byte fallback over its tokens and merges, spaces as ▁, added tokens matched whole."""
+    pairs = []
+    for m in merges:
+        left, _, right = m.partition(" ")
+        pairs.append([left.replace(_GPT2_SPACE, " "), right.replace(_GPT2_SPACE, " ")])
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": ty == CONTROL} for i, (t, ty) in enumerate(zip(tokens, types))
+             if ty in (CONTROL, USER_DEFINED)]
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk_id] if unk_id is not None else None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": pairs},
+    }, ensure_ascii=False)
+
+
+def gemma4_tokenizer_json_text(tokens: list[str], types: list[int], merges: list[str], *, unk_id: int) -> str:
+    """tokenizer.json for a Gemma 4 GGUF's vocabulary (tokenizer.ggml.model "gemma4"): the stored BPE
+    merges ("a b") as they are, the same normalizer/decoder as above, control and user-defined tokens
+    matched whole."""
+    pieces = [(t, 0.0, ty) for t, ty in zip(tokens, types)]
+    _check(pieces, {"unk_id": unk_id})
+    d = build_tokenizer_json(pieces, unk_id=unk_id, bos_id=unk_id, add_bos=False)
+    d["model"]["merges"] = [m.split(" ", 1) for m in merges]
+    return json.dumps(d, ensure_ascii=False)
+

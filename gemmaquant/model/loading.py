@@ -21,8 +21,8 @@ def _copy_params(module: nn.Module, ckpt: Checkpoint, prefix: str) -> None:
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> Gemma:
-    """The whole model in `dtype` on `device`."""
-    model = build_model(ckpt.config, dtype, device)
+    """The whole model in `dtype` on `device`, with the checkpoint's own LM head if it stores one."""
+    model = build_model(ckpt.config, dtype, device, untied_head="lm_head.weight" in ckpt.names())
     _copy_params(model, ckpt, "")
     return model
 

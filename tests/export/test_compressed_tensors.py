@@ -323,3 +323,42 @@ def test_precomputed_results_are_written_as_given(sources, tmp_path):
     _nothing_left(tmp_path / "bad")
     with pytest.raises(GemmaQuantError, match="not a quantizable Linear"):
         _write(sources["gemma3"], "w4a16-asym", tmp_path / "bad", quantized={"lm_head": given})
+
+
+@pytest.mark.parametrize("gen,src_dtype,keep,want", [
+    ("gemma3", torch.float32, False, torch.bfloat16), ("gemma3", torch.float32, True, torch.float32),
+    ("gemma3", torch.float16, False, torch.bfloat16), ("gemma", torch.float16, False, torch.float16),
+])
+def test_f32_and_f16_sources_are_written_in_bf16(tmp_path, gen, src_dtype, keep, want):
+    """An f32 source's embedding in bf16 (half the bytes); an f16 Gemma 2/3 in bf16 (it must run in bf16);
+    transformers loads the output in that dtype with the embedding equal to the source's, rounded."""
+    src = _make(gen, tmp_path / "src")
+    m = getattr(transformers, GENERATIONS[gen][1]).from_pretrained(src).to(src_dtype)
+    m.save_pretrained(src)
+    ckpt, rep = _write(src, "fp8", tmp_path / "out", keep_dtype=keep)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[want]
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == name
+    assert bool(rep.notes) == (want != src_dtype)
+    t = _read(tmp_path / "out")
+    assert t["model.embed_tokens.weight"].dtype == want
+    assert torch.equal(t["model.embed_tokens.weight"], ckpt.tensor("model.embed_tokens.weight").to(want))
+    assert t["model.norm.weight"].dtype == want
+    loaded = getattr(transformers, GENERATIONS[gen][1]).from_pretrained(tmp_path / "out")
+    assert loaded.model.embed_tokens.weight.dtype == want
+
+
+def test_group_size_is_checked_before_calibration(tmp_path, monkeypatch):
+    """w4a16 GPTQ on a model whose Linear width does not divide by 128: refused before any calibration."""
+    import gemmaquant.calib.pipeline as pipeline
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
+
+    src = _make("gemma3", tmp_path / "src", intermediate_size=320)
+
+    def calibrate(*a, **k):
+        raise AssertionError("calibration ran before the group-size check")
+
+    monkeypatch.setattr(pipeline, "calibrate", calibrate)
+    with pytest.raises(GemmaQuantError, match="input width 320"):
+        run_quantize(Checkpoint(src), get_scheme("w4a16"), tmp_path / "out", QuantizeOptions(algorithm="gptq"))
+    _nothing_left(tmp_path / "out")

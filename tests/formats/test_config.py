@@ -70,3 +70,26 @@ def test_bad_configs_name_the_key(patch, words):
         config_from_dict(dict(G3_V4, **patch), where="/m/config.json")
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("model_type,arch,family", [
+    ("gemma3n", "Gemma3nForConditionalGeneration", "Gemma 3n"),
+    ("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemma"),
+    ("recurrent_gemma", "RecurrentGemmaForCausalLM", "RecurrentGemma"),
+    ("t5gemma", "T5GemmaForConditionalGeneration", "T5Gemma"),
+    ("gemma3_text", "Gemma3TextModel", "EmbeddingGemma"),
+    ("gemma3", "Gemma3ForSequenceClassification", "head other than the causal LM"),
+    ("gemma2", "Gemma2ForTokenClassification", "head other than the causal LM"),
+])
+def test_other_gemma_families_are_refused_by_name(tmp_path, model_type, arch, family):
+    """The config.json transformers writes for each family: one line naming family and architecture."""
+    transformers = pytest.importorskip("transformers")
+    from gemmaquant.formats.config import load_config
+
+    cfg = transformers.AutoConfig.for_model(model_type)
+    cfg.architectures = [arch]
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(GemmaQuantError) as e:
+        load_config(tmp_path)
+    msg = str(e.value)
+    assert family in msg and arch in msg and "Gemma3ForConditionalGeneration" in msg and "\n" not in msg

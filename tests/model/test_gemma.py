@@ -94,3 +94,19 @@ def test_embedding_scale_is_rounded_to_compute_dtype(tmp_path):
     raw = m.model.embed_tokens.weight[5]
     # sqrt(64) = 8 is exact; check the multiplier is the bf16-rounded tensor, like transformers
     assert torch.equal(m.embed(ids)[0, 0], raw * torch.tensor(8.0, dtype=torch.bfloat16))
+
+
+def test_untied_lm_head_is_the_head(tmp_path):
+    """A checkpoint with its own lm_head.weight: the logits come from it, not from the embedding."""
+    ref = make_tiny("gemma3-untied", tmp_path)
+    ck = Checkpoint(tmp_path)
+    assert "lm_head.weight" in ck.names()
+    ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    ours = load_model(ck)
+    assert _rel(ours(ids), expected) <= 1e-5
+    with torch.no_grad():
+        tied = torch.nn.functional.linear(ours.model.norm(torch.zeros(1, 64) + 1), ours.model.embed_tokens.weight)
+        untied = ours.head(torch.zeros(1, 64) + 1)
+    assert not torch.allclose(tied, untied)

@@ -4,8 +4,8 @@
     write_gguf(ckpt, preset, out_path, imatrix=..., imatrix_meta=..., force=...) -> Report
     read_imatrix(path) -> Imatrix / write_imatrix(...)        llama.cpp importance-matrix files
 
-Layout: plan (llama-quantize's type choice), metadata and vocab
-(the key/value list), header (the header process), workers (parallel quantization), writer
+Layout: plan (llama-quantize's type choice; its per-preset rule table in preset_rules), metadata
+and vocab (the key/value list), header (the header process), workers (parallel quantization), writer
 (streaming write + read-back check). Names and imatrix files are read in formats/gguf/.
 See docs/gguf-gemma.md for the rules reproduced here.
 """

@@ -33,7 +33,7 @@ from ...numerics.ggml.types import row_bytes
 from ...schemes import Scheme
 from .metadata import ARCH, add_model_kvs, finish_like_llama_quantize
 from .plan import TensorPlan, plan_types, preset
-from .vocab import add_vocab
+from .vocab import add_vocab, embedding_rows_kept
 
 if TYPE_CHECKING:
     from ...formats.checkpoint import Checkpoint
@@ -70,16 +70,30 @@ def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: li
     """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
     w = _Writer(None, ARCH[config.generation])
     total = sum(p.numel for p in plans)
-    add_model_kvs(w, model_dir, config, file_type=CONVERT_FTYPE_BF16, total_params=total)
+    add_model_kvs(w, model_dir, config, file_type=CONVERT_FTYPE_BF16, total_params=total,
+                  experts=expert_params(plans))
     arrays = add_vocab(w, model_dir, config.generation, config.vocab_size)
     if len(arrays.tokens) != config.vocab_size:  # the Gemma 3 converter cuts token_embd to the token list
         raise GemmaQuantError(f"{model_dir}: {len(arrays.tokens)} tokens for vocab_size {config.vocab_size}")
+    if config.generation == 4 and embedding_rows_kept(model_dir, config.vocab_size) != config.vocab_size:
+        raise GemmaQuantError(f"{model_dir}: tokenizer.json lists fewer tokens than vocab_size {config.vocab_size}; "
+                              "the converter would cut token_embd, which gemmaquant does not reproduce")
     finish_like_llama_quantize(w, scheme.ftype, imatrix_meta, extra_kv)
     for p in plans:
         rows = p.numel // p.n_per_row
         nbytes = rows * row_bytes(p.type, p.n_per_row)
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.type)
     return w
+
+
+def expert_params(plans: list[TensorPlan]) -> tuple[int, int, int]:
+    """(shared, per-expert, expert count) parameters as the converter's writer counts them for the
+    size label: tensors named `*_exps.*` with 3 dims are experts, everything else is shared."""
+    exps = [p for p in plans if "_exps." in p.name and len(p.shape) >= 3]
+    if not exps:
+        return 0, 0, 0
+    shared = sum(p.numel for p in plans if p not in exps)
+    return shared, sum(p.numel // p.shape[0] for p in exps), sum(p.shape[0] for p in exps) // len(exps)
 
 
 def header_bytes(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],

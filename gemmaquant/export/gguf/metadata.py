@@ -1,4 +1,4 @@
-"""The GGUF key/value list for Gemma 1/2/3, in the order the llama.cpp pipeline leaves it.
+"""The GGUF key/value list for Gemma 1/2/3/4, in the order the llama.cpp pipeline leaves it.
 
 `convert_hf_to_gguf.py` adds keys in this order (`ModelBase.prepare_metadata`, docs/gguf-gemma.md §1.2-1.3):
 `general.architecture`, `general.type`, the model-card/name keys (`gguf.Metadata.set_gguf_meta_model`:
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gguf
 
-from ...formats.config import FULL, GENERATIONS, GemmaConfig
+from ...formats.config import FULL, GENERATIONS, SLIDING, GemmaConfig
 
 ARCH = {g: arch for g, (_, arch) in GENERATIONS.items()}  # generation -> general.architecture
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -36,8 +36,10 @@ def display_dir_name(model_dir: Path) -> str:
     return model_dir.name
 
 
-def general_metadata(model_dir: Path, total_params: int) -> gguf.Metadata:
-    """`gguf.Metadata.load` for `model_dir`, with the name heuristics run on `display_dir_name`."""
+def general_metadata(model_dir: Path, total_params: int, experts: tuple[int, int, int] = (0, 0, 0)) -> gguf.Metadata:
+    """`gguf.Metadata.load` for `model_dir`, with the name heuristics run on `display_dir_name`.
+    `experts`: (shared, per-expert, expert count) parameters of a mixture of experts, which the
+    converter's size label reads ("16x211K"); zeros for a dense model."""
     model_dir = Path(model_dir)
     meta = gguf.Metadata.load(None, model_dir, None, total_params)
     # The converter's own gguf-py (newer than PyPI gguf 0.19) also reads HF's name for it.
@@ -54,7 +56,8 @@ def general_metadata(model_dir: Path, total_params: int) -> gguf.Metadata:
     if meta.name is None:  # ModelBase.prepare_metadata's last resort
         meta.name = shown
     if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
+        shared, per_expert, n_expert = experts if experts[2] else (total_params, 0, 0)
+        meta.size_label = gguf.size_label(total_params, shared, per_expert, n_expert)
     return meta
 
 
@@ -75,6 +78,9 @@ def add_hparams(w: gguf.GGUFWriter, c: GemmaConfig, file_type: int) -> None:
             w.add_attn_logit_softcapping(c.attn_logit_softcapping)
             w.add_final_logit_softcapping(c.final_logit_softcapping)
             w.add_sliding_window(c.sliding_window)
+        return
+    if c.generation == 4:
+        _add_gemma4_hparams(w, c, file_type)
         return
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -97,11 +103,52 @@ def add_hparams(w: gguf.GGUFWriter, c: GemmaConfig, file_type: int) -> None:
         w.add_sliding_window(c.sliding_window)
 
 
+def _add_gemma4_hparams(w: gguf.GGUFWriter, c: GemmaConfig, file_type: int) -> None:
+    """`Gemma4Model.set_gguf_parameters` after Gemma3Model's: re-added keys (feed-forward and kv-head
+    arrays, the full-layer key/value length) keep the position of their first add."""
+    full, swa = c.head_dim_of_kind(FULL), c.head_dim_of_kind(SLIDING) if SLIDING in c.layer_types else c.head_dim
+    n = c.num_hidden_layers
+    w.add_block_count(n)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    if c.use_double_wide_mlp:  # written as an array even when no layer is shared
+        w.add_feed_forward_length([c.intermediate_of(i) for i in range(n)])
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    kv_full = c.kv_heads_of(c.layer_types.index(FULL))
+    if kv_full != c.num_key_value_heads:  # a full-layer override in per_layer_config (k_eq_v models)
+        w.add_head_count_kv([c.kv_heads_of(i) for i in range(n)])
+    else:
+        w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_freq_base_swa(c.rope_local_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if c.is_moe:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.top_k_experts)
+    w.add_key_length(full)
+    w.add_value_length(full)
+    w.add_file_type(file_type)
+    if c.final_logit_softcapping:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_sliding_window(c.sliding_window)
+    w.add_shared_kv_layers(c.num_kv_shared_layers)
+    w.add_embedding_length_per_layer_input(c.hidden_size_per_layer_input)
+    w.add_sliding_window_pattern([t == SLIDING for t in c.layer_types])
+    w.add_key_length_swa(swa)
+    w.add_value_length_swa(swa)
+    if c.is_moe:
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_rope_dimension_count(full)  # partial rotation lives in rope_freqs
+    w.add_rope_dimension_count_swa(swa)
+
+
 def add_model_kvs(w: gguf.GGUFWriter, model_dir: Path, c: GemmaConfig, *, file_type: int,
-                  total_params: int) -> None:
+                  total_params: int, experts: tuple[int, int, int] = (0, 0, 0)) -> None:
     """Everything before the tokenizer keys, in the converter's order (architecture is already in)."""
     w.add_type(gguf.GGUFType.MODEL)
-    general_metadata(model_dir, total_params).set_gguf_meta_model(w)
+    general_metadata(model_dir, total_params, experts).set_gguf_meta_model(w)
     add_hparams(w, c, file_type)
     w.add_quantization_version(QUANTIZATION_VERSION)
 

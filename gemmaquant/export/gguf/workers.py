@@ -11,13 +11,13 @@ this process: moving their bytes through a pipe would cost more than computing t
 Each worker computes with one torch thread: with torch's own 2-thread ops every ~1 MB op ends in a
 barrier, and on a busy machine a descheduled partner stalls the whole op.
 Workers ignore SIGINT; Ctrl-C reaches this process, which stops them (running slabs finish, < 1 s).
+They are forked inside `procs.signals_deferred`: a Ctrl-C during a fork used to be swallowed.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -30,7 +30,7 @@ import torch
 from ...errors import GemmaQuantError
 from ...numerics.ggml.quantize import quantize
 from ...numerics.ggml.types import GGMLType
-from ..procs import die_with_parent
+from ..procs import child_signals, die_with_parent, signals_deferred
 from ...formats.safetensors import release_pages
 from .plan import TensorPlan
 
@@ -47,8 +47,9 @@ class Slab:
 
 
 def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate)."""
-    x = view.to(torch.bfloat16)
+    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate), except
+    for tensors the converter writes F32 (Gemma 4's expert router)."""
+    x = view.float() if p.type == GGMLType.F32 else view.to(torch.bfloat16)
     if not torch.isfinite(x).all():
         raise GemmaQuantError(f"{where}: tensor '{p.hf_name}' contains NaN/inf values")
     return quantize(x, p.type, qw).numpy()
@@ -56,7 +57,7 @@ def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tens
 
 def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
     die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child_signals()  # forked inside signals_deferred: SIGINT ignored, then signals unblocked
     torch.set_num_threads(1)
     from ...formats.checkpoint import Checkpoint
 
@@ -65,7 +66,7 @@ def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
 
 def _run_slab(s: Slab) -> np.ndarray:
     ckpt, p = _STATE["ckpt"], _STATE["plans"][s.i]
-    view = ckpt.tensor(p.hf_name)[s.r0:s.r1]
+    view = ckpt.tensor(p.hf_name).reshape(-1, p.n_per_row)[s.r0:s.r1]
     out = quantize_rows(ckpt.path, p, view, _STATE["qws"][p.name])
     release_pages(view)
     return out
@@ -97,10 +98,13 @@ def run_ordered(jobs, workers: int, proc_init: tuple | None = None):
     try:
         for tag, job, slab in jobs:
             if slab is not None and proc_init is not None and processes_available():
-                if procs is None:
-                    procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                                initializer=_init_worker, initargs=proc_init)
-                pending.append((tag, procs.submit(_run_slab, slab)))
+                # submit() is where the pool forks (all its workers at the first one, with fork):
+                # a signal landing during a fork must not be lost (procs.signals_deferred)
+                with signals_deferred():
+                    if procs is None:
+                        procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                    initializer=_init_worker, initargs=proc_init)
+                    pending.append((tag, procs.submit(_run_slab, slab)))
             else:
                 pending.append((tag, threads.submit(job)))
             while len(pending) > 2 * workers:

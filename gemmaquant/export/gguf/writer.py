@@ -37,7 +37,10 @@ from ...numerics.ggml.types import GGMLType, row_bytes
 from ...formats.safetensors import ITEMSIZE, release_pages
 from ...schemes import Scheme
 from .header import ALIGNMENT, HeaderJob
+from ...formats.config import FULL
+from ...formats.gguf.names import ROPE_FREQS
 from .plan import TensorPlan, fallback_count, plan_types, preset
+from .preset_rules import requires_imatrix
 from .workers import CHEAP, Slab, quantize_rows, run_ordered
 
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
@@ -104,6 +107,10 @@ def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | No
     """Yield (source view, job, slab) per slab of rows in file order: `job` returns the slab's GGUF
     bytes as a numpy uint8 array here; `slab` (or None) names the same work for a worker process
     (`workers.Slab`), given to the searches only. Jobs are independent: they may run concurrently."""
+    if p.name == ROPE_FREQS:  # Gemma 4: made by the converter, not read from the checkpoint
+        data = rope_freqs(ckpt.config)
+        yield data, lambda: data.numpy().view(np.uint8), None
+        return
     src = ckpt.tensor(p.hf_name)
     if tuple(src.shape) != p.shape:
         raise GemmaQuantError(f"{ckpt.path}: tensor '{p.hf_name}' has shape {list(src.shape)}, "
@@ -117,12 +124,22 @@ def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | No
             return x.contiguous().numpy().view(np.uint8)
         yield src, norm_job, None
         return
-    rows, n = p.shape
+    n = p.n_per_row
+    src = src.reshape(-1, n)  # experts [E, rows, n]: quantized row by row over all experts
+    rows = src.shape[0]
     step = max(1, SLAB_VALUES // n)
     for r in range(0, rows, step):
         view = src[r:r + step]  # no page is read here: a worker process reads its own mapping
         slab = None if p.type in CHEAP else Slab(i, r, min(rows, r + step))
         yield view, partial(quantize_rows, ckpt.path, p, view, qw), slab
+
+
+def rope_freqs(cfg) -> torch.Tensor:
+    """Gemma 4's full-layer RoPE frequency factors as the converter makes them: 1 for the rotated
+    pairs, 1e30 (frequency ~0: the pair stays put) for the rest of the head's half."""
+    half = cfg.head_dim_of_kind(FULL) // 2
+    n = int(cfg.head_dim_of_kind(FULL) * cfg.rope_partial_factor / 2)
+    return torch.tensor([1.0] * n + [1e30] * (half - n), dtype=torch.float32)
 
 
 def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
@@ -291,6 +308,10 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     if imatrix is not None and imatrix_meta is None:
         imatrix_meta = {"entries_count": len(imatrix)}
     missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
+    low = next((p for p in plans if p.name in missing and requires_imatrix(s.name, p.name, p.type)), None)
+    if low is not None:  # llama-quantize stops on it half-way through the file; we refuse before writing
+        raise GemmaQuantError(f"{(imatrix_meta or {}).get('file') or 'imatrix'}: missing importance matrix for tensor "
+                              f"'{low.name}' in a very low-bit quantization ({s.name} makes it {low.type.name})")
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
     if header is None:
@@ -303,7 +324,7 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
         with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
             jobs = (((i, view), job, slab) for i, p in enumerate(plans)
                     for view, job, slab in _tensor_slabs(ckpt, i, p, qws[p.name]))
-            total = sum(p.numel * ITEMSIZE[ckpt.dtype_name(p.hf_name)] for p in plans)
+            total = sum(p.numel * (ITEMSIZE[ckpt.dtype_name(p.hf_name)] if p.hf_name else 4) for p in plans)
             with open(tmp, "wb") as fout:
                 out = _DataWriter(fout, plans, header, total, progress)
                 for (i, view), chunk in run_ordered(jobs, n_workers, (ckpt.path, plans, qws)):

@@ -32,8 +32,24 @@ _BLOCK = {
 }
 _BLOCK[3] = {**_BLOCK[2], "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight"}
+# Gemma 4: the converter keeps the experts fused (gate rows first) and names the router's scales
+# after the tensors they act on; `layer_scalar` gets a `.weight` suffix.
+_BLOCK[4] = {**_BLOCK[3], "layer_scalar": "layer_output_scale.weight",
+             "per_layer_input_gate.weight": "inp_gate.weight", "per_layer_projection.weight": "proj.weight",
+             "post_per_layer_input_norm.weight": "post_norm.weight",
+             "router.proj.weight": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
+             "router.per_expert_scale": "ffn_down_exps.scale",
+             "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
+             "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+             "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+             "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight"}
 
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+           "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+           "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"}
+# Gemma 4's full-attention RoPE frequency factors: made by the converter, no Hugging Face tensor.
+ROPE_FREQS = "rope_freqs.weight"
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 

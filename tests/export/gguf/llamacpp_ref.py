@@ -66,7 +66,10 @@ sys.path.insert(0, sys.argv[1])
 import convert_hf_to_gguf
 jobs = sys.argv[2:]
 for i in range(0, len(jobs), 3):
-    sys.argv = ["convert_hf_to_gguf.py", jobs[i], "--outfile", jobs[i + 1], "--outtype", jobs[i + 2]]
+    outtype, _, mm = jobs[i + 2].partition("+")
+    sys.argv = ["convert_hf_to_gguf.py", jobs[i], "--outfile", jobs[i + 1], "--outtype", outtype]
+    if mm:
+        sys.argv.append("--mmproj")
     convert_hf_to_gguf.main()
 """
 
@@ -81,7 +84,8 @@ def _digest(model_dir: Path) -> str:
 
 def convert_many(jobs: list[tuple[Path, str]]) -> list[Path]:
     """`convert_hf_to_gguf.py model_dir --outtype outtype` for each (model_dir, outtype), in one Python
-    process (torch + transformers import once). Outputs are cached by the inputs' content hash."""
+    process (torch + transformers import once). Outputs are cached by the inputs' content hash.
+    An outtype "T+mmproj" runs `--outtype T --mmproj` (the vision tower's clip GGUF)."""
     tree = llamacpp_tree()
     cache = _cache() / "converted"
     cache.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,11 @@ def convert_many(jobs: list[tuple[Path, str]]) -> list[Path]:
             if not o.is_file():
                 os.replace(str(o) + ".part", o)
     return outs
+
+
+def convert_mmproj(model_dir: Path, outtype: str = "f16") -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py model_dir --mmproj --outtype outtype` (cached)."""
+    return convert_many([(model_dir, outtype + "+mmproj")])[0]
 
 
 def convert(model_dir: Path, outtype: str = "bf16") -> Path:
@@ -238,3 +247,59 @@ def tiny_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tiny_tokenizer(out)
     return out
+
+
+def dry_run(inp: Path, ftype: int, *, imatrix: bool = False) -> dict:
+    """llama-quantize's type choice without quantizing: `llama_model_quantize` with `dry_run`, its
+    per-tensor log parsed. `imatrix`: pass a one-entry importance matrix (has_imatrix is all the rules
+    look at). Returns {"types": {tensor: TYPE}, "needs_imatrix": bool, "fallback": int}."""
+    forbid("llama.cpp's quantizer", "llamacpp")
+    import contextlib
+    import io
+    import re
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.dry_run = ftype, 1, True
+    keep = np.ones(1, np.float32)
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * 2)()
+        entries[0].name = b"not-a-tensor"
+        entries[0].data = keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[0].size = 1
+        entries[1].name = None
+        params.imatrix = entries
+    log = io.StringIO()
+    level = _logger.logger.level
+    _logger.set_verbose(True)  # an earlier Llama(verbose=False) silences the INFO lines we parse
+    try:
+        with contextlib.redirect_stderr(log):
+            rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(inp).encode() + b".unused",
+                                                ctypes.byref(params))
+    finally:
+        _logger.logger.setLevel(level)
+    text = log.getvalue()
+    if rc != 0:
+        raise AssertionError(f"llama_model_quantize dry run ({inp}, ftype={ftype}) returned {rc}:\n{text[-2000:]}")
+    types = {m.group(1): (m.group(3) or m.group(2)).upper() for m in re.finditer(
+        r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s+(\S+), size =\s+[\d.]+ MiB(?: ->\s+[\d.]+ MiB \((\S+)\))?", text)}
+    fb = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    return {"types": types, "needs_imatrix": "will require an imatrix" in text,
+            "fallback": int(fb.group(1)) if fb else 0}
+
+
+def quant_options() -> list[tuple[str, int]]:
+    """llama-quantize's preset list (QUANT_OPTIONS in tools/quantize/quantize.cpp of the pinned sdist),
+    as (name, ftype number); the numbers from llama-cpp-python's constants (the same llama.h)."""
+    import re
+
+    import llama_cpp
+
+    llamacpp_tree()  # makes sure the sdist tarball is there
+    with tarfile.open(next(_cache().glob("llama_cpp_python-0.3.36.tar.gz"))) as tf:
+        src = tf.extractfile(f"{SDIST_DIR}/vendor/llama.cpp/tools/quantize/quantize.cpp").read().decode()
+    table = src.split("QUANT_OPTIONS = {", 1)[1].split("};", 1)[0]
+    return [(name, int(getattr(llama_cpp, const)))
+            for name, const in re.findall(r'\{\s*"(\w+)",\s*(LLAMA_FTYPE_\w+)', table)]

@@ -125,6 +125,6 @@ def test_reasons_name_the_fallback():
 def test_unknown_preset_lists_the_allowed_ones():
     cfg = config_from_dict(DEMO_LIKE)
     with pytest.raises(GemmaQuantError, match="q4_k_m.*bf16|bf16.*q4_k_m"):
-        plan_types(cfg, "q3_k_m", has_imatrix=False)
+        plan_types(cfg, "q3_k_xl", has_imatrix=False)
     with pytest.raises(GemmaQuantError, match="allowed"):
         plan_types(cfg, "fp8", has_imatrix=False)

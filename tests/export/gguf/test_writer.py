@@ -108,7 +108,7 @@ def test_refuses_existing_output_and_unknown_preset(tiny, tmp_path):
         write_gguf(ck, "q8_0", out)
     assert out.read_bytes() == b"keep"
     with pytest.raises(GemmaQuantError, match="allowed: .*q4_k_m"):
-        write_gguf(ck, "q3_k_l", tmp_path / "y.gguf")
+        write_gguf(ck, "q3_k_xl", tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()
     write_gguf(ck, "q8_0", out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"

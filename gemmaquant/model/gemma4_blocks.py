@@ -1,0 +1,93 @@
+"""Gemma 4's new blocks: the mixture-of-experts block (router + experts) and per-layer inputs (PLE).
+
+Numerics follow transformers' `modeling_gemma4.py` (eager paths):
+  * the scale-free RMSNorm (router input, values) is x·(mean(x²)+eps)^-1/2 with torch.pow, in float32;
+  * the router normalizes the post-attention residual, scales it by `scale`·H^-1/2, takes a float32
+    softmax over all experts, keeps the top k, renormalizes them to sum 1 and multiplies each by its
+    expert's `per_expert_scale`;
+  * experts are stored fused as in the checkpoint (`gate_up_proj` [E, 2I, H], gate rows first;
+    `down_proj` [E, H, I]) and run in ascending expert order, each adding its weighted output to a
+    zero tensor with index_add_ (the order matters at 1e-5: summing by top-k slot differs by ~3e-5);
+  * per-layer inputs: the token part is a second embedding table scaled by sqrt(P), the context part
+    projects the scaled main embedding (·H^-1/2), RMS-normalizes each layer's P-slice, and the two are
+    averaged by 2^-1/2. Layer l reads columns l·P .. l·P+P-1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.config import GemmaConfig
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma 4's RMSNorm without a weight (values on every layer, the router input)."""
+    xf = x.float()
+    return (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.eps, self.top_k = cfg.rms_norm_eps, cfg.top_k_experts
+        self.root = cfg.hidden_size ** -0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] → (weights [N, k] float32, expert ids [N, k])."""
+        z = rms_norm(x, self.eps) * self.scale * self.root
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """The experts' GeGLU MLPs, fused per expert as the checkpoint stores them."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def gate_up(self, e: int, like: torch.Tensor) -> torch.Tensor:
+        """Expert `e`'s fused gate/up weight [2I, H] for a matmul with `like` (quantized subclasses
+        dequantize into a shared scratch buffer: use it before asking for the next weight)."""
+        return self.gate_up_proj[e]
+
+    def down(self, e: int, like: torch.Tensor) -> torch.Tensor:
+        """Expert `e`'s down weight [H, I]."""
+        return self.down_proj[e]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, H], weights/idx [N, k] → Σ_k weight · expert_idx(x)  [N, H]."""
+        out = torch.zeros_like(x)
+        by_slot = idx.t()  # [k, N]: tokens in transformers' order (slot-major)
+        for e in torch.unique(idx).tolist():  # ascending expert ids
+            slot, tok = torch.where(by_slot == e)
+            xe = x[tok]
+            gate, up = F.linear(xe, self.gate_up(e, xe)).chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
+            y = F.linear(h, self.down(e, h))
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+def per_layer_inputs(cfg: GemmaConfig, table: nn.Module, projection: nn.Module, norm: nn.Module,
+                     ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """PLE inputs [B, S, L, P] from token ids and the scaled main embedding `x0` [B, S, H].
+    `table` looks up the per-layer embedding rows [V_pl, L·P], `projection` is the model projection."""
+    n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    rows = table(ids)
+    tok = (rows * torch.tensor(math.sqrt(p), dtype=rows.dtype)).to(x0.dtype).reshape(*ids.shape, n, p)
+    ctx = projection(x0) * cfg.hidden_size ** -0.5
+    ctx = norm(ctx.reshape(*ids.shape, n, p))
+    return (ctx + tok) * 2.0 ** -0.5

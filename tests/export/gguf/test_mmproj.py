@@ -1,0 +1,184 @@
+"""The mmproj (llama.cpp's clip GGUF of the vision tower + projector) against convert_hf_to_gguf.py --mmproj,
+from every tensor-name layout transformers writes, and llama.cpp's multimodal library (libmtmd) loading the
+text GGUF + mmproj pair and encoding an image as transformers does.
+
+llama.cpp's converter reads only layout A (B/D give an mmproj with no tensors, C an error), so for B/C/D
+the reference is the converter on the same files with the tensors renamed to A, in a directory of the
+same name (general.name comes from it)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.errors import GemmaQuantError
+from gemmaquant.export.gguf.mmproj import OUTTYPES, default_mmproj_path, write_mmproj
+from tests.tiny_mm import LAYOUTS, make_tiny_mm, to_a
+
+from . import llamacpp_ref as ref
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.subprocess]
+
+
+def _as_layout_a(src, root):
+    """`src`'s files with every tensor renamed to layout A, in root/<same directory name>."""
+    from safetensors.torch import load_file, save_file
+
+    out = root / src.name
+    shutil.copytree(src, out)
+    save_file({to_a(k): v for k, v in load_file(src / "model.safetensors").items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    """layout -> (checkpoint, {outtype: converter's mmproj}, converter's bf16 text GGUF)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("mm")
+    dirs = make_tiny_mm(root / "src")
+    refs = {k: d if k == "A" else _as_layout_a(d, root / f"ref{k}") for k, d in dirs.items()}
+    types = list(OUTTYPES)
+    jobs = [(refs[k], t + "+mmproj") for k in LAYOUTS for t in types] + [(dirs[k], "bf16") for k in LAYOUTS]
+    outs = iter(ref.convert_many(jobs))
+    mmproj = {k: {t: next(outs) for t in types} for k in LAYOUTS}
+    return {k: (dirs[k], mmproj[k], next(outs)) for k in LAYOUTS}
+
+
+@pytest.mark.parametrize("outtype", list(OUTTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mmproj_identical_to_the_converter(mm, tmp_path, layout, outtype):
+    d, want, _ = mm[layout]
+    rep = write_mmproj(Checkpoint(d), outtype, tmp_path / "mmproj.gguf")
+    assert rep.path.read_bytes() == want[outtype].read_bytes()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_text_gguf_of_a_multimodal_checkpoint_matches_the_converter(mm, tmp_path, layout):
+    from gemmaquant.export.gguf.writer import write_gguf
+
+    d, _, want = mm[layout]
+    ours = write_gguf(Checkpoint(d), "bf16", tmp_path / "text.gguf").path
+    assert ref.kv_and_tensors(ours) == ref.kv_and_tensors(want)
+
+
+@pytest.mark.parametrize("dirname,outtype,want", [
+    # what `convert_hf_to_gguf.py DIR --mmproj --outtype T --outfile OUTDIR/` named these files
+    ("tiny-gemma-3-mm", "f16", "mmproj-Tiny-Gemma-3-Mm-F16.gguf"),
+    ("gemma-3-4b-it", "f16", "mmproj-gemma-3-4b-it-F16.gguf"),
+    ("gemma-3-4b-it", "q8_0", "mmproj-gemma-3-4b-it-Q8_0.gguf"),
+])
+def test_default_name_is_llama_cpps(mm, tmp_path, dirname, outtype, want):
+    d = shutil.copytree(mm["A"][0], tmp_path / dirname)
+    assert default_mmproj_path(Checkpoint(d), outtype, tmp_path).name == want
+
+
+def test_refusals(mm, tmp_path):
+    d, _, _ = mm["C"]
+    with pytest.raises(GemmaQuantError, match="mmproj type 'q4_k_m' is not supported.*f32, f16, bf16, q8_0"):
+        write_mmproj(Checkpoint(d), "q4_k_m", tmp_path / "x.gguf")
+    bad = tmp_path / "noproc"
+    shutil.copytree(d, bad)
+    (bad / "processor_config.json").unlink()
+    with pytest.raises(GemmaQuantError, match="no 'image_mean' list"):
+        write_mmproj(Checkpoint(bad), "f16", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray) -> np.ndarray:
+    """libmtmd (llama-cpp-python's bindings): load the pair, tokenize a prompt with one image, encode it."""
+    from tests.tier import forbid
+
+    forbid("libmtmd", "llamacpp")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    M = pytest.importorskip("llama_cpp.mtmd_cpp")
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False  # tests/llamacpp.py: repacking crashes on this CPU
+    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
+    assert model
+    cp = M.mtmd_context_params_default()
+    cp.use_gpu, cp.n_threads, cp.print_timings, cp.warmup = False, 1, False, False
+    ctx = M.mtmd_init_from_file(str(mmproj).encode(), model, cp)
+    assert ctx and M.mtmd_support_vision(ctx)
+    h, w, _ = rgb.shape
+    buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+    bmp = M.mtmd_bitmap_init(w, h, buf)
+    chunks = M.mtmd_input_chunks_init()
+    prompt = ("<start_of_turn>user\n" + M.mtmd_default_marker().decode() + " what is this?<end_of_turn>\n").encode()
+    txt = M.mtmd_input_text(text=prompt, text_len=len(prompt), add_special=True, parse_special=True)
+    try:
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+        images = [c for c in images if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        assert len(images) == 1
+        n = M.mtmd_input_chunk_get_n_tokens(images[0])
+        assert M.mtmd_encode_chunk(ctx, images[0]) == 0
+        return np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+    finally:
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bmp)
+        M.mtmd_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_libmtmd_encodes_an_image_as_transformers_does(mm, tmp_path, outtype):
+    """Our text GGUF + mmproj load in libmtmd; a 32x32 image (4 tokens after pooling) encodes to the
+    embeddings transformers' get_image_features gives (f32/f16 weights: within 1e-3)."""
+    import transformers
+
+    from gemmaquant.export.gguf.writer import write_gguf
+    from tests.tiny_mm import MM_TOKENS, TEXT
+
+    d, _, _ = mm["D"]
+    text = write_gguf(Checkpoint(d), "bf16", tmp_path / "text.gguf").path
+    proj = write_mmproj(Checkpoint(d), outtype, tmp_path / "mmproj.gguf").path
+    rgb = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3)).astype(np.uint8)
+    got = _mtmd_image_embeddings(text, proj, rgb)
+    assert got.shape == (MM_TOKENS, TEXT["hidden_size"]) and np.isfinite(got).all()
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0 - 0.5) / 0.5  # image_mean = std = 0.5
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=x)
+    feats = getattr(feats, "pooler_output", feats).reshape(-1, TEXT["hidden_size"]).numpy()
+    assert np.abs(got - feats).max() < 1e-3 * max(1.0, np.abs(feats).max())
+
+
+def test_quantize_writes_the_mmproj_beside_the_gguf(mm, tmp_path):
+    """A GGUF of a multimodal model gets llama.cpp's mmproj beside it (f16 unless --mmproj says otherwise);
+    a second preset in the same folder keeps it; --mmproj none writes none; other uses are refused."""
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
+    from gemmaquant.schemes import get_scheme
+
+    d, want, _ = mm["C"]
+    ck = Checkpoint(d)
+    s1 = run_quantize(ck, get_scheme("q8_0"), tmp_path / "a.Q8_0.gguf", QuantizeOptions())
+    proj = tmp_path / "mmproj-Tiny-Gemma-3-Mm-F16.gguf"
+    assert proj.read_bytes() == want["f16"].read_bytes() and any(proj.name in n for n in s1.notes)
+    before = proj.stat().st_mtime_ns
+    s2 = run_quantize(ck, get_scheme("q4_0"), tmp_path / "a.Q4_0.gguf", QuantizeOptions())
+    assert proj.stat().st_mtime_ns == before and any("kept" in n for n in s2.notes)
+    run_quantize(ck, get_scheme("q4_0"), tmp_path / "b" / "a.gguf", QuantizeOptions(mmproj="q8_0"))
+    assert (tmp_path / "b" / "mmproj-Tiny-Gemma-3-Mm-Q8_0.gguf").read_bytes() == want["q8_0"].read_bytes()
+    run_quantize(ck, get_scheme("q4_0"), tmp_path / "c" / "a.gguf", QuantizeOptions(mmproj="none"))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.gguf"]
+    with pytest.raises(GemmaQuantError, match="--mmproj q8_0: the vision tower's GGUF needs a GGUF scheme"):
+        run_quantize(ck, get_scheme("fp8"), tmp_path / "ct", QuantizeOptions(mmproj="q8_0"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_f32_and_f16_sources(tmp_path, dtype):
+    """An f32 source is written like a bf16 one (widened values), an f16 one keeps f16 through the
+    soft-emb-norm +1 as the converter does; both byte-identical for every type (layout D vs its A copy)."""
+    d = make_tiny_mm(tmp_path / "src", dtype=dtype)["D"]
+    a = _as_layout_a(d, tmp_path / "refD")
+    types = list(OUTTYPES)
+    for t, want in zip(types, ref.convert_many([(a, t + "+mmproj") for t in types])):
+        assert write_mmproj(Checkpoint(d), t, tmp_path / f"{t}.gguf").path.read_bytes() == want.read_bytes(), t
