@@ -347,8 +347,9 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
     from .formats.gguf.fidelity import gguf_notes
 
     lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
-    for note in lossy:  # before the work: a user may rather stop here
-        logging.getLogger("gemmaquant").warning(note)
+    if not opts.tuned:  # before the work: a user may rather stop here (a tuned run validates its budget first)
+        for note in lossy:
+            logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -363,6 +364,8 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
     header = None
     if opts.tuned:
         summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text)
+        for note in lossy:
+            logging.getLogger("gemmaquant").warning(note)
     else:
         if not (opts.imatrix or opts.imatrix_file):
             # the header (mostly the vocabulary) builds in its own process while torch is imported here
