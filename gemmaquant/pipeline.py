@@ -31,8 +31,15 @@ class QuantizeOptions:
     inputs: tuple = ()  # other files the command read (the recipe): never replaced by the output
     card: bool = False  # GGUF: write/extend the folder's README.md model card (compressed-tensors: always)
     base_model: str | None = None  # the Hub repo id the source is, when it cannot be derived
+    target_bpw: float | None = None  # GGUF: per-tensor types for a size budget (export/gguf/optimized.py)
+    target_size: str | None = None
     keep_dtype: bool = False  # compressed-tensors: copy an f32/f16 source's tensors as they are, not in bf16
     mmproj: str | None = None  # GGUF of a multimodal model: the mmproj type (None: f16; "none": no mmproj)
+
+    @property
+    def tuned(self) -> bool:
+        """GGUF bytes other than llama-quantize's preset: gptq codes and/or a budgeted type mix."""
+        return self.algorithm == "gptq" or self.target_bpw is not None or self.target_size is not None
 
 
 @dataclass
@@ -138,6 +145,18 @@ def gguf_plan(ckpt: Checkpoint, scheme: Scheme, has_imatrix: bool) -> list[dict]
     return rows
 
 
+def plan_rows(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions) -> list[dict]:
+    """`quantize --dry-run`'s rows: the preset's plan, or a size budget's (which takes the sensitivity
+    pass on the calibration text, so the plan shown is the one the run writes)."""
+    from .export.gguf.optimized import dry_run_rows
+
+    rows = dry_run_rows(ckpt, scheme, opts)  # also refuses what the run would refuse
+    if rows is not None:
+        return rows
+    return gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
+        else ct_plan(ckpt, scheme)
+
+
 def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions) -> int:
     """The output's size, an upper bound within ~100 KB: tensor data from the --dry-run plan (exact);
     the side files (tokenizer, configs) that a compressed-tensors directory copies and that bound a
@@ -146,8 +165,16 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
     rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
         else ct_plan(ckpt, scheme)
     per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
-    return (sum(r["bytes"] + per_tensor for r in rows) + sum(p.stat().st_size for p in ckpt.side_files())
-            + (64 << 10))
+    data = sum(r["bytes"] for r in rows)
+    if scheme.is_gguf and opts.tuned:
+        # a budget may exceed the preset; gptq patches a template copy beside the output
+        data = max(data, int((opts.target_bpw or 0) * ckpt.config.param_count() / 8))
+        if opts.target_size is not None:
+            from .calib.budget import parse_size
+
+            data = max(data, parse_size(opts.target_size))
+        data *= 2 if opts.algorithm == "gptq" else 1
+    return (data + per_tensor * len(rows) + sum(p.stat().st_size for p in ckpt.side_files()) + (64 << 10))
 
 
 def check_source(ckpt: Checkpoint) -> None:
@@ -208,10 +235,12 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
                  progress=None, computed_imatrix=None) -> QuantizeSummary:
     from .export.diskspace import check_free_space
     from .export.guard import check_output
+    from .export.gguf.optimized import check_request, make_budget
     from .limits import check_for_model
 
     t0 = time.perf_counter()
     check_family(scheme, out)
+    check_request(scheme, opts.algorithm, make_budget(opts.target_bpw, opts.target_size), bool(opts.imatrix_file))
     check_source(ckpt)
     check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
@@ -225,7 +254,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
         if not mmproj_kept:
             check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
-    calibrating = bool(opts.imatrix) if scheme.is_gguf else \
+    calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else \
         scheme.needs_calibration or opts.algorithm not in (None, "rtn")
     text = None
     if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
@@ -318,8 +347,9 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
     from .formats.gguf.fidelity import gguf_notes
 
     lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
-    for note in lossy:  # before the work: a user may rather stop here
-        logging.getLogger("gemmaquant").warning(note)
+    if not opts.tuned:  # before the work: a user may rather stop here (a tuned run validates its budget first)
+        for note in lossy:
+            logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
@@ -332,14 +362,19 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
         check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
         card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
     header = None
-    if not (opts.imatrix or opts.imatrix_file):
-        # the header (mostly the vocabulary) builds in its own process while torch is imported here
-        header = start_header(ckpt, scheme)
-    try:
-        summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
-    finally:
-        if header is not None:
-            header.close()
+    if opts.tuned:
+        summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text)
+        for note in lossy:
+            logging.getLogger("gemmaquant").warning(note)
+    else:
+        if not (opts.imatrix or opts.imatrix_file):
+            # the header (mostly the vocabulary) builds in its own process while torch is imported here
+            header = start_header(ckpt, scheme)
+        try:
+            summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
+        finally:
+            if header is not None:
+                header.close()
     summary.notes[:0] = lossy
     _mmproj(ckpt, opts, summary, mmproj, mmproj_kept)
     if card is not None:
@@ -359,7 +394,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
         tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
     add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
                       "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
-                      "types": summary.types, "notes": [n for n in summary.notes if n]})
+                      "types": summary.types, "notes": [n for n in summary.notes if n], "tuned": opts.tuned})
     write_card(readme, card, inputs=inputs_of(ckpt, opts))
     summary.notes.append(f"model card: {readme}")
 
@@ -398,6 +433,20 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=N
                            source_bytes=ckpt.weight_nbytes(), params=params,
                            bits_per_weight=8 * rep.file_bytes / params, peak_rss_bytes=0, notes=notes,
                            unquantized=unq, types=rep.type_counts)
+
+
+def _gguf_tuned(ckpt, scheme, out, opts, progress, text) -> QuantizeSummary:
+    from .export.gguf.optimized import make_budget, write_tuned
+
+    res = write_tuned(ckpt, scheme, out, opts, make_budget(opts.target_bpw, opts.target_size), text,
+                      inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+    plans = res.report.plans
+    params = sum(p.numel for p in plans)
+    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in plans if p.type.name == "F32"]
+    return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=res.file_bytes,
+                           source_bytes=ckpt.weight_nbytes(), params=params,
+                           bits_per_weight=8 * res.file_bytes / params, peak_rss_bytes=0, notes=res.notes,
+                           unquantized=unq, types=res.types)
 
 
 def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> QuantizeSummary:

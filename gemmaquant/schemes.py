@@ -46,6 +46,7 @@ class QuantArgs:
 # A scheme allows the base algorithms it lists plus the combinations they make (Scheme.allowed_algorithms).
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 COMBINED = {"awq+gptq": ("awq", "gptq"), "smoothquant+gptq": ("smoothquant",)}  # combination -> what it needs
+UNQUANTIZED = ("F32", "F16", "BF16")  # GGUF presets that convert only
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Scheme:
 
     @property
     def allowed_algorithms(self) -> tuple[str, ...]:
-        """What --algorithm accepts for this scheme, the default first (GGUF schemes: none)."""
+        """What --algorithm accepts for this scheme, the default first (unquantized GGUF presets: none)."""
         combos = tuple(c for c, needs in COMBINED.items() if self.algorithms and set(needs) <= set(self.algorithms))
         return tuple(self.algorithms) + combos
 
@@ -124,10 +125,15 @@ class GGUFScheme(Scheme):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.algorithms:
-            raise ValueError(f"GGUF scheme {self.name} takes no --algorithm (its searches are llama.cpp's)")
         if self.ftype < 0 or not self.default_type:
             raise ValueError(f"GGUF scheme {self.name} needs its llama.cpp file type and default tensor type")
+        # rtn: llama.cpp's own rounding; gptq: error-feedback codes inside llama.cpp's blocks (same layout).
+        # The others change the model's weights outside a block's grid, which a GGUF preset cannot carry.
+        other = [a for a in self.algorithms if a not in ("rtn", "gptq")]
+        if other:
+            raise ValueError(f"GGUF scheme {self.name}: {other} (a GGUF preset takes rtn or gptq only)")
+        if self.algorithms and self.default_type in UNQUANTIZED:
+            raise ValueError(f"GGUF scheme {self.name} is not quantized: it takes no --algorithm")
 
 
 _CH8F = QuantArgs(8, "float", "channel")
@@ -202,7 +208,7 @@ for _name, _ftype, _default, _summary in [
     ("tq1_0", 36, "TQ1_0", "1.69 bpw ternarization, for ternary-trained (BitNet-style) weights only"),
 ]:
     _add(GGUFScheme(_name, _summary, "llama.cpp / llamafile / ollama", _name.upper(),
-                    ftype=_ftype, default_type=_default))
+                    algorithms=() if _default in UNQUANTIZED else ("rtn", "gptq"), ftype=_ftype, default_type=_default))
 
 # llama-quantize presets gemmaquant does not write, with the reason (README "GGUF presets left out").
 UNSUPPORTED_GGUF: dict[str, str] = {
@@ -249,21 +255,22 @@ def get_scheme(name: str) -> Scheme:
 
 
 def _gguf_algorithms(s: Scheme) -> str:
-    if s.default_type in ("BF16", "F16"):
+    if s.default_type in UNQUANTIZED:
         return "conversion only"
+    gptq = "; `--algorithm gptq`: error-feedback codes from calibration"
     if s.default_type == "Q8_0":
-        return "llama.cpp's rounding (ignores an imatrix)"
+        return "llama.cpp's rounding (ignores an imatrix)" + gptq
     if s.name in GGUF_NEEDS_IMATRIX:
-        return "llama.cpp's search; needs --imatrix or --imatrix-file"
+        return "llama.cpp's search; needs --imatrix or --imatrix-file" + gptq
     if s.name in ("iq3_xxs", "iq3_xs"):
-        return "llama.cpp's search; needs an imatrix unless its IQ3_XXS/IQ2_S rows fall back (Gemma 3 270M, 1B)"
-    return "llama.cpp's scale search; optional --imatrix"
+        return "llama.cpp's search; needs an imatrix unless its IQ3_XXS/IQ2_S rows fall back (Gemma 3 270M, 1B)" + gptq
+    return "llama.cpp's scale search; optional --imatrix" + gptq
 
 
 def scheme_table() -> list[dict]:
     """Rows for `gemmaquant schemes` and the README."""
     return [{"scheme": s.name, "format": s.family, "engine": s.engine, "what": s.summary,
-             "algorithms": ", ".join(s.allowed_algorithms) if s.algorithms else _gguf_algorithms(s),
+             "algorithms": _gguf_algorithms(s) if s.is_gguf else ", ".join(s.allowed_algorithms),
              "demo_bpw": DEMO_BPW.get(s.name)}
             for s in SCHEMES.values()]
 

@@ -28,8 +28,10 @@ def test_a_broken_compressed_tensors_scheme_is_refused(kw, match):
 
 
 def test_a_broken_gguf_preset_is_refused():
-    with pytest.raises(ValueError, match="takes no --algorithm"):
-        GGUFScheme("x", "s", "e", "X", algorithms=("gptq",), ftype=7, default_type="Q8_0")
+    with pytest.raises(ValueError, match="takes rtn or gptq only"):
+        GGUFScheme("x", "s", "e", "X", algorithms=("awq",), ftype=7, default_type="Q8_0")
+    with pytest.raises(ValueError, match="not quantized"):
+        GGUFScheme("x", "s", "e", "X", algorithms=("rtn", "gptq"), ftype=32, default_type="BF16")
     with pytest.raises(ValueError, match="file type"):
         GGUFScheme("x", "s", "e", "X")
 
@@ -41,7 +43,9 @@ def test_every_format_the_registry_names_has_its_behaviour():
             assert s.ct_format in FORMATS
             assert set(s.allowed_algorithms) <= set(ALGORITHMS)
         else:
-            assert s.allowed_algorithms == () and s.weights is None and s.ct_format is None
+            assert s.weights is None and s.ct_format is None
+            assert s.allowed_algorithms == (() if s.default_type in ("BF16", "F16") else ("rtn", "gptq"))
+            assert not s.needs_calibration  # gptq is asked for, never the default
 
 
 def test_combined_algorithms_follow_their_parts():

@@ -134,6 +134,10 @@ def quantize_cmd(
                               "second GGUF in the same folder joins it). compressed-tensors directories always get one."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The Hub repo id of MODEL, for the card's "
                                              "base_model when it cannot be derived (a local copy of a Hub repo)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose each tensor's type by measured "
+                                               "sensitivity so that the tensor data takes at most this many bits per weight."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same for a whole-file size "
+                                              "(1.2GB, 900MiB, bytes); the file is at most this big."),
     mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3: type of the vision "
                                          "tower's mmproj file written beside it as mmproj-<name>-<TYPE>.gguf (f16 "
                                          "default, bf16, q8_0, f32), or none."),
@@ -184,7 +188,8 @@ def quantize_cmd(
         raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
     _set_threads(threads)
     opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
-                           base_model=base_model, keep_dtype=keep_dtype, mmproj=mmproj,
+                           base_model=base_model, target_bpw=target_bpw, target_size=target_size,
+                           keep_dtype=keep_dtype, mmproj=mmproj,
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)

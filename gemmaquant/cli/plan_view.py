@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..formats.checkpoint import Checkpoint
-from ..pipeline import ct_plan, gguf_plan
+from ..pipeline import plan_rows
 from ..schemes import Scheme
 from ..formats.inputs import human_bytes
 
@@ -64,8 +64,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console: Console, as_json: bool,
                 show_all: bool = False):
-    rows = gguf_plan(ckpt, scheme, bool(opts.imatrix or opts.imatrix_file)) if scheme.is_gguf \
-        else ct_plan(ckpt, scheme)
+    rows = plan_rows(ckpt, scheme, opts)
     total = sum(r["bytes"] for r in rows)
     params = ckpt.config.param_count()
     if as_json:  # every tensor: scripts want the full plan

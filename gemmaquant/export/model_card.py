@@ -216,7 +216,9 @@ def _gguf_body(card: dict) -> list[str]:
     body = [f"# {card['title']}", "",
             f"GGUF files of {src} for llama.cpp, llamafile, ollama and other ggml engines, written by gemmaquant "
             "(the same bytes as llama.cpp's `convert_hf_to_gguf.py` followed by `llama-quantize` with the same "
-            "preset). Run one with `llama-cli -m FILE` or `llama-server -m FILE`.", "",
+            "preset" + ("; files made with `--algorithm gptq` or a size budget keep llama.cpp's block layout and "
+                        "types but not its codes or type mix, see their notes" if any(o.get("tuned") for o in card["outputs"])
+                        else "") + "). Run one with `llama-cli -m FILE` or `llama-server -m FILE`.", "",
             "## Files", "", "| file | scheme | size | bits/weight | tensor types |", "|---|---|---:|---:|---|"]
     for o in card["outputs"]:
         types = ", ".join(f"{k}×{v}" for k, v in sorted(o.get("types", {}).items(), key=lambda kv: -kv[1]))

@@ -77,6 +77,11 @@ def run_cli(args: list[str], capsys) -> CliResult:
     from gemmaquant.cli.app import main
 
     old_argv, old_term, old_hup = sys.argv, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    # `--threads N` sets torch's process-wide thread count: restored, or a later test in this process
+    # computes with N threads (GPTQ's digests in test_pipeline_bytes.py depend on the thread count)
+    import torch
+
+    old_threads = torch.get_num_threads()
     sys.argv = ["gemmaquant", *map(str, args)]
     capsys.readouterr()
     try:
@@ -88,6 +93,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
         sys.argv = old_argv
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGHUP, old_hup)
+        torch.set_num_threads(old_threads)
     cap = capsys.readouterr()
     return CliResult(code, cap.out, cap.err)
 

@@ -66,7 +66,7 @@ class _Writer(gguf.GGUFWriter):
 
 
 def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None) -> gguf.GGUFWriter:
+                 imatrix_meta: dict | None, extra_kv: dict | None = None) -> gguf.GGUFWriter:
     """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
     w = _Writer(None, ARCH[config.generation])
     total = sum(p.numel for p in plans)
@@ -78,7 +78,7 @@ def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: li
     if config.generation == 4 and embedding_rows_kept(model_dir, config.vocab_size) != config.vocab_size:
         raise GemmaQuantError(f"{model_dir}: tokenizer.json lists fewer tokens than vocab_size {config.vocab_size}; "
                               "the converter would cut token_embd, which gemmaquant does not reproduce")
-    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta)
+    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta, extra_kv)
     for p in plans:
         rows = p.numel // p.n_per_row
         nbytes = rows * row_bytes(p.type, p.n_per_row)
@@ -97,11 +97,11 @@ def expert_params(plans: list[TensorPlan]) -> tuple[int, int, int]:
 
 
 def header_bytes(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None) -> tuple[bytes, dict]:
+                 imatrix_meta: dict | None, extra_kv: dict | None = None) -> tuple[bytes, dict]:
     """The header as bytes (magic, counts, keys, tensor infos, zero padding to ALIGNMENT), written
     by GGUFWriter's own methods into memory, and the keys ({name: GGUFValue}, for the read-back check)."""
     try:
-        w = build_header(model_dir, config, scheme, plans, imatrix_meta)
+        w = build_header(model_dir, config, scheme, plans, imatrix_meta, extra_kv)
     except GemmaQuantError:
         raise
     except Exception as e:  # noqa: BLE001 - the gguf package's own readers of the model's side files
@@ -162,9 +162,9 @@ class HeaderJob:
     are kept so the writer can check the job belongs to the file it writes."""
 
     def __init__(self, model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None = None, background: bool | None = None):
+                 imatrix_meta: dict | None = None, background: bool | None = None, extra_kv: dict | None = None):
         self.scheme, self.plans, self.imatrix_meta = scheme, plans, imatrix_meta
-        self._args = (Path(model_dir), config, scheme, plans, imatrix_meta)
+        self._args = (Path(model_dir), config, scheme, plans, imatrix_meta, extra_kv)
         self._result: tuple[bytes, dict] | None = None
         self._proc: subprocess.Popen | None = None
         if background is None:

@@ -153,16 +153,26 @@ def add_model_kvs(w: gguf.GGUFWriter, model_dir: Path, c: GemmaConfig, *, file_t
     w.add_quantization_version(QUANTIZATION_VERSION)
 
 
-def finish_like_llama_quantize(w: gguf.GGUFWriter, file_type: int, imatrix_meta: dict | None) -> None:
+def finish_like_llama_quantize(w: gguf.GGUFWriter, file_type: int, imatrix_meta: dict | None,
+                               extra_kv: dict | None = None) -> None:
     """Move quantization_version then file_type to the end and append the imatrix keys, as
-    `llama_model_quantize_impl` + tools/quantize do (values up to 127 bytes, like its strncpy)."""
+    `llama_model_quantize_impl` + tools/quantize do (values up to 127 bytes, like its strncpy).
+    `extra_kv` (key -> str or list of str): gemmaquant's own keys after them (optimized files only)."""
     kv = w.kv_data[0]
     kv.pop(gguf.Keys.General.QUANTIZATION_VERSION, None)
     kv.pop(gguf.Keys.General.FILE_TYPE, None)
     w.add_quantization_version(QUANTIZATION_VERSION)
     w.add_file_type(file_type)
-    if imatrix_meta is None:
-        return
+    if imatrix_meta is not None:
+        _imatrix_keys(w, imatrix_meta)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, list(value))
+
+
+def _imatrix_keys(w: gguf.GGUFWriter, imatrix_meta: dict) -> None:
     if imatrix_meta.get("file"):
         w.add_string(IMATRIX_KEYS[0], _c_str127(imatrix_meta["file"]))
     if imatrix_meta.get("dataset"):

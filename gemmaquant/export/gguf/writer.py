@@ -282,7 +282,8 @@ class _DataWriter:
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                imatrix: dict[str, torch.Tensor] | None = None, imatrix_meta: dict | None = None,
                force: bool = False, workers: int | None = None, header: HeaderJob | None = None,
-               progress: Callable[[int, int, str], None] | None = None, inputs=()) -> Report:
+               progress: Callable[[int, int, str], None] | None = None, inputs=(),
+               plans: list[TensorPlan] | None = None, extra_kv: dict | None = None) -> Report:
     """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
 
     `imatrix`: GGUF tensor name -> per-column importance (`formats.gguf.imatrix.read_imatrix`);
@@ -291,13 +292,19 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already
     started for this output (`header.start_header`), e.g. before torch was imported; by default one
     is started here (in a background process for a real vocabulary). `inputs`: files read besides the
-    checkpoint (imatrix, calibration text), which the output must not replace (export/guard.py)."""
+    checkpoint (imatrix, calibration text), which the output must not replace (export/guard.py).
+    `plans`: per-tensor types other than the preset's (a size-budgeted mix, same tensors and order);
+    `extra_kv`: gemmaquant's own metadata keys (`metadata.finish_like_llama_quantize`)."""
     t0 = time.perf_counter()
     s = preset(scheme)
     out_path = Path(out_path)
     inputs = [ckpt.path, *inputs]
     check_output(out_path, force=force, kind="file", inputs=inputs)
-    plans = plan_types(ckpt.config, s, imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
+    preset_plans = plan_types(ckpt.config, s, imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
+    if plans is None:
+        plans = preset_plans
+    elif [(p.name, p.shape) for p in plans] != [(p.name, p.shape) for p in preset_plans]:
+        raise GemmaQuantError(f"{out_path}: the given plan names other tensors than the model has (internal error)")
     if imatrix is not None and imatrix_meta is None:
         imatrix_meta = {"entries_count": len(imatrix)}
     missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
@@ -308,7 +315,7 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
     qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
     n_workers = workers or torch.get_num_threads()
     if header is None:
-        header = HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta)
+        header = HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta, extra_kv=extra_kv)
     elif header.scheme.name != s.name or header.plans != plans or header.imatrix_meta != imatrix_meta:
         header.close()
         raise GemmaQuantError(f"{out_path}: the header job was started for another scheme, plan or imatrix "
