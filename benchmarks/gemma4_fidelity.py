@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gemmaquant.formats.checkpoint import Checkpoint  # noqa: E402
-from gemmaquant.export.gguf.plan import gguf_schemes  # noqa: E402
 from gemmaquant.export.gguf.writer import write_gguf  # noqa: E402
 from gemmaquant.model.loading import load_model  # noqa: E402
 from gemmaquant.schemes import get_scheme  # noqa: E402
@@ -33,6 +32,10 @@ WHAT = {"dense": "dense, 31B-like (k_eq_v, full-layer kv heads 1)", "dense-kv": 
         "e2b": "E2B-like (PLE, 4 of 7 layers KV-shared, double-wide MLP)", "moe": "MoE-like (16 experts, top 4)",
         "e2b-mm": "Gemma4ForConditionalGeneration (E2B-like text + vision + audio)",
         "moe-256": "MoE-like, 256-wide (K-quants without fallback)", "e2b-256": "E2B-like, 256-wide"}
+
+# the presets RESULTS §10 reports (issue 19); the imatrix-only presets added later refuse without one,
+# and Gemma 4 has no imatrix yet
+PRESETS = ("bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0")
 
 
 def forward_rows(root: Path) -> None:
@@ -57,7 +60,7 @@ def gguf_rows(root: Path) -> None:
         make_tiny_gemma4(k, root / f"tiny-gemma4-{k}", dtype=torch.bfloat16)
         dirs.append(root / f"tiny-gemma4-{k}")
     refs = ref.convert_many([(d, "bf16") for d in dirs])
-    presets = gguf_schemes()
+    presets = list(PRESETS)
     print("\n| combination | " + " | ".join(presets) + " |\n|---|" + "---|" * len(presets))
     for k, d, r in zip(kinds, dirs, refs):
         cells = []
@@ -98,7 +101,7 @@ def llama_rows(root: Path) -> None:
         print(f"| {WHAT[k]} | " + " | ".join(cells) + " |", flush=True)
     chunks = chunk_tokens([2] + torch.randint(5, 261, (8 * 64,), generator=torch.Generator().manual_seed(3)).tolist(),
                           64, 2, 8)
-    presets = gguf_schemes()
+    presets = list(PRESETS)
     print("\n| our file, ppl ours / llama.cpp − 1 | " + " | ".join(presets) + " |\n|---|" + "---:|" * len(presets))
     for k in ("dense", "e2b", "moe", "moe-256"):
         cells = []

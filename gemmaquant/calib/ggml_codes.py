@@ -132,7 +132,6 @@ def _xs_scales(b: torch.Tensor) -> torch.Tensor:
 def sub_grid(data: torch.Tensor, qtype: GGMLType, rows: int) -> SubGrid:
     """The grid of each sub-block from the scale bytes of `data` ([rows, row_bytes] uint8)."""
     b = _blocks(data, qtype)
-    nb = b.shape[0]
     B = None
     if qtype in (T.Q4_0, T.Q5_0, T.Q8_0, T.IQ4_NL):
         A = _f16(b, 0)[:, None]
