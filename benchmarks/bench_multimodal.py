@@ -7,7 +7,9 @@ transformers, libmtmd image embeddings, vLLM load} of benchmarks/RESULTS.md.
 Tiny random checkpoints built and saved by transformers (tests/tiny_mm.py); llama.cpp's converter from the
 pinned sources (tests/export/gguf/llamacpp_ref.py). The converter reads only layout A, so its mmproj reference for
 B/C/D is its output on the same files with the tensors renamed to A; what it does on the raw layout is
-reported too. vLLM runs only when given a Python with vLLM installed (never a gemmaquant dependency).
+reported too. vLLM runs only when given a Python with vLLM installed (never a gemmaquant dependency): it
+loads the fp8 output, and its prompt log-probabilities and greedy tokens are compared with our forward pass on
+the same file.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+PROMPT = [2, 17, 99, 150, 200, 31, 77, 140, 5, 250, 63, 118, 9, 201, 44, 180]
 VLLM_CHILD = """
 import json, sys
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True,
           limit_mm_per_prompt={"image": 0})
-out = llm.generate([[2, 17, 99, 150, 200]], SamplingParams(max_tokens=4, temperature=0))
-print(json.dumps({"arch": type(llm.llm_engine.model_config.hf_config).__name__,
-                  "tokens": list(out[0].outputs[0].token_ids)}))
+prompt = json.loads(sys.argv[2])
+out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0))
+lp = [next(iter(d[t].logprob for t in d if t == tok)) for d, tok in zip(out[0].prompt_logprobs[1:], prompt[1:])]
+print(json.dumps({"arch": llm.llm_engine.model_config.architectures[0],
+                  "tokens": list(out[0].outputs[0].token_ids), "prompt_logprobs": lp}))
 """
 
 
@@ -123,12 +128,31 @@ def ct_checks(d: Path, out: Path, scheme: str) -> dict:
 def vllm_check(python: str | None, out: Path) -> str:
     if not python:
         return "not run here"
-    r = subprocess.run([python, "-c", VLLM_CHILD, str(out)], capture_output=True, text=True, timeout=1800,
+    r = subprocess.run([python, "-c", VLLM_CHILD, str(out), json.dumps(PROMPT)], capture_output=True, text=True, timeout=1800,
                        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                             "PATH": "/usr/bin:/bin"})
     if r.returncode:
         return "fails: " + (r.stderr.strip().splitlines() or ["?"])[-1][:90]
-    return "loads, generates " + r.stdout.strip().splitlines()[-1]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    ours, lp = greedy_ours(out, PROMPT, len(got["tokens"]))
+    same = "=" if got["tokens"] == ours else f"≠ ours {ours}"
+    dlp = max(abs(a - b) for a, b in zip(got["prompt_logprobs"], lp))
+    return (f"loads as {got['arch']}; greedy {got['tokens']} {same}; prompt log-probs max |Δ| vs ours "
+            f"{dlp:.1e} ({len(lp)} tokens)")
+
+
+def greedy_ours(out: Path, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the prompt tokens' log-probabilities from our own forward pass on the written file
+    (its W8A8 activations rounded per token as vLLM's dynamic FP8 does), for comparison with vLLM's."""
+    from gemmaquant.evaluate.artifact import open_artifact
+
+    model = open_artifact(str(out), torch.float32).model
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist(), lp
 
 
 def main():
