@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.evaluate.artifact import open_artifact
-from gemmaquant.model.qlinear import FP8Linear, PackedLinear
+from gemmaquant.model.gemma import Gemma
+from gemmaquant.model.qlinear import FP8Linear, PackedLinear, QuantEmbedding
 from tests.evaluate.test_artifact import tiny_hf_dir
 
 
@@ -64,6 +65,8 @@ def _mixed(written, dst, group_formats: bool):
 @pytest.mark.parametrize("group_formats", [True, False], ids=["group-formats", "from-tensors"])
 def test_mixed_precision_opens_as_its_parts(written, tmp_path, group_formats):
     art = open_artifact(str(_mixed(written, tmp_path / "mixed", group_formats)))
+    # the same model class, the tied head a QuantEmbedding through Gemma's head hook
+    assert type(art.model) is Gemma and isinstance(art.model.model.embed_tokens, QuantEmbedding)
     parts = {s: dict(open_artifact(str(written[s])).model.named_modules()) for s in written}
     n, fmts = 0, set()
     for name, m in art.model.named_modules():
