@@ -124,14 +124,14 @@ def main():
 
     for dtype in (torch.float32, torch.bfloat16):
         m = load_model(ckpt, dtype)
-        row(f"gemmaquant ({str(dtype)[6:]})", timed(lambda x, f: m(x, logits_from=f), ids, first))
+        row(f"gemmaquant ({str(dtype)[6:]})", timed(lambda x, f, m=m: m(x, logits_from=f), ids, first))
         del m
 
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
     row("transformers 5.23 (float32, sdpa)",
-        timed(lambda x, f: hf(x, logits_to_keep=x.shape[1] - f).logits, ids, first))
+        timed(lambda x, f, hf=hf: hf(x, logits_to_keep=x.shape[1] - f).logits, ids, first))
     del hf
 
     tmp = tempfile.TemporaryDirectory()
@@ -173,7 +173,7 @@ def main():
     print(f"| llama.cpp bf16 GGUF | {lres['ppl']:.4f} | {lres['ppl_stderr']:.4f} | — |")
     for dtype in (getattr(torch, d) for d in a.ppl_dtypes.split(",")):
         m = load_model(ckpt, dtype)
-        r = perplexity(lambda x, f: m(x, logits_from=f), all_ids)
+        r = perplexity(lambda x, f, m=m: m(x, logits_from=f), all_ids)
         print(f"| gemmaquant {str(dtype)[6:]} compute | {r.ppl:.4f} | {r.ppl_stderr:.4f} | "
               f"{100 * (r.ppl / lres['ppl'] - 1):+.3f}% |")
         del m

@@ -19,8 +19,8 @@ header should have refused). Prints a markdown table: executions, seconds, failu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import resource
 import struct
 import sys
@@ -354,11 +354,8 @@ TINY_CFG = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "i
 def plan(tmp: Path) -> dict:
     """reader -> (strategy, target)."""
     t = Targets(tmp)
-    import gemmaquant.formats.checkpoint  # noqa: F401 - imported before RSS is measured
-    import gemmaquant.formats.gguf.imatrix  # noqa: F401
-    import gemmaquant.recipes  # noqa: F401
-    import gemmaquant.export.gguf.header  # noqa: F401
-    import gemmaquant.formats.tokenizer  # noqa: F401
+    for mod in ("formats.checkpoint", "formats.gguf.imatrix", "recipes", "export.gguf.header", "formats.tokenizer"):
+        importlib.import_module("gemmaquant." + mod)  # imported before RSS is measured
     names = st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "", ".", "..",
                              "missing.safetensors", "a\x00b"])
     weight_maps = st.one_of(json_values, st.dictionaries(st.text(max_size=30), names | json_values, max_size=5),

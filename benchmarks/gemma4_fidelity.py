@@ -116,7 +116,7 @@ def llama_rows(root: Path) -> None:
                 llama.eval(x[0].tolist())
                 return torch.from_numpy(np.array(llama.scores[: x.shape[1]], dtype=np.float32))[None, first:]
 
-            a = perplexity(lambda x, first: art.model(x, logits_from=first), chunks).ppl
+            a = perplexity(lambda x, first, model=art.model: model(x, logits_from=first), chunks).ppl
             cells.append(f"{a / perplexity(theirs, chunks).ppl - 1:+.2%}")
             del llama, art
         print(f"| {WHAT[k]} | " + " | ".join(cells) + " |", flush=True)

@@ -232,7 +232,10 @@ def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
 
 
 def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOptions,
-                 progress=None, computed_imatrix=None) -> QuantizeSummary:
+                 progress=None, computed_imatrix=None, calib_progress=None) -> QuantizeSummary:
+    """Write `out`. `progress(done, total, tensor)` hears of the source bytes written, `calib_progress(done,
+    total, what)` of the layers of each calibration pass (imatrix, GPTQ/AWQ/SmoothQuant, sensitivity);
+    the caller renders them (cli/progress.py)."""
     from .export.diskspace import check_free_space
     from .export.guard import check_output
     from .export.gguf.optimized import check_request, make_budget
@@ -273,9 +276,10 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
     check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
     if scheme.is_gguf:
-        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix)
+        summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix,
+                        calib_progress)
     else:
-        summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text)
+        summary = _compressed_tensors(ckpt, scheme, out, opts, progress, text, calib_progress)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss()
     return summary
@@ -313,11 +317,11 @@ def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> 
 
 
 def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opts: QuantizeOptions,
-                     progress_for=None) -> list[QuantizeSummary]:
+                     progress_for=None, calib_progress=None) -> list[QuantizeSummary]:
     """Several GGUF presets in one command: every output passes the output guard and every preset its
     imatrix refusal before any work, the importance matrix is computed once, and each file is the
     single-preset command's file. (The checkpoint is read once per preset, mostly from the page cache.)
-    `progress_for(scheme)` gives each file's progress callback."""
+    `progress_for(scheme)` gives each file's progress callback; `calib_progress` as run_quantize's."""
     from .export.guard import check_output
     from .export.gguf.plan import plan_types
 
@@ -334,13 +338,13 @@ def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opt
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                   seq_len=opts.calib_len, device=opts.device)
+                                   seq_len=opts.calib_len, device=opts.device, progress=calib_progress)
     return [run_quantize(ckpt, s, out, opts, progress=progress_for(s) if progress_for else None,
-                         computed_imatrix=computed) for s, out in zip(schemes, outs)]
+                         computed_imatrix=computed, calib_progress=calib_progress) for s, out in zip(schemes, outs)]
 
 
 def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False,
-          computed_imatrix=None) -> QuantizeSummary:
+          computed_imatrix=None, calib_progress=None) -> QuantizeSummary:
     import logging
 
     from .export.gguf.header import start_header
@@ -363,7 +367,7 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
         card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
     header = None
     if opts.tuned:
-        summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text)
+        summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text, calib_progress)
         for note in lossy:
             logging.getLogger("gemmaquant").warning(note)
     else:
@@ -371,7 +375,8 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
             # the header (mostly the vocabulary) builds in its own process while torch is imported here
             header = start_header(ckpt, scheme)
         try:
-            summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix)
+            summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix,
+                                  calib_progress)
         finally:
             if header is not None:
                 header.close()
@@ -399,7 +404,8 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
     summary.notes.append(f"model card: {readme}")
 
 
-def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None) -> QuantizeSummary:
+def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None,
+                calib_progress=None) -> QuantizeSummary:
     from .formats.gguf.imatrix import read_imatrix
     from .export.gguf.writer import write_gguf
 
@@ -414,7 +420,7 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=N
             from .calib.imatrix import compute_imatrix
 
             computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                       seq_len=opts.calib_len, device=opts.device)
+                                       seq_len=opts.calib_len, device=opts.device, progress=calib_progress)
         im = computed.to_imatrix()
         imatrix, imatrix_meta = im.importance, im.meta()
         named = f"; text {text.describe()}" if text is not None else ""
@@ -435,11 +441,11 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=N
                            unquantized=unq, types=rep.type_counts)
 
 
-def _gguf_tuned(ckpt, scheme, out, opts, progress, text) -> QuantizeSummary:
+def _gguf_tuned(ckpt, scheme, out, opts, progress, text, calib_progress=None) -> QuantizeSummary:
     from .export.gguf.optimized import make_budget, write_tuned
 
     res = write_tuned(ckpt, scheme, out, opts, make_budget(opts.target_bpw, opts.target_size), text,
-                      inputs=inputs_of(ckpt, opts)[1:], progress=progress)
+                      inputs=inputs_of(ckpt, opts)[1:], progress=progress, calib_progress=calib_progress)
     plans = res.report.plans
     params = sum(p.numel for p in plans)
     unq = [(p.name, "norms stay F32 (llama.cpp)") for p in plans if p.type.name == "F32"]
@@ -449,7 +455,7 @@ def _gguf_tuned(ckpt, scheme, out, opts, progress, text) -> QuantizeSummary:
                            unquantized=unq, types=res.types)
 
 
-def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> QuantizeSummary:
+def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib_progress=None) -> QuantizeSummary:
     from .calib.pipeline import calibrate
     from .export.compressed_tensors import write_compressed_tensors
 
@@ -470,7 +476,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> Qu
 
             text = calib_text(opts.calib)
         res = calibrate(ckpt, scheme, algorithm=algorithm, calib_path=opts.calib, n_samples=opts.calib_samples,
-                        seq_len=opts.calib_len, alpha=opts.alpha, device=opts.device, progress=True)
+                        seq_len=opts.calib_len, alpha=opts.alpha, device=opts.device, progress=calib_progress)
         quantized = res.packed(scheme.ct_format) if res.quantized else None
         overrides = res.overrides or None
         input_scales = res.input_scales or None
@@ -506,16 +512,18 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None) -> Qu
                            unquantized=unq, types={f"{scheme.label} Linears": len(rep.quantized)})
 
 
+# The summary's (and model card's) line per --algorithm, one for each name of schemes.ALGORITHMS; "rtn"
+# is also what a scheme with static input scales and no algorithm gets.
+ALGORITHM_NOTES = {
+    "rtn": "round-to-nearest (RTN) with static input scales from calibration",
+    "gptq": ("GPTQ (damping 0.01, static act-order, block 128, per-group MSE clip search, "
+             "least-squares scale refit), no g_idx"),
+    "awq": "AWQ-style activation-aware scale search (20-point grid), then RTN",
+    "awq+gptq": "AWQ scale search, then GPTQ",
+    "smoothquant": "SmoothQuant (alpha {alpha}) folded into the (1+w) norms / v_proj / up_proj, then RTN",
+    "smoothquant+gptq": "SmoothQuant (alpha {alpha}) folded into the (1+w) norms / v_proj / up_proj, then GPTQ",
+}
+
+
 def _algorithm_note(algorithm: str | None, opts: QuantizeOptions) -> str:
-    if algorithm == "smoothquant":
-        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then RTN"
-    if algorithm == "gptq":
-        return ("GPTQ (damping 0.01, static act-order, block 128, per-group MSE clip search, "
-                "least-squares scale refit), no g_idx")
-    if algorithm == "awq":
-        return "AWQ-style activation-aware scale search (20-point grid), then RTN"
-    if algorithm == "awq+gptq":
-        return "AWQ scale search, then GPTQ"
-    if algorithm == "smoothquant+gptq":
-        return f"SmoothQuant (alpha {opts.alpha}) folded into the (1+w) norms / v_proj / up_proj, then GPTQ"
-    return "round-to-nearest (RTN) with static input scales from calibration"
+    return ALGORITHM_NOTES[algorithm or "rtn"].format(alpha=opts.alpha)

@@ -52,3 +52,10 @@ def test_combined_algorithms_follow_their_parts():
     assert SCHEMES["int8"].allowed_algorithms == ("smoothquant", "rtn", "smoothquant+gptq")
     assert SCHEMES["w4a16"].allowed_algorithms == ("gptq", "awq", "rtn", "awq+gptq")
     assert SCHEMES["fp8"].allowed_algorithms == ("rtn",)
+
+
+def test_the_summary_has_a_line_for_every_algorithm():
+    """The one tuple of names: the summary's algorithm lines are keyed by exactly schemes.ALGORITHMS."""
+    from gemmaquant.pipeline import ALGORITHM_NOTES
+
+    assert tuple(ALGORITHM_NOTES) == ALGORITHMS

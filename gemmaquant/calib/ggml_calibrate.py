@@ -29,7 +29,7 @@ from ..numerics.ggml.types import GGMLType
 from ..formats.gguf.names import gguf_name
 from .ggml_codes import SCALAR_TYPES
 from .ggml_gptq import hessian_factor, layer_loss, optimize_tensor
-from .runner import run_layers
+from .runner import Progress, run_layers
 from .stats import INPUT_OF
 
 Sink = Callable[[str, np.ndarray], None]
@@ -99,7 +99,7 @@ def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, ima
 
 def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: torch.Tensor, *,
                           sink: Sink | None = None, feedback: bool = True, damp: float = 0.01,
-                          act_order: bool = True, batch_size: int = 4, progress: bool = False,
+                          act_order: bool = True, batch_size: int = 4, progress: Progress | None = None,
                           layers: range | None = None) -> OptimizeReport:
     """Error-feedback bytes for every decoder-layer Linear named in `types` (GGUF name -> type).
 

@@ -20,6 +20,7 @@ import torch
 from ..formats.checkpoint import Checkpoint
 from ..formats.gguf.imatrix import Imatrix, write_imatrix
 from ..formats.gguf.names import gguf_name
+from .runner import Progress
 
 
 @dataclass
@@ -62,14 +63,15 @@ def llama_chunks(ids: list[int], n_ctx: int, bos_id: int, n_chunks: int | None =
 
 def compute_imatrix(ckpt: Checkpoint, *, calib: Path | None = None, n_samples: int = 128,
                     seq_len: int = 512, device: str = "cpu", ids: torch.Tensor | None = None,
-                    dataset: str | None = None) -> ComputedImatrix:
-    """`ids` [n, S] (e.g. from `llama_chunks`) replaces the calibration windows; `dataset` names them."""
+                    dataset: str | None = None, progress: Progress | None = None) -> ComputedImatrix:
+    """`ids` [n, S] (e.g. from `llama_chunks`) replaces the calibration windows; `dataset` names them;
+    `progress(done, total, what)` hears of each layer."""
     from .pipeline import calibrate
 
     if ids is not None:
         n_samples, seq_len = ids.shape
     res = calibrate(ckpt, "q8_0", imatrix=True, calib_path=calib, n_samples=n_samples, seq_len=seq_len,
-                    ids=ids, device=device, progress=True)
+                    ids=ids, device=device, progress=progress)
     gen = ckpt.config.generation
     sums, counts = {}, {}
     for linear, (s, c) in res.imatrix.items():

@@ -37,7 +37,7 @@ from .data import calibration_batches, load_tokenizer_for
 from .fold import MAPPINGS, consumer_names
 from .gptq import gptq_quantize
 from ..numerics.ct.grid import WeightQuant, rtn, split_rows
-from .runner import run_layers
+from .runner import Progress, run_layers
 from .smoothquant import smooth_layer
 
 
@@ -70,7 +70,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
               tokenizer=None, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
               batch_size: int = 4, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
               gptq_mse: bool = True, gptq_refit: bool = True, float_target: bool = False,
-              mappings=MAPPINGS, progress: bool = False, sink=None) -> CalibResult:
+              mappings=MAPPINGS, progress: Progress | None = None, sink=None) -> CalibResult:
     """Run the calibration `scheme` (+ `algorithm`, default: the scheme's first) needs.
 
     alpha: SmoothQuant migration strength; 0.8 by default because it drifted least on the demo model,
@@ -81,6 +81,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     `ids` [n, S] bypasses tokenization (tests, benchmarks). GGUF schemes calibrate only with `imatrix`.
     `sink(name, WeightQuant)`, if given, receives each Linear's result as its layer finishes instead of
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
+    `progress(done, total, what)` hears of each layer (runner.py).
     """
     if ckpt.config.generation == 4:  # its experts, K/V sharing and per-layer inputs are not calibrated yet
         raise GemmaQuantError(f"{ckpt.path}: calibration (importance matrix, GPTQ/AWQ/SmoothQuant, static scales) is "
@@ -91,7 +92,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     res = CalibResult()
     stored = {n: ckpt.dtype(n) for n in ckpt.names()}
 
-    kinds, sequential, on_layer = set(), False, None
+    kinds, sequential = set(), False
     if imatrix:
         kinds |= {"sum_sq"}
     static_fp8 = scheme.input_activations is not None and not scheme.input_activations.dynamic

@@ -12,6 +12,8 @@ With `float_target=True` (sequential only) a second stream h_f runs through the 
 quantized stream h; each mini-batch goes through the (still float) layer twice, first from h_f, storing
 every hooked Linear's input, then from h with the statistics hooks, so "xfx" can pair both inputs of
 the same token. One more pass per layer and one more [n, S, hidden] buffer.
+`progress(done, total, what)` hears of each layer (layers done of all, the one under way); the CLI
+draws it (cli/progress.py), nothing here renders.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .stats import InputStats, Pairing, attach
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
 OnLayer = Callable[[int, DecoderLayer, dict[str, InputStats]], None]
+# progress(done, total, what): steps done of total, and the one under way ("layer 3"; "" when all are done)
+Progress = Callable[[int, int, str], None]
 
 
 def embed_ids(ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -45,18 +49,9 @@ def embed_ids(ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype = torch.fl
     return h * embed_scale(ckpt.config, dtype)
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), transient=True)
-
-
 def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer | None = None,
                sequential: bool = True, dtype: torch.dtype = torch.float32, device="cpu",
-               batch_size: int = 4, layers: range | None = None, progress: bool = False,
+               batch_size: int = 4, layers: range | None = None, progress: Progress | None = None,
                float_target: bool = False) -> torch.Tensor:
     """Drive calibration over `layers` (default: all); returns the final hidden states [n, S, hidden]."""
     if float_target and not sequential:
@@ -70,38 +65,30 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
         out = torch.empty_like(h)
         h_f = h.clone() if float_target else None
         out_f = torch.empty_like(h) if float_target else None
-        bar = _progress(progress, len(layers))
-        task = bar.add_task("", total=len(layers)) if bar else None
-        if bar:
-            bar.start()
-        try:
-            for i in layers:
-                if bar:
-                    bar.update(task, description=f"layer {i}")
-                layer = load_layer(ckpt, i, dtype, device)
-                pair = Pairing() if float_target else None
-                stats, handles = attach(layer, f"model.layers.{i}.", kinds, pair)
-                try:
-                    if float_target:
-                        _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair)
-                        h_f, out_f = out_f, h_f
-                    else:
-                        _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                if on_layer is not None:
-                    on_layer(i, layer, stats)
-                del stats
-                if sequential:
-                    _pass(layer, h, out, ctx, batch_size, device, keep=True)
-                h, out = out, h
-                del layer
-                if bar:
-                    bar.advance(task)
-        finally:
-            if bar:
-                bar.stop()
+        for done, i in enumerate(layers):
+            if progress:
+                progress(done, len(layers), f"layer {i}")
+            layer = load_layer(ckpt, i, dtype, device)
+            pair = Pairing() if float_target else None
+            stats, handles = attach(layer, f"model.layers.{i}.", kinds, pair)
+            try:
+                if float_target:
+                    _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair)
+                    h_f, out_f = out_f, h_f
+                else:
+                    _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            if on_layer is not None:
+                on_layer(i, layer, stats)
+            del stats
+            if sequential:
+                _pass(layer, h, out, ctx, batch_size, device, keep=True)
+            h, out = out, h
+            del layer
+        if progress:
+            progress(len(layers), len(layers), "")
     return h
 
 

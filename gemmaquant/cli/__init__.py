@@ -6,7 +6,7 @@ render what it returns with rich. No quantization, evaluation or file format log
     inspect     `inspect`: render what evaluate.inspect reads
     plan_view   `quantize --dry-run`'s per-tensor plan and the final summary
     options     options several commands share
-    progress    the progress bar of long writes
+    progress    the progress display of long runs (bytes written, calibration layers)
 
 `python -m gemmaquant.cli` runs it (`gemmaquant` is the installed script).
 """

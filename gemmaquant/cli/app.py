@@ -204,15 +204,11 @@ def quantize_cmd(
 
         render_plan(ckpt, s, out_p, opts, out, json_out, show_all=show_all)
         return
-    from .progress import byte_progress
+    from .progress import byte_task, progress_display, steps_task
 
-    with byte_progress(not (quiet or json_out), console=err) as bar:
-        task = bar.add_task(f"writing {s.label}", total=None, tensor="")
-
-        def progress(done, total, tensor):
-            bar.update(task, total=total, completed=done, tensor=tensor)
-
-        summary = run_quantize(ckpt, s, out_p, opts, progress=progress)
+    with progress_display(not (quiet or json_out), console=err) as bar:
+        summary = run_quantize(ckpt, s, out_p, opts, progress=byte_task(bar, f"writing {s.label}"),
+                               calib_progress=steps_task(bar))
     if json_out:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
     elif not quiet:
@@ -232,17 +228,11 @@ def _quantize_set(ckpt, schemes, out_dir, opts, dry_run, show_all, json_out, qui
         for s, o in zip(schemes, outs):
             render_plan(ckpt, s, o, opts, out, json_out, show_all=show_all)
         return
-    from .progress import byte_progress
+    from .progress import byte_task, progress_display, steps_task
 
-    with byte_progress(not (quiet or json_out), console=err) as bar:
-        def progress_for(s):
-            task = bar.add_task(f"writing {s.label}", total=None, tensor="")
-
-            def progress(done, total, tensor):
-                bar.update(task, total=total, completed=done, tensor=tensor)
-            return progress
-
-        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, progress_for)
+    with progress_display(not (quiet or json_out), console=err) as bar:
+        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, lambda s: byte_task(bar, f"writing {s.label}"),
+                                     calib_progress=steps_task(bar))
     if json_out:
         sys.stdout.write(json.dumps([x.to_dict() for x in summaries], indent=2) + "\n")
     elif not quiet:
@@ -304,7 +294,11 @@ def imatrix_cmd(
         except ValueError as e:
             raise GemmaQuantError(f"{calib or 'the default calibration text'}: {e} (--calib-len)") from None
         dataset = str(calib) if calib is not None else "default_calib.txt"
-    im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset)
+    from .progress import progress_display, steps_task
+
+    with progress_display(console=err) as bar:
+        im = compute_imatrix(ckpt, calib=calib, n_samples=calib_samples, seq_len=calib_len, ids=ids, dataset=dataset,
+                             progress=steps_task(bar))
     with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
         im.save(tmp)
     out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}; text {src.describe()}",

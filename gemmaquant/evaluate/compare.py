@@ -85,7 +85,7 @@ def compare_artifacts(base: str, artifacts: list[str], text: Text | Path | str |
         notes = differences(base_full, art.config, a) if art.kind == "gguf" else []
         for note in notes:
             logging.getLogger("gemmaquant").warning(note)
-        d = run(art.name, len(ref.chunks), lambda p: compare(art.model, ref, p))
+        d = run(art.name, len(ref.chunks), lambda p, model=art.model: compare(model, ref, p))
         # each artifact's tokenizer re-reads the text, piece by piece, only as far as the chunks go
         same_tok = _encode(art.tokenizer, text, ref.chunks.numel())[: ref.chunks.numel()]
         flat = ref.chunks.reshape(-1).tolist()

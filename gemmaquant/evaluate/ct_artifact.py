@@ -1,12 +1,16 @@
-"""Open a compressed-tensors directory (ours, or llm-compressor's) as a QuantGemma.
+"""Open a compressed-tensors directory (ours, or llm-compressor's) as a Gemma with quantized Linears.
 
-What each Linear `P` holds decides its module (docs/vllm-formats.md §1-4):
-    P.weight_packed (+ weight_scale, weight_shape, [weight_zero_point])   → PackedLinear
-    P.weight float8_e4m3fn + weight_scale [+ input_scale]                 → FP8Linear
-    P.weight int8 + weight_scale [+ input_scale, input_zero_point]        → Int8Linear
-    P.weight bf16/f16/f32 (an ignored layer)                              → DenseLinear
+Each Linear `P` is loaded by its format object (numerics/ct/formats.py, docs/vllm-formats.md §1-4):
+the one its config group (or quantization_config) declares, or, for llm-compressor's mixed-precision
+files and Linears no group targets, the one its tensors are. The format reads and checks `P.weight*`
+and returns a `Loaded`; MODULES turns that into the QuantLinear it runs as:
+    pack-quantized  P.weight_packed + weight_scale, weight_shape [, weight_zero_point]  → PackedLinear
+    float-quantized P.weight float8_e4m3fn + weight_scale [+ input_scale]              → FP8Linear
+    int-quantized   P.weight int8 + weight_scale [+ input_scale, input_zero_point]     → Int8Linear
+    dense           P.weight bf16/f16/f32 (an ignored layer, the embedding)            → DenseLinear
 The config group that targets P supplies num_bits and how activations are quantized (none,
-dynamic per token, or static). Embedding and norms are unquantized and copied.
+dynamic per token, or static). Norms are unquantized and copied. Tensor names are built in one place
+(`_Linear.name`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from ..formats.config import config_from_dict
 from ..errors import GemmaQuantError
 from ..formats.inputs import read_json
 from ..formats.safetensors import SafetensorsFile
+from ..model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear, QuantLinear
+from ..numerics.ct.formats import DENSE, Loaded, stored_format
 from .quantized import Artifact, assemble, linear_stats
 
 
@@ -28,6 +34,7 @@ class _Tensors:
     """name → tensor over all shards (multimodal prefixes stripped, as formats/checkpoint.py does)."""
 
     def __init__(self, root: Path):
+        self.root = root
         index = read_shard_index(root)
         paths = index.shards if index is not None else sorted(root.glob("*.safetensors"))
         if not paths:
@@ -43,9 +50,13 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def dtype(self, name: str) -> torch.dtype:
+        f, s = self.where[name]
+        return f.dtype(s)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise GemmaQuantError(f"tensor '{name}' is missing")
+            raise GemmaQuantError(f"{self.root}: tensor '{name}' is missing")
         f, s = self.where[name]
         t = f.get(s)
         if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and not torch.isfinite(t).all():
@@ -57,6 +68,52 @@ class _Tensors:
             raise GemmaQuantError(f"{f.path}: tensor '{s}' holds an FP8 NaN at byte offset "
                                   f"{f.data_offset(s) + bad} (corrupt)")
         return t
+
+
+class _Linear:
+    """One Linear's tensors, by suffix (the `formats.Stored` a format loads from): `model.layers.0.mlp.up_proj`
+    + `.weight_packed`, ... (the one place this loader names a Linear's tensors)."""
+
+    def __init__(self, ts: _Tensors, module: str):
+        self.ts, self.module, self.where = ts, module, str(ts.root)
+
+    def name(self, suffix: str) -> str:
+        return f"{self.module}.{suffix}"
+
+    def has(self, suffix: str) -> bool:
+        return self.name(suffix) in self.ts
+
+    def dtype(self, suffix: str) -> torch.dtype:
+        return self.ts.dtype(self.name(suffix))
+
+    def get(self, suffix: str) -> torch.Tensor:
+        return self.ts.get(self.name(suffix))
+
+
+def module_of(hf: str) -> str:
+    """The module an HF weight name belongs to (`...q_proj.weight` → `...q_proj`)."""
+    return hf.removesuffix(".weight")
+
+
+# The module each format's Loaded runs as (model/qlinear.py).
+MODULES = {
+    "dense": lambda d, n, k: DenseLinear(d.tensors["weight"]),
+    "float-quantized": lambda d, n, k: FP8Linear(d.tensors["weight"], d.tensors["weight_scale"], d.act,
+                                                 d.tensors.get("input_scale")),
+    "int-quantized": lambda d, n, k: Int8Linear(d.tensors["weight"], d.tensors["weight_scale"], d.act,
+                                                d.tensors.get("input_scale"), d.tensors.get("input_zero_point")),
+    "pack-quantized": lambda d, n, k: PackedLinear(d.tensors["weight_packed"], d.tensors["weight_scale"],
+                                                   d.num_bits, n, k, d.tensors.get("weight_zero_point")),
+}
+
+
+# Embedding tables (the token embedding, Gemma 4's per-layer one): no config group targets them
+# (`targets: Linear` means nn.Linear modules), they are stored as they were.
+EMBEDDINGS = ("model.embed_tokens", "model.embed_tokens_per_layer")
+
+
+def to_module(d: Loaded, n: int, k: int) -> QuantLinear:
+    return MODULES[d.format](d, n, k)
 
 
 def _matches(pattern: str, module: str) -> bool:
@@ -82,66 +139,33 @@ def _act_mode(group: dict | None) -> str | None:
 
 
 def open_ct(root: Path, dtype: torch.dtype, device: str):
-    from ..model.qlinear import DenseLinear, FP8Linear, Int8Linear, PackedLinear
     from ..formats.tokenizer import load_tokenizer
 
     raw = read_json(root / "config.json", "config.json")
     cfg = config_from_dict(raw, where=str(root / "config.json"))
     qc = raw["quantization_config"]
-    fmt = qc.get("format")
     ts = _Tensors(root)
     expected = cfg.expected_shapes()
 
-    def shape_check(name: str, t: torch.Tensor, want) -> torch.Tensor:
-        if tuple(t.shape) != tuple(want):
-            raise GemmaQuantError(f"{root}: tensor '{name}' has shape {list(t.shape)}, config.json implies "
-                                  f"{list(want)}")
-        return t
-
-    def qlin(hf: str):
-        module = hf[: -len(".weight")]
-        n, k = expected[hf]
-        if module == "model.embed_tokens":
-            return DenseLinear(shape_check(hf, ts.get(hf), (n, k)))
+    def load(hf: str) -> Loaded:
+        module = module_of(hf)
+        st, (n, k) = _Linear(ts, module), expected[hf]
+        if module in EMBEDDINGS:
+            return DENSE.load(st, n, k)
         group = _group_for(qc, module)
-        wargs = (group or {}).get("weights") or {}
-        act = _act_mode(group)
-        opt = (lambda s: ts.get(f"{module}.{s}") if f"{module}.{s}" in ts else None)
-        if f"{module}.weight_packed" in ts:
-            bits = int(wargs.get("num_bits", 4))
-            if bits not in (4, 8):
-                raise GemmaQuantError(f"{root}: {module}: pack-quantized num_bits {bits} (allowed: 4, 8)")
-            shape = tuple(int(v) for v in ts.get(f"{module}.weight_shape").tolist())
-            shape_check(f"{module}.weight_shape", torch.empty(shape, device="meta"), (n, k))
-            packed = shape_check(f"{module}.weight_packed", ts.get(f"{module}.weight_packed"), (n, -(-k * bits // 32)))
-            scale = ts.get(f"{module}.weight_scale")
-            if scale.ndim != 2 or scale.shape[0] != n or k % scale.shape[1]:
-                raise GemmaQuantError(f"{root}: tensor '{module}.weight_scale' has shape {list(scale.shape)}; "
-                                      f"expected [{n}, G] with G dividing {k}")
-            zp = opt("weight_zero_point")
-            if zp is not None:
-                shape_check(f"{module}.weight_zero_point", zp, (-(-n * bits // 32), scale.shape[1]))
-            return PackedLinear(packed, scale, bits, n, k, zp)
-        if f"{module}.weight" not in ts:
-            raise GemmaQuantError(f"{root}: no tensor '{module}.weight' or '{module}.weight_packed'")
-        w = shape_check(f"{module}.weight", ts.get(f"{module}.weight"), (n, k))
-        if w.dtype == torch.float8_e4m3fn:
-            return FP8Linear(w, ts.get(f"{module}.weight_scale"), act, opt("input_scale"))
-        if w.dtype == torch.int8:
-            if f"{module}.weight_zero_point" in ts:
-                raise GemmaQuantError(f"{root}: {module}: asymmetric int-quantized weights are not supported")
-            return Int8Linear(w, ts.get(f"{module}.weight_scale"), act, opt("input_scale"),
-                              opt("input_zero_point"))
-        if w.is_floating_point():
-            return DenseLinear(w)
-        raise GemmaQuantError(f"{root}: tensor '{module}.weight' has dtype {w.dtype} (format {fmt!r})")
+        declared = None if group is None else group.get("format", qc.get("format"))
+        return stored_format(declared, st).load(st, n, k, (group or {}).get("weights") or {}, _act_mode(group))
+
+    def qlin(hf: str) -> QuantLinear:
+        return to_module(load(hf), *expected[hf])
 
     def norm(hf: str) -> torch.Tensor:
-        return shape_check(hf, ts.get(hf), expected[hf]).float()
+        t = ts.get(hf)
+        if tuple(t.shape) != tuple(expected[hf]):
+            raise GemmaQuantError(f"{root}: tensor '{hf}' has shape {list(t.shape)}, config.json implies "
+                                  f"{list(expected[hf])}")
+        return t.float()
 
-    for m in [k[: -len(".weight")] for k in expected if k.endswith("_proj.weight")]:
-        if _act_mode(_group_for(qc, m)) == "static" and f"{m}.input_scale" not in ts:
-            raise GemmaQuantError(f"{root}: {m}: static input activations but no '{m}.input_scale'")
     model = assemble(cfg, dtype, qlin, norm)
     if "lm_head.weight" in ts:
         raise GemmaQuantError(f"{root}: an untied 'lm_head.weight' is not supported (Gemma ties it)")

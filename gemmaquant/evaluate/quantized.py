@@ -1,6 +1,7 @@
-"""What every opened artifact is: a QuantGemma (the built-in model with quantized Linears and embedding)
-wrapped in an Artifact that says where it came from and what its weights cost. The GGUF and
-compressed-tensors openers (artifact.py, ct_artifact.py) both build through `assemble`."""
+"""What every opened artifact is: the built-in `Gemma` with quantized Linears and a QuantEmbedding as its
+embedding (and tied LM head, through Gemma's head hook), wrapped in an Artifact that says where it came
+from and what its weights cost. The GGUF and compressed-tensors openers (artifact.py, ct_artifact.py)
+both build through `assemble`."""
 
 from __future__ import annotations
 
@@ -11,36 +12,9 @@ import torch
 from torch import nn
 
 from ..formats.config import GemmaConfig
-from ..model.gemma import Gemma, embed_scale, make_layer_context
+from ..model.gemma import Gemma
 from ..model.qlinear import QuantEmbedding, QuantLinear
 from .gemma4_gguf import QuantExperts
-
-
-class QuantGemma(Gemma):
-    """Gemma whose embedding (and optional separate LM head) are QuantEmbedding modules."""
-
-    def __init__(self, cfg: GemmaConfig, compute_dtype: torch.dtype):
-        super().__init__(cfg)
-        self.compute_dtype = compute_dtype
-        self.lm_head: QuantEmbedding | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.compute_dtype
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.embed_tokens(ids).to(self.compute_dtype)
-        return h * embed_scale(self.cfg, h.dtype)
-
-    def layer_context(self, seq_len: int, device=None, dtype=None):
-        return make_layer_context(self.cfg, seq_len, device or self.model.norm.weight.device,
-                                  dtype or self.compute_dtype)
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        table = self.lm_head if self.lm_head is not None else self.model.embed_tokens
-        logits = table.logits(self.model.norm(h))
-        cap = self.cfg.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @dataclass
@@ -72,10 +46,11 @@ class Artifact:
         return 8.0 * self.size_bytes / self.config.param_count()
 
 
-def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
-    """A QuantGemma whose Linears come from `qlin(hf_name)` and norms from `norm(hf_name)` (HF form)."""
+def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> Gemma:
+    """A Gemma computing in `dtype` whose Linears come from `qlin(hf_name)`, embedding tables from it as
+    QuantEmbeddings (the tied LM head among them), and norms from `norm(hf_name)` (HF form)."""
     with torch.device("meta"):
-        model = QuantGemma(cfg, dtype)
+        model = Gemma(cfg, compute_dtype=dtype)
     model.eval().requires_grad_(False)
     model.model.embed_tokens = QuantEmbedding(qlin("model.embed_tokens.weight"))
     for i, layer in enumerate(model.layers):
@@ -95,7 +70,7 @@ def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> QuantGemma:
     return model
 
 
-def _assemble_gemma4(model: QuantGemma, cfg: GemmaConfig, qlin, norm) -> None:
+def _assemble_gemma4(model: Gemma, cfg: GemmaConfig, qlin, norm) -> None:
     """Gemma 4's extra tensors: the PLE table (looked up like the embedding) and projection, each
     layer's router (F32 Linear; its scales and the layer scalar as float32 vectors) and experts."""
     m = model.model

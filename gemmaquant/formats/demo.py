@@ -3,8 +3,8 @@
 The package ships a Q4_K_M GGUF. We dequantize it once into a Hugging Face bf16 checkpoint in a cache
 directory (docs/demo-model.md):
 
-- metadata and tensor bytes through our validating reader (formats/gguf/reader.GGUFFile: ~10x faster and
-  ~3x smaller than gguf.GGUFReader, which makes numpy objects for each of the 262k vocab strings),
+- metadata and tensor bytes through our validating reader (formats/gguf/reader.GGUFFile; gguf.GGUFReader
+  makes numpy objects for each of the 262k vocab strings, much slower and larger: RESULTS.md §8),
   each tensor's values through the gguf package's numpy dequantizer; 2-D weights come out as
   (out_features, in_features), the torch layout, and Gemma needs no Q/K permutation;
 - llama.cpp stores Gemma's RMSNorm weights as `1 + w` (it folds the `(1 + w)` of the HF forward pass

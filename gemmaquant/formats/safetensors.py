@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
 
 # safetensors dtype -> bytes per element. torch is imported only when a tensor is handed out, so
-# reading headers and configs (plans, the GGUF header job) does not pay its ~1.5 s import.
+# reading headers and configs (plans, the GGUF header job) does not pay its import (RESULTS.md §2).
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

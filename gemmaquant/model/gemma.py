@@ -240,9 +240,16 @@ class _Body(nn.Module):
 
 
 class Gemma(nn.Module):
-    def __init__(self, cfg: GemmaConfig, untied_head: bool = False):
+    """The model. Its embedding and LM head may be swapped for other modules (evaluate/quantized.py puts
+    quantized ones in) and it stays this class: `compute_dtype` then says what the layers compute in
+    (the embedding's output is cast to it), and a head module with a `logits(x)` method computes the
+    logits itself (the tied head hook: QuantEmbedding multiplies by its table in row chunks). The head
+    is `lm_head` when the model has one (untied), else the embedding."""
+
+    def __init__(self, cfg: GemmaConfig, untied_head: bool = False, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg = cfg
+        self.compute_dtype = compute_dtype  # None: the embedding's weight dtype
         self.model = _Body(cfg)
         if untied_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -253,15 +260,17 @@ class Gemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.compute_dtype if self.compute_dtype is not None else self.model.embed_tokens.weight.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(ids)
+        if self.compute_dtype is not None:
+            h = h.to(self.compute_dtype)
         return h * embed_scale(self.cfg, h.dtype)
 
     def layer_context(self, seq_len: int, device=None, dtype=None) -> LayerContext:
         cfg = self.cfg
-        device = device or self.model.embed_tokens.weight.device
+        device = device or self.model.norm.weight.device
         dtype = dtype or self.dtype
         return make_layer_context(cfg, seq_len, device, dtype)
 
@@ -282,8 +291,9 @@ class Gemma(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, LM head, final soft-cap. Pass only the positions whose logits you need."""
-        head = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
-        logits = F.linear(self.model.norm(h), head)
+        table = self.lm_head if hasattr(self, "lm_head") else self.model.embed_tokens
+        x = self.model.norm(h)
+        logits = table.logits(x) if hasattr(table, "logits") else F.linear(x, table.weight)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

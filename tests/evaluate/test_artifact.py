@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import gguf
 import numpy as np

@@ -10,7 +10,8 @@ and vocab (the key/value list), header (the header process), workers (parallel q
 See docs/gguf-gemma.md for the rules reproduced here.
 """
 
-from .plan import TensorPlan, fallback_count, gguf_schemes, plan_types, preset, use_more_bits
+from .plan import TensorPlan, fallback_count, gguf_schemes, plan_types, preset
+from .preset_rules import use_more_bits
 
 __all__ = ["TensorPlan", "fallback_count", "gguf_schemes", "plan_types", "preset", "use_more_bits",
            "write_gguf", "Report", "read_imatrix", "write_imatrix", "Imatrix"]

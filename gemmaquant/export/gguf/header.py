@@ -1,9 +1,10 @@
 """The GGUF header (every key and tensor info, then padding), built in the background while the
 tensors are quantized. No torch here: the job is started before torch's import.
 
-For a Gemma 3 checkpoint the header is mostly the 262k-entry vocabulary, ~1.8 s of single-threaded
+For a Gemma 3 checkpoint the header is mostly the 262k-entry vocabulary, seconds of single-threaded
 Python (tokenizer.model decoded, the 33 MB tokenizer.json parsed by the `gguf` package's
-SpecialVocab, the arrays packed) — a fifth of the demo's whole HF → Q6_K run. `HeaderJob` builds
+SpecialVocab, the arrays packed), a large part of a small model's whole HF → Q6_K run
+(benchmarks/RESULTS.md §8). `HeaderJob` builds
 it in a separate process (a fresh interpreter: no fork of a threaded parent), so it runs on the
 other core while the parent imports torch and starts quantizing; the writer keeps the first slabs
 in memory until the header bytes arrive (`writer.write_gguf`). The bytes are those of the inline
@@ -150,8 +151,9 @@ def _diagnose(model_dir: Path) -> None:
             read_json(model_dir / name, name)
 
 
-# A vocabulary this large makes the header worth a process (~0.3 s to start one): real Gemma
-# vocabularies are 256k-262k entries; the test suite's tiny models (64-512) build inline in ms.
+# A vocabulary this large makes the header worth a process (starting one costs a fraction of what a
+# real vocabulary takes, RESULTS.md §8): real Gemma vocabularies are 256k-262k entries; the test
+# suite's tiny models (64-512) build inline at once.
 BACKGROUND_MIN_VOCAB = 32768
 
 
@@ -178,7 +180,7 @@ class HeaderJob:
         env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from gemmaquant.export.gguf.header import _child; _child()"],
+                [sys.executable, "-c", "from gemmaquant.export.gguf.header import child_main; child_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                 start_new_session=True)  # Ctrl-C reaches the parent only; it stops the child (close)
         except OSError:
@@ -229,7 +231,7 @@ class HeaderJob:
         self._proc = None
 
 
-def _child() -> None:
+def child_main() -> None:
     """Entry point of the header process: pickled args on stdin, pickled (ok, payload) on stdout."""
     from ..procs import die_with_parent
 

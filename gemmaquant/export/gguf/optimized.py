@@ -223,8 +223,9 @@ class TunedResult:
 
 
 def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budget | None, text, *,
-                inputs=(), progress=None) -> TunedResult:
-    """The whole --algorithm gptq / --target-* run (module doc)."""
+                inputs=(), progress=None, calib_progress=None) -> TunedResult:
+    """The whole --algorithm gptq / --target-* run (module doc). `progress(done, total, tensor)` hears of
+    the bytes written, `calib_progress(done, total, what)` of the calibration passes' layers."""
     from .writer import write_gguf
 
     gptq = opts.algorithm == "gptq"
@@ -237,13 +238,13 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
           "rtn: llama.cpp's rounding", KEY_CALIBRATION: cap(calib_desc)}
     notes = []
     plans = None
-    im_args = {} if gptq else _imatrix_args(ckpt, opts, text, notes)
+    im_args = {} if gptq else _imatrix_args(ckpt, opts, text, notes, calib_progress)
     if not gptq:
         imatrix_meta = im_args.get("imatrix_meta")
         if "imatrix" in im_args and imatrix_meta is None:
             imatrix_meta = {"entries_count": len(im_args["imatrix"])}  # as write_gguf fills it in
     if budget is not None:
-        bp = solve_budget(ckpt, scheme, budget, ids, imatrix_meta=imatrix_meta, extra_kv=kv)
+        bp = solve_budget(ckpt, scheme, budget, ids, imatrix_meta=imatrix_meta, extra_kv=kv, progress=calib_progress)
         kv[KEY_TARGET] = cap(budget.text)
         kv[KEY_PLAN] = bp.plan_strings()
         plans = bp.plans
@@ -270,7 +271,7 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
                          extra_kv=kv, progress=progress, inputs=inputs)
         types = {p.name: p.type for p in plans if p.name.startswith("blk.") and len(p.shape) == 2}
         with GGUFPatcher(template, out, force=opts.force, inputs=[ckpt.path, *inputs]) as patch:
-            res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=True)
+            res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=calib_progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes.append(f"--algorithm gptq: {res.summary()}; not llama-quantize's bytes (same types, sizes and offsets)")
@@ -278,7 +279,7 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
     return TunedResult(rep, out.stat().st_size, notes, rep.type_counts)
 
 
-def _imatrix_args(ckpt, opts, text, notes) -> dict:
+def _imatrix_args(ckpt, opts, text, notes, progress=None) -> dict:
     if opts.imatrix_file:
         from ...formats.gguf.imatrix import read_imatrix
 
@@ -289,7 +290,7 @@ def _imatrix_args(ckpt, opts, text, notes) -> dict:
         from ...calib.imatrix import compute_imatrix
 
         computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                   seq_len=opts.calib_len, device=opts.device)
+                                   seq_len=opts.calib_len, device=opts.device, progress=progress)
         im = computed.to_imatrix()
         notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}; text {text.describe()}")
         return {"imatrix": im.importance, "imatrix_meta": im.meta()}

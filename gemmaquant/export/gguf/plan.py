@@ -30,7 +30,6 @@ from ...formats.gguf.names import ROPE_FREQS, gguf_name, llama_order_key
 from ...numerics.ggml.types import GGMLType
 from ...schemes import SCHEMES, Scheme, get_scheme
 from .preset_rules import Where, category, fallback, requires_imatrix, rule_type
-from .preset_rules import use_more_bits  # noqa: F401 - part of plan's API (export/gguf/__init__, tests)
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 

@@ -46,7 +46,8 @@ from .workers import CHEAP, Slab, quantize_rows, run_ordered
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
 _NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
 # Until the header arrives from its process, finished slabs wait in memory, up to this many bytes;
-# then the writer waits for it. The demo's header is ready after ~0.5 s of quantizing (~30 MB).
+# then the writer waits for it. The bound is far above what a real vocabulary's header takes to arrive
+# (benchmarks/RESULTS.md §8), so the wait only happens when that process is starved.
 HEADER_WAIT_BYTES = 512 << 20
 
 
@@ -178,8 +179,8 @@ def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPla
     tensors (order, type, shape, bytes). Returns the number of keys checked.
 
     Reads with our validating `GGUFFile` (tests check it against `gguf.GGUFReader` on the files we
-    write): GGUFReader makes numpy objects for each of the 262k vocabulary strings, ~10 s for the
-    demo model on an idle machine, half of llama.cpp's whole convert + quantize; this takes ~0.5 s."""
+    write): GGUFReader makes numpy objects for each of the 262k vocabulary strings, which made the
+    check cost as much as half of llama.cpp's whole convert + quantize (benchmarks/RESULTS.md §2, §4)."""
     r = GGUFFile(path)
     try:
         if list(r.metadata) != list(kv):
@@ -202,8 +203,8 @@ def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPla
 
 def _file_crc32(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> int:
     """CRC-32 of bytes [offset, offset+n) read with read() calls: pages read through the reader's
-    memmap would count in RSS, up to the whole output (5 GB for a 9B Q4_K_M). CRC-32 (zlib, ~3.4 GB/s
-    here) rather than sha256 (~1.5 GB/s): it checks our own write, nobody forges it."""
+    memmap would count in RSS, up to the whole output file. CRC-32 (zlib) rather than sha256: about
+    twice as fast (benchmarks/RESULTS.md §2), and it checks our own write, nobody forges it."""
     crc = 0
     with open(path, "rb") as f:
         f.seek(offset)

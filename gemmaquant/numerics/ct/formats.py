@@ -1,18 +1,23 @@
 """The three compressed-tensors formats, each one object that owns its behaviour: the tensors a Linear
 becomes (suffix, dtype, shape), round-to-nearest quantization, dequantization of stored tensors, the
-storing of a calibrated integer result, and its row of the `--dry-run` plan (type, bytes).
+storing of a calibrated integer result, its row of the `--dry-run` plan (type, bytes), and the loading
+of a Linear's stored tensors back (checked against [n, k] and the config group, as a `Loaded`).
 
 Keyed by the `format` string vLLM reads (FORMATS); a schemes.CTScheme names one, and the writer, the
 plan, the loader and calibration call it instead of branching on the name. A new format is a new
-class here plus its name in schemes.CT_FORMATS.
+class here plus its name in schemes.CT_FORMATS. DENSE is the unquantized Linear a checkpoint keeps
+(an ignored layer, the embedding): it loads, it is never written.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from ...errors import GemmaQuantError
 from .dequantize import dequantize_fp8, dequantize_int8, dequantize_packed
 from .grid import WeightQuant
 from .quantize import (SCALE_DTYPE, IntQuantized, Packed, pack_int, quantize_fp8, quantize_int8,
@@ -20,6 +25,71 @@ from .quantize import (SCALE_DTYPE, IntQuantized, Packed, pack_int, quantize_fp8
 
 Tensor = torch.Tensor
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (suffix, dtype, shape) of one stored tensor
+
+
+class Stored(Protocol):
+    """One Linear's tensors in a checkpoint, by suffix (`weight`, `weight_scale`, ...). The loader
+    (evaluate/ct_artifact.py) names them; errors name `where` (the directory) and `name(suffix)`."""
+
+    where: str
+    module: str
+
+    def name(self, suffix: str) -> str: ...
+
+    def has(self, suffix: str) -> bool: ...
+
+    def dtype(self, suffix: str) -> torch.dtype: ...
+
+    def get(self, suffix: str) -> Tensor: ...  # one-line GemmaQuantError when missing or corrupt
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A Linear's stored tensors as read and checked: `format` (a FORMATS key or "dense") decides the
+    module the evaluate layer builds; `act` is how activations are quantized (None, "dynamic",
+    "static"; static ones come with `input_scale`)."""
+
+    format: str
+    tensors: dict[str, Tensor]
+    num_bits: int
+    act: str | None = None
+
+
+def _shaped(st: Stored, suffix: str, t: Tensor, want) -> Tensor:
+    if tuple(t.shape) != tuple(want):
+        raise GemmaQuantError(f"{st.where}: tensor '{st.name(suffix)}' has shape {list(t.shape)}, config.json "
+                              f"implies {list(want)}")
+    return t
+
+
+def _optional(st: Stored, *suffixes: str) -> dict[str, Tensor]:
+    return {s: st.get(s) for s in suffixes if st.has(s)}
+
+
+def _weight(st: Stored, n: int, k: int, dtype: torch.dtype, fmt: str) -> Tensor:
+    """`weight` [n, k] in `dtype` (the one tensor float- and int-quantized Linears are named by)."""
+    if not st.has("weight"):
+        raise GemmaQuantError(f"{st.where}: no tensor '{st.name('weight')}' (format {fmt!r} stores it)")
+    if st.dtype("weight") != dtype:
+        raise GemmaQuantError(f"{st.where}: tensor '{st.name('weight')}' has dtype {st.dtype('weight')} "
+                              f"(format {fmt!r} stores {dtype})")
+    return _shaped(st, "weight", st.get("weight"), (n, k))
+
+
+def _input_scale(st: Stored, act: str | None) -> dict[str, Tensor]:
+    if act == "static" and not st.has("input_scale"):
+        raise GemmaQuantError(f"{st.where}: {st.module}: static input activations but no "
+                              f"'{st.name('input_scale')}'")
+    return _optional(st, "input_scale")
+
+
+def _per_row_scale(st: Stored, n: int) -> Tensor:
+    """`weight_scale` per channel ([n, 1] or [n]) or per tensor ([1] or [])."""
+    scale = st.get("weight_scale")
+    if scale.numel() not in (1, n) or scale.ndim > 2:
+        raise GemmaQuantError(f"{st.where}: tensor '{st.name('weight_scale')}' has shape {list(scale.shape)}; "
+                              f"expected [{n}, 1] (per channel) or [1] (per tensor)")
+    return scale
 
 
 class CTFormat:
@@ -49,6 +119,11 @@ class CTFormat:
     def label(self, weights) -> str:
         raise NotImplementedError
 
+    def load(self, st: Stored, n: int, k: int, weights: dict, act: str | None) -> Loaded:
+        """A [n, k] Linear's stored tensors, checked; `weights` is its config group's `weights`
+        entry as config.json has it, `act` how its group quantizes activations."""
+        raise NotImplementedError
+
 
 def _static(input_activations) -> bool:
     return input_activations is not None and not input_activations.dynamic
@@ -71,6 +146,11 @@ class FloatFormat(CTFormat):
 
     def dequantize(self, tensors, num_bits):
         return dequantize_fp8(tensors["weight"], tensors["weight_scale"])
+
+    def load(self, st, n, k, weights, act):
+        w = _weight(st, n, k, torch.float8_e4m3fn, self.name)
+        return Loaded(self.name, {"weight": w, "weight_scale": _per_row_scale(st, n), **_input_scale(st, act)},
+                      8, act)
 
     def label(self, weights):
         return f"fp8 e4m3 per-{weights.strategy}"
@@ -99,6 +179,14 @@ class IntFormat(CTFormat):
             raise ValueError("int-quantized holds symmetric per-channel INT8 only")
         return IntQuantized(weight=q.codes, weight_scale=q.scale)
 
+    def load(self, st, n, k, weights, act):
+        w = _weight(st, n, k, torch.int8, self.name)
+        if st.has("weight_zero_point"):
+            raise GemmaQuantError(f"{st.where}: {st.module}: asymmetric int-quantized weights are not supported")
+        scales = {"weight_scale": _per_row_scale(st, n), **_input_scale(st, act),
+                  **_optional(st, "input_zero_point")}
+        return Loaded(self.name, {"weight": w, **scales}, 8, act)
+
     def label(self, weights):
         return f"int8 per-{weights.strategy}"
 
@@ -108,6 +196,7 @@ class PackFormat(CTFormat):
     zero points when asymmetric."""
 
     name = "pack-quantized"
+    BITS = (4, 8)  # what vLLM's and ct's unpackers take
 
     def outputs(self, n, k, weights, input_activations):
         groups = k // weights.group_size if weights.strategy == "group" else 1
@@ -131,6 +220,27 @@ class PackFormat(CTFormat):
     def from_grid(self, q):
         return pack_int(q.codes, q.scale, q.zero_point, q.bits)
 
+    def load(self, st, n, k, weights, act):
+        bits = int(weights.get("num_bits", 4))
+        if bits not in self.BITS:
+            raise GemmaQuantError(f"{st.where}: {st.module}: pack-quantized num_bits {bits} "
+                                  f"(allowed: {', '.join(map(str, self.BITS))})")
+        if not st.has("weight_packed"):
+            raise GemmaQuantError(f"{st.where}: no tensor '{st.name('weight_packed')}' (format {self.name!r} "
+                                  "stores it)")
+        shape = tuple(int(v) for v in st.get("weight_shape").tolist())
+        _shaped(st, "weight_shape", torch.empty(shape, device="meta"), (n, k))
+        packed = _shaped(st, "weight_packed", st.get("weight_packed"), (n, -(-k * bits // 32)))
+        scale = st.get("weight_scale")
+        if scale.ndim != 2 or scale.shape[0] != n or k % scale.shape[1]:
+            raise GemmaQuantError(f"{st.where}: tensor '{st.name('weight_scale')}' has shape {list(scale.shape)}; "
+                                  f"expected [{n}, G] with G dividing {k}")
+        out = {"weight_packed": packed, "weight_scale": scale, **_input_scale(st, act)}
+        if st.has("weight_zero_point"):
+            out["weight_zero_point"] = _shaped(st, "weight_zero_point", st.get("weight_zero_point"),
+                                               (-(-n * bits // 32), scale.shape[1]))
+        return Loaded(self.name, out, bits, act)
+
     def plan_row(self, n, k, weights, input_activations):
         # codes as the bits they take (the packed words' rounding is a few bytes per row)
         groups = k // weights.group_size if weights.strategy == "group" else 1
@@ -144,7 +254,43 @@ class PackFormat(CTFormat):
                                                   else " per-channel")
 
 
+class DenseFormat(CTFormat):
+    """An unquantized Linear (a layer in `ignore`, the embedding): `weight` in a float dtype, as stored."""
+
+    name = "dense"
+
+    def dequantize(self, tensors, num_bits):
+        return tensors["weight"]
+
+    def load(self, st, n, k, weights=None, act=None):
+        w = _shaped(st, "weight", st.get("weight"), (n, k))
+        if not w.is_floating_point() or w.dtype == torch.float8_e4m3fn:
+            raise GemmaQuantError(f"{st.where}: tensor '{st.name('weight')}' has dtype {w.dtype} (an unquantized "
+                                  "Linear is bfloat16, float16 or float32)")
+        return Loaded(self.name, {"weight": w}, w.dtype.itemsize * 8)
+
+
 FORMATS: dict[str, CTFormat] = {f.name: f for f in (FloatFormat(), IntFormat(), PackFormat())}
+DENSE = DenseFormat()
+
+
+def stored_format(declared: str | None, st: Stored) -> CTFormat:
+    """The format that loads a Linear: the one its config group (or quantization_config) declares, or,
+    where that names none of FORMATS (llm-compressor's `mixed-precision`, `naive-quantized`, `dense`,
+    or a Linear no group targets), the one its stored tensors are."""
+    if declared in FORMATS:
+        return FORMATS[declared]
+    if st.has("weight_packed"):
+        return FORMATS[PackFormat.name]
+    if not st.has("weight"):
+        raise GemmaQuantError(f"{st.where}: no tensor '{st.name('weight')}' or '{st.name('weight_packed')}'")
+    dtype = st.dtype("weight")
+    by_dtype = {torch.float8_e4m3fn: FloatFormat.name, torch.int8: IntFormat.name}
+    if dtype in by_dtype:
+        return FORMATS[by_dtype[dtype]]
+    if dtype.is_floating_point:
+        return DENSE
+    raise GemmaQuantError(f"{st.where}: tensor '{st.name('weight')}' has dtype {dtype} (format {declared!r})")
 
 
 def ct_format(name: str) -> CTFormat:

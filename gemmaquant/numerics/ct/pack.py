@@ -63,7 +63,7 @@ def _unpack_rows(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor
                          f"(need {-(-cols // per)})")
     if sys.byteorder == "little" and 8 % num_bits == 0:
         # Code j of a word sits at bits [j*b, (j+1)*b): on a little-endian host that is byte j*b//8 of
-        # the word, so work on the bytes (1 byte per value of traffic, not int64's 8: 3-5x faster).
+        # the word, so work on the bytes (1 byte per value of traffic, not int64's 8; RESULTS.md §8).
         b = packed.contiguous().view(torch.uint8)  # [R, 4W]
         per_byte = 8 // num_bits
         if per_byte == 1:
