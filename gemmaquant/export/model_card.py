@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from ..formats.hub import front_matter, is_repo_id, valid_repo_id
+from ..formats.inputs import human_bytes
 
 CARD_VERSION = 1
 MAX_CARD_BYTES = 1 << 20  # a card is a few KB; the Hub's largest READMEs are a few hundred
@@ -134,10 +135,6 @@ def _yaml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid YAML scalar
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -222,7 +219,7 @@ def _gguf_body(card: dict) -> list[str]:
             "## Files", "", "| file | scheme | size | bits/weight | tensor types |", "|---|---|---:|---:|---|"]
     for o in card["outputs"]:
         types = ", ".join(f"{k}×{v}" for k, v in sorted(o.get("types", {}).items(), key=lambda kv: -kv[1]))
-        body.append(f"| `{o['file']}` | `{o['scheme']}` ({o['summary']}) | {_size(o['bytes'])} | "
+        body.append(f"| `{o['file']}` | `{o['scheme']}` ({o['summary']}) | {human_bytes(o['bytes'], 2 if o['bytes'] >= 1e9 else 1)} | "
                     f"{o['bits_per_weight']:.2f} | {types} |")
     body += ["", "## How they were made", ""]
     for o in card["outputs"]:
