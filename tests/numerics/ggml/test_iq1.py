@@ -11,7 +11,8 @@ import torch
 
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.numerics.ggml.quantize import quantize
-from gemmaquant.numerics.ggml.types import REQUIRES_IMATRIX, GGMLType
+from gemmaquant.numerics.ggml.registry import REQUIRES_IMATRIX
+from gemmaquant.numerics.ggml.types import GGMLType
 from tests.numerics.ggml.family_checks import (
     DEMO_256,
     check_against_libggml,
