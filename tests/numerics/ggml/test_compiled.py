@@ -21,7 +21,8 @@ from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType, row_bytes
 from tests.numerics.ggml.demo_gguf import quantized_tensor
 from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
-from tests.numerics.ggml.test_dequantize import DEMO_TENSORS, assert_bit_equal, gguf_dequantize
+from tests.numerics.ggml.family_checks import assert_bit_equal, gguf_dequantize
+from tests.numerics.ggml.test_dequantize import DEMO_TENSORS
 from tests.numerics.ggml.test_quantize import QUANT_TYPES, synthetic
 
 TYPES = QUANT_TYPES + [GGMLType.F16, GGMLType.BF16]
