@@ -37,11 +37,14 @@ import gguf
 import numpy as np
 import torch
 
-from gemmaquant.numerics.ggml import compiled
+from gemmaquant.numerics import compiling
+from gemmaquant.numerics.ggml import registry
 from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
-from gemmaquant.numerics.ggml.fused import FUSED
-from gemmaquant.numerics.ggml.types import REQUIRES_IMATRIX, GGMLType, ggml_type
+from gemmaquant.numerics.ggml.registry import REQUIRES_IMATRIX
+from gemmaquant.numerics.ggml.types import GGMLType, ggml_type
+
+FUSED = {t for t, k in registry.TYPES.items() if k.fused is not None}  # the types with a compiled kernel
 
 TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
          GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16]  # fmt: skip
@@ -103,7 +106,7 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
         if args.compile and qtype in FUSED:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
-                warnings.simplefilter("error", compiled.CompiledDequantWarning)  # no silent plain path
+                warnings.simplefilter("error", compiling.CompiledDequantWarning)  # no silent plain path
                 got = dequantize(data, qtype, shape, compiled=True)
             compile_s = time.perf_counter() - t0
             assert np.array_equal(got.numpy().view(np.uint32), ref.view(np.uint32))
@@ -190,19 +193,19 @@ def bench_ct(args: argparse.Namespace) -> None:
         def theirs(comp=comp, tensors=tensors, scheme=scheme):
             return comp.decompress(tensors, scheme)["weight"]
 
-        compiled.set_enabled(False)
+        compiling.set_enabled(False)
         assert torch.equal(ct_dequantize(p, bits), theirs()), name
         fns = [theirs, lambda p=p, bits=bits: ct_dequantize(p, bits)]
         if args.compile:
             def ours_compiled(p=p, bits=bits):
-                compiled.set_enabled(True)
+                compiling.set_enabled(True)
                 try:
                     return ct_dequantize(p, bits)
                 finally:
-                    compiled.set_enabled(False)
+                    compiling.set_enabled(False)
 
             with warnings.catch_warnings():
-                warnings.simplefilter("error", compiled.CompiledDequantWarning)  # no silent plain path
+                warnings.simplefilter("error", compiling.CompiledDequantWarning)  # no silent plain path
                 assert torch.equal(ours_compiled(), theirs()), name
             fns.append(ours_compiled)
         (wc, cc), (wo, co), *rest = _medians(fns, args.repeats)

@@ -97,7 +97,7 @@ def eval_cmd(
     data = {"model": model, **src.to_dict(), "dtype": str(runner.dtype).replace("torch.", ""),
             "device": device, **res.to_dict()}
     if compile_:
-        from ..numerics.ggml.compiled import compiled_types
+        from ..numerics.compiling import compiled_types
 
         data["compiled_dequant"] = compiled_types()  # the types whose compiled kernel ran
     _write_json(json_path, data, force, inputs)

@@ -20,9 +20,9 @@ TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB
 def set_compile(flag: bool) -> None:
     """--compile: turn the compiled dequantizers on (torch is imported only when asked)."""
     if flag:
-        from ..numerics.ggml import compiled
+        from ..numerics import compiling
 
-        compiled.set_enabled(True)
+        compiling.set_enabled(True)
 
 
 def path_arg(option: str):

@@ -1,5 +1,6 @@
 """compressed-tensors numerics (pure torch): the formats (formats.py: one object per vLLM format),
-the integer grid (grid.py), quantizers, int32 bit packing and dequantizers."""
+the integer grid (grid.py), quantizers, int32 bit packing and dequantizers (plain, and compiled.py's
+torch.compile path)."""
 
 from .dequantize import dequantize, dequantize_fp8, dequantize_int8, dequantize_packed
 from .formats import FORMATS, CTFormat, ct_format, dequantize_tensors, quantize_for

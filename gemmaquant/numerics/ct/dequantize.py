@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ggml import compiled as _compiled
+from .. import compiling
+from .compiled import ct_run
 from .pack import unpack_from_int32
 from .quantize import FloatQuantized, IntQuantized, Packed, PackQuantized
 
@@ -20,9 +21,9 @@ Tensor = torch.Tensor
 
 def _grouped(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
     """(q - zp) * scale with scale/zp of shape [1], [N, 1] or [N, G] over q [N, K]; with the compiled
-    dequantizers on (`ggml.compiled`), one fused loop of the same bits."""
-    if _compiled.enabled():
-        got = _compiled.ct_run(q, scale, zero_point, _grouped_plain)
+    dequantizers on (`numerics.compiling`), one fused loop of the same bits (`compiled.py`)."""
+    if compiling.enabled():
+        got = ct_run(q, scale, zero_point, _grouped_plain)
         if got is not None:
             return got
     return _grouped_plain(q, scale, zero_point)

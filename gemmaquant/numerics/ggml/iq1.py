@@ -26,6 +26,8 @@ from gemmaquant.numerics.ggml.iqgrid import best_neighbours
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables
 from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, f32, nearest_int, seq_sum, sqrt
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import QK_K, GGMLType
 
 DELTA = 0.125  # IQ1S_DELTA = IQ1M_DELTA
 X_P = (-1 + DELTA, DELTA, 1 + DELTA)  # levels with a positive shift (exact in float32)
@@ -291,3 +293,9 @@ def dequantize_iq1_m(b: torch.Tensor, out: torch.Tensor) -> None:
     delta = torch.where((halves & 0x08) == 0, DELTA, -DELTA)
     g = _grid_points(b, b[:, 0:32].long().view(nb, 16, 2) | ((halves & 7) << 8))  # [nb, 16, 2, 8]
     out.view(nb, 16, 2, 8).copy_(dl[:, :, None, None] * (g + delta[:, :, :, None]))
+
+
+TYPES = {
+    GGMLType.IQ1_S: GGMLKernels(per_block(quantize_iq1_s, QK_K), dequantize_iq1_s, needs_imatrix=True),
+    GGMLType.IQ1_M: GGMLKernels(per_block(quantize_iq1_m, QK_K), dequantize_iq1_m),
+}

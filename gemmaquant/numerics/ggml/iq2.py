@@ -22,6 +22,8 @@ from gemmaquant.numerics.ggml.iqgrid import GridSpec, grid_search, sub_scales
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables, ksigns
 from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, f32, seq_sum, sqrt
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import QK_K, GGMLType
 
 IQ2_XXS = GridSpec(grid="IQ2_XXS", sub=32, steps=(6, 0.1), parity=True, on_grid_init=True,
                    requant_all=True, eps=f32(1e-15), qp_start=True)  # fmt: skip
@@ -131,3 +133,10 @@ def dequantize_iq2_s(b: torch.Tensor, out: torch.Tensor) -> None:
     db = _db(b, _nibbles(b[:, 74:82]))
     sign = _sign_values(b[:, 34:66]).view(nb, 16, 16)
     out.view(nb, 16, 16).copy_((db[:, :, None] * g) * sign)
+
+
+TYPES = {
+    GGMLType.IQ2_XXS: GGMLKernels(per_block(quantize_iq2_xxs, QK_K), dequantize_iq2_xxs, needs_imatrix=True),
+    GGMLType.IQ2_XS: GGMLKernels(per_block(quantize_iq2_xs, QK_K), dequantize_iq2_xs, needs_imatrix=True),
+    GGMLType.IQ2_S: GGMLKernels(per_block(quantize_iq2_s, QK_K), dequantize_iq2_s),
+}

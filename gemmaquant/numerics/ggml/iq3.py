@@ -22,6 +22,8 @@ from gemmaquant.numerics.ggml.iqgrid import GridSpec, grid_search, sub_scales
 from gemmaquant.numerics.ggml.iqgrid_tables import grid_tables, ksigns
 from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, seq_sum, sqrt
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import QK_K, GGMLType
 
 IQ3_XXS = GridSpec(grid="IQ3_XXS", sub=32, steps=(15, 0.2), parity=True, on_grid_init=True,
                    requant_all=False, eps=1e-8)  # fmt: skip
@@ -102,3 +104,9 @@ def dequantize_iq3_s(b: torch.Tensor, out: torch.Tensor) -> None:
     db = f16(b, 0) * (1 + 2 * l).float()  # gguf: d * (1 + 2*scales)
     sign = _sign_values(b[:, 74:106]).view(nb, 8, 32)
     out.view(nb, 8, 32).copy_((db[:, :, None] * g) * sign)
+
+
+TYPES = {
+    GGMLType.IQ3_XXS: GGMLKernels(per_block(quantize_iq3_xxs, QK_K), dequantize_iq3_xxs),
+    GGMLType.IQ3_S: GGMLKernels(per_block(quantize_iq3_s, QK_K), dequantize_iq3_s),
+}

@@ -22,6 +22,8 @@ import torch
 
 from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, seq_sum, sqrt
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import BLOCK, QK_K, GGMLType
 
 NTRY = 7  # llama.cpp's quantize_iq4_nl / quantize_iq4_xs (the unused *_ref of IQ4_NL passes -1)
 
@@ -150,3 +152,9 @@ def dequantize_iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
     ls |= torch.cat([(high >> (2 * ib)) & 3 for ib in range(8)], dim=1) << 4
     dl = d * (ls - 32).float()  # gguf: d * (ls - 32)
     torch.mul(dl[:, :, None], kv[_nibble_codes(b[:, 8:])], out=out.view(nb, 8, 32))
+
+
+TYPES = {
+    GGMLType.IQ4_NL: GGMLKernels(per_block(quantize_iq4_nl, BLOCK[GGMLType.IQ4_NL][0]), dequantize_iq4_nl),
+    GGMLType.IQ4_XS: GGMLKernels(per_block(quantize_iq4_xs, QK_K), dequantize_iq4_xs),
+}

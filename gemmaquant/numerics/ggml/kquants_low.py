@@ -27,6 +27,8 @@ from gemmaquant.numerics.ggml.search import (
     seq_sum,
     sqrt,
 )
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import QK_K, GGMLType
 
 SUB = 16  # weights per sub-block
 NSUB = 16  # sub-blocks per 256 block
@@ -169,3 +171,9 @@ def dequantize_q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     hbit = torch.stack([hm >> k for k in range(8)], dim=1).reshape(nb, 256) & 1
     q = unpack_2bit(b[:, 32:96]).to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)
     out.view(nb, 16, 16).copy_(q.float().view(nb, 16, 16).mul_(dl[:, :, None]))
+
+
+TYPES = {
+    GGMLType.Q2_K: GGMLKernels(per_block(quantize_q2_k, QK_K), dequantize_q2_k),
+    GGMLType.Q3_K: GGMLKernels(per_block(quantize_q3_k, QK_K), dequantize_q3_k),
+}

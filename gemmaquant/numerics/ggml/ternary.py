@@ -14,6 +14,8 @@ import torch
 
 from gemmaquant.numerics.ggml.fields import f16, fp16_bytes
 from gemmaquant.numerics.ggml.search import div, roundf
+from gemmaquant.numerics.ggml.family import GGMLKernels, per_block
+from gemmaquant.numerics.ggml.types import QK_K, GGMLType
 
 
 def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,3 +78,9 @@ def dequantize_tq1_0(b: torch.Tensor, out: torch.Tensor) -> None:
     q = torch.cat([digits(bq[:, :32], 5), digits(bq[:, 32:48], 5), digits(bq[:, 48:52], 4)], dim=1)
     c = ((q * 3) >> 8) - 1
     torch.mul(f16(b, 52), c.float(), out=out)
+
+
+TYPES = {
+    GGMLType.TQ1_0: GGMLKernels(per_block(quantize_tq1_0, QK_K), dequantize_tq1_0),
+    GGMLType.TQ2_0: GGMLKernels(per_block(quantize_tq2_0, QK_K), dequantize_tq2_0),
+}

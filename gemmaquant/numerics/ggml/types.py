@@ -86,10 +86,6 @@ F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
     GGMLType.IQ1_M: (),
 }
 
-# Types whose llama.cpp quantizer cannot run without an importance matrix (ggml asserts;
-# `ggml_quantize_requires_imatrix`).
-REQUIRES_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
-
 
 def ggml_type(value: int | str | GGMLType) -> GGMLType:
     """Look a type up by number or name ("Q6_K", "q6_k"), with an error listing the supported ones."""

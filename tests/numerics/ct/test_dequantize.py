@@ -10,7 +10,8 @@ import torch
 
 from gemmaquant.numerics.ct import (dequantize, dequantize_fp8, dequantize_packed, dequantize_tensors, pack_to_int32,
                            quantize_fp8, quantize_int8, quantize_pack)
-from gemmaquant.numerics.ggml import compiled
+from gemmaquant.numerics import compiling
+from gemmaquant.numerics.ct import compiled
 
 ct_q = pytest.importorskip("compressed_tensors.quantization")
 from compressed_tensors.compressors.naive_quantized.base import (  # noqa: E402
@@ -22,19 +23,19 @@ QArgs, QScheme = ct_q.QuantizationArgs, ct_q.QuantizationScheme
 
 @pytest.fixture(autouse=True, params=["plain", pytest.param("compiled", marks=pytest.mark.subprocess)])  # inductor runs a C++ compiler
 def path(request):
-    """Every test twice: the plain kernels, and the torch.compile ones (`ggml.compiled`, CPU) with any
+    """Every test twice: the plain kernels, and the torch.compile ones (`ct.compiled`, CPU) with any
     fallback to the plain path made an error, and at least one compiled kernel required to have run."""
-    was = compiled.enabled()
-    compiled.set_enabled(request.param == "compiled")
-    compiled._ct_checked.clear()
+    was = compiling.enabled()
+    compiling.set_enabled(request.param == "compiled")
+    compiled._checked.clear()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", compiled.CompiledDequantWarning)
+            warnings.simplefilter("error", compiling.CompiledDequantWarning)
             yield request.param
         if request.param == "compiled" and request.node.name.split("[")[0] != "test_cuda_matches_cpu":
-            assert compiled._ct_checked, "no compiled kernel ran"
+            assert compiled._checked, "no compiled kernel ran"
     finally:
-        compiled.set_enabled(was)
+        compiling.set_enabled(was)
 
 
 def weight(n=40, k=256, seed=0):

@@ -1,7 +1,7 @@
-"""Checks shared by the tests of the GGML type-family modules (kquants_low, iq4, ternary, iqgrid,
-iq1): our quantizer's bytes against llama.cpp's own `ggml_quantize_chunk` (libggml-base), on real
-demo tensors and on random rows with outliers, zero and tiny sub-blocks; our dequantizer against
-the `gguf` package's numpy one, bit for bit."""
+"""Checks shared by the tests of the GGML type-family modules (kquants_low, iq4, iq3, iq2, iq1,
+ternary): our quantizer's bytes against llama.cpp's own `ggml_quantize_chunk` (libggml-base, bound in
+`libggml.py`), on real demo tensors and on random rows with outliers, zero and tiny sub-blocks; our
+dequantizer against the `gguf` package's numpy one, bit for bit. Fixtures: `conftest.py`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 
 from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
+from gemmaquant.numerics.ggml.registry import REQUIRES_IMATRIX
 from gemmaquant.numerics.ggml.types import GGMLType, row_bytes
 from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
-from tests.numerics.ggml.test_quantize import assert_same_blocks, synthetic
+from tests.numerics.ggml.test_quantize import assert_same_blocks, imatrix, synthetic
 
 # Real Gemma 3 270M weights (HF names): rows of 2048 (down_proj) and 1024 (o_proj) take the
 # 256-weight types; gate_proj/q_proj rows of 640 only the 32-weight ones (IQ4_NL).
@@ -60,6 +61,33 @@ def check_against_libggml(qtype: GGMLType, w: torch.Tensor, im: torch.Tensor | N
 def random_rows(rows: int, n: int, seed: int) -> torch.Tensor:
     """`synthetic` rows (outliers, zero/constant/tiny rows) followed by `edge_rows`."""
     return torch.cat([synthetic(rows, n, seed=seed), edge_rows(n, seed=seed)])
+
+
+def check_random_rows(qtype: GGMLType, with_imatrix: bool, rows: int, extra=None) -> None:
+    """`random_rows` (plus `extra(n)` rows where given) of 1024 and of 256 weights, each seed with
+    its own importance matrix where `with_imatrix`, byte-identical to libggml."""
+    for seed, n in ((0, 1024), (1, 256)):
+        w = random_rows(rows, n, seed=seed)
+        if extra is not None:
+            w = torch.cat([w, extra(n)])
+        check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
+
+
+def check_demo_tensors(demo_dir: Path, qtype: GGMLType, with_imatrix: bool, rows: int,
+                       names: list[str] = DEMO_256) -> None:
+    """The first `rows` rows of each named demo tensor byte-identical to libggml."""
+    for name in names:
+        w = demo_rows(demo_dir, name, rows)
+        check_against_libggml(qtype, w, imatrix(w.shape[1]) if with_imatrix else None)
+
+
+def imatrix_cases(types: list[GGMLType]) -> list[tuple[GGMLType, bool]]:
+    """(type, with an imatrix) for each type, without the reference path where llama.cpp needs one."""
+    return [(t, im) for t in types for im in (False, True) if im or t not in REQUIRES_IMATRIX]
+
+
+def case_id(case: tuple[GGMLType, bool]) -> str:
+    return f"{case[0].name}-{'imatrix' if case[1] else 'ref'}"
 
 
 def gguf_dequantize(data: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:

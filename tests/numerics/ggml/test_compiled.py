@@ -1,4 +1,4 @@
-"""The torch.compile dequantizers (`numerics/ggml/fused.py` via `numerics/ggml/compiled.py`) against the `gguf` package's
+"""The torch.compile dequantizers (the families' fused expressions via `numerics/ggml/compiled.py`) against the `gguf` package's
 numpy ones: the same bit-equality as the plain kernels, with any fallback to the plain path made an
 error (a silent fallback would pass these comparisons while the compiled kernel were wrong); and the
 fallback itself, when compiling fails or a compiled kernel's bits differ."""
@@ -13,23 +13,26 @@ import warnings
 import pytest
 import torch
 
-from gemmaquant.numerics.ggml import compiled
+from gemmaquant.numerics import compiling
+from gemmaquant.numerics.ct import compiled as ct_compiled
+from gemmaquant.numerics.ggml import compiled, registry
 from gemmaquant.numerics.ggml.dequantize import dequantize
-from gemmaquant.numerics.ggml.fused import FUSED
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType, row_bytes
 from tests.numerics.ggml.demo_gguf import quantized_tensor
 from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
-from tests.numerics.ggml.test_dequantize import DEMO_TENSORS, assert_bit_equal, gguf_dequantize
+from tests.numerics.ggml.family_checks import assert_bit_equal, gguf_dequantize
+from tests.numerics.ggml.test_dequantize import DEMO_TENSORS
 from tests.numerics.ggml.test_quantize import QUANT_TYPES, synthetic
 
 TYPES = QUANT_TYPES + [GGMLType.F16, GGMLType.BF16]
+FUSED = {t: k.fused for t, k in registry.TYPES.items() if k.fused is not None}
 
 
 def strict_compiled(data: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...], **kw) -> torch.Tensor:
     """dequantize(compiled=True), failing where the compiled kernel is not what ran."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", compiled.CompiledDequantWarning)
+        warnings.simplefilter("error", compiling.CompiledDequantWarning)
         got = dequantize(data, qtype, shape, compiled=True, **kw)
     assert compiled._kernels.get(qtype) is not None and qtype in compiled._checked
     return got
@@ -93,7 +96,7 @@ def test_f32_takes_the_plain_path() -> None:
 @pytest.fixture
 def fresh_state():
     """Run with empty compiled-kernel caches; put the real ones back after."""
-    tables = (compiled._kernels, compiled._checked, compiled._ct_kernels, compiled._ct_checked)
+    tables = (compiled._kernels, compiled._checked, ct_compiled._kernels, ct_compiled._checked)
     saved = [t.copy() for t in tables]
     for t in tables:
         t.clear()
@@ -110,7 +113,7 @@ def test_compile_failure_falls_back_with_a_warning(fresh_state) -> None:
     compiled._kernels[GGMLType.Q6_K] = broken
     w = synthetic(8, 512)
     data = quantize(w, GGMLType.Q6_K)
-    with pytest.warns(compiled.CompiledDequantWarning, match=r"Q6_K dequantizer turned off \(RuntimeError: no C\+\+"):
+    with pytest.warns(compiling.CompiledDequantWarning, match=r"Q6_K dequantizer turned off \(RuntimeError: no C\+\+"):
         got = dequantize(data, GGMLType.Q6_K, tuple(w.shape), compiled=True)
     assert_bit_equal(got, gguf_dequantize(data.numpy(), GGMLType.Q6_K, tuple(w.shape)))
     assert compiled._kernels[GGMLType.Q6_K] is None  # not tried again
@@ -127,7 +130,7 @@ def test_wrong_bits_are_caught_by_the_first_call_check(fresh_state) -> None:
     compiled._kernels[GGMLType.Q4_K] = off_by_one_ulp
     w = synthetic(8, 512)
     data = quantize(w, GGMLType.Q4_K)
-    with pytest.warns(compiled.CompiledDequantWarning, match="differs from the plain kernel's bits"):
+    with pytest.warns(compiling.CompiledDequantWarning, match="differs from the plain kernel's bits"):
         got = dequantize(data, GGMLType.Q4_K, tuple(w.shape), compiled=True)
     assert_bit_equal(got, gguf_dequantize(data.numpy(), GGMLType.Q4_K, tuple(w.shape)))
 
@@ -142,25 +145,25 @@ def test_compressed_tensors_fallback(fresh_state, why) -> None:
             raise RuntimeError("no C++ compiler found")
         return (q.float() * scale.float()).to(scale.dtype) * 2  # wrong values
 
-    compiled._ct_kernels["ct_scaled"] = broken
+    ct_compiled._kernels["ct_scaled"] = broken
     p = quantize_fp8((synthetic(16, 256) * 1.0).to(torch.bfloat16), "channel")
-    was = compiled.enabled()
+    was = compiling.enabled()
     try:
-        compiled.set_enabled(False)
+        compiling.set_enabled(False)
         want = ct_dequantize(p)
-        compiled.set_enabled(True)
-        with pytest.warns(compiled.CompiledDequantWarning, match="ct_scaled dequantizer turned off"):
+        compiling.set_enabled(True)
+        with pytest.warns(compiling.CompiledDequantWarning, match="ct_scaled dequantizer turned off"):
             got = ct_dequantize(p)
     finally:
-        compiled.set_enabled(was)
+        compiling.set_enabled(was)
     assert torch.equal(got, want)
-    assert compiled._ct_kernels["ct_scaled"] is None
+    assert ct_compiled._kernels["ct_scaled"] is None
 
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("value, on", [("1", True), ("on", True), ("0", False), ("", False)])
 def test_environment_switch(value: str, on: bool) -> None:
-    code = "from gemmaquant.numerics.ggml import compiled; print(compiled.enabled())"
-    env = {**os.environ, compiled.ENV: value}
+    code = "from gemmaquant.numerics import compiling; print(compiling.enabled())"
+    env = {**os.environ, compiling.ENV: value}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == str(on)

@@ -3,7 +3,6 @@ bytes from our quantizer, from llama.cpp's, on random bytes, and on the demo GGU
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,24 +11,11 @@ from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType, row_bytes
 from tests.numerics.ggml.demo_gguf import quantized_tensor
+from tests.numerics.ggml.family_checks import assert_bit_equal, gguf_dequantize
 from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
 from tests.numerics.ggml.test_quantize import FLOAT_TYPES, QUANT_TYPES, synthetic
 
 gguf = pytest.importorskip("gguf")
-
-
-def gguf_dequantize(data: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
-    with np.errstate(invalid="ignore", over="ignore"):
-        return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(int(qtype))).reshape(shape).astype(np.float32)
-
-
-def assert_bit_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
-    """Same float32 bits; NaNs only need to be NaN on both sides (payloads of random bytes vary)."""
-    o = ours.cpu().numpy()
-    assert o.dtype == np.float32 and o.shape == ref.shape
-    differ = o.view(np.uint32) != ref.view(np.uint32)
-    differ &= ~(np.isnan(o) & np.isnan(ref))
-    assert not differ.any(), f"{int(differ.sum())} of {differ.size} values differ"
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda t: t.name)

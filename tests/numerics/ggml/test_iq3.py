@@ -11,51 +11,31 @@ import torch
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType
 from tests.numerics.ggml.family_checks import (
-    DEMO_256,
-    check_against_libggml,
+    check_demo_tensors,
     check_dequantize_bytes,
     check_dequantize_random_bytes,
-    demo_rows,
+    check_random_rows,
     random_rows,
 )
-from tests.numerics.ggml.libggml import ggml_quantize, ggml_quantize_init, require_libggml
+from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
 from tests.numerics.ggml.test_quantize import imatrix
 
 TYPES = [GGMLType.IQ3_XXS, GGMLType.IQ3_S]
-
-
-@pytest.fixture(scope="module")
-def c_tables() -> None:
-    """llama.cpp builds its grid tables on first use (seconds; IQ1's ~15-40 s on this machine):
-    once per module, as setup, not inside the first test."""
-    for qtype in TYPES:
-        ggml_quantize_init(qtype)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # results never depend on it; a loaded 2-core box runs faster so
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_rows_match_libggml(c_tables, qtype: GGMLType, with_imatrix: bool) -> None:
-    for seed, n in ((0, 1024), (1, 256)):
-        w = random_rows(32, n, seed=seed)
-        check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
+    check_random_rows(qtype, with_imatrix, 32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_demo_tensors_match_libggml(demo_dir, c_tables, qtype: GGMLType, with_imatrix: bool) -> None:
-    for name in DEMO_256:
-        w = demo_rows(demo_dir, name, 32)
-        check_against_libggml(qtype, w, imatrix(w.shape[1]) if with_imatrix else None)
+    check_demo_tensors(demo_dir, qtype, with_imatrix, 32)
 
 
 @pytest.mark.slow

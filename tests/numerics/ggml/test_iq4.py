@@ -13,42 +13,30 @@ from gemmaquant.numerics.ggml.types import BLOCK, GGMLType
 from tests.numerics.ggml.family_checks import (
     DEMO_32,
     DEMO_256,
-    check_against_libggml,
+    check_demo_tensors,
     check_dequantize_bytes,
     check_dequantize_random_bytes,
-    demo_rows,
+    check_random_rows,
     random_rows,
 )
 from tests.numerics.ggml.test_quantize import imatrix
 
 TYPES = [GGMLType.IQ4_NL, GGMLType.IQ4_XS]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # results never depend on it; a loaded 2-core box runs faster so
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
-    for seed, n in ((0, 1024), (1, 256)):
-        w = random_rows(64, n, seed=seed)
-        check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
+    check_random_rows(qtype, with_imatrix, 64)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_demo_tensors_match_libggml(demo_dir, qtype: GGMLType, with_imatrix: bool) -> None:
-    names = DEMO_256 + (DEMO_32 if BLOCK[qtype][0] == 32 else [])
-    for name in names:
-        w = demo_rows(demo_dir, name, 64)
-        check_against_libggml(qtype, w, imatrix(w.shape[1]) if with_imatrix else None)
+    check_demo_tensors(demo_dir, qtype, with_imatrix, 64, DEMO_256 + (DEMO_32 if BLOCK[qtype][0] == 32 else []))
 
 
 def test_best_index_ties_go_up() -> None:

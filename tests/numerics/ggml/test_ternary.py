@@ -10,11 +10,10 @@ import torch
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType
 from tests.numerics.ggml.family_checks import (
-    DEMO_256,
-    check_against_libggml,
+    check_demo_tensors,
     check_dequantize_bytes,
     check_dequantize_random_bytes,
-    demo_rows,
+    check_random_rows,
     random_rows,
 )
 from tests.numerics.ggml.test_quantize import imatrix
@@ -36,16 +35,13 @@ def ties(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_rows_match_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
-    for seed, n in ((0, 1024), (1, 256)):
-        w = torch.cat([random_rows(64, n, seed=seed), ties(n)])
-        check_against_libggml(qtype, w, imatrix(n, seed=seed + 7) if with_imatrix else None)
+    check_random_rows(qtype, with_imatrix, 64, extra=ties)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_demo_tensors_match_libggml(demo_dir, qtype: GGMLType) -> None:
-    for name in DEMO_256:
-        check_against_libggml(qtype, demo_rows(demo_dir, name, 256), None)
+    check_demo_tensors(demo_dir, qtype, False, 256)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -1,0 +1,26 @@
+"""Fixtures of the GGML type-family tests (test_iq*.py, test_kquants_low.py, test_ternary.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.numerics.ggml.libggml import ggml_quantize_init
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: results never depend on it, and a loaded 2-core box
+    runs these small searches faster so."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def c_tables(request: pytest.FixtureRequest) -> None:
+    """llama.cpp builds its grid tables on first use (seconds; IQ1's ~15-40 s on this machine): once
+    per module for the module's `TYPES`, as setup, not inside the first test."""
+    for qtype in request.module.TYPES:
+        ggml_quantize_init(qtype)
