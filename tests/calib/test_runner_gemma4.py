@@ -166,3 +166,24 @@ def test_moe_compressed_tensors_calibration_is_refused_in_one_line(tmp_path):
     with pytest.raises(GemmaQuantError, match="compressed-tensors calibration of Gemma 4 a mixture of experts") as e:
         calibrate(Checkpoint(tmp_path), "w4a16", ids=_ids(1, 0))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.subprocess
+def test_quantize_imatrix_on_moe_reports_the_experts(tmp_path, capsys):
+    """`quantize --imatrix` end to end on the MoE layout: the importance matrix is computed, the
+    experts' token counts reported, and the file records the imatrix as llama-quantize does."""
+    import gguf
+
+    from tests.reliability import run_cli
+
+    pytest.importorskip("transformers")
+    make_tiny_gemma4("moe", tmp_path / "moe", dtype=torch.bfloat16)
+    text = tmp_path / "c.txt"
+    text.write_text(" ".join("abcdefghij"[i % 10] * (1 + i % 5) for i in range(3000)))
+    out = tmp_path / "m.gguf"
+    res = run_cli(["quantize", tmp_path / "moe", "--scheme", "iq2_xxs", "--imatrix", "--calib", text,
+                   "--calib-samples", "4", "--calib-len", "32", "-o", out], capsys)
+    assert res.code == 0, res.stderr
+    assert "experts saw" in " ".join(res.stdout.split())
+    r = gguf.GGUFReader(out)
+    assert r.fields["quantize.imatrix.entries_count"].contents() == 38
