@@ -135,6 +135,12 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
                     res.imatrix[name] = (st.sum_sq.float().clone(), st.count)
             if static_fp8 and name[len(prefix):] in quantizable:
                 res.input_scales[name] = st.absmax.max().item() / FP8_MAX
+        if static_fp8 and cfg.generation == 4 and cfg.kv_shared(i):
+            # Google's E2B/E4B files keep K/V projections on KV-shared layers; they never run, and they would
+            # read q_proj's input (notes/gemma4 §4.3): the writer quantizes them, so they take its scale
+            for sfx in ("self_attn.k_proj", "self_attn.v_proj"):
+                if prefix + sfx + ".weight" in stored:
+                    res.input_scales[prefix + sfx] = res.input_scales[prefix + "self_attn.q_proj"]
         if algorithm is None or algorithm == "rtn":
             return
         norm_dtype = stored[prefix + "input_layernorm.weight"]

@@ -162,3 +162,33 @@ def test_calibrated_schemes_write_e2b_like_checkpoints(scheme, tmp_path, capsys)
         assert (n + ".input_scale" in keys) == (scheme == "fp8-static"), n
         assert (n + ".weight_scale" in keys), n
     assert "calibrated" in res.stdout + res.stderr and VOCAB == ck.config.vocab_size
+
+
+@pytest.mark.slow
+def test_fp8_static_gives_google_s_redundant_shared_kv_the_q_proj_scale(tmp_path):
+    """Google's E2B/E4B files keep K/V projections on KV-shared layers (never run, not in transformers'
+    model): the writer quantizes them like the others, with the input scale of the q_proj beside them
+    (the same input_layernorm output they would read)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
+
+    d = tmp_path / "e2b"
+    make_tiny_gemma4("e2b", d, dtype=torch.bfloat16)
+    sd = load_file(d / "model.safetensors")
+    cfg = Checkpoint(d).config
+    for i in range(cfg.first_kv_shared, cfg.num_hidden_layers):
+        for n in ("k_proj", "v_proj"):
+            sd[f"model.layers.{i}.self_attn.{n}.weight"] = torch.randn(
+                cfg.kv_heads_of(i) * cfg.head_dim_of(i), cfg.hidden_size).to(torch.bfloat16)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    ck = Checkpoint(d)
+    res = calibrate(ck, "fp8-static", ids=_ids(2, 20, 3))
+    write_compressed_tensors(ck, get_scheme("fp8-static"), tmp_path / "out", input_scales=res.input_scales,
+                             progress=False)
+    i = cfg.num_hidden_layers - 1
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        q = f.get_tensor(f"model.layers.{i}.self_attn.q_proj.input_scale")
+        assert torch.equal(f.get_tensor(f"model.layers.{i}.self_attn.k_proj.input_scale"), q)
+        assert torch.equal(f.get_tensor(f"model.layers.{i}.self_attn.v_proj.input_scale"), q)
