@@ -221,6 +221,10 @@ def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | No
         raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
                               "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
                               "dense Gemma4ForCausalLM)")
+    if opts is not None and (opts.target_bpw is not None or opts.target_size is not None):
+        # the sensitivity measurement behind a budget walks Gemma 1-3's Linears (every layer with a v_proj)
+        raise GemmaQuantError(f"{ckpt.path}: a size budget (--target-bpw/--target-size) is not supported for Gemma 4 "
+                              "yet; use a preset (with --imatrix, or --algorithm gptq)")
 
 
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
