@@ -158,6 +158,7 @@ def test_zero_count_expert_reads_back_as_ones_and_is_reported(tmp_path):
     assert "1 of 3 experts saw no token (layer:expert 0:1)" in rep and "1.0" in rep
 
 
+@pytest.mark.slow
 def test_moe_compressed_tensors_calibration_is_refused_in_one_line(tmp_path):
     pytest.importorskip("transformers")
     make_tiny_gemma4("moe", tmp_path)
