@@ -51,13 +51,15 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """The experts' GeGLU MLPs, fused per expert as the checkpoint stores them."""
 
+    # observer(e, "gate_up" | "down", x): calibration's view of each expert's inputs (x: the tokens routed
+    # to e; the down input before the routing weight), as llama-imatrix's MUL_MAT_ID hook sees them. A
+    # class default, so subclasses with their own __init__ (quantized experts) have it too.
+    observer = None
+
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = e
-        # observer(e, "gate_up" | "down", x): calibration's view of each expert's inputs (x: the tokens
-        # routed to e; the down input before the routing weight), as llama-imatrix's MUL_MAT_ID hook
-        self.observer = None
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
