@@ -33,8 +33,8 @@ WHAT = {"dense": "dense, 31B-like (k_eq_v, full-layer kv heads 1)", "dense-kv": 
         "e2b-mm": "Gemma4ForConditionalGeneration (E2B-like text + vision + audio)",
         "moe-256": "MoE-like, 256-wide (K-quants without fallback)", "e2b-256": "E2B-like, 256-wide"}
 
-# the presets RESULTS §10 reports (issue 19); the imatrix-only presets added later refuse without one,
-# and Gemma 4 has no imatrix yet
+# the presets RESULTS §10 reports (issue 19); the imatrix-only presets need one: they are compared with
+# llama-quantize given the same imatrix in tests/export/gguf/test_gemma4.py (RESULTS §10)
 PRESETS = ("bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0")
 
 

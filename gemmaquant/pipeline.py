@@ -221,9 +221,10 @@ def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | No
         raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
                               "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
                               "dense Gemma4ForCausalLM)")
-    if opts is not None and (opts.imatrix or opts.imatrix_file):
-        raise GemmaQuantError(f"{ckpt.path}: an importance matrix (--imatrix/--imatrix-file) is not supported for "
-                              "Gemma 4 yet (its experts need per-expert importance); quantize without one")
+    if opts is not None and (opts.target_bpw is not None or opts.target_size is not None):
+        # the sensitivity measurement behind a budget walks Gemma 1-3's Linears (every layer with a v_proj)
+        raise GemmaQuantError(f"{ckpt.path}: a size budget (--target-bpw/--target-size) is not supported for Gemma 4 "
+                              "yet; use a preset (with --imatrix, or --algorithm gptq)")
 
 
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
@@ -406,7 +407,7 @@ def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
 
 def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None,
                 calib_progress=None) -> QuantizeSummary:
-    from .formats.gguf.imatrix import read_imatrix
+    from .formats.gguf.imatrix import expert_report, read_imatrix
     from .export.gguf.writer import write_gguf
 
     imatrix = imatrix_meta = None
@@ -415,6 +416,7 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=N
         im = read_imatrix(opts.imatrix_file)
         imatrix, imatrix_meta = im.importance, im.meta()
         notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
+        experts = expert_report(im.expert_counts)
     elif opts.imatrix:
         if computed is None:  # a multi-preset run computes it once and passes it in
             from .calib.imatrix import compute_imatrix
@@ -425,6 +427,9 @@ def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=N
         imatrix, imatrix_meta = im.importance, im.meta()
         named = f"; text {text.describe()}" if text is not None else ""
         notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}{named}")
+        experts = computed.expert_report()
+    if imatrix is not None and experts:
+        notes.append(experts)
     rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
                      progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
     if rep.imatrix_missing:

@@ -41,6 +41,11 @@ WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=2, num_k
             global_head_dim=256)
 VARIANTS["moe-256"] = {**VARIANTS["moe"], **WIDE, "moe_intermediate_size": 256}
 VARIANTS["e2b-256"] = {**VARIANTS["e2b"], **WIDE, "hidden_size_per_layer_input": 256}
+VARIANTS["dense-256"] = {**VARIANTS["dense"], **WIDE, "num_hidden_layers": 3, "layer_types": [S, F, F]}
+# The smallest 256-wide MoE for the imatrix-only presets (our IQ2/IQ1 searches are slow in Python):
+# 4 experts (not 8: llama-quantize's Mixtral rules), 2 layers
+VARIANTS["moe-256-small"] = {**VARIANTS["moe-256"], "num_hidden_layers": 2, "layer_types": [S, F],
+                             "num_experts": 4, "top_k_experts": 2}
 WRAPPED = {"e2b-mm": "e2b"}  # multimodal name -> its text variant
 ALL = ["dense", "dense-kv", "e2b", "moe"] + sorted(WRAPPED)  # the forward-pass combinations
 

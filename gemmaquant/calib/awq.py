@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..model.gemma import DecoderLayer
-from .fold import MAPPINGS, consumer_names, consumers, fold, kv_to_q, q_to_kv_max
+from .fold import MAPPINGS, applies, consumer_names, consumers, fold, kv_to_q, q_to_kv_max
 from ..numerics.ct.grid import rtn
 from .stats import InputStats
 
@@ -72,8 +72,8 @@ def awq_layer(layer: DecoderLayer, stats: dict[str, InputStats], *, bits: int, g
     `stats` (keyed by Linear suffix) needs `abs_sum` and `xtx`. Returns {norm attribute: new weight}.
     """
     norms = {}
-    for mapping in mappings:
-        st = stats[consumer_names(mapping)[0]]
+    for mapping in (m for m in mappings if applies(layer, m)):
+        st = stats[consumer_names(mapping, layer)[0]]
         H = st.xtx / max(st.count, 1)
         W = torch.cat([lin.weight.detach().float() for lin in consumers(layer, mapping)])
         x_mean = st.mean_abs

@@ -15,9 +15,15 @@ function unchanged, provided the division can be folded into whatever produces t
 Never into the Gemma 2/3 sandwich post-norms (post_attention_layernorm, post_feedforward_layernorm):
 they normalise a Linear's OUTPUT, so a scale there is undone by the RMS and feeds no Linear.
 
-Gemma norms compute x̂·(1 + w) in float32 with w stored in bf16. The new weight is rounded to the stored
-dtype first, and the effective scale s_eff = (1 + w)/(1 + w') is derived from the rounded value, so the
-folded model is the float model up to float32 rounding, whatever the requested s was.
+Gemma 1-3 norms compute x̂·(1 + w) in float32 with w stored in bf16; Gemma 4's compute x̂·w. The new
+weight is rounded to the stored dtype first, and the effective scale s_eff = (1 + w)/(1 + w') (Gemma 4:
+w/w') is derived from the rounded value, so the folded model is the float model up to float32
+rounding, whatever the requested s was.
+
+Gemma 4: only the Linears a layer has take part (KV-shared layers: q_proj alone reads the attention
+input; k_eq_v full layers: q and k, V being the raw K output, which the column scaling leaves
+unchanged). "o" does not apply: every Gemma 4 layer RMS-normalizes V without a weight, which undoes a
+per-channel scale folded into v_proj rows (and k_eq_v layers have no v_proj at all).
 """
 
 from __future__ import annotations
@@ -37,15 +43,22 @@ def producer_norm(layer: DecoderLayer, mapping: str) -> str:
 
 
 def consumers(layer: DecoderLayer, mapping: str) -> list[torch.nn.Linear]:
-    a, m = layer.self_attn, layer.mlp
-    return {"qkv": [a.q_proj, a.k_proj, a.v_proj], "gate_up": [m.gate_proj, m.up_proj],
-            "o": [a.o_proj], "down": [m.down_proj]}[mapping]
+    return [layer.get_submodule(n) for n in consumer_names(mapping, layer)]
 
 
-def consumer_names(mapping: str) -> list[str]:
-    return {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "o": ["self_attn.o_proj"],
-            "down": ["mlp.down_proj"]}[mapping]
+def consumer_names(mapping: str, layer: DecoderLayer | None = None) -> list[str]:
+    """The Linears reading `mapping`'s input; with `layer`, only those it has (Gemma 4)."""
+    names = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "o": ["self_attn.o_proj"],
+             "down": ["mlp.down_proj"]}[mapping]
+    if layer is None:
+        return names
+    return [n for n in names if hasattr(layer.get_submodule(n.split(".")[0]), n.split(".")[1])]
+
+
+def applies(layer: DecoderLayer, mapping: str) -> bool:
+    """Whether `mapping` can be folded exactly in this layer (module docstring: not "o" on Gemma 4)."""
+    return not (mapping == "o" and (layer.self_attn.v_norm or not hasattr(layer.self_attn, "v_proj")))
 
 
 def kv_to_q(layer: DecoderLayer, s_kv: torch.Tensor) -> torch.Tensor:
@@ -63,18 +76,19 @@ def q_to_kv_max(layer: DecoderLayer, v_q: torch.Tensor) -> torch.Tensor:
 
 
 def fold_into_norm(norm: RMSNorm, s: torch.Tensor, stored_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Set (1 + w') ≈ (1 + w)/s with w' representable in `stored_dtype`.
+    """Set (1 + w') ≈ (1 + w)/s (Gemma 4, no unit offset: w' ≈ w/s) with w' representable in `stored_dtype`.
 
     Returns (w' in stored_dtype, s_eff [dim] float32) — multiply the consumers' columns by s_eff.
-    A channel keeps w' = w (s_eff = 1) when rounding would make (1 + w') zero or flip its sign.
+    A channel keeps w' = w (s_eff = 1) when rounding would make its scale zero or flip its sign.
     """
+    off = 1.0 if norm.unit_offset else 0.0
     w = norm.weight.detach().float()
-    one = 1.0 + w
-    new = (one / s.float() - 1.0).to(stored_dtype)
-    new_one = 1.0 + new.float()
+    one = off + w
+    new = (one / s.float() - off).to(stored_dtype)
+    new_one = off + new.float()
     keep = (one == 0) | (new_one == 0) | (torch.sign(new_one) != torch.sign(one))
     new = torch.where(keep, w.to(stored_dtype), new)
-    new_one = 1.0 + new.float()
+    new_one = off + new.float()
     s_eff = torch.where(keep, torch.ones_like(one), one / new_one)
     with torch.no_grad():
         norm.weight.copy_(new.float())

@@ -18,26 +18,41 @@ from pathlib import Path
 import torch
 
 from ..formats.checkpoint import Checkpoint
-from ..formats.gguf.imatrix import Imatrix, write_imatrix
+from ..formats.gguf.imatrix import Imatrix, expert_report, write_imatrix
 from ..formats.gguf.names import gguf_name
 from .runner import Progress
 
 
 @dataclass
 class ComputedImatrix:
-    sums: dict[str, torch.Tensor]  # GGUF weight name -> Σ x² [n_in] float32
-    counts: dict[str, int]
+    sums: dict[str, torch.Tensor]  # GGUF weight name -> Σ x² [n_in] float32 (experts: [E, n_in])
+    counts: dict[str, int | list[int]]  # tokens seen (experts: tokens routed to each expert)
     dataset: str
     chunks: int
     chunk_size: int
 
     def to_imatrix(self, path: str = "") -> Imatrix:
-        # llama-quantize: in_sum2 / float(lround(count)) in f32
-        imp = {n: (s.float() / float(round(self.counts[n]))) for n, s in self.sums.items()}
+        """What llama-quantize reads back: in_sum2 / float(lround(count)) in f32, per expert for the
+        `*_exps` tensors, where an expert that saw no token gets importance 1.0 in every column
+        (tools/quantize/quantize.cpp load_imatrix), i.e. it is quantized as without an imatrix."""
+        imp = {}
+        for n, s in self.sums.items():
+            c = torch.tensor(self.counts[n], dtype=torch.float32).reshape(-1, 1)
+            s = s.float().reshape(c.shape[0], -1)
+            imp[n] = torch.where(c > 0, s / c.clamp(min=1), torch.ones_like(s)).reshape(-1)
         return Imatrix(path, imp, [self.dataset], self.chunks, self.chunk_size)
 
     def describe(self) -> str:
         return f"{self.chunks} chunks × {self.chunk_size} tokens of {self.dataset}"
+
+    def expert_counts(self) -> dict[str, list[int]]:
+        """{`blk.N.ffn_gate_up_exps.weight`: tokens routed to each expert} (MoE models; the down
+        projection of an expert sees the same tokens)."""
+        return {n: list(c) for n, c in self.counts.items() if n.endswith("ffn_gate_up_exps.weight")}
+
+    def expert_report(self) -> str:
+        """One line on the experts' token counts, naming the experts that saw none ("" without MoE)."""
+        return expert_report(self.expert_counts())
 
     def save(self, path: str | Path) -> None:
         write_imatrix(path, self.sums, self.counts, datasets=[self.dataset], chunk_count=self.chunks,
@@ -75,8 +90,9 @@ def compute_imatrix(ckpt: Checkpoint, *, calib: Path | None = None, n_samples: i
     gen = ckpt.config.generation
     sums, counts = {}, {}
     for linear, (s, c) in res.imatrix.items():
-        name = gguf_name(linear + ".weight", gen)
-        sums[name], counts[name] = s, int(c)
+        name = gguf_name(linear if linear.endswith("_proj") and ".experts." in linear else linear + ".weight", gen)
+        sums[name], counts[name] = s, [int(x) for x in c] if isinstance(c, list) else int(c)
     dataset = dataset or (str(calib) if calib else "gemmaquant-default-calibration")
-    chunks = max(1, round(next(iter(counts.values())) / seq_len)) if counts else 0
+    dense = [c for c in counts.values() if isinstance(c, int)]
+    chunks = max(1, round(dense[0] / seq_len)) if dense else 0
     return ComputedImatrix(sums, counts, dataset, chunks, seq_len)

@@ -39,6 +39,7 @@ from .gptq import gptq_quantize
 from ..numerics.ct.grid import WeightQuant, rtn, split_rows
 from .runner import Progress, run_layers
 from .smoothquant import smooth_layer
+from .stats import OWN_INPUT, ExpertStats
 
 
 @dataclass
@@ -49,7 +50,8 @@ class CalibResult:
     # HF tensor name → new tensor in the stored dtype (the norms SmoothQuant/AWQ folded scales into)
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
     input_scales: dict[str, float] = field(default_factory=dict)  # Linear name → static fp8 scale
-    imatrix: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # name → (Σx² [in] f32, count)
+    # name → (Σx² [in] f32, count); MoE experts (`…experts.gate_up_proj`): ([E, in], [count per expert])
+    imatrix: dict[str, tuple[torch.Tensor, int | list[int]]] = field(default_factory=dict)
     notes: str = ""
 
     def packed(self, ct_format: str) -> dict:
@@ -83,10 +85,13 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     `CalibResult.quantized` holding them all (a 9B model's int8 codes alone would be 9 GB).
     `progress(done, total, what)` hears of each layer (runner.py).
     """
-    if ckpt.config.generation == 4:  # its experts, K/V sharing and per-layer inputs are not calibrated yet
-        raise GemmaQuantError(f"{ckpt.path}: calibration (importance matrix, GPTQ/AWQ/SmoothQuant, static scales) is "
-                              "not supported for Gemma 4 yet; round-to-nearest schemes are (the GGUF presets, fp8, --algorithm rtn)")
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    cfg = ckpt.config
+    if cfg.generation == 4 and not scheme.is_gguf and (cfg.is_moe or cfg.multimodal):
+        what = "a mixture of experts" if cfg.is_moe else "Gemma4ForConditionalGeneration checkpoints"
+        raise GemmaQuantError(f"{ckpt.path}: compressed-tensors calibration of Gemma 4 {what} is not supported yet "
+                              "(supported for Gemma 4: the importance matrix of every layout, and calibrated "
+                              "compressed-tensors schemes on dense Gemma4ForCausalLM)")
     algorithm = check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []
     res = CalibResult()
@@ -121,11 +126,22 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     def on_layer(i, layer, stats):
         prefix = f"model.layers.{i}."
         local = {name[len(prefix):]: st for name, st in stats.items()}
+        quantizable = cfg.linear_shapes(i)  # the router and experts are not compressed-tensors Linears here
         for name, st in stats.items():  # statistics of the float inputs (before any folding)
             if imatrix:
-                res.imatrix[name] = (st.sum_sq.float().clone(), st.count)
-            if static_fp8:
+                if isinstance(st, ExpertStats):  # per expert: [E, in] sums and E counts, as llama-imatrix
+                    width = layer.get_parameter(name[len(prefix):]).shape[-1]
+                    res.imatrix[name] = (st.stacked("sum_sq", width).float(), st.counts)
+                else:
+                    res.imatrix[name] = (st.sum_sq.float().clone(), st.count)
+            if static_fp8 and name[len(prefix):] in quantizable:
                 res.input_scales[name] = st.absmax.max().item() / FP8_MAX
+        if static_fp8 and cfg.generation == 4 and cfg.kv_shared(i):
+            # Google's E2B/E4B files keep K/V projections on KV-shared layers; they never run, and they would
+            # read q_proj's input (notes/gemma4 §4.3): the writer quantizes them, so they take its scale
+            for sfx in ("self_attn.k_proj", "self_attn.v_proj"):
+                if prefix + sfx + ".weight" in stored:
+                    res.input_scales[prefix + sfx] = res.input_scales[prefix + "self_attn.q_proj"]
         if algorithm is None or algorithm == "rtn":
             return
         norm_dtype = stored[prefix + "input_layernorm.weight"]
@@ -138,8 +154,10 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
             norms = {}
         for attr, t in norms.items():
             res.overrides[prefix + attr + ".weight"] = t
-        for mapping in MAPPINGS:  # Linears reading one input share H: quantize their rows together
-            suffixes = consumer_names(mapping)
+        # Linears reading one input share H: quantize their rows together; Gemma 4's per-layer-input
+        # Linears read their own inputs (nothing to fold them into: they are quantized, not smoothed)
+        groups = [consumer_names(m, layer) for m in MAPPINGS] + [[s] for s in OWN_INPUT if s in quantizable]
+        for suffixes in groups:
             lins = [layer.get_submodule(sfx) for sfx in suffixes]
             W = torch.cat([lin.weight.detach() for lin in lins])
             st = local[suffixes[0]]

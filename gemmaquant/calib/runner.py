@@ -14,6 +14,12 @@ every hooked Linear's input, then from h with the statistics hooks, so "xfx" can
 the same token. One more pass per layer and one more [n, S, hidden] buffer.
 `progress(done, total, what)` hears of each layer (layers done of all, the one under way); the CLI
 draws it (cli/progress.py), nothing here renders.
+
+Gemma 4: each mini-batch keeps its own K/V of the layers that KV-shared layers read (`LayerContext.kv`
+per batch and per stream, set by the last pass over the producer: the quantized one when sequential);
+per-layer inputs are computed for one layer at a time from the kept scaled embeddings (the whole
+[n, S, L, P] tensor of E2B would be 2.3 GB for 128 × 512 tokens); media placeholder ids of a
+Gemma4ForConditionalGeneration checkpoint embed as pad, as the model does.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import torch.nn.functional as F
 from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
 from ..model.loading import load_layer
-from ..model.gemma import DecoderLayer, embed_scale, make_layer_context
+from ..model.gemma import DecoderLayer, RMSNorm, embed_scale, make_layer_context
+from ..model.gemma4_blocks import combine_per_layer
 from .stats import InputStats, Pairing, attach
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
@@ -49,6 +56,56 @@ def embed_ids(ckpt: Checkpoint, ids: torch.Tensor, dtype: torch.dtype = torch.fl
     return h * embed_scale(ckpt.config, dtype)
 
 
+def model_ids(ckpt: Checkpoint, ids: torch.Tensor) -> torch.Tensor:
+    """The ids the text model embeds (Gemma4ForConditionalGeneration: media placeholders as pad)."""
+    cfg = ckpt.config
+    if cfg.media_token_ids and cfg.pad_token_id is not None:
+        ids = torch.where(torch.isin(ids, torch.tensor(cfg.media_token_ids)), cfg.pad_token_id, ids)
+    return ids
+
+
+class PerLayerInputs:
+    """Gemma 4's per-layer inputs, one layer's slice at a time (`combine_per_layer`)."""
+
+    def __init__(self, ckpt: Checkpoint, ids: torch.Tensor, x0: torch.Tensor, dtype: torch.dtype, device):
+        cfg = ckpt.config
+        self.cfg, self.ids, self.x0, self.dtype, self.device = cfg, ids, x0, dtype, device
+        self.table = ckpt.tensor("model.embed_tokens_per_layer.weight")
+        self.proj = ckpt.tensor("model.per_layer_model_projection.weight")
+        self.norm = RMSNorm(cfg.hidden_size_per_layer_input, cfg.rms_norm_eps, cfg.norm_unit_offset).to(device)
+        with torch.no_grad():
+            self.norm.weight.copy_(ckpt.tensor("model.per_layer_projection_norm.weight").to(dtype))
+        self.norm.to(dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table columns: a view of the mapped table, projection rows in the compute dtype) of layer i."""
+        p = self.cfg.hidden_size_per_layer_input
+        return self.table[:, i * p:(i + 1) * p], self.proj[i * p:(i + 1) * p].to(self.dtype).to(self.device)
+
+    def batch(self, cols: torch.Tensor, rows: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        tok = F.embedding(self.ids[b0:b1], cols).to(self.dtype).to(self.device)  # only the rows in use
+        x0 = self.x0[b0:b1].to(self.device)
+        return combine_per_layer(self.cfg, tok, F.linear(x0, rows), self.norm)
+
+
+class _Batches:
+    """Per mini-batch state of one stream: the K/V shared layers read, the per-layer input slice."""
+
+    def __init__(self, ctx, ple: PerLayerInputs | None):
+        self.ctx, self.ple, self.kv, self.cur = ctx, ple, {}, None
+
+    def start_layer(self, i: int) -> None:
+        self.cur = (i, *self.ple.layer(i)) if self.ple is not None else None
+
+    def context(self, b0: int, b1: int):
+        self.ctx.kv = self.kv.setdefault(b0, {})
+        if self.cur is not None:
+            i, cols, rows = self.cur
+            self.ctx.per_layer = self.ple.batch(cols, rows, b0, b1)
+            self.ctx.per_layer_first = i
+        return self.ctx
+
+
 def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer | None = None,
                sequential: bool = True, dtype: torch.dtype = torch.float32, device="cpu",
                batch_size: int = 4, layers: range | None = None, progress: Progress | None = None,
@@ -60,8 +117,11 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
     n, seq = ids.shape
     layers = range(cfg.num_hidden_layers) if layers is None else layers
     with torch.no_grad():
+        ids = model_ids(ckpt, ids)
         h = embed_ids(ckpt, ids, dtype)
-        ctx = make_layer_context(cfg, seq, torch.device(device), dtype)
+        ple = PerLayerInputs(ckpt, ids, h.clone(), dtype, device) if cfg.hidden_size_per_layer_input else None
+        ctx = _Batches(make_layer_context(cfg, seq, torch.device(device), dtype), ple)
+        ctx_f = _Batches(make_layer_context(cfg, seq, torch.device(device), dtype), ple) if float_target else None
         out = torch.empty_like(h)
         h_f = h.clone() if float_target else None
         out_f = torch.empty_like(h) if float_target else None
@@ -69,11 +129,14 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
             if progress:
                 progress(done, len(layers), f"layer {i}")
             layer = load_layer(ckpt, i, dtype, device)
+            ctx.start_layer(i)
+            if ctx_f is not None:
+                ctx_f.start_layer(i)
             pair = Pairing() if float_target else None
             stats, handles = attach(layer, f"model.layers.{i}.", kinds, pair)
             try:
                 if float_target:
-                    _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair)
+                    _paired_pass(layer, h_f, out_f, h, ctx_f, ctx, batch_size, device, pair)
                     h_f, out_f = out_f, h_f
                 else:
                     _pass(layer, h, out, ctx, batch_size, device, keep=not sequential)
@@ -92,18 +155,18 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
     return h
 
 
-def _pass(layer, h, out, ctx, batch_size, device, keep: bool) -> None:
+def _pass(layer, h, out, ctx: _Batches, batch_size, device, keep: bool) -> None:
     for b in range(0, h.shape[0], batch_size):
-        y = layer(h[b:b + batch_size].to(device), ctx)
+        y = layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))
         if keep:
             out[b:b + batch_size] = y.to(out.device)
 
 
-def _paired_pass(layer, h_f, out_f, h, ctx, batch_size, device, pair: Pairing) -> None:
+def _paired_pass(layer, h_f, out_f, h, ctx_f: _Batches, ctx: _Batches, batch_size, device, pair: Pairing) -> None:
     """Per mini-batch: the float stream (hooks store its Linear inputs, its output is kept), then the
     quantized stream (hooks pair its inputs with the stored ones)."""
     for b in range(0, h.shape[0], batch_size):
         pair.float_pass = True
-        out_f[b:b + batch_size] = layer(h_f[b:b + batch_size].to(device), ctx).to(out_f.device)
+        out_f[b:b + batch_size] = layer(h_f[b:b + batch_size].to(device), ctx_f.context(b, b + batch_size)).to(out_f.device)
         pair.float_pass = False
-        layer(h[b:b + batch_size].to(device), ctx)
+        layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..model.gemma import DecoderLayer
-from .fold import MAPPINGS, consumer_names, consumers, fold, q_to_kv_max
+from .fold import MAPPINGS, applies, consumer_names, consumers, fold, q_to_kv_max
 from .stats import InputStats
 
 _EPS = 1e-5
@@ -42,15 +42,15 @@ def smooth_layer(layer: DecoderLayer, stats: dict[str, InputStats], *, alpha: fl
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha {alpha} is outside [0, 1]")
     norms = {}
-    for mapping in mappings:
-        act = stats[consumer_names(mapping)[0]].absmax
+    for mapping in (m for m in mappings if applies(layer, m)):
+        act = stats[consumer_names(mapping, layer)[0]].absmax
         w = torch.cat([lin.weight.detach() for lin in consumers(layer, mapping)]).abs().amax(0)
         if mapping == "o":  # one scale per V channel, shared by the query heads of its KV group
             act, w = q_to_kv_max(layer, act), q_to_kv_max(layer, w)
         s_eff, name, new_w = fold(layer, mapping, smooth_scales(act, w, alpha), stored_dtype)
         if name is not None:
             norms[name] = new_w
-        st = stats[consumer_names(mapping)[0]]
+        st = stats[consumer_names(mapping, layer)[0]]
         if st.xtx is not None:  # for GPTQ after smoothing: the consumers now read x / s_eff
             st.xtx = st.xtx / (s_eff[:, None] * s_eff[None, :])
     return norms

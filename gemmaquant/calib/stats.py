@@ -13,6 +13,12 @@ lose ~1e-6 relative, far below GPTQ's 1% damping).
 
 Linears that read the same tensor share one stats object: q/k/v read the attention input, gate/up
 read the MLP input. Only the first of each group is hooked, so XᵀX is computed once per input.
+
+Gemma 4 layers hook only the Linears they have (KV-shared layers have no k/v_proj: they never run,
+and llama-imatrix records nothing for them; k_eq_v full layers have no v_proj), plus the per-layer-
+input Linears, the MoE router (llama-imatrix records its input, `ffn_gate_inp`) and the experts:
+`ExpertStats` keeps one InputStats per expert, fed with the tokens routed to it (the fused gate/up
+input and the down input before the routing weight, as llama-imatrix's MUL_MAT_ID hook sees them).
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ INPUT_OF = {
     "mlp.up_proj": "mlp.gate_proj",
     "mlp.down_proj": "mlp.down_proj",
 }
+
+
+# Gemma 4 Linears that read their own input (no sibling shares it).
+OWN_INPUT = ("per_layer_input_gate", "per_layer_projection", "router.proj")
+EXPERT_INPUTS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 @dataclass
@@ -75,6 +86,35 @@ class InputStats:
         return (self.abs_sum / max(self.count, 1)).float()
 
 
+class ExpertStats:
+    """Per-expert statistics of one fused expert weight's input: `per_expert[e]` saw only the tokens
+    routed to expert e (None: no token was)."""
+
+    def __init__(self, kinds, num_experts: int):
+        self.kinds = frozenset(kinds)
+        self.per_expert: list[InputStats | None] = [None] * num_experts
+
+    def update_expert(self, e: int, x: torch.Tensor) -> None:
+        st = self.per_expert[e]
+        if st is None:
+            st = self.per_expert[e] = InputStats(self.kinds)
+        st.update(x)
+
+    @property
+    def counts(self) -> list[int]:
+        return [0 if st is None else st.count for st in self.per_expert]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def stacked(self, kind: str, width: int) -> torch.Tensor:
+        """[E, width] of a vector statistic; zeros for experts that saw no token."""
+        rows = [torch.zeros(width, dtype=torch.float64) if st is None else getattr(st, kind).double()
+                for st in self.per_expert]
+        return torch.stack(rows)
+
+
 class Pairing:
     """Shared state of a paired pass (runner's float_target): while `float_pass` the hooks only store
     each hooked Linear's input in `inputs`; otherwise they update the statistics with `inputs` as ref."""
@@ -106,9 +146,42 @@ def attach(layer: nn.Module, prefix: str, kinds, pair: Pairing | None = None
         else:
             st.update(x, pair.inputs[suffix])
 
-    for suffix in sorted(set(INPUT_OF.values())):
+    groups = input_groups(layer)
+    for suffix in sorted(set(groups.values())):
         st = shared[suffix] = InputStats(kinds)
         mod = layer.get_submodule(suffix)
         handles.append(mod.register_forward_pre_hook(lambda _m, args, st=st, k=suffix: hook(st, k, args[0])))
-    stats = {prefix + s: shared[src] for s, src in INPUT_OF.items()}
+    stats: dict = {prefix + s: shared[src] for s, src in groups.items()}
+    if hasattr(layer, "experts"):
+        if pair is not None:
+            raise ValueError("paired (float-target) statistics are not supported for MoE experts")
+        ex = {n: ExpertStats(kinds, layer.experts.num_experts) for n in EXPERT_INPUTS}
+        layer.experts.observer = lambda e, which, x: ex[f"experts.{which}_proj"].update_expert(e, x)
+        handles.append(_Detach(layer.experts))
+        stats.update({prefix + n: st for n, st in ex.items()})
     return stats, handles
+
+
+class _Detach:
+    """A hook handle for the experts' observer."""
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def remove(self) -> None:
+        self.experts.observer = None
+
+
+def input_groups(layer: nn.Module) -> dict[str, str]:
+    """{suffix of each Linear the layer has: the hooked Linear whose input it reads}."""
+    out = {s: src for s, src in INPUT_OF.items() if _has(layer, s)}
+    out.update({s: s for s in OWN_INPUT if _has(layer, s)})
+    return out
+
+
+def _has(layer: nn.Module, suffix: str) -> bool:
+    try:
+        layer.get_submodule(suffix)
+    except AttributeError:
+        return False
+    return True

@@ -303,6 +303,8 @@ def imatrix_cmd(
         im.save(tmp)
     out.print(f"wrote {out_path}: {len(im.sums)} entries from {im.describe()}; text {src.describe()}",
               highlight=False, soft_wrap=True)
+    if im.expert_report():
+        out.print(im.expert_report(), highlight=False, soft_wrap=True)
 
 
 @app.command("recipes")

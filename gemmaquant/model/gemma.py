@@ -81,8 +81,14 @@ class LayerContext:
 
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer kind -> (cos, sin) [S, D]
     mask: dict[str, torch.Tensor]  # layer kind -> additive float mask [S, S] (0 / -inf)
-    per_layer: torch.Tensor | None = None  # Gemma 4 PLE inputs [B, S, L, P] of this sequence batch
+    per_layer: torch.Tensor | None = None  # Gemma 4 PLE inputs [B, S, n, P] of this sequence batch
+    per_layer_first: int = 0  # the layer per_layer[:, :, 0] belongs to (layer-by-layer calibration: n = 1)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # shared K/V by layer
+
+    def per_layer_input(self, layer: int) -> torch.Tensor:
+        if self.per_layer is None:
+            raise RuntimeError("a Gemma 4 model with per-layer inputs needs ctx.per_layer (Gemma.prepare)")
+        return self.per_layer[:, :, layer - self.per_layer_first]
 
 
 class Attention(nn.Module):
@@ -207,9 +213,7 @@ class DecoderLayer(nn.Module):
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(moe)
         x = x + self.post_feedforward_layernorm(m)
         if hasattr(self, "per_layer_input_gate"):
-            if ctx.per_layer is None:
-                raise RuntimeError("a Gemma 4 model with per-layer inputs needs ctx.per_layer (Gemma.prepare)")
-            z = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ctx.per_layer[:, :, self.layer_idx]
+            z = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ctx.per_layer_input(self.layer_idx)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(z))
         return x * self.layer_scalar
 

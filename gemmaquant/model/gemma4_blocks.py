@@ -51,6 +51,11 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """The experts' GeGLU MLPs, fused per expert as the checkpoint stores them."""
 
+    # observer(e, "gate_up" | "down", x): calibration's view of each expert's inputs (x: the tokens routed
+    # to e; the down input before the routing weight), as llama-imatrix's MUL_MAT_ID hook sees them. A
+    # class default, so subclasses with their own __init__ (quantized experts) have it too.
+    observer = None
+
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -74,8 +79,12 @@ class Experts(nn.Module):
         for e in torch.unique(idx).tolist():  # ascending expert ids
             slot, tok = torch.where(by_slot == e)
             xe = x[tok]
+            if self.observer is not None:
+                self.observer(e, "gate_up", xe)
             gate, up = F.linear(xe, self.gate_up(e, xe)).chunk(2, dim=-1)
             h = F.gelu(gate, approximate="tanh") * up
+            if self.observer is not None:
+                self.observer(e, "down", h)
             y = F.linear(h, self.down(e, h))
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
@@ -85,9 +94,15 @@ def per_layer_inputs(cfg: GemmaConfig, table: nn.Module, projection: nn.Module, 
                      ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """PLE inputs [B, S, L, P] from token ids and the scaled main embedding `x0` [B, S, H].
     `table` looks up the per-layer embedding rows [V_pl, L·P], `projection` is the model projection."""
-    n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
-    rows = table(ids)
-    tok = (rows * torch.tensor(math.sqrt(p), dtype=rows.dtype)).to(x0.dtype).reshape(*ids.shape, n, p)
-    ctx = projection(x0) * cfg.hidden_size ** -0.5
-    ctx = norm(ctx.reshape(*ids.shape, n, p))
+    return combine_per_layer(cfg, table(ids), projection(x0), norm)
+
+
+def combine_per_layer(cfg: GemmaConfig, rows: torch.Tensor, projected: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Per-layer inputs [B, S, n, P] of n consecutive layers from their columns of the per-layer table
+    rows [B, S, n·P] and of the model projection of x0 [B, S, n·P] (n = L: `per_layer_inputs`; n = 1:
+    one layer's slice, for layer-by-layer calibration)."""
+    p = cfg.hidden_size_per_layer_input
+    shape = (*rows.shape[:-1], rows.shape[-1] // p, p)
+    tok = (rows * torch.tensor(math.sqrt(p), dtype=rows.dtype)).to(projected.dtype).reshape(shape)
+    ctx = norm((projected * cfg.hidden_size ** -0.5).reshape(shape))
     return (ctx + tok) * 2.0 ** -0.5

@@ -188,6 +188,6 @@ def fallback(t: GGMLType, ncols: int) -> tuple[GGMLType, str | None]:
 
 def requires_imatrix(preset: str, name: str, t: GGMLType) -> bool:
     """llama-quantize's tensor_requires_imatrix, on the final (post-fallback) type."""
-    if name in ("token_embd.weight", "output.weight"):
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):  # Gemma 4's PLE table too
         return False
     return t in IMATRIX_TYPES or (t == T.Q2_K and preset == "q2_k_s")

@@ -55,6 +55,15 @@ def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tens
     return quantize(x, p.type, qw).numpy()
 
 
+def row_importance(p: TensorPlan, qw: torch.Tensor | None, r0: int) -> torch.Tensor | None:
+    """The importance vector of the slab starting at row r0: for MoE experts (3-D, one vector per
+    expert, as llama-quantize slices it: row r uses expert r // rows_per_expert) that expert's; slabs of
+    an expert tensor never cross an expert boundary."""
+    if qw is None or qw.numel() == p.n_per_row:
+        return qw
+    return qw.view(-1, p.n_per_row)[r0 // p.shape[-2]]
+
+
 def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
     die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
     child_signals()  # forked inside signals_deferred: SIGINT ignored, then signals unblocked
@@ -67,7 +76,7 @@ def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
 def _run_slab(s: Slab) -> np.ndarray:
     ckpt, p = _STATE["ckpt"], _STATE["plans"][s.i]
     view = ckpt.tensor(p.hf_name).reshape(-1, p.n_per_row)[s.r0:s.r1]
-    out = quantize_rows(ckpt.path, p, view, _STATE["qws"][p.name])
+    out = quantize_rows(ckpt.path, p, view, row_importance(p, _STATE["qws"][p.name], s.r0))
     release_pages(view)
     return out
 

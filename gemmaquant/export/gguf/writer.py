@@ -41,7 +41,7 @@ from ...formats.config import FULL
 from ...formats.gguf.names import ROPE_FREQS
 from .plan import TensorPlan, fallback_count, plan_types, preset
 from .preset_rules import requires_imatrix
-from .workers import CHEAP, Slab, quantize_rows, run_ordered
+from .workers import row_importance, CHEAP, Slab, quantize_rows, run_ordered
 
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
 _NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
@@ -76,15 +76,18 @@ def _imatrix_vector(p: TensorPlan, imatrix: dict[str, torch.Tensor] | None) -> t
     """The per-column importance llama-quantize would pass for this tensor, or None.
 
     It looks entries up only for tensors it converts (target != the BF16 source), uses one of
-    exactly n_per_row values, ignores a wrong-sized token_embd entry and aborts on any other."""
+    exactly n_per_row values (MoE experts: n_per_row per expert), ignores a wrong-sized token
+    embedding entry and aborts on any other."""
     if imatrix is None or p.type in (GGMLType.F32, GGMLType.BF16) or p.name not in imatrix:
         return None
     v = imatrix[p.name].detach().to(torch.float32).reshape(-1)
-    if v.numel() != p.n_per_row:
-        if p.name == "token_embd.weight":
+    n_mat = p.shape[0] if len(p.shape) == 3 else 1
+    if v.numel() != p.n_per_row * n_mat:
+        if p.name in ("token_embd.weight", "per_layer_token_embd.weight"):
             return None
+        per = f" × {n_mat} experts" if n_mat > 1 else ""
         raise GemmaQuantError(f"imatrix entry '{p.name}' has {v.numel()} values; the tensor has "
-                              f"{p.n_per_row} columns (was the imatrix computed on another model?)")
+                              f"{p.n_per_row} columns{per} (was the imatrix computed on another model?)")
     if not torch.isfinite(v).all():
         raise GemmaQuantError(f"imatrix entry '{p.name}' contains non-finite values")
     return v
@@ -101,7 +104,7 @@ def imatrix_coverage(plans: list[TensorPlan], imatrix: dict, where: str) -> list
         raise GemmaQuantError(f"{where}: none of its {len(imatrix)} entries names a tensor of this model (it has "
                               f"'{theirs}', the model '{ours}'); an imatrix of another model?")
     return [p.name for p in plans if p.type not in (GGMLType.F32, GGMLType.BF16, *_NO_IMATRIX)
-            and p.name != "token_embd.weight" and p.name not in imatrix]
+            and p.name not in ("token_embd.weight", "per_layer_token_embd.weight") and p.name not in imatrix]
 
 
 def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | None):
@@ -128,11 +131,13 @@ def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | No
     n = p.n_per_row
     src = src.reshape(-1, n)  # experts [E, rows, n]: quantized row by row over all experts
     rows = src.shape[0]
+    per = p.shape[-2] if len(p.shape) == 3 else rows  # slabs stop at expert boundaries (own importance)
     step = max(1, SLAB_VALUES // n)
-    for r in range(0, rows, step):
-        view = src[r:r + step]  # no page is read here: a worker process reads its own mapping
-        slab = None if p.type in CHEAP else Slab(i, r, min(rows, r + step))
-        yield view, partial(quantize_rows, ckpt.path, p, view, qw), slab
+    for r in (r for e0 in range(0, rows, per) for r in range(e0, e0 + per, step)):
+        end = min(r + step, (r // per + 1) * per)
+        view = src[r:end]  # no page is read here: a worker process reads its own mapping
+        slab = None if p.type in CHEAP else Slab(i, r, end)
+        yield view, partial(quantize_rows, ckpt.path, p, view, row_importance(p, qw, r)), slab
 
 
 def rope_freqs(cfg) -> torch.Tensor:

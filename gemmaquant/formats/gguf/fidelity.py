@@ -27,6 +27,8 @@ _SHOWN = 8  # layer indices listed in a note
 
 def llama_cpp_query_scalar(cfg: GemmaConfig) -> float:
     """The x in llama.cpp's 1/sqrt(x) query scale for this model."""
+    if cfg.generation == 4:  # f_attention_scale = 1.0, as transformers' scaling
+        return cfg.query_pre_attn_scalar
     if cfg.generation in BIG_LAYERS and cfg.num_hidden_layers == BIG_LAYERS[cfg.generation]:
         return float(cfg.hidden_size // cfg.num_attention_heads)
     return float(cfg.head_dim)
@@ -35,6 +37,8 @@ def llama_cpp_query_scalar(cfg: GemmaConfig) -> float:
 def llama_cpp_layer_types(cfg: GemmaConfig) -> tuple[str, ...]:
     """The attention kind per layer llama.cpp uses for the converter's GGUF of `cfg`."""
     n = cfg.num_hidden_layers
+    if cfg.generation == 4:  # the converter writes the per-layer sliding_window_pattern array
+        return tuple(cfg.layer_types)
     if cfg.generation == 1 or (cfg.generation == 3 and SLIDING not in cfg.layer_types):
         return (FULL,) * n  # Gemma 3: no window key written, so no SWA at all
     p = SWA_PATTERN[cfg.generation]

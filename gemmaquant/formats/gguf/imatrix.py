@@ -45,6 +45,8 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     legacy: bool = False
+    # GGUF entries with one count per expert (MoE `*_exps` tensors): the counts as stored
+    expert_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def meta(self) -> dict:
         """The values llama-quantize writes as quantize.imatrix.{file,dataset,entries_count,chunks_count}."""
@@ -83,12 +85,14 @@ def _read_gguf(path: Path) -> Imatrix:
                     d[t.name[: -len(suffix)]] = r.raw(t.name).numpy().view(np.float32).reshape(-1).copy()
     if not sums and not counts:
         raise GemmaQuantError(f"{path}: the imatrix holds no entries")
-    importance = {}
+    importance, per_expert = {}, {}
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
             raise GemmaQuantError(f"{path}: mismatched sums and counts for '{name}'")
         s, c = torch.from_numpy(sums[name]), torch.from_numpy(counts[name])
         n_mat = c.numel()
+        if n_mat > 1:
+            per_expert[name] = [int(round(float(x))) for x in c]
         if n_mat == 0 or s.numel() % n_mat:
             raise GemmaQuantError(f"{path}: '{name}' has {s.numel()} sums for {n_mat} counts")
         # lround, then back to float (ties away from zero; counts are whole numbers in practice)
@@ -96,7 +100,26 @@ def _read_gguf(path: Path) -> Imatrix:
         s = s.reshape(n_mat, -1)
         v = torch.where(cnt > 0, s / torch.where(cnt > 0, cnt, 1.0), torch.ones_like(s))
         importance[name] = _finite(name, v.reshape(-1).contiguous(), path)
-    return Imatrix(str(path), importance, datasets, chunk_count, chunk_size, legacy=False)
+    return Imatrix(str(path), importance, datasets, chunk_count, chunk_size, legacy=False, expert_counts=per_expert)
+
+
+def expert_report(counts: dict[str, list[int]]) -> str:
+    """One line on MoE experts' token counts ({`blk.N.ffn_gate_up_exps.weight`: per expert}), naming
+    the experts that saw none; "" when there are no expert entries."""
+    counts = {n: c for n, c in counts.items() if "_exps." in n and "ffn_down_exps" not in n} or counts
+    if not counts:
+        return ""
+    every = [c for cs in counts.values() for c in cs]
+    idle = [f"{n.split('.')[1]}:{e}" for n, cs in sorted(counts.items(), key=lambda kv: int(kv[0].split(".")[1]))
+            for e, c in enumerate(cs) if c == 0]
+    line = (f"experts saw {min(every)}-{max(every)} tokens each (median {sorted(every)[len(every) // 2]}) "
+            f"over {len(counts)} MoE layers")
+    if idle:
+        shown = ", ".join(idle[:12]) + (f", … ({len(idle)} in all)" if len(idle) > 12 else "")
+        line += (f"; {len(idle)} of {len(every)} experts saw no token (layer:expert {shown}): llama-quantize reads "
+                 "a zero count as importance 1.0 in every column, so those experts are quantized as without an "
+                 "imatrix (as here); more calibration text reaches more experts")
+    return line
 
 
 def _count(r: GGUFFile, key: str) -> int:

@@ -15,19 +15,22 @@ from gemmaquant.formats.config import config_from_dict
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.export.gguf.plan import plan_types
 from gemmaquant.export.gguf.writer import write_gguf
-from gemmaquant.schemes import get_scheme
+from gemmaquant.schemes import GGUF_NEEDS_IMATRIX, get_scheme
 from tests.llamacpp import open_llama
 from tests.tiny_gemma4 import make_tiny_gemma4
 
 from . import llamacpp_ref as ref
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.subprocess]
-KINDS = ("dense", "dense-kv", "e2b", "moe", "e2b-mm", "moe-256", "e2b-256")
+KINDS = ("dense", "dense-kv", "e2b", "moe", "e2b-mm", "moe-256", "e2b-256", "dense-256", "moe-256-small")
 WIDE_PRESETS = ("q6_k", "q5_k_m", "q4_k_m", "q4_k_s")
 # Issue 19 checked Gemma 4 on the 9 presets main had then; issue 20's presets are checked on every Gemma 1-3
-# layout in test_writer_presets.py, and here a few of them that need no imatrix (Gemma 4 has none yet)
+# layout in test_writer_presets.py, and here a few of them that need no imatrix, plus every preset that
+# needs one, given the same importance matrix (our forward pass's, per expert on MoE)
 PRESETS = ("bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0")
 NEW_PRESETS = ("q5_0", "q4_1", "iq4_xs", "q3_k_m", "q2_k")
+IMATRIX_PRESETS = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m", "q2_k_s")
+assert set(IMATRIX_PRESETS) == GGUF_NEEDS_IMATRIX, GGUF_NEEDS_IMATRIX
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +158,45 @@ def test_llama_cpp_loads_our_file_and_scores_it_as_our_eval(tiny, tmp_path, kind
     theirs = perplexity(lambda x, first: _llama_logits(llama, x[0].tolist())[None, first:], chunks).ppl
     ours = perplexity(lambda x, first: art.model(x, logits_from=first), chunks).ppl
     assert abs(ours / theirs - 1) < 0.02, (ours, theirs)
+
+
+_IMATRIX: dict = {}
+
+
+def _our_imatrix(kind: str, d, path):
+    """Our forward pass's importance matrix of `kind` (on 4 × 32 random tokens), written to a file
+    and read back as llama-quantize reads it; on MoE one expert's count is zeroed (as if it saw no
+    token) in every layer, so the all-ones rule for such experts is part of the comparison."""
+    if kind not in _IMATRIX:
+        from gemmaquant.calib.imatrix import compute_imatrix
+        from gemmaquant.formats.gguf.imatrix import read_imatrix
+
+        ids = torch.randint(5, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+        ids[:, 0] = 2
+        ci = compute_imatrix(Checkpoint(d), ids=ids, dataset="calib.txt")
+        for name, c in ci.counts.items():
+            if isinstance(c, list):
+                c[1] = 0
+                ci.sums[name][1] = 0
+        ci.save(path)
+        _IMATRIX[kind] = read_imatrix(path)
+    return _IMATRIX[kind]
+
+
+# every preset on the 64-wide layouts (fallback types) and the small 256-wide MoE (per-expert importance
+# in the IQ2/IQ1 searches); the dense and E2B-like 256-wide ones on a few (our IQ searches are slow:
+# e2b-256 iq2_xxs alone took ~100 s on the loaded 2-core machine)
+@pytest.mark.parametrize("kind,preset", [(k, p) for k in ("dense", "e2b", "moe", "moe-256-small") for p in IMATRIX_PRESETS]
+                         + [("dense-256", "iq2_xxs"), ("dense-256", "q2_k_s"), ("e2b-256", "q2_k_s")])
+def test_imatrix_presets_identical_to_llama_quantize(tiny, tmp_path_factory, tmp_path, kind, preset):
+    """64-wide layouts: llama.cpp's fallback types, weighted by the imatrix; 256-wide: the IQ2/IQ1/Q2_K
+    types themselves, the experts' rows each weighted by their own expert's importance."""
+    pytest.importorskip("llama_cpp")
+    d, ref_bf16, _ = tiny[kind]
+    im = _our_imatrix(kind, d, tmp_path_factory.mktemp("imx") / "imatrix.gguf")
+    want = ref.quantize(ref_bf16, tmp_path / "ref.gguf", get_scheme(preset).ftype,
+                        imatrix={k: v.numpy() for k, v in im.importance.items()}, meta=im.meta())
+    got = write_gguf(Checkpoint(d), preset, tmp_path / "ours.gguf", imatrix=im.importance, imatrix_meta=im.meta())
+    assert got.path.read_bytes() == want.read_bytes()
+    if kind.endswith("256") or kind == "moe-256-small":
+        assert get_scheme(preset).default_type in got.type_counts
