@@ -91,6 +91,8 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
     fmt = qc.get("format")
     ts = _Tensors(root)
     expected = cfg.expected_shapes()
+    expected.update({f"model.layers.{i}.{s}.weight": nk for i in range(cfg.num_hidden_layers)  # MoE: per-expert Linears
+                     for s, (_, _, nk) in cfg.expert_linears(i).items()})
 
     def shape_check(name: str, t: torch.Tensor, want) -> torch.Tensor:
         if tuple(t.shape) != tuple(want):
@@ -142,7 +144,7 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
     for m in [k[: -len(".weight")] for k in expected if k.endswith("_proj.weight")]:
         if _act_mode(_group_for(qc, m)) == "static" and f"{m}.input_scale" not in ts:
             raise GemmaQuantError(f"{root}: {m}: static input activations but no '{m}.input_scale'")
-    model = assemble(cfg, dtype, qlin, norm)
+    model = assemble(cfg, dtype, qlin, norm, per_expert=cfg.is_moe)
     if "lm_head.weight" in ts:
         raise GemmaQuantError(f"{root}: an untied 'lm_head.weight' is not supported (Gemma ties it)")
     formats, n, nbytes = linear_stats(model)
