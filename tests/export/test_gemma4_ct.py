@@ -224,3 +224,23 @@ def test_dry_run_plan_shows_the_experts_and_their_bytes(sources, tmp_path, schem
         "MoE router: unquantized (vLLM runs it in float32 without a quant method), in `ignore`"}
     rep = write_compressed_tensors(ck, get_scheme(scheme), tmp_path / "out", progress=False)
     assert sum(r["bytes"] for r in rows) == rep.tensor_bytes
+
+
+def test_experts_are_quantized_one_at_a_time(sources, tmp_path, monkeypatch):
+    """Streaming: the writer converts one expert's rows to float32 at a time, never a fused [E, 2I, H]
+    tensor (a 26B-A4B layer's would be 128 × 1408 × 2816 floats, 2 GB)."""
+    from gemmaquant.export import compressed_tensors as ct
+
+    seen = []
+    real = ct.quantize_for
+
+    def spy(w, *args, **kwargs):
+        seen.append(tuple(w.shape))
+        return real(w, *args, **kwargs)
+
+    monkeypatch.setattr(ct, "quantize_for", spy)
+    rep = ct.write_compressed_tensors(Checkpoint(sources("moe")), get_scheme("fp8"), tmp_path / "out", progress=False)
+    c = Checkpoint(sources("moe")).config
+    want = [nk for i in range(c.num_hidden_layers) for nk in
+            [*c.linear_shapes(i).values(), *(nk for _, _, nk in c.expert_linears(i).values())]]
+    assert len(rep.quantized) == 218 and sorted(seen) == sorted(want)  # each one 2-D, one Linear's rows
