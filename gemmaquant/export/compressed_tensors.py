@@ -42,14 +42,14 @@ from ..numerics.ct.quantize import FloatQuantized, Packed
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
-from ..formats.multimodal import CT_IGNORE, CT_IGNORE_GEMMA4, TEXT_A, layout
+from ..formats.multimodal import TEXT_A, layout
 from .atomic import atomic_output
+from .ct_rules import check_experts, check_group, ignore_list
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
 
 MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as save_pretrained counts it
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes (informational)
-MARLIN_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -118,22 +118,6 @@ def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
 
 
 # -- config.json ------------------------------------------------------------------------------
-def ignore_list(cfg) -> list[str]:
-    """The Linears left unquantized (everything else matches `targets: Linear`): the tied LM head; Gemma
-    4's MoE router (vLLM builds it without a quant method: scales would be unknown parameters) and its
-    per-layer-input model projection (llama.cpp never quantizes it either); a multimodal model's towers,
-    projector / embedders (as llm-compressor's Gemma 3 and Gemma 4 recipes do). Regexes, so they match
-    transformers' module names and vLLM's renamed ones alike."""
-    ignore = ["lm_head"]
-    if cfg.is_moe:
-        ignore.append(r"re:.*router\.proj$")
-    if cfg.hidden_size_per_layer_input:
-        ignore.append("re:.*per_layer_model_projection$")
-    if cfg.multimodal:
-        ignore += CT_IGNORE_GEMMA4 if cfg.generation == 4 else CT_IGNORE
-    return ignore
-
-
 def quantization_config(scheme: Scheme, actorder: str | None = None, ignore: list[str] | tuple = ("lm_head",)) -> dict:
     """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); `ignore`
     from `ignore_list`."""
@@ -181,32 +165,6 @@ def _linear_outs(module: str, n: int, k: int, scheme: Scheme) -> tuple[_Out, ...
                  ct_format(scheme.ct_format).outputs(n, k, scheme.weights, scheme.input_activations))
 
 
-def _check_group(ckpt: Checkpoint, scheme: Scheme, name: str, k: int) -> None:
-    w = scheme.weights
-    if w.strategy == "group" and k % w.group_size:
-        ok = [g for g in MARLIN_GROUP_SIZES if k % g == 0]
-        raise GemmaQuantError(
-            f"{ckpt.path}: tensor '{name}' has input width {k}, not divisible by the group size "
-            f"{w.group_size} of scheme '{scheme.name}' (group sizes that divide {k}: "
-            f"{', '.join(map(str, ok)) or 'none'}; or per-channel)")
-
-
-def _check_experts(ckpt: Checkpoint, scheme: Scheme) -> None:
-    """vLLM runs weight-only (pack-quantized) experts with the Marlin MoE kernel, which needs
-    hidden_size % 128 == 0 and moe_intermediate_size % max(64, group) == 0 (vLLM's
-    check_moe_marlin_supports_layer); compressed-tensors itself would write the file regardless."""
-    cfg, w = ckpt.config, scheme.weights
-    if not cfg.is_moe or scheme.ct_format != "pack-quantized":
-        return
-    g = w.group_size if w.strategy == "group" else -1
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    if h % 128 or i % max(64, g):
-        raise GemmaQuantError(
-            f"{ckpt.path}: scheme '{scheme.name}': vLLM's Marlin MoE kernel for weight-only experts needs "
-            f"hidden_size % 128 == 0 and moe_intermediate_size % {max(64, g)} == 0; this model has hidden_size "
-            f"{h}, moe_intermediate_size {i} (fp8 and int8 --algorithm rtn experts have no such limit)")
-
-
 def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tuple[list[_Unit], list[str]]:
     cfg = ckpt.config
     suffixes = tuple(sorted(set().union(*(cfg.linear_shapes(i) for i in range(cfg.num_hidden_layers)))))
@@ -218,7 +176,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
             return ckpt.stored_name(name)
         return TEXT_A + name if cfg.multimodal else name
 
-    _check_experts(ckpt, scheme)
+    check_experts(ckpt, scheme)
     units, skipped = [], []
     for name in ckpt.names():
         if name == "lm_head.weight":
@@ -233,7 +191,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
             base = out_name(name)[: -len(f.group(3))]
             for suffix, (src, rows, (n, k)) in cfg.expert_linears(int(f.group(2))).items():
                 if src == f.group(3):
-                    _check_group(ckpt, scheme, f"{name}[{suffix.split('.')[1]}]", k)
+                    check_group(ckpt, scheme, f"{name}[{suffix.split('.')[1]}]", k)
                     units.append(_Unit(name, _linear_outs(base + suffix, n, k, scheme), module=f.group(1) + suffix,
                                        out_module=base + suffix, expert=(int(suffix.split(".")[1]), rows)))
             continue
@@ -242,7 +200,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
             units.append(_Unit(name, (_Out(out_name(name), to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
-        _check_group(ckpt, scheme, name, k)
+        check_group(ckpt, scheme, name, k)
         om = out_name(name)[: -len(".weight")]
         units.append(_Unit(name, _linear_outs(om, n, k, scheme), module=m.group(1), out_module=om))
     for name in ckpt.vision_names():  # unquantized: vLLM and transformers run the tower in bf16
