@@ -244,3 +244,19 @@ def test_experts_are_quantized_one_at_a_time(sources, tmp_path, monkeypatch):
     want = [nk for i in range(c.num_hidden_layers) for nk in
             [*c.linear_shapes(i).values(), *(nk for _, _, nk in c.expert_linears(i).values())]]
     assert len(rep.quantized) == 218 and sorted(seen) == sorted(want)  # each one 2-D, one Linear's rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp8", "q8_0"])
+def test_dry_run_of_the_multimodal_moe(sources, tmp_path, capsys, monkeypatch, scheme):
+    """`quantize --dry-run` on a Gemma4ForConditionalGeneration MoE: the experts' rows and the towers for
+    compressed-tensors; for GGUF no mmproj line (Gemma 4's mmproj is not written yet), and no error."""
+    from tests.reliability import run_cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli(["quantize", sources("moe-mm"), "--scheme", scheme, "--algorithm", "rtn", "--dry-run",
+                 "--out", tmp_path / ("o.gguf" if scheme == "q8_0" else "o")], capsys)
+    assert r.code == 0, r.stderr
+    assert "Nothing was written" in r.stdout and "beside it" not in r.stdout and not (tmp_path / "o").exists()
+    if scheme == "fp8":
+        assert "layers.*.experts.*.gate_proj" in r.stdout and "vision/audio tower" in r.stdout
