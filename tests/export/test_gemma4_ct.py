@@ -260,3 +260,28 @@ def test_dry_run_of_the_multimodal_moe(sources, tmp_path, capsys, monkeypatch, s
     assert "Nothing was written" in r.stdout and "beside it" not in r.stdout and not (tmp_path / "o").exists()
     if scheme == "fp8":
         assert "layers.*.experts.*.gate_proj" in r.stdout and "vision/audio tower" in r.stdout
+
+
+@pytest.mark.slow
+def test_unbounded_clip_buffers_of_the_towers_are_copied(sources, tmp_path):
+    """A clipped Linear's ±inf bounds (transformers' default: no clipping) are values, not corruption:
+    copied as they are; a NaN anywhere is still refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
+
+    src = tmp_path / "src"
+    shutil.copytree(sources("e2b-mm"), src)
+    sd = load_file(src / "model.safetensors")
+    bound = next(n for n in sd if n.endswith("input_max"))
+    sd[bound] = torch.full_like(sd[bound], float("inf"))
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    write_compressed_tensors(Checkpoint(src), get_scheme("fp8"), tmp_path / "out", progress=False)
+    assert _stored(tmp_path / "out")[bound] == _stored(src)[bound]
+    sd[bound] = torch.full_like(sd[bound], float("nan"))
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GemmaQuantError, match=f"'{re.escape(bound)}' contains NaN"):
+        write_compressed_tensors(Checkpoint(src), get_scheme("fp8"), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
