@@ -110,26 +110,55 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def kept_why(name: str, vision: bool = False) -> str:
+    """Why the compressed-tensors writer copies a tensor unquantized (plan rows, the summary)."""
+    if vision:
+        return "vision/audio tower / projector: unquantized, in `ignore`"
+    if "embed_tokens" in name:
+        return ("per-layer-input table: kept" if "per_layer" in name
+                else "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
+    if "router.proj" in name:
+        return "MoE router: unquantized (vLLM runs it in float32 without a quant method), in `ignore`"
+    if "per_layer_model_projection" in name:
+        return "per-layer-input model projection: unquantized, in `ignore`"
+    if name.endswith(("router.scale", "per_expert_scale", "layer_scalar")):
+        return "router / layer scale: copied byte for byte"
+    return "norm: copied byte for byte"
+
+
 def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
-    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes."""
+    """One row per source tensor: what the compressed-tensors writer makes of it and its bytes (a MoE
+    layer's fused experts: one row per projection, for its E per-expert Linears)."""
+    from .export.compressed_tensors import check_plan
     from .numerics.ct.formats import ct_format
 
+    check_plan(ckpt, scheme)  # the refusals the run would make (group sizes, MoE kernel shapes)
     cfg = ckpt.config
     w, fmt = scheme.weights, ct_format(scheme.ct_format)
     rows = []
+    linears = {f"model.layers.{i}.{s}.weight" for i in range(cfg.num_hidden_layers) for s in cfg.linear_shapes(i)}
     for name, shape in cfg.expected_shapes().items():
-        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
-        if not is_linear:
-            why = "embedding (tied LM head): kept" if "embed_tokens" in name else "norm: copied byte for byte"
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            layer = int(name.split(".")[2])
+            for suffix, (src, rows_of, (n, k)) in cfg.expert_linears(layer).items():
+                if suffix.startswith("experts.0.") and name.endswith(src):
+                    t, b = fmt.plan_row(n, k, w, scheme.input_activations)
+                    proj = suffix.split(".")[-1]
+                    rows.append({"tensor": f"model.layers.{layer}.experts.*.{proj}.weight",
+                                 "shape": [cfg.num_experts, n, k], "type": t, "bytes": cfg.num_experts * b,
+                                 "note": f"{cfg.num_experts} per-expert Linears: rows {rows_of.start}-"
+                                         f"{rows_of.stop - 1} of each expert's {src.split('.')[1]}"})
+            continue
+        if name not in linears:
             rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
-                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
+                         "bytes": ckpt.raw_bytes(name).nbytes, "note": kept_why(name)})
             continue
         n, k = shape
         t, b = fmt.plan_row(n, k, w, scheme.input_activations)
         rows.append({"tensor": name, "shape": list(shape), "type": t, "bytes": b, "note": ""})
     for name in ckpt.vision_names():  # multimodal: copied unquantized
         rows.append({"tensor": name, "shape": list(ckpt.shape(name)), "type": str(ckpt.dtype(name)).replace("torch.", ""),
-                     "bytes": ckpt.raw_bytes(name).nbytes, "note": "vision tower / projector: kept, in `ignore`"})
+                     "bytes": ckpt.raw_bytes(name).nbytes, "note": kept_why(name, vision=True)})
     return rows
 
 
@@ -210,17 +239,23 @@ def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: 
     return t, default_mmproj_path(ckpt, t, Path(out).absolute().parent)
 
 
+def calibrates(scheme: Scheme, algorithm: str | None) -> bool:
+    """Whether a compressed-tensors run needs activations: static input scales, or an algorithm other
+    than round-to-nearest (the scheme's default when none is asked; `--algorithm rtn` on int8 rounds
+    to nearest with dynamic activations: nothing to calibrate)."""
+    if algorithm is None:
+        return scheme.needs_calibration
+    ia = scheme.input_activations
+    return algorithm != "rtn" or (ia is not None and not ia.dynamic)
+
+
 def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
     """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
-    are handled; elsewhere one line says so before any work starts."""
+    are handled; elsewhere one line says so before any work starts. (Calibrated compressed-tensors schemes on a
+    Gemma 4 MoE or multimodal checkpoint: calibrate() refuses them; the MoE kernel shape limits: the
+    compressed-tensors plan.)"""
     if ckpt.config.generation != 4:
         return
-    c = ckpt.config
-    if not scheme.is_gguf and (c.is_moe or c.multimodal):
-        what = "a mixture of experts" if c.is_moe else "Gemma4ForConditionalGeneration checkpoints"
-        raise GemmaQuantError(f"{ckpt.path}: {scheme.name}: compressed-tensors output for Gemma 4 {what} is not "
-                              "supported yet (supported for Gemma 4: the GGUF presets; compressed-tensors for "
-                              "dense Gemma4ForCausalLM)")
     if opts is not None and (opts.target_bpw is not None or opts.target_size is not None):
         # the sensitivity measurement behind a budget walks Gemma 1-3's Linears (every layer with a v_proj)
         raise GemmaQuantError(f"{ckpt.path}: a size budget (--target-bpw/--target-size) is not supported for Gemma 4 "
@@ -258,8 +293,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
         mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
         if not mmproj_kept:
             check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
-    calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else \
-        scheme.needs_calibration or opts.algorithm not in (None, "rtn")
+    calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else calibrates(scheme, opts.algorithm)
     text = None
     if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
         from .export.compressed_tensors import check_plan
@@ -469,8 +503,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib
     from .calib.pipeline import check_algorithm
 
     algorithm = check_algorithm(scheme, opts.algorithm, False)
-    needs = scheme.needs_calibration if opts.algorithm is None else algorithm not in (None, "rtn") or \
-        scheme.needs_calibration
+    needs = calibrates(scheme, opts.algorithm)
     quantized = overrides = input_scales = None
     calibration_note = "none (round-to-nearest needs no data)"
     algo_note = "round-to-nearest (RTN), compressed-tensors min-max scales"
@@ -500,9 +533,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib
     size = _size(out)
     params = ckpt.config.param_count()
     vision = set(ckpt.vision_names())
-    unq = [(n, "embedding / tied LM head: kept in the source dtype (vLLM cannot quantize it)")
-           if "embed_tokens" in n else (n, "vision tower / projector: unquantized, in `ignore`") if n in vision
-           else (n, "norm: copied byte for byte") for n in rep.copied]
+    unq = [(n, kept_why(n, n in vision)) for n in rep.copied]
     unq += [(n, "skipped (tied lm_head, identical to the embedding)") for n in rep.skipped]
     errs = list(rep.weight_error.values())
     if overrides:

@@ -70,7 +70,8 @@ DEMO = {
     "w4a16-rtn": (["--scheme", "w4a16", "--algorithm", "rtn"], "g-W4A16", {
         "LICENSE.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
         "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
-        "README.md": "ee80819afd7475949b802b43df55340c8bfce6d5881b4467a703aeb7f65c84f2",
+        # the card claimed calibration for this RTN run (issue 19's `calibrates`); weights unchanged
+        "README.md": "2ad57aeec559fe7fd937489e0f8524ea40562e56ed5ff0cc016eef3fc8afa4de",
         "config.json": "50fdd125a61e45b200bd252e63cec63d65e4feb8a290cc50f331e986dd96cb52",
         "gemmaquant.json": "cb510594d0b5cf08411a8f596648aeb892330ee7adf0b746d6873ec8b530e849",
         "generation_config.json": "5c2827c04d82b66f631239911c43f5766f0025f98c2bb2f63cdb6d7283748510",
@@ -148,7 +149,9 @@ TINY = {
         "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
     }),
     "int8-rtn": (["--scheme", "int8", "--algorithm", "rtn"], "t-INT8-rtn", {
-        "README.md": "cf054edac992337fda21f96cb8a3dd6b18a4218c2e31089fb688cb67c80edf55",
+        # the card claimed calibration text and "static input scales from calibration" for this dynamic-
+        # activation RTN run, which reads no text (issue 19 fixed `calibrates`); weights unchanged
+        "README.md": "7ff5a92fb1a1552c1d450f05636ba43d1d57fcc37c02e9ac474c90c2e09611ff",
         "config.json": "9802a2bcb16ebb5e9b7158440680fb772bd3a6d257c0bd548e17b4e6ed500385",
         "gemmaquant.json": "1c94690e42d66b2def4e9611ec9ab439056c76355ea954a0b8f9df0edaeb3bab",
         "model.safetensors": "179c4799436003724dc56f8830cace575c0797bc382495b0f0b0588cd2059d76",
@@ -183,7 +186,8 @@ TINY = {
         "tokenizer.model": "b96828d50d085617e96b8affc741ac00386f6b15e88b2928e76563feac3101fa",
     }),
     "w4a16-asym-rtn": (["--scheme", "w4a16-asym", "--algorithm", "rtn"], "t-W4A16-asym-rtn", {
-        "README.md": "cf2e2b23440023f9c91ca1f93383585188f409c2ed01f5b782c929842c945ca3",
+        # the card claimed calibration for this RTN run (issue 19's `calibrates`); weights unchanged
+        "README.md": "5b02ce7a965d76fb52c3a847ce4ba30e9990bcc880643bf4ad462aa5bd54a572",
         "config.json": "c45cdaf6a77ac0d5e571e8d3e422699a50f020d7cb697081e40fe277f004497a",
         "gemmaquant.json": "1b5f530420f5ce2f8c479327588ad312514892f8c2ac325d52e0f9546dcc336e",
         "model.safetensors": "575c99a2b46c1e395ef932a990d4efc6fa0c989e3f915acfc69037d0d8f21015",

@@ -8,11 +8,14 @@ One per feature combination of the released models:
   moe          26B-A4B-like: 16 experts, top 4, beside the dense MLP (8 experts would trip
                llama-quantize's Mixtral special case)
   e2b-mm       the E2B-like text model inside Gemma4ForConditionalGeneration, with vision and audio
+  moe-mm       the MoE-like text model in the wrapper (the released 26B-A4B is multimodal)
+  *-256        256-wide variants (K-quant rules without fallback; head dims vLLM's CPU attention runs)
 global_head_dim differs from head_dim: llama.cpp's converter asserts it (and real models have 512/256).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,13 +44,15 @@ WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=2, num_k
             global_head_dim=256)
 VARIANTS["moe-256"] = {**VARIANTS["moe"], **WIDE, "moe_intermediate_size": 256}
 VARIANTS["e2b-256"] = {**VARIANTS["e2b"], **WIDE, "hidden_size_per_layer_input": 256}
+# 3 layers keep the imatrix-only presets' searches short; head dims vLLM's CPU attention runs (not 16)
 VARIANTS["dense-256"] = {**VARIANTS["dense"], **WIDE, "num_hidden_layers": 3, "layer_types": [S, F, F]}
 # The smallest 256-wide MoE for the imatrix-only presets (our IQ2/IQ1 searches are slow in Python):
 # 4 experts (not 8: llama-quantize's Mixtral rules), 2 layers
 VARIANTS["moe-256-small"] = {**VARIANTS["moe-256"], "num_hidden_layers": 2, "layer_types": [S, F],
                              "num_experts": 4, "top_k_experts": 2}
-WRAPPED = {"e2b-mm": "e2b"}  # multimodal name -> its text variant
-ALL = ["dense", "dense-kv", "e2b", "moe"] + sorted(WRAPPED)  # the forward-pass combinations
+# multimodal name -> its text variant (the released 26B-A4B is a multimodal MoE)
+WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256"}
+ALL = ["dense", "dense-kv", "e2b", "moe", "e2b-mm"]  # the forward-pass combinations
 
 
 def tiny_tokenizer(out: Path) -> None:
@@ -143,3 +148,32 @@ def make_tiny_gemma4(name: str, out: Path, dtype=torch.float32, seed: int = 0):
 def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def per_expert_conversion():
+    """transformers (5.23) reads Gemma 4 experts only fused: while this is active, checkpoints with
+    per-expert Linears (`experts.{e}.gate_proj` …, what vLLM and compressed-tensors expect) load into
+    `experts.gate_up_proj` / `experts.down_proj` (gate rows first). Test-only, and undone on exit:
+    save_pretrained applies the mapping in reverse, so a tiny checkpoint saved meanwhile would be split."""
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    key = "gemma4_text"
+    before = cm.get_checkpoint_conversion_mapping(key)
+    user = key in cm.USER_REGISTERED_MAPPINGS
+    cm.register_checkpoint_conversion_mapping(key, [
+        WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
+                        target_patterns="experts.gate_up_proj", operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+        WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
+                        operations=[MergeModulelist(dim=0)]),
+    ], overwrite=True)
+    try:
+        yield
+    finally:
+        if before is not None:
+            cm.register_checkpoint_conversion_mapping(key, before, overwrite=True)
+        else:
+            cm._checkpoint_conversion_mapping_cache.pop(key, None)
+        if not user:
+            cm.USER_REGISTERED_MAPPINGS.discard(key)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..formats.checkpoint import Checkpoint
-from ..pipeline import plan_rows
+from ..pipeline import mmproj_target, plan_rows
 from ..schemes import Scheme
 from ..formats.inputs import human_bytes
 
@@ -90,12 +90,13 @@ def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console:
     hint = "" if show_all else f" {len(rows)} tensors in {len(group_rows(rows))} rows; --all lists each tensor."
     console.print(f"estimated output: {human_bytes(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
                   f"+ metadata; source {human_bytes(ckpt.weight_nbytes())}. Nothing was written (--dry-run).{hint}")
-    if scheme.is_gguf and ckpt.config.multimodal and opts.mmproj != "none":
-        from ..export.gguf.mmproj import DEFAULT_OUTTYPE, default_mmproj_path, plan_mmproj
+    target = mmproj_target(ckpt, scheme, opts, out_path)  # None where no mmproj is written (Gemma 4: not yet)
+    if target is not None:
+        from ..export.gguf.mmproj import plan_mmproj
 
-        kind = opts.mmproj or DEFAULT_OUTTYPE
+        kind, path = target
         mm = plan_mmproj(ckpt, kind)
-        console.print(f"and beside it {default_mmproj_path(ckpt, kind, Path(out_path).absolute().parent).name}: the "
+        console.print(f"and beside it {path.name}: the "
                       f"vision tower + projector ({kind.upper()}, {len(mm)} tensors, "
                       f"{human_bytes(sum(t.nbytes for t in mm))}; --mmproj none: without it).")
 

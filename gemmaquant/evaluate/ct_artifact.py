@@ -146,6 +146,8 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
     qc = raw["quantization_config"]
     ts = _Tensors(root)
     expected = cfg.expected_shapes()
+    expected.update({f"model.layers.{i}.{s}.weight": nk for i in range(cfg.num_hidden_layers)  # MoE: per-expert Linears
+                     for s, (_, _, nk) in cfg.expert_linears(i).items()})
 
     def load(hf: str) -> Loaded:
         module = module_of(hf)
@@ -166,7 +168,7 @@ def open_ct(root: Path, dtype: torch.dtype, device: str):
                                   f"{list(expected[hf])}")
         return t.float()
 
-    model = assemble(cfg, dtype, qlin, norm)
+    model = assemble(cfg, dtype, qlin, norm, per_expert=cfg.is_moe)
     if "lm_head.weight" in ts:
         raise GemmaQuantError(f"{root}: an untied 'lm_head.weight' is not supported (Gemma ties it)")
     formats, n, nbytes = linear_stats(model)

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..formats.config import GemmaConfig
 from ..model.gemma import Gemma
+from ..model.gemma4_blocks import Experts
 from ..model.qlinear import QuantEmbedding, QuantLinear
 from .gemma4_gguf import QuantExperts
 
@@ -46,9 +48,26 @@ class Artifact:
         return 8.0 * self.size_bytes / self.config.param_count()
 
 
-def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> Gemma:
+class LinearExperts(Experts):
+    """Experts stored as one Linear per expert and projection (compressed-tensors / vLLM layout:
+    `experts.{e}.gate_proj` …): each runs its own module, so W8A8 experts quantize their activations
+    per token as vLLM's fused MoE kernels do (the same scales for gate and up, which share the input)."""
+
+    def __init__(self, cfg: GemmaConfig, gate: list[QuantLinear], up: list[QuantLinear], down: list[QuantLinear]):
+        nn.Module.__init__(self)
+        self.num_experts = cfg.num_experts
+        self.gate_proj, self.up_proj, self.down_proj = nn.ModuleList(gate), nn.ModuleList(up), nn.ModuleList(down)
+
+    def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.gate_proj[e](xe), approximate="tanh") * self.up_proj[e](xe)
+        return self.down_proj[e](h)
+
+
+def assemble(cfg: GemmaConfig, dtype, qlin, norm, per_expert: bool = False) -> Gemma:
     """A Gemma computing in `dtype` whose Linears come from `qlin(hf_name)`, embedding tables from it as
-    QuantEmbeddings (the tied LM head among them), and norms from `norm(hf_name)` (HF form)."""
+    QuantEmbeddings (the tied LM head among them), and norms from `norm(hf_name)` (HF form).
+    per_expert: MoE experts stored as per-expert Linears (`config.expert_linears` names) rather than
+    the fused `experts.gate_up_proj` / `experts.down_proj`."""
     with torch.device("meta"):
         model = Gemma(cfg, compute_dtype=dtype)
     model.eval().requires_grad_(False)
@@ -61,7 +80,7 @@ def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> Gemma:
                 parent = getattr(parent, part)
             setattr(parent, attr, qlin(f"model.layers.{i}.{suffix}.weight"))
     if cfg.generation == 4:
-        _assemble_gemma4(model, cfg, qlin, norm)
+        _assemble_gemma4(model, cfg, qlin, norm, per_expert)
     for name, module in model.named_modules():
         if hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             module.weight = nn.Parameter(norm(name + ".weight").float(), requires_grad=False)
@@ -70,7 +89,7 @@ def assemble(cfg: GemmaConfig, dtype, qlin, norm) -> Gemma:
     return model
 
 
-def _assemble_gemma4(model: Gemma, cfg: GemmaConfig, qlin, norm) -> None:
+def _assemble_gemma4(model: Gemma, cfg: GemmaConfig, qlin, norm, per_expert: bool) -> None:
     """Gemma 4's extra tensors: the PLE table (looked up like the embedding) and projection, each
     layer's router (F32 Linear; its scales and the layer scalar as float32 vectors) and experts."""
     m = model.model
@@ -88,7 +107,12 @@ def _assemble_gemma4(model: Gemma, cfg: GemmaConfig, qlin, norm) -> None:
             layer.router.proj = qlin(p + "router.proj.weight")
             layer.router.scale = vector(p + "router.scale")
             layer.router.per_expert_scale = vector(p + "router.per_expert_scale")
-            layer.experts = QuantExperts(cfg, qlin(p + "experts.gate_up_proj"), qlin(p + "experts.down_proj"))
+            if per_expert:
+                lin = {s: qlin(p + s + ".weight") for s in cfg.expert_linears(i)}
+                layer.experts = LinearExperts(cfg, *([lin[f"experts.{e}.{proj}"] for e in range(cfg.num_experts)]
+                                                     for proj in ("gate_proj", "up_proj", "down_proj")))
+            else:
+                layer.experts = QuantExperts(cfg, qlin(p + "experts.gate_up_proj"), qlin(p + "experts.down_proj"))
 
 
 def linear_stats(model: Gemma) -> tuple[dict[str, int], int, int]:

@@ -11,6 +11,9 @@ the memory-mapped source and written at its offset, one Linear at a time. Nothin
     embeddings, norms -> copied byte for byte;  lm_head.weight (tied) -> not written
     multimodal Gemma 3: the text tensors under `language_model.`, the vision tower and projector copied
     unquantized and ignored, all in layout A's names whatever the source's (multimodal.py)
+    Gemma 4: names as the source spells them; the MoE experts (fused [E, 2I, H] / [E, H, I] in the source)
+    become per-expert Linears `experts.{e}.{gate,up,down}_proj`, quantized one expert at a time; router,
+    per-layer-input table/model projection, vision/audio towers and embedders stay unquantized (ignored)
     (an f32 source, or an f16 Gemma 2/3 source: copied in bf16 and config dtype bfloat16, `copy_dtype`)
 
 Within a shard, tensors are ordered by element size (8, 4, 2, 1 bytes) so every tensor starts at an
@@ -39,14 +42,14 @@ from ..numerics.ct.quantize import FloatQuantized, Packed
 from ..errors import GemmaQuantError, OutputError
 from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, stream_bytes
 from ..schemes import CT, Scheme
-from ..formats.multimodal import CT_IGNORE, TEXT_A, layout
+from ..formats.multimodal import TEXT_A, layout
 from .atomic import atomic_output
+from .ct_rules import check_experts, check_group, ignore_list
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
 
 MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as save_pretrained counts it
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes (informational)
-MARLIN_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class _Unit:
     source: str  # tensor name in the source checkpoint
     outs: tuple[_Out, ...]
     module: str | None = None  # the Linear's module name when quantized (text-model name)
-    prefix: str = ""  # what output names add to the text-model name (multimodal: "language_model.")
+    out_module: str = ""  # its name in the output (multimodal Gemma 3: under "language_model.")
+    expert: tuple[int, slice] | None = None  # a MoE expert: (index, rows) of the fused source tensor
 
 
 @dataclass
@@ -114,18 +118,16 @@ def check_plan(ckpt: Checkpoint, scheme: Scheme) -> None:
 
 
 # -- config.json ------------------------------------------------------------------------------
-def quantization_config(scheme: Scheme, actorder: str | None = None, multimodal: bool = False,
-                        ignore: tuple[str, ...] = ()) -> dict:
-    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); a multimodal
-    model's vision tower and projector are ignored (as llm-compressor's Gemma 3 recipes do). `ignore`:
-    other Linears left unquantized besides lm_head (matched as `targets: Linear` otherwise)."""
+def quantization_config(scheme: Scheme, actorder: str | None = None, ignore: list[str] | tuple = ("lm_head",)) -> dict:
+    """The `quantization_config` block with the minimal key set (docs/vllm-formats.md §0); `ignore`
+    from `ignore_list`."""
     ia = scheme.input_activations
     group = {"targets": ["Linear"], "weights": scheme.weights.to_config(actorder),
              "input_activations": ia.to_config() if ia else None, "output_activations": None,
              "format": scheme.ct_format}
     return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": scheme.ct_format,
             "quantization_status": "compressed", "config_groups": {"group_0": group},
-            "ignore": ["lm_head"] + (CT_IGNORE if multimodal else []) + list(ignore),
+            "ignore": list(ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
             "transform_config": {}}
 
@@ -167,7 +169,14 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
     cfg = ckpt.config
     suffixes = tuple(sorted(set().union(*(cfg.linear_shapes(i) for i in range(cfg.num_hidden_layers)))))
     linear = re.compile(r"^(model\.layers\.\d+\.(?:%s))\.weight$" % "|".join(re.escape(s) for s in suffixes))
-    prefix = TEXT_A if cfg.multimodal else ""
+    fused = re.compile(r"^(model\.layers\.(\d+)\.)(experts\.(?:gate_up_proj|down_proj))$")
+
+    def out_name(name: str) -> str:  # Gemma 4 keeps the source's names; Gemma 3 writes layout A's
+        if cfg.generation == 4:
+            return ckpt.stored_name(name)
+        return TEXT_A + name if cfg.multimodal else name
+
+    check_experts(ckpt, scheme)
     units, skipped = [], []
     for name in ckpt.names():
         if name == "lm_head.weight":
@@ -177,19 +186,23 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
                     "LM head to model.embed_tokens and cannot load an untied one")
             skipped.append(name)
             continue
+        f = fused.match(name) if cfg.is_moe else None
+        if f is not None:  # one Linear per expert and projection, in expert order
+            base = out_name(name)[: -len(f.group(3))]
+            for suffix, (src, rows, (n, k)) in cfg.expert_linears(int(f.group(2))).items():
+                if src == f.group(3):
+                    check_group(ckpt, scheme, f"{name}[{suffix.split('.')[1]}]", k)
+                    units.append(_Unit(name, _linear_outs(base + suffix, n, k, scheme), module=f.group(1) + suffix,
+                                       out_module=base + suffix, expert=(int(suffix.split(".")[1]), rows)))
+            continue
         m = linear.match(name)
         if m is None:
-            units.append(_Unit(name, (_Out(prefix + name, to or ckpt.dtype(name), ckpt.shape(name)),)))
+            units.append(_Unit(name, (_Out(out_name(name), to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
-        w = scheme.weights
-        if w.strategy == "group" and k % w.group_size:
-            ok = [g for g in MARLIN_GROUP_SIZES if k % g == 0]
-            raise GemmaQuantError(
-                f"{ckpt.path}: tensor '{name}' has input width {k}, not divisible by the group size "
-                f"{w.group_size} of scheme '{scheme.name}' (group sizes that divide {k}: "
-                f"{', '.join(map(str, ok)) or 'none'}; or per-channel)")
-        units.append(_Unit(name, _linear_outs(prefix + m.group(1), n, k, scheme), module=m.group(1), prefix=prefix))
+        check_group(ckpt, scheme, name, k)
+        om = out_name(name)[: -len(".weight")]
+        units.append(_Unit(name, _linear_outs(om, n, k, scheme), module=m.group(1), out_module=om))
     for name in ckpt.vision_names():  # unquantized: vLLM and transformers run the tower in bf16
         units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
     return units, skipped
@@ -230,13 +243,18 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+# Gemma 4's clipped Linears (vision/audio towers): ±inf bounds mean "no clipping" (transformers' default)
+CLIP_BOUNDS = (".input_min", ".input_max", ".output_min", ".output_max")
+
+
 def _check_finite(t: torch.Tensor, name: str, where: Path) -> None:
     """NaN and ±Inf propagate through min/max; aminmax is one vectorized pass (isfinite().all() is ~40x
-    slower on bf16 CPU tensors)."""
+    slower on bf16 CPU tensors). A clip bound may be ±inf, never NaN."""
     if not t.dtype.is_floating_point or t.numel() == 0:
         return
     lo, hi = torch.aminmax(t.reshape(-1))
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+    ok = torch.isfinite if not name.endswith(CLIP_BOUNDS) else (lambda v: ~torch.isnan(v))
+    if not (bool(ok(lo)) and bool(ok(hi))):
         raise GemmaQuantError(f"{where}: tensor '{name}' contains NaN or Inf values; refusing to quantize")
 
 
@@ -244,6 +262,8 @@ def _linear_packed(ckpt: Checkpoint, u: _Unit, scheme: Scheme, given: Packed | N
                    num_bits: int) -> tuple[Packed, float]:
     """The Linear's tensors (given, or round-to-nearest in float32) and its relative weight error."""
     src = ckpt.tensor(u.source)
+    if u.expert is not None:  # this expert's rows only: the fused tensor is never read whole
+        src = src[u.expert[0], u.expert[1]]
     _check_finite(src, u.source, ckpt.file_of(u.source))
     w = src.float()
     release_pages(src)  # the bf16 source pages leave RSS; w is a private copy
@@ -253,7 +273,7 @@ def _linear_packed(ckpt: Checkpoint, u: _Unit, scheme: Scheme, given: Packed | N
 
 def _check_packed(p: Packed, u: _Unit) -> dict[str, torch.Tensor]:
     """The Packed's tensors must be exactly the planned ones (names, dtypes, shapes)."""
-    got = {f"{u.prefix}{u.module}.{k}": v for k, v in p.tensors().items()}
+    got = {f"{u.out_module}.{k}": v for k, v in p.tensors().items()}
     want = {o.name: o for o in u.outs}
     if set(got) != set(want):
         raise GemmaQuantError(f"quantized result for '{u.module}' has tensors {sorted(got)}; "
@@ -304,7 +324,10 @@ def check_side_files(ckpt: Checkpoint) -> None:
 
 
 def _source_bytes(ckpt: Checkpoint, u) -> int:
-    return math.prod(ckpt.shape(u.source)) * ckpt.dtype(u.source).itemsize
+    shape = ckpt.shape(u.source)
+    if u.expert is not None:
+        shape = (len(range(*u.expert[1].indices(shape[1]))), shape[2])
+    return math.prod(shape) * ckpt.dtype(u.source).itemsize
 
 
 def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
@@ -336,10 +359,18 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     to, dtype_note = copy_dtype(ckpt, keep_dtype)
     units, skipped = _plan(ckpt, scheme, to)
     notes = [dtype_note] if dtype_note else []
-    if ckpt.config.multimodal:
+    if ckpt.config.multimodal and ckpt.config.generation == 4:
+        notes.append(f"multimodal: {len(ckpt.vision_names())} vision / audio tower and embedder tensors copied "
+                     "unquantized (in `ignore`); tensor names as in the source")
+    elif ckpt.config.multimodal:
         notes.append(f"multimodal: {len(ckpt.vision_names())} vision tower / projector tensors copied unquantized "
                      f"(in `ignore`); tensor names in Google's layout A (the source's: "
                      f"{layout(ckpt.stored_names())})")
+    if ckpt.config.is_moe:
+        c = ckpt.config
+        notes.append(f"MoE: {c.num_experts} experts x {c.num_hidden_layers} layers written as per-expert "
+                     "gate_proj/up_proj/down_proj Linears (the layout vLLM's Gemma 4 loader and llm-compressor use); "
+                     "router kept unquantized (in `ignore`)")
     modules = {u.module for u in units if u.module}
     quantized = dict(quantized or {})
     input_scales = dict(input_scales or {})
@@ -419,9 +450,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        # Gemma 4: the PLE model projection stays bf16 (llama.cpp never quantizes it either)
-        qc = quantization_config(scheme, actorder, ckpt.config.multimodal, ("re:.*per_layer_model_projection$",)
-                                 if ckpt.config.hidden_size_per_layer_input else ())
+        qc = quantization_config(scheme, actorder, ignore_list(ckpt.config))
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
                                                                   str(src_cfg), to), encoding="utf-8")

@@ -16,7 +16,7 @@ from ..errors import GemmaQuantError
 from .config import GemmaConfig, load_config
 from .hub import REPO_ID, download
 from .inputs import read_json
-from .multimodal import vision_name
+from .multimodal import media_name
 from .safetensors import SafetensorsFile
 
 if TYPE_CHECKING:  # torch is imported when a tensor is first read, not to parse a config or headers
@@ -129,7 +129,7 @@ class Checkpoint:
             for stored in f.keys():
                 text = text_name(stored)
                 if text is None:
-                    a = vision_name(stored) if self.config.multimodal else None
+                    a = media_name(stored, self.config.generation) if self.config.multimodal else None
                     if a is not None:
                         if a in self._mm:
                             raise GemmaQuantError(f"{self.path}: tensor '{a}' appears twice (under more than one "
@@ -169,9 +169,15 @@ class Checkpoint:
         return list(self._where)
 
     def vision_names(self) -> list[str]:
-        """A multimodal checkpoint's vision tower and projector tensors, by their layout A names
-        (`vision_tower.vision_model.…`, `multi_modal_projector.…`; multimodal.py), in stored order."""
+        """A multimodal checkpoint's vision tower and projector tensors (Gemma 4: and its audio tower
+        and media embedders), in stored order: Gemma 3's by their layout A names
+        (`vision_tower.vision_model.…`, `multi_modal_projector.…`), Gemma 4's as stored (multimodal.py)."""
         return list(self._mm)
+
+    def stored_name(self, name: str) -> str:
+        """The name the files spell a tensor with (`model.language_model.layers.0…` for a text name
+        `model.layers.0…` of a multimodal checkpoint)."""
+        return self._file(name)[1]
 
     def stored_names(self) -> list[str]:
         """Every tensor name as the files spell it."""

@@ -185,6 +185,20 @@ class GemmaConfig:
             shapes.update({"per_layer_input_gate": (p, h), "per_layer_projection": (h, p)})
         return shapes
 
+    def expert_linears(self, layer: int) -> dict[str, tuple[str, slice, tuple[int, int]]]:
+        """The MoE experts as the 2-D Linears vLLM and compressed-tensors store (`experts.{e}.gate_proj`
+        …): suffix -> (fused source suffix, its rows in the source's expert slice, (out, in)). Gate is
+        rows [0, I) of `gate_up_proj[e]`, up rows [I, 2I), down all of `down_proj[e]`."""
+        if not self.is_moe:
+            return {}
+        h, i = self.hidden_size, self.moe_intermediate_size
+        out = {}
+        for e in range(self.num_experts):
+            out[f"experts.{e}.gate_proj"] = ("experts.gate_up_proj", slice(0, i), (i, h))
+            out[f"experts.{e}.up_proj"] = ("experts.gate_up_proj", slice(i, 2 * i), (i, h))
+            out[f"experts.{e}.down_proj"] = ("experts.down_proj", slice(0, h), (h, i))
+        return out
+
     def norm_names(self, layer: int = 0) -> tuple[str, ...]:
         names = ["input_layernorm", "post_attention_layernorm"]
         if self.sandwich_norms:

@@ -25,6 +25,23 @@ PROJECTOR_A = "multi_modal_projector."
 CT_IGNORE = ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
+# Gemma 4 (Gemma4ForConditionalGeneration): one layout (`model.language_model.`, `model.vision_tower.`,
+# `model.audio_tower.`, `model.embed_vision.`, `model.embed_audio.`), which transformers, vLLM (its
+# hf_to_vllm_mapper) and llama.cpp all read, so outputs keep the source's names. vLLM quantizes the
+# towers and embedders of E2B/E4B (vision width a multiple of 64) unless ignored.
+GEMMA4_MEDIA = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+CT_IGNORE_GEMMA4 = ["re:.*vision_tower.*", "re:.*audio_tower.*", "re:.*embed_vision.*", "re:.*embed_audio.*"]
+
+
+def media_name(stored: str, generation: int) -> str | None:
+    """The name a non-text tensor of a multimodal checkpoint goes by: Gemma 3's layout A name
+    (`vision_name`), Gemma 4's stored name; None for a tensor of neither."""
+    if generation == 4:
+        return stored if stored.startswith(GEMMA4_MEDIA) or stored.startswith(
+            tuple(p.removeprefix("model.") for p in GEMMA4_MEDIA)) else None
+    return vision_name(stored)
+
+
 def vision_name(stored: str) -> str | None:
     """Layout A name of a vision tower / projector tensor of any layout; None for other tensors."""
     name = stored.removeprefix("model.") if stored.startswith(("model.vision_tower.", "model.multi_modal_projector.")) \

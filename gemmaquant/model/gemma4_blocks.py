@@ -72,20 +72,23 @@ class Experts(nn.Module):
         """Expert `e`'s down weight [H, I]."""
         return self.down_proj[e]
 
+    def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
+        """Expert `e`'s GeGLU MLP on its tokens xe [n, H] → [n, H]."""
+        if self.observer is not None:
+            self.observer(e, "gate_up", xe)
+        gate, up = F.linear(xe, self.gate_up(e, xe)).chunk(2, dim=-1)
+        h = F.gelu(gate, approximate="tanh") * up
+        if self.observer is not None:
+            self.observer(e, "down", h)
+        return F.linear(h, self.down(e, h))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/idx [N, k] → Σ_k weight · expert_idx(x)  [N, H]."""
         out = torch.zeros_like(x)
         by_slot = idx.t()  # [k, N]: tokens in transformers' order (slot-major)
         for e in torch.unique(idx).tolist():  # ascending expert ids
             slot, tok = torch.where(by_slot == e)
-            xe = x[tok]
-            if self.observer is not None:
-                self.observer(e, "gate_up", xe)
-            gate, up = F.linear(xe, self.gate_up(e, xe)).chunk(2, dim=-1)
-            h = F.gelu(gate, approximate="tanh") * up
-            if self.observer is not None:
-                self.observer(e, "down", h)
-            y = F.linear(h, self.down(e, h))
+            y = self.expert(e, x[tok])
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 

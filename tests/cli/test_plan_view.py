@@ -37,7 +37,7 @@ def test_rows_group_by_role_type_and_reason():
     assert g[0]["note"] == "ffn_down i/4: use_more_bits -> Q6_K"  # the per-layer counter is not a new role
 
 
-@pytest.mark.parametrize("scheme,role", [("q4_k_m", "blk.*.ffn_down"), ("w4a16", "layers.*.mlp.down_proj")])
+@pytest.mark.parametrize("scheme,role", [("q4_k_m", "blk.*.ffn_down"), ("int8-w8a16", "layers.*.mlp.down_proj")])
 def test_dry_run_prints_roles_all_prints_tensors(src, capsys, scheme, role, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     res = run_cli(["quantize", src, "--scheme", scheme, "--dry-run"], capsys)
@@ -51,3 +51,10 @@ def test_dry_run_prints_roles_all_prints_tensors(src, capsys, scheme, role, monk
     n_tensors = 2 + 8 * 13  # embedding + final norm; 7 Linears and 6 norms per Gemma 3 layer
     assert len(plan["tensors"]) == n_tensors and plan["scheme"] == scheme
     assert len(res.stdout.splitlines()) < n_tensors < len(res_all.stdout.splitlines())
+
+
+def test_dry_run_refuses_what_the_run_would(src, capsys):
+    """w4a16's group 128 does not divide this model's 320-wide inputs: the dry run says so, as the run would."""
+    res = run_cli(["quantize", src, "--scheme", "w4a16", "--dry-run"], capsys)
+    assert res.code == 2 and "not divisible by the group size 128" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
