@@ -88,8 +88,8 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     cfg = ckpt.config
     if cfg.generation == 4 and not scheme.is_gguf and (cfg.is_moe or cfg.multimodal):
-        what = "a mixture of experts" if cfg.is_moe else "Gemma4ForConditionalGeneration checkpoints"
-        raise GemmaQuantError(f"{ckpt.path}: compressed-tensors calibration of Gemma 4 {what} is not supported yet "
+        what = "a Gemma 4 mixture of experts" if cfg.is_moe else "Gemma4ForConditionalGeneration checkpoints"
+        raise GemmaQuantError(f"{ckpt.path}: compressed-tensors calibration of {what} is not supported yet "
                               "(supported for Gemma 4: the importance matrix of every layout, and calibrated "
                               "compressed-tensors schemes on dense Gemma4ForCausalLM)")
     algorithm = check_algorithm(scheme, algorithm, imatrix)
