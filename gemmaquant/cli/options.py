@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..errors import GemmaQuantError
 
-COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compile'd kernels (CPU): same bits, 2.5-4.5x faster "
-                "dequantization, ~3 s of setup per process (needs a C++ compiler; falls back to the plain "
-                "kernels with a warning). Pays off where dequantization dominates: an eval chunk of the "
-                "demo at ctx 512 runs no faster. Also: GEMMAQUANT_COMPILE=1.")
+COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compile'd kernels (CPU): same bits, faster "
+                "dequantization after a compile per type and process (needs a C++ compiler; falls back to the plain "
+                "kernels with a warning). Pays off where dequantization dominates, not on a short eval "
+                "(figures: benchmarks/RESULTS.md section 6). Also: GEMMAQUANT_COMPILE=1.")
 
 TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB are used; default: the built-in "
              "evaluation text, five licence documents that share nothing with the calibration text). Outputs "
