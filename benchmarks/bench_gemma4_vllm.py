@@ -1,6 +1,7 @@
-"""vLLM (CPU) on gemmaquant's compressed-tensors outputs of tiny Gemma 4 checkpoints: a dense 31B-like and a
-26B-A4B-like mixture of experts (per-expert Linears), greedy generation of a few tokens beside our own
-forward pass on the same output. RESULTS.md §10.
+"""vLLM (CPU) on gemmaquant's compressed-tensors outputs of tiny Gemma 4 checkpoints: a dense 31B-like, an
+E2B-like (per-layer inputs, KV sharing) and a 26B-A4B-like mixture of experts (per-expert Linears): vLLM's
+log-probabilities of the prompt tokens and its greedy tokens beside our own forward pass on the same output.
+RESULTS.md §10.
 
     python benchmarks/bench_gemma4_vllm.py --vllm /path/to/vllm-venv/bin/python [--schemes fp8,w4a16]
 
@@ -23,31 +24,35 @@ from pathlib import Path
 
 import torch
 
-PROMPT = [2, 17, 99, 150, 200]
+PROMPT = [2, 17, 99, 150, 200, 31, 77, 140, 5, 250, 63, 118, 9, 201, 44, 180]
 NEW = 4
 CHILD = f"""
 import json, sys, time
 t = time.time()
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype=sys.argv[2], max_model_len=256, enforce_eager=True)
-out = llm.generate([{{"prompt_token_ids": {PROMPT}}}], SamplingParams(max_tokens={NEW}, temperature=0))
-print("RESULT " + json.dumps({{"tokens": list(out[0].outputs[0].token_ids), "seconds": round(time.time() - t, 1)}}))
+out = llm.generate([{{"prompt_token_ids": {PROMPT}}}], SamplingParams(max_tokens={NEW}, temperature=0, prompt_logprobs=0))
+lp = [d[tok].logprob for d, tok in zip(out[0].prompt_logprobs[1:], {PROMPT}[1:])]
+print("RESULT " + json.dumps({{"tokens": list(out[0].outputs[0].token_ids), "prompt_logprobs": lp,
+                              "seconds": round(time.time() - t, 1)}}))
 """
 
 
-def ours(out: Path) -> list[int]:
-    """Greedy tokens of our forward pass on the output (dequantized weights, vLLM's activation rounding)."""
+def ours(out: Path) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the prompt tokens' log-probabilities from our forward pass on the output (dequantized
+    weights, vLLM's activation rounding)."""
     from gemmaquant.evaluate.artifact import open_artifact
 
     model = open_artifact(str(out), torch.float32).model
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
         for _ in range(NEW):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, len(PROMPT):].tolist()
+    return ids[0, len(PROMPT):].tolist(), lp
 
 
-def run_vllm(python: str, out: Path, log: Path, dtype: str) -> str:
+def run_vllm(python: str, out: Path, log: Path, dtype: str, mine: tuple[list[int], list[float]] | None) -> str:
     env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME")}, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
     try:
@@ -58,7 +63,11 @@ def run_vllm(python: str, out: Path, log: Path, dtype: str) -> str:
     res = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode == 0 and res:
         d = json.loads(res[-1][7:])
-        return f"generates {d['tokens']} ({d['seconds']} s with the import)"
+        said = f"generates {d['tokens']} ({d['seconds']} s with the import)"
+        if mine is not None:
+            dlp = max(abs(x - y) for x, y in zip(d["prompt_logprobs"], mine[1]))
+            said += f"; prompt log-probs max |Δ| vs ours {dlp:.1e}"
+        return said
     errs = [line for line in r.stderr.splitlines() if "Error" in line or "error" in line]
     return "fails: " + (errs[-1] if errs else (r.stderr.strip().splitlines() or ["?"])[-1]).strip()[:200]
 
@@ -79,18 +88,22 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for variant, what in (("dense-256", "dense 31B-like"), ("moe-256", "MoE 26B-A4B-like (16 experts, top 4)")):
+        for variant, what in (("dense-256", "dense 31B-like"), ("e2b-256", "E2B-like (per-layer inputs, KV sharing)"),
+                              ("moe-256", "MoE 26B-A4B-like (16 experts, top 4)")):
             src = root / variant
             if not src.is_dir():
                 make_tiny_gemma4(variant, src, dtype=torch.bfloat16)
-            rows.append((what, "bf16 source", run_vllm(a.vllm, src, root / f"{variant}.log", a.dtype), "n/a"))
+            mine = ours(src)  # our forward on the source itself: the unquantized comparison
+            rows.append((what, "bf16 source", run_vllm(a.vllm, src, root / f"{variant}.log", a.dtype, mine), str(mine[0])))
             for s in a.schemes.split(","):
                 out = root / f"{variant}-{s}"
                 shutil.rmtree(out, ignore_errors=True)
                 run_quantize(Checkpoint(src), get_scheme(s), out, QuantizeOptions(algorithm="rtn"))
-                rows.append((what, s, run_vllm(a.vllm, out, root / f"{variant}-{s}.log", a.dtype), str(ours(out))))
+                mine = ours(out)
+                rows.append((what, s, run_vllm(a.vllm, out, root / f"{variant}-{s}.log", a.dtype, mine), str(mine[0])))
                 print(rows[-1], flush=True)
-        print(f"\n| model | output | vLLM (CPU, {a.dtype}), greedy {NEW} tokens of {PROMPT} | ours on the same output |")
+        print(f"\n| model | output | vLLM (CPU, {a.dtype}) on a {len(PROMPT)}-token prompt: greedy {NEW} tokens; "
+              "prompt log-probs vs ours | ours on the same output |")
         print("|---|---|---|---|")
         for r in rows:
             print("| " + " | ".join(r) + " |")
