@@ -130,6 +130,7 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
     """One row per source tensor: what the compressed-tensors writer makes of it and its bytes (a MoE
     layer's fused experts: one row per projection, for its E per-expert Linears)."""
     from .export.compressed_tensors import check_plan
+    from .export.ct_rules import recipe_ignores
     from .numerics.ct.formats import ct_format
 
     check_plan(ckpt, scheme)  # the refusals the run would make (group sizes, MoE kernel shapes)
@@ -149,9 +150,10 @@ def ct_plan(ckpt: Checkpoint, scheme: Scheme) -> list[dict]:
                                  "note": f"{cfg.num_experts} per-expert Linears: rows {rows_of.start}-"
                                          f"{rows_of.stop - 1} of each expert's {src.split('.')[1]}"})
             continue
-        if name not in linears:
+        if name not in linears or recipe_ignores(scheme, name[:-7], ckpt.stored_name(name)[:-7]):
+            why = kept_why(name) if name not in linears else "recipe's `ignore`: unquantized Linear"
             rows.append({"tensor": name, "shape": list(shape), "type": str(ckpt.dtype(name)).replace("torch.", ""),
-                         "bytes": ckpt.raw_bytes(name).nbytes, "note": kept_why(name)})
+                         "bytes": ckpt.raw_bytes(name).nbytes, "note": why})
             continue
         n, k = shape
         t, b = fmt.plan_row(n, k, w, scheme.input_activations)

@@ -8,6 +8,8 @@
     calib_len = 512
     alpha = 0.5                        # SmoothQuant migration strength
     imatrix = true                     # GGUF only: compute an importance matrix
+    group_size = 64                    # compressed-tensors group schemes (w4a16): 32, 64 or 128
+    ignore = ["re:.*mlp\\.down_proj$"]  # compressed-tensors: more Linears to leave unquantized
 
 Shipped recipes live in the repository's recipes/ folder (and in the package, so they work after a
 plain `pip install`). Validation names the file, the key and the allowed values.
@@ -33,8 +35,12 @@ KEYS = {
     "calib_len": (int, "tokens per calibration sample"),
     "alpha": (float, "SmoothQuant migration strength, 0..1"),
     "imatrix": (bool, "GGUF: compute an importance matrix from calibration text"),
+    "group_size": (int, "compressed-tensors group schemes: weights per scale group (32, 64, 128)"),
+    "ignore": (list, "compressed-tensors: Linears left unquantized besides the default ones (module names, "
+                     "or re:REGEX matched from the start of the name, as in quantization_config.ignore)"),
     "description": (str, "one line shown by `gemmaquant recipes`"),
 }
+SCHEME_KEYS = ("group_size", "ignore")  # change the scheme itself (Recipe.scheme), not the run
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,11 @@ def validate_recipe(data: dict, path: Path) -> Recipe:
         ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
+        if typ is list and ok:
+            ok = all(isinstance(v, str) for v in value)
         if not ok:
-            raise GemmaQuantError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
+            what = "a list of strings" if typ is list else typ.__name__
+            raise GemmaQuantError(f"{path}: '{key}' must be {what}, got {value!r}")
     if "scheme" not in data:
         raise GemmaQuantError(f"{path}: missing required key 'scheme'")
     try:
@@ -108,5 +117,14 @@ def validate_recipe(data: dict, path: Path) -> Recipe:
         lo, hi = INT_OPTIONS["--" + k.replace("_", "-")]
         if k in data and not lo <= data[k] <= hi:
             raise GemmaQuantError(f"{path}: '{k}' must be in {lo}..{hi}, got {data[k]}")
-    settings = {k: v for k, v in data.items() if k not in ("scheme", "model", "description")}
+    custom = {k: data[k] for k in SCHEME_KEYS if k in data}
+    if custom:
+        if scheme.is_gguf:
+            raise GemmaQuantError(f"{path}: {', '.join(repr(k) for k in custom)} apply to compressed-tensors "
+                                  f"schemes only, not {scheme.name}")
+        try:
+            scheme = scheme.customized(**custom)
+        except GemmaQuantError as e:
+            raise GemmaQuantError(f"{path}: {e}") from None
+    settings = {k: v for k, v in data.items() if k not in ("scheme", "model", "description", *SCHEME_KEYS)}
     return Recipe(path.stem, path, scheme, settings, data.get("model"), data.get("description", ""))

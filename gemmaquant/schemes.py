@@ -6,7 +6,8 @@ Two families: compressed-tensors safetensors for vLLM, and GGUF presets for llam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from .errors import GemmaQuantError
@@ -89,6 +90,23 @@ class Scheme:
         return static_act or (bool(self.algorithms) and self.algorithms[0] != "rtn")
 
 
+# Group sizes vLLM's WNA16 kernels (Marlin, dense and MoE) take; a recipe may pick one of them.
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_ignore_pattern(p: str) -> str | None:
+    """None if `p` is a usable compressed-tensors `ignore` entry (a module name, or `re:` + a regex
+    matched from the start of the name, as compressed-tensors and vLLM match it); else why not."""
+    if not p or p != p.strip():
+        return "empty or padded with spaces"
+    if p.startswith("re:"):
+        try:
+            re.compile(p[3:])
+        except re.error as e:
+            return f"not a valid regex ({e})"
+    return None
+
+
 # compressed-tensors format -> the weight type it stores
 CT_FORMATS = {"float-quantized": "float", "int-quantized": "int", "pack-quantized": "int"}
 
@@ -101,6 +119,23 @@ class CTScheme(Scheme):
     ct_format: str = ""  # "float-quantized" | "int-quantized" | "pack-quantized"
     weights: QuantArgs | None = None
     input_activations: QuantArgs | None = None
+    extra_ignore: tuple[str, ...] = ()  # Linears a recipe leaves unquantized besides ct_rules.ignore_list
+
+    def customized(self, group_size: int | None = None, ignore: tuple[str, ...] | list[str] = ()) -> "CTScheme":
+        """This scheme with a recipe's group size (a group scheme, one of GROUP_SIZES) and extra
+        `ignore` entries; the label (default output names) says a non-default group size."""
+        s = self
+        if group_size is not None and group_size != self.weights.group_size:
+            if self.weights.strategy != "group" or group_size not in GROUP_SIZES:
+                raise GemmaQuantError(f"group_size {group_size} does not apply to {self.name} (allowed: "
+                                      + (", ".join(map(str, GROUP_SIZES)) if self.weights.strategy == "group"
+                                         else "none: per-channel weights") + ")")
+            s = replace(s, weights=replace(self.weights, group_size=group_size), label=f"{self.label}-G{group_size}")
+        for p in ignore:
+            why = check_ignore_pattern(p)
+            if why:
+                raise GemmaQuantError(f"ignore entry {p!r}: {why}")
+        return replace(s, extra_ignore=tuple(ignore)) if ignore else s
 
     def __post_init__(self):
         super().__post_init__()

@@ -174,7 +174,7 @@ def quantize_cmd(
     several = [get_scheme(n.strip()) for n in scheme.split(",") if n.strip()] if "," in scheme else None
     if several is not None and recipe:
         raise GemmaQuantError("--recipe names one scheme; give several GGUF presets with --scheme a,b,c alone")
-    s = several[0] if several else get_scheme(scheme)
+    s = several[0] if several else r.scheme if recipe else get_scheme(scheme)  # a recipe's group size / ignore
     if several is None:
         check_family(s, out_path)
     explicit = dict(algorithm=algorithm, calib=calib, calib_samples=calib_samples, calib_len=calib_len,

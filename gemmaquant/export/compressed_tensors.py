@@ -44,7 +44,7 @@ from ..formats.safetensors import SafetensorsFile, dtype_name, release_pages, st
 from ..schemes import CT, Scheme
 from ..formats.multimodal import TEXT_A, layout
 from .atomic import atomic_output
-from .ct_rules import check_experts, check_group, ignore_list
+from .ct_rules import check_experts, check_group, check_recipe_ignore, ignore_list, recipe_ignores
 from .guard import check_output, write_marker
 from .model_card import base_model_of, render_model_card, source_license
 
@@ -177,7 +177,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
         return TEXT_A + name if cfg.multimodal else name
 
     check_experts(ckpt, scheme)
-    units, skipped = [], []
+    units, skipped, linears = [], [], []
     for name in ckpt.names():
         if name == "lm_head.weight":
             if bytes(ckpt.raw_bytes(name)) != bytes(ckpt.raw_bytes("model.embed_tokens.weight")):
@@ -196,7 +196,9 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
                                        out_module=base + suffix, expert=(int(suffix.split(".")[1]), rows)))
             continue
         m = linear.match(name)
-        if m is None:
+        if m is not None:
+            linears.append((m.group(1), out_name(name)[: -len(".weight")]))
+        if m is None or recipe_ignores(scheme, *linears[-1]):  # a recipe's extra ignore: copied like a norm
             units.append(_Unit(name, (_Out(out_name(name), to or ckpt.dtype(name), ckpt.shape(name)),)))
             continue
         n, k = ckpt.shape(name)
@@ -205,6 +207,7 @@ def _plan(ckpt: Checkpoint, scheme: Scheme, to: torch.dtype | None = None) -> tu
         units.append(_Unit(name, _linear_outs(om, n, k, scheme), module=m.group(1), out_module=om))
     for name in ckpt.vision_names():  # unquantized: vLLM and transformers run the tower in bf16
         units.append(_Unit(name, (_Out(name, to or ckpt.dtype(name), ckpt.shape(name)),)))
+    check_recipe_ignore(ckpt, scheme, linears)
     return units, skipped
 
 
@@ -450,7 +453,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
             index = {"metadata": {"total_size": report.tensor_bytes},
                      "weight_map": {o.name: fn for fn, outs in files.items() for o in outs}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        qc = quantization_config(scheme, actorder, ignore_list(ckpt.config))
+        qc = quantization_config(scheme, actorder, ignore_list(ckpt.config) + list(scheme.extra_ignore))
         src_cfg = ckpt.path / "config.json"
         (tmp / "config.json").write_text(config_with_quantization(src_cfg.read_text(encoding="utf-8"), qc,
                                                                   str(src_cfg), to), encoding="utf-8")

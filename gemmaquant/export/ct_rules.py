@@ -4,6 +4,8 @@ shape rules (docs/vllm-formats.md §4, §10)."""
 
 from __future__ import annotations
 
+import re
+
 from ..errors import GemmaQuantError
 from ..formats.checkpoint import Checkpoint
 from ..formats.multimodal import CT_IGNORE, CT_IGNORE_GEMMA4
@@ -26,6 +28,25 @@ def ignore_list(cfg) -> list[str]:
     if cfg.multimodal:
         ignore += CT_IGNORE_GEMMA4 if cfg.generation == 4 else CT_IGNORE
     return ignore
+
+
+def recipe_ignores(scheme: Scheme, *modules: str) -> bool:
+    """Whether one of a recipe's extra `ignore` entries names any of `modules` (the source's and the
+    output's spelling of one Linear), matched as compressed-tensors and vLLM match them."""
+    return any(recipe_ignores_one(p, modules) for p in scheme.extra_ignore)
+
+
+def check_recipe_ignore(ckpt: Checkpoint, scheme: Scheme, modules: list[tuple[str, ...]]) -> None:
+    """An extra `ignore` entry that matches none of the model's Linears is a typo (vLLM would quantize
+    what the recipe meant to keep): refuse it, naming an example."""
+    for p in scheme.extra_ignore:
+        if not any(recipe_ignores_one(p, names) for names in modules):
+            raise GemmaQuantError(f"{ckpt.path}: ignore entry {p!r} of scheme '{scheme.name}' matches none of this "
+                                  f"model's Linears (such as {modules[0][0] if modules else 'none'})")
+
+
+def recipe_ignores_one(p: str, modules: tuple[str, ...]) -> bool:
+    return any((re.match(p[3:], m) is not None) if p.startswith("re:") else p == m for m in modules)
 
 
 def check_group(ckpt: Checkpoint, scheme: Scheme, name: str, k: int) -> None:
