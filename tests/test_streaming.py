@@ -24,7 +24,10 @@ pytestmark = pytest.mark.subprocess  # peak memory of real quantize processes
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB = 1024, 4096, 4, 2, 256, 512
 LARGEST_BF16 = INTER * HIDDEN * 2  # gate/up/down: 8 MB
-SLACK = 48 << 20  # allocator and import noise between two runs of the same command
+# Allocator, import and page-cache noise between two runs of the same command: 16-23 MiB on a quiet machine, 71 MiB
+# once for fp8 in a fresh CI venv at load 8-12. Still well under the 210 MiB the 8-layer model adds, which a
+# writer holding the model would add at least (the test checks the bound stays below that).
+SLACK = 96 << 20
 
 
 def _config(layers: int) -> dict:
@@ -105,8 +108,8 @@ def test_peak_rss_flat_in_model_size(wide, tmp_path, scheme, out_name):
         assert summary["output_bytes"] == _tree_bytes(tmp_path / f"{n}" / out_name)
     grown = sum(8 * _tree_bytes(p) for p in wide[8].glob("*.safetensors")) // 8 - \
         sum(_tree_bytes(p) for p in wide[1].glob("*.safetensors"))
-    assert grown > 200 << 20  # the bigger model really is bigger: the bound below means something
     bound = 2 * LARGEST_BF16 + SLACK
+    assert grown > bound + (64 << 20)  # the bigger model really is bigger: the bound below means something
     assert rss[8] - rss[1] <= bound, (f"{scheme}: peak RSS grew {(rss[8] - rss[1]) >> 20} MiB for "
                                       f"{grown >> 20} MiB more weights (1 layer {rss[1] >> 20} MiB, "
                                       f"8 layers {rss[8] >> 20} MiB); bound {bound >> 20} MiB")
