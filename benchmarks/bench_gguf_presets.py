@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _same(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
+def same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
@@ -117,7 +117,7 @@ def main() -> None:
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True)
             row["llama_seconds"] = round(time.perf_counter() - t0, 1)
-            row["identical"] = r.returncode == 0 and _same(ours, theirs)
+            row["identical"] = r.returncode == 0 and same_bytes(ours, theirs)
             if r.returncode != 0:
                 row["llama_error"] = r.stderr.strip().splitlines()[-1:]
             if not a.keep:

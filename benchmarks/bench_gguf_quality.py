@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,30 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from bench_gguf_optimized import run  # noqa: E402  (once; its log is the cache)
+from bench_gguf_presets import same_bytes  # noqa: E402
 from bench_imatrix_quality import parse_kld_log  # noqa: E402
-
-
-def run(cmd: list, log: Path) -> str:
-    """Run once; the log (stdout + stderr + wall time) is the cache."""
-    if not log.exists():
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        log.write_text(proc.stdout + proc.stderr + f"\n# wall {time.perf_counter() - t0:.1f} s\n")
-    return log.read_text()
-
-
-def same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(chunk), fb.read(chunk)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def main() -> None:
