@@ -12,6 +12,9 @@ Here the layer's full H = XᵀX from calibration inputs decides the codes:
    `(w − ŵ)/U_jj` is fed forward to the columns not yet rounded through the upper Cholesky factor U of
    H⁻¹ (lazy block updates, optional act-order: the scales are fixed up front, so any column order works).
 3. The codes are packed back into llama.cpp's blocks (`ggml_codes.pack_codes`).
+4. The blocks' fp16 fields (d, and dmin or m where the type has one) are re-solved by least squares
+   for those codes (`ggml_refit.py`; `refit=False` keeps llama.cpp's): the integer sub-scales and the
+   size stay, and a row keeps llama.cpp's fields unless the refit lowers its loss.
 
 With the error feedback off (or H diagonal), step 2 is llama.cpp's final re-rounding step and the bytes
 are llama.cpp's, for every type whose codes llama.cpp rounds against values it can reconstruct:
@@ -38,6 +41,7 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
 from ..numerics.ggml.types import GGMLType
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
+from .ggml_refit import refit as refit_fields
 
 T = GGMLType
 _MAX_DAMP_TRIES = 6
@@ -312,9 +316,10 @@ class Optimized:
 
 def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor | None, *,
                     feedback: bool = True, damp: float = 0.01, act_order: bool = True, block_size: int = 128,
-                    factor: HessianFactor | None = None) -> Optimized:
+                    factor: HessianFactor | None = None, refit: bool = True) -> Optimized:
     """One tensor: llama.cpp's scales, codes by error feedback (`feedback=False`: llama.cpp's bytes).
     `factor`: `hessian_factor(H, ...)` if already computed (it then overrides damp and act_order).
+    `refit`: then re-solve the blocks' fp16 scale fields for those codes (`ggml_refit.py`).
 
     If the error feedback does not lower the calibration loss (it always should, but a rank-poor H
     can mislead it), llama.cpp's bytes are kept."""
@@ -328,8 +333,14 @@ def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, ima
     else:
         factor = factor or hessian_factor(H, damp=damp, act_order=act_order)
         codes = gptq_codes(W, factor, r, block_size=block_size)
-    values = r.grid.values(codes)
+    data = pack_codes(r.data, r.qtype, codes)
+    grid = r.grid
+    if feedback and refit:
+        with single_thread():  # bytes independent of --threads
+            data = refit_fields(W, H, data, r.qtype, codes)
+        grid = sub_grid(data, r.qtype, W.shape[0])
+    values = grid.values(codes)
     loss = layer_loss(W, values, H)
     if feedback and loss >= loss_llama:
         return Optimized(r.data, base, loss_llama, loss_llama)
-    return Optimized(pack_codes(r.data, r.qtype, codes), values, loss_llama, loss)
+    return Optimized(data, values, loss_llama, loss)

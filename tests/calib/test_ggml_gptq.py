@@ -101,7 +101,7 @@ def test_column_loop_with_a_diagonal_hessian_is_plain_rounding(data, qtype):
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
 def test_feedback_lowers_layer_error_and_keeps_the_scales(data, qtype):
     W, X, H, imatrix = data
-    o = optimize_tensor(W, H, qtype, imatrix)
+    o = optimize_tensor(W, H, qtype, imatrix, refit=False)
     llama = quantize(W, qtype, imatrix)
     ref_values = sub_grid(llama, qtype, ROWS).values(unpack_codes(llama, qtype, ROWS))
     direct = lambda v: float(((X.double() @ (W - v).double().T) ** 2).sum())  # noqa: E731
@@ -165,3 +165,46 @@ def test_layer_loss_is_the_output_error(data):
     W, X, H, _ = data
     V = W + 0.001 * torch.randn_like(W)
     assert layer_loss(W, V, H) == pytest.approx(float(((X.double() @ (W - V).double().T) ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
+def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype):
+    """The refit's fields against an independent least-squares solve in X space (numpy lstsq of
+    X·basis against X·w, per row, rounded to fp16 as the block stores it); codes and integer
+    sub-scales unchanged; no row's loss goes up; gguf-py decodes the bytes to our values."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from gemmaquant.calib.ggml_refit import FIELDS, bases, refit, row_losses
+    from gemmaquant.numerics.ggml.types import BLOCK
+
+    W, X, H, imatrix = data
+    plain = optimize_tensor(W, H, qtype, imatrix, refit=False)
+    o = optimize_tensor(W, H, qtype, imatrix)
+    codes = unpack_codes(plain.data, qtype, ROWS)
+    assert torch.equal(unpack_codes(o.data, qtype, ROWS), codes)
+    size, nbytes = BLOCK[qtype]
+    mask = torch.ones(nbytes, dtype=torch.bool)
+    for at in FIELDS[qtype]:
+        mask[at:at + 2] = False
+    assert torch.equal(o.data.view(-1, nbytes)[:, mask], plain.data.view(-1, nbytes)[:, mask])
+    assert o.loss < plain.loss
+    np.testing.assert_array_equal(gguf_dequantize(o.data.numpy(), int(qtype)).reshape(ROWS, N), o.values.numpy())
+
+    Hd = H.double()
+    refitted = refit(W, H, plain.data, qtype, codes)
+    v_old = sub_grid(plain.data, qtype, ROWS).values(codes)
+    v_new = sub_grid(refitted, qtype, ROWS).values(codes)
+    assert (row_losses(W, v_new, Hd) <= row_losses(W, v_old, Hd)).all()
+    B = bases(plain.data, qtype, codes).reshape(ROWS, N // size, len(FIELDS[qtype]), size)
+    Xd = X.double().numpy()
+    for r in range(ROWS):
+        basis = np.zeros((N, B.shape[1] * B.shape[2]))
+        for b in range(B.shape[1]):
+            for k in range(B.shape[2]):
+                basis[b * size:(b + 1) * size, b * B.shape[2] + k] = B[r, b, k].numpy()
+        XB = Xd @ basis
+        f, *_ = np.linalg.lstsq(XB, Xd @ W[r].double().numpy(), rcond=None)
+        ref = torch.from_numpy(basis @ f.astype(np.float16).astype(np.float64))
+        ref_loss = float(row_losses(W[r:r + 1], ref[None], Hd)[0])
+        got = float(row_losses(W[r:r + 1], v_new[r:r + 1], Hd)[0])
+        assert got <= ref_loss * (1 + 1e-3) + 1e-12, (r, got, ref_loss)

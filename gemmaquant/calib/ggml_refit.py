@@ -1,0 +1,110 @@
+"""Least-squares refit of a GGML tensor's fp16 scale fields once its codes are fixed (issue 21:
+"optionally refit the scales after").
+
+Error feedback (`ggml_gptq.py`) chooses codes inside the scales llama.cpp's search picked for the
+original weights; those scales were fitted to llama.cpp's codes, not to ours. In every scalar type a
+block's values are linear in its fp16 fields, with the codes and the integer sub-scales fixed:
+`v = Σ_k f_k · basis_k`, e.g. Q4_0 `d·(q − 8)`, Q4_1 `d·q + m`, Q4_K `d·sc·q − dmin·m`, Q6_K
+`d·sc·(q − 32)`, IQ4_XS `d·(ls − 32)·kv[q]`. So each row's fields can be solved exactly for the
+layer-output loss: `min_f (w − Bf) H (w − Bf)ᵀ`, one small dense system per row (its unknowns are the
+row's blocks × fields; H couples the blocks), then rounded to fp16 as the block stores them.
+
+Only the fp16 fields change: the integer sub-scales, the codes, the block layout and the file size stay.
+A row keeps its old fields unless the rounded solution lowers its loss, so a refit never makes a row
+worse on the calibration inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics.ggml.types import BLOCK, GGMLType
+from .ggml_codes import sub_grid
+
+T = GGMLType
+
+# byte offsets of the fp16 fields in a block that multiply the codes (first) and the mins (second)
+FIELDS = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.IQ4_NL: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2),
+          T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)}
+_ROWS_PER_CHUNK_ELEMS = 1 << 24  # bound on the [rows, n, unknowns] float64 product per chunk (128 MiB)
+
+
+def _with_fields(b: torch.Tensor, offsets: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks b [nb, bytes] whose fp16 fields hold values [nb, K] (uint8 [nb, 2] per field)."""
+    out = b.clone()
+    for k, at in enumerate(offsets):
+        out[:, at:at + 2] = values[:, k:k + 1].to(torch.float16).view(torch.uint8).view(-1, 2)
+    return out
+
+
+def _fields(b: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([b[:, at:at + 2].contiguous().view(torch.float16)[:, 0] for at in offsets], dim=1).float()
+
+
+def bases(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torch.Tensor:
+    """[rows, nb, K, block] float64: what each fp16 field contributes to the block's values per unit,
+    from the block's own codes and integer sub-scales (decoded with the fields set to unit vectors)."""
+    rows, n = codes.shape
+    size, nbytes = BLOCK[qtype]
+    offsets = FIELDS[qtype]
+    b = data.reshape(-1, nbytes)
+    out = []
+    for k in range(len(offsets)):
+        unit = torch.zeros(b.shape[0], len(offsets))
+        unit[:, k] = 1.0
+        grid = sub_grid(_with_fields(b, offsets, unit).view(rows, -1), qtype, rows)
+        out.append(grid.values(codes).double().view(rows, n // size, size))
+    return torch.stack(out, dim=2)
+
+
+def row_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """[rows] (w − v) H (w − v)ᵀ in float64."""
+    D = W.double() - V.double()
+    return ((D @ H) * D).sum(dim=1)
+
+
+def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor, *,
+          ridge: float = 1e-12) -> torch.Tensor:
+    """`data` [rows, row_bytes] uint8 with each row's fp16 fields re-solved for its codes (see the module
+    doc); rows whose loss the rounded solution does not lower keep their bytes."""
+    rows, n = W.shape
+    size, nbytes = BLOCK[qtype]
+    offsets = FIELDS[qtype]
+    K, nb = len(offsets), n // size
+    p = nb * K
+    H = H.double()
+    Wd = W.double()
+    Bs = bases(data, qtype, codes)  # [rows, nb, K, size]
+    WH = Wd @ H
+    # the normal equations in float32 (the costly product, n² per row), solved in float64: their
+    # error is far below the fp16 rounding of the result, and a row only changes if its loss drops
+    Hr = H.float().view(n, nb, size)
+    sol = torch.empty(rows, p, dtype=torch.float64)
+    step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))
+    eye = torch.eye(p, dtype=torch.float64)
+    for r0 in range(0, rows, step):
+        B = Bs[r0:r0 + step]  # [r, nb, K, size]
+        Bf = B.float()
+        Tm = torch.einsum("nbi,rbki->rnbk", Hr, Bf).reshape(B.shape[0], nb, size, p)  # H·basis, by column
+        A = torch.einsum("rbki,rbiq->rbkq", Bf, Tm).reshape(B.shape[0], p, p).double()
+        g = (B * WH[r0:r0 + step].view(-1, nb, 1, size)).sum(-1).reshape(B.shape[0], p)
+        lam = ridge * A.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
+        f = torch.linalg.solve(A + lam[:, None, None] * eye, g)
+        if K == 2:  # round the scales first, then solve the mins for the rounded scales: d and m are
+            # strongly correlated, and rounding both independently can cost more than the refit gains
+            d = f[:, 0::2].to(torch.float16).double()
+            A11 = A[:, 1::2, 1::2]
+            g1 = g[:, 1::2] - (A[:, 1::2, 0::2] @ d[:, :, None])[:, :, 0]
+            lam1 = ridge * A11.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
+            f = torch.stack([d, torch.linalg.solve(A11 + lam1[:, None, None] * eye[:nb, :nb], g1)], dim=2).view(-1, p)
+        sol[r0:r0 + step] = f
+    blocks = data.reshape(-1, nbytes)
+    new_f = sol.view(-1, K).float()
+    old_f = _fields(blocks, offsets)
+    finite = torch.isfinite(new_f.to(torch.float16).float()).all(dim=1, keepdim=True)
+    new_blocks = _with_fields(blocks, offsets, torch.where(finite, new_f, old_f))
+    new = new_blocks.view(rows, -1)
+    V_old = sub_grid(data, qtype, rows).values(codes)
+    V_new = sub_grid(new, qtype, rows).values(codes)
+    better = row_losses(W, V_new, H) < row_losses(W, V_old, H)
+    return torch.where(better[:, None], new, data)
