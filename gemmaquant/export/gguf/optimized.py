@@ -270,7 +270,8 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
         rep = write_gguf(ckpt, scheme, template, imatrix={}, imatrix_meta=imatrix_meta, plans=plans,
                          extra_kv=kv, progress=progress, inputs=inputs)
         types = {p.name: p.type for p in plans if p.name.startswith("blk.") and len(p.shape) == 2}
-        with GGUFPatcher(template, out, force=opts.force, inputs=[ckpt.path, *inputs]) as patch:
+        # the template is ours and lies beside the output: moved into place, not copied (one file's disk)
+        with GGUFPatcher(template, out, force=opts.force, inputs=[ckpt.path, *inputs], consume=True) as patch:
             res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=calib_progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,10 +8,15 @@ template's, byte for byte.
     with GGUFPatcher(template, out, inputs=[...]) as p:   # copies the template to a temporary
         p.write("blk.0.ffn_down.weight", data)           # uint8, exactly the tensor's byte count
     # on success: every written tensor is read back (CRC-32) and the file renamed into place
+
+`consume=True` is for a template that is our own scratch file: it is moved (renamed) to the temporary
+instead of copied, so a run holds one file's size on disk, not two (a copy only where the rename
+crosses filesystems).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -24,8 +29,9 @@ from ...formats.gguf.reader import GGUFFile
 
 
 class GGUFPatcher:
-    def __init__(self, template: str | Path, out: str | Path, *, force: bool = False, inputs=()):
-        self.template, self.out, self.force = Path(template), Path(out), force
+    def __init__(self, template: str | Path, out: str | Path, *, force: bool = False, inputs=(),
+                 consume: bool = False):
+        self.template, self.out, self.force, self.consume = Path(template), Path(out), force, consume
         self.inputs = [self.template, *inputs]
         src = GGUFFile(self.template)
         try:
@@ -38,7 +44,15 @@ class GGUFPatcher:
         self._ctx = atomic_output(self.out, force=self.force, kind="file", inputs=self.inputs)
         self.tmp = self._ctx.__enter__()
         try:
-            shutil.copyfile(self.template, self.tmp)
+            moved = False
+            if self.consume:
+                try:
+                    os.replace(self.template, self.tmp)
+                    moved = True
+                except OSError:  # another filesystem: copy
+                    pass
+            if not moved:
+                shutil.copyfile(self.template, self.tmp)
             self._fh = open(self.tmp, "r+b")
         except BaseException as e:
             self._ctx.__exit__(type(e), e, e.__traceback__)

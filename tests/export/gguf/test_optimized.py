@@ -141,11 +141,19 @@ def _finite_logits(path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identically(src, tmp_path, capsys):
+def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identically(src, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from gemmaquant.export.gguf import patch
+
     plain = tmp_path / "plain.gguf"
     _quantize(src, plain, capsys, "--imatrix")
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    copies = []
+    real_copy = patch.shutil.copyfile
+    monkeypatch.setattr(patch.shutil, "copyfile", lambda x, y: copies.append(x) or real_copy(x, y))
     sa = _quantize(src, a, capsys, "--algorithm", "gptq", threads=1)
+    assert copies == []  # the scratch template is moved into place: one file's disk, not two
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "plain.gguf"]  # no scratch left
     _quantize(src, b, capsys, "--algorithm", "gptq", threads=2)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
     ra, la = _layout(a)
