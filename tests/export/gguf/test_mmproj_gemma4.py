@@ -216,3 +216,54 @@ def test_libmtmd_encodes_an_image_as_transformers_does(tiny, tmp_path, variant, 
     assert np.abs(got - want).max() < 3e-2 * np.abs(want).max()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
 
+
+
+@pytest.mark.llamacpp
+@pytest.mark.subprocess
+def test_quantize_writes_the_mmproj_beside_the_gguf(tiny, converted, tmp_path, capsys, monkeypatch):
+    """A GGUF of a multimodal Gemma 4 gets the converter's mmproj beside it (f16 unless --mmproj says
+    otherwise); a second preset keeps it; --mmproj none writes none; --dry-run names it."""
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
+    from gemmaquant.schemes import get_scheme
+    from tests.reliability import run_cli
+
+    d = tiny("e2b-mm")
+    ck = Checkpoint(d)
+    want = converted[("e2b-mm", torch.bfloat16)]
+    proj = default_mmproj_path(ck, "f16", tmp_path)
+    s1 = run_quantize(ck, get_scheme("q8_0"), tmp_path / "a.Q8_0.gguf", QuantizeOptions())
+    assert proj.read_bytes() == want["f16"].read_bytes()
+    assert any(f"vision and audio towers + embedders: {proj.name} beside it" in n for n in s1.notes)
+    before = proj.stat().st_mtime_ns
+    s2 = run_quantize(ck, get_scheme("q4_0"), tmp_path / "a.Q4_0.gguf", QuantizeOptions())
+    assert proj.stat().st_mtime_ns == before and any("kept" in n for n in s2.notes)
+    run_quantize(ck, get_scheme("q8_0"), tmp_path / "b" / "a.gguf", QuantizeOptions(mmproj="bf16"))
+    assert default_mmproj_path(ck, "bf16", tmp_path / "b").read_bytes() == want["bf16"].read_bytes()
+    s3 = run_quantize(ck, get_scheme("q8_0"), tmp_path / "c" / "a.gguf", QuantizeOptions(mmproj="none"))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.gguf"]
+    assert any("vision/audio towers not written (--mmproj none)" in n for n in s3.notes)
+    monkeypatch.setenv("COLUMNS", "250")
+    r = run_cli(["quantize", d, "--scheme", "q8_0", "--mmproj", "q8_0", "--dry-run", "--out", tmp_path / "e" / "a.gguf"],
+                capsys)
+    assert r.code == 0, r.stderr
+    n = len(plan_mmproj(ck, "q8_0"))
+    assert f"and beside it {default_mmproj_path(ck, 'q8_0', tmp_path).name}: the vision and audio towers + embedders " \
+           f"(Q8_0, {n} tensors" in " ".join(r.stdout.split()) and not (tmp_path / "e").exists()
+
+
+def test_inspect_shows_the_mmproj(tiny, tmp_path):
+    """`inspect` on our mmproj: what gguf's GGUFReader reads (architecture, keys, every tensor's type and
+    shape), with the clip keys of both towers."""
+    import gguf
+
+    from gemmaquant.evaluate.inspect import inspect_path
+
+    p = write_mmproj(Checkpoint(tiny("e2b-mm")), "q8_0", tmp_path / "mmproj.gguf").path
+    info, r = inspect_path(p), gguf.GGUFReader(p)
+    assert info["kind"] == "gguf" and info["architecture"] == "clip" and info["file_type"] == "MOSTLY_Q8_0"
+    assert [(t["name"], t["type"], t["shape"]) for t in info["tensors"]] == \
+        [(t.name, t.tensor_type.name, [int(x) for x in reversed(t.shape)]) for t in r.tensors]  # ne reversed
+    assert set(info["metadata"]) == {k for k in r.fields if not k.startswith("GGUF.")}
+    meta = info["metadata"]
+    assert meta["clip.vision.projector_type"] == "gemma4v" and meta["clip.audio.projector_type"] == "gemma4a"
+    assert meta["clip.has_audio_encoder"] is True and meta["clip.vision.image_size"] == 224
