@@ -59,9 +59,10 @@ def test_mmproj_identical_to_the_converter(tiny, converted, tmp_path, source, ou
 
 @pytest.mark.llamacpp
 @pytest.mark.subprocess
-def test_unbounded_clip_bounds_are_written_as_the_converter_writes_them(tiny, tmp_path):
+def test_unbounded_clip_bounds_and_layer_scalars_as_the_converter_writes_them(tiny, tmp_path):
     """transformers saves an unclipped Linear's bounds as ±inf: values, copied as the converter copies them;
-    a NaN is refused."""
+    a NaN is refused. A vision `layer_scalar` (which transformers 5.23's encoder does not have, the
+    converter maps to `v.blk.N.out_scale.weight`) is written as it writes it."""
     from safetensors.torch import load_file, save_file
 
     src = shutil.copytree(tiny("dense-mm"), tmp_path / "tiny-gemma4-unbounded")
@@ -69,9 +70,13 @@ def test_unbounded_clip_bounds_are_written_as_the_converter_writes_them(tiny, tm
     bounds = sorted(n for n in sd if n.startswith("model.vision_tower.") and n.endswith(("_min", "_max")))
     for n in bounds[:4]:
         sd[n] = torch.full_like(sd[n], float("-inf") if n.endswith("_min") else float("inf"))
+    for i in range(2):
+        sd[f"model.vision_tower.encoder.layers.{i}.layer_scalar"] = torch.tensor([0.5 + i], dtype=torch.bfloat16)
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     want = ref.convert_mmproj(src, "f32")
-    assert write_mmproj(Checkpoint(src), "f32", tmp_path / "a.gguf").path.read_bytes() == want.read_bytes()
+    ours = write_mmproj(Checkpoint(src), "f32", tmp_path / "a.gguf")
+    assert ours.path.read_bytes() == want.read_bytes()
+    assert {t.name for t in ours.tensors} >= {"v.blk.0.out_scale.weight", "v.blk.1.out_scale.weight"}
     sd[bounds[0]] = torch.full_like(sd[bounds[0]], float("nan"))
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(GemmaQuantError, match=f"'{bounds[0]}' contains NaN"):
