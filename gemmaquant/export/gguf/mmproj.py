@@ -109,16 +109,11 @@ def _outtype(outtype: str) -> tuple[int, GGMLType]:
     return OUTTYPES[outtype]
 
 
-def _wrapper(ckpt: Checkpoint) -> str:
-    return f"Gemma{ckpt.config.generation}ForConditionalGeneration"
-
-
 def plan_mmproj(ckpt: Checkpoint, outtype: str) -> list[MmprojTensor]:
     """The mmproj tensors in the converter's order, with their GGUF types."""
     if not ckpt.config.multimodal:
-        raise GemmaQuantError(f"{ckpt.path}: not a multimodal checkpoint (an mmproj needs "
-                              f"{_wrapper(ckpt) if ckpt.config.generation == 4 else 'Gemma3ForConditionalGeneration'}'s "
-                              "vision tower)")
+        wrapper = f"Gemma{4 if ckpt.config.generation == 4 else 3}ForConditionalGeneration"
+        raise GemmaQuantError(f"{ckpt.path}: not a multimodal checkpoint (an mmproj needs {wrapper}'s vision tower)")
     _outtype(outtype)
     rules = rules_for(ckpt.config.generation)
     if rules.generation == 4:
