@@ -282,14 +282,16 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     mmproj = mmproj_target(ckpt, scheme, opts, out)
-    mmproj_kept = False
+    mmproj_kept, mmproj_bytes = False, 0
     if mmproj is not None:
-        from .export.gguf.mmproj import same_mmproj
+        from .export.gguf.mmproj import check_mmproj, same_mmproj
 
         # a second preset written into the same folder shares the mmproj an earlier one wrote
         mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
         if not mmproj_kept:
             check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
+            # its refusals (no image normalization, towers llama.cpp cannot run) before the text GGUF is written
+            mmproj_bytes = sum(t.nbytes for t in check_mmproj(ckpt, mmproj[0]))
     calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else calibrates(scheme, opts.algorithm)
     text = None
     if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
@@ -301,12 +303,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
-    extra = 0
-    if mmproj is not None and not mmproj_kept:
-        from .export.gguf.mmproj import plan_mmproj
-
-        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + mmproj_bytes)
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix,
                         calib_progress)

@@ -188,7 +188,8 @@ def processor_config(model_dir: Path) -> dict:
         v = merged.get(key)
         if not (isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
             raise GemmaQuantError(f"{model_dir}: no '{key}' list in preprocessor_config.json or processor_config.json "
-                                  "(the image processor's normalization, needed for the mmproj)")
+                                  "(the image processor's normalization, needed for the mmproj; quantize --mmproj "
+                                  "none writes the GGUF without it)")
     return merged
 
 
@@ -256,6 +257,14 @@ def mmproj_metadata(ckpt: Checkpoint, outtype: str, tensors: list[MmprojTensor])
     for t in tensors:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType(t.type))
     return w
+
+
+def check_mmproj(ckpt: Checkpoint, outtype: str) -> list[MmprojTensor]:
+    """Everything write_mmproj would refuse, from headers and configs only (before any other output is
+    written); returns the plan."""
+    tensors = plan_mmproj(ckpt, outtype)
+    mmproj_metadata(ckpt, outtype, tensors)
+    return tensors
 
 
 def mmproj_contents(ckpt: Checkpoint) -> str:

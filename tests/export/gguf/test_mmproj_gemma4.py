@@ -272,3 +272,20 @@ def test_inspect_shows_the_mmproj(tiny, tmp_path):
     meta = info["metadata"]
     assert meta["clip.vision.projector_type"] == "gemma4v" and meta["clip.audio.projector_type"] == "gemma4a"
     assert meta["clip.has_audio_encoder"] is True and meta["clip.vision.image_size"] == 224
+
+
+def test_quantize_refuses_before_writing_anything(tiny, tmp_path, capsys):
+    """An mmproj the run would refuse (here: no image normalization) stops quantize and --dry-run before
+    the text GGUF is written, in one line naming the fix (--mmproj none: tested above)."""
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize
+    from gemmaquant.schemes import get_scheme
+    from tests.reliability import run_cli
+
+    src = shutil.copytree(tiny("e2b-mm"), tmp_path / "src")
+    (src / "preprocessor_config.json").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(GemmaQuantError, match="no 'image_mean' list.*--mmproj none writes the GGUF without it"):
+        run_quantize(Checkpoint(src), get_scheme("q8_0"), out / "a.gguf", QuantizeOptions())
+    assert not out.exists()
+    r = run_cli(["quantize", src, "--scheme", "q8_0", "--dry-run", "--out", out / "a.gguf"], capsys)
+    assert r.code == 2 and "no 'image_mean' list" in r.stderr and not out.exists()
