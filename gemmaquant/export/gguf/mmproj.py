@@ -43,6 +43,7 @@ from ..guard import check_output
 from ...numerics.ggml.quantize import quantize
 from ...numerics.ggml.types import GGMLType, row_bytes
 from ...formats.inputs import read_json
+from ...formats.safetensors import release_pages
 from .metadata import QUANTIZATION_VERSION, display_dir_name, general_metadata
 from .mmproj_rules import (CLIP_BOUNDS, CLIP_N_MERGE, CLIP_ROPE_THETA, GEMMA4_AUDIO_DEFAULTS, GEMMA4_PROJECTORS,
                            MmprojRules, apply_transform, rules_for, transformed_shape)
@@ -317,6 +318,7 @@ def write_mmproj(ckpt: Checkpoint, outtype: str, out: Path, *, force: bool = Fal
         w.write_ti_data_to_file()
         for t in tensors:  # one tensor at a time: the 27B's tower is 0.4 B parameters
             w.write_tensor_data(_data(ckpt, t))
+            release_pages(ckpt.tensor(t.hf_name))  # its source pages stop counting in RSS once written
         w.close()
         size = tmp.stat().st_size
     return MmprojReport(out, outtype, tensors, size)
