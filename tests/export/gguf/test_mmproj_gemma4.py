@@ -150,8 +150,11 @@ def test_default_name_is_llama_cpps(tiny, tmp_path):
 
 
 def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray) -> tuple[np.ndarray, bool, bool]:
-    """libmtmd: load the pair (warmup off: clip's warmup image is sized for the real towers), tokenize a
-    prompt with one image, encode it. Returns (embeddings, supports vision, supports audio)."""
+    """libmtmd: load the pair, tokenize a prompt with one image, encode it. Returns (embeddings, supports
+    vision, supports audio). Warmup off: the tiny audio tower's subsampling channels [8, 4] give an
+    8-wide input projection (transformers sizes it channels[0] // 4 × channels[1]), and clip's audio warmup
+    feeds llama.cpp's fixed 128-mel front end (128 wide) into it; with channels [128, 4] the same pair
+    loads with warmup on (checked by hand)."""
     from tests.tier import forbid
 
     forbid("libmtmd", "llamacpp")
