@@ -199,7 +199,7 @@ def _source(ckpt: Checkpoint, t: MmprojTensor) -> torch.Tensor:
     if x.dtype != torch.float16:
         x = x.float()  # bf16 widens exactly; f16 stays f16, so the transforms round as the converter's do
     # min and max carry any NaN or ±inf (and take a fifth of torch.isfinite's time on bf16 rows)
-    lo, hi = torch.aminmax(x)
+    lo, hi = torch.aminmax(x) if x.numel() else (torch.zeros(()), torch.zeros(()))
     inf_ok = t.hf_name.endswith(CLIP_BOUNDS) and not rules_for(ckpt.config.generation).finite_bounds
     if torch.isnan(lo) or (not inf_ok and not (torch.isfinite(lo) and torch.isfinite(hi))):
         # an unclipped Linear's bounds are ±inf (transformers' default): values, not corruption
