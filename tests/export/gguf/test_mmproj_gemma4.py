@@ -20,6 +20,9 @@ from tests.tiny_gemma4 import make_tiny_gemma4
 
 from . import llamacpp_ref as ref
 
+# every test here builds a tiny Gemma 4 with its towers (~3 s quiet, 6 s under load): kept out of the fast
+# tier, which ran 50.6 s of its minute before (RESULTS §7); the llama.cpp comparisons are slow anyway
+pytestmark = pytest.mark.slow
 # (variant, source dtype): the f16 source keeps f16 through softplus and the F32 widening, as the converter
 SOURCES = [("e2b-mm", torch.bfloat16), ("dense-mm", torch.bfloat16), ("e2b-mm", torch.float16)]
 SOURCE_IDS = [f"{v}-{str(dt).split('.')[-1]}" for v, dt in SOURCES]
