@@ -44,6 +44,7 @@ from ...numerics.ggml.quantize import quantize
 from ...numerics.ggml.types import GGMLType, row_bytes
 from ...formats.inputs import read_json
 from ...formats.safetensors import release_pages
+from .workers import run_ordered
 from .metadata import QUANTIZATION_VERSION, display_dir_name, general_metadata
 from .mmproj_rules import (CLIP_BOUNDS, CLIP_N_MERGE, CLIP_ROPE_THETA, GEMMA4_AUDIO_DEFAULTS, GEMMA4_PROJECTORS,
                            MmprojRules, apply_transform, rules_for, transformed_shape)
@@ -316,8 +317,11 @@ def write_mmproj(ckpt: Checkpoint, outtype: str, out: Path, *, force: bool = Fal
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in tensors:  # one tensor at a time: the 27B's tower is 0.4 B parameters
-            w.write_tensor_data(_data(ckpt, t))
+        # a few tensors in flight (the 27B's tower is 0.4 B parameters), on the text writer's threads with one
+        # torch thread each: 2-thread torch ops on a busy machine made Q8_0 ~50x slower (RESULTS.md §10)
+        jobs = ((t, (lambda t=t: _data(ckpt, t)), None) for t in tensors)
+        for t, data in run_ordered(jobs, torch.get_num_threads()):
+            w.write_tensor_data(data)
             release_pages(ckpt.tensor(t.hf_name))  # its source pages stop counting in RSS once written
         w.close()
         size = tmp.stat().st_size
