@@ -224,16 +224,11 @@ def mmproj_target(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions, out: 
     from .export.gguf.mmproj import DEFAULT_OUTTYPE, OUTTYPES, default_mmproj_path
 
     asked = opts.mmproj
-    if ckpt.config.generation == 4 and ckpt.config.multimodal and scheme.is_gguf:
-        # Gemma 4's towers (vision, audio) are another clip layout than Gemma 3's SigLIP
-        if asked not in (None, "none"):
-            raise GemmaQuantError(f"--mmproj {asked}: Gemma 4's vision/audio mmproj is not supported yet (supported: "
-                                  "Gemma 3's); write it with llama.cpp's convert_hf_to_gguf.py --mmproj")
-        return None
     if asked is not None and asked != "none" and asked not in OUTTYPES:
         raise GemmaQuantError(f"--mmproj {asked!r} is not supported (allowed: {', '.join(OUTTYPES)}, none)")
     if asked not in (None, "none") and not (scheme.is_gguf and ckpt.config.multimodal):
-        why = "a GGUF scheme" if not scheme.is_gguf else "a multimodal checkpoint (Gemma3ForConditionalGeneration)"
+        why = "a GGUF scheme" if not scheme.is_gguf else \
+            "a multimodal checkpoint (Gemma3ForConditionalGeneration or Gemma4ForConditionalGeneration)"
         raise GemmaQuantError(f"--mmproj {asked}: the vision tower's GGUF needs {why}")
     if asked == "none" or not (scheme.is_gguf and ckpt.config.multimodal):
         return None
@@ -287,14 +282,16 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     mmproj = mmproj_target(ckpt, scheme, opts, out)
-    mmproj_kept = False
+    mmproj_kept, mmproj_bytes = False, 0
     if mmproj is not None:
-        from .export.gguf.mmproj import same_mmproj
+        from .export.gguf.mmproj import check_mmproj, same_mmproj
 
         # a second preset written into the same folder shares the mmproj an earlier one wrote
         mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
         if not mmproj_kept:
             check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
+            # its refusals (no image normalization, towers llama.cpp cannot run) before the text GGUF is written
+            mmproj_bytes = sum(t.nbytes for t in check_mmproj(ckpt, mmproj[0]))
     calibrating = bool(opts.imatrix) or opts.tuned if scheme.is_gguf else calibrates(scheme, opts.algorithm)
     text = None
     if not scheme.is_gguf:  # a group size that does not divide a Linear fails now, not after calibrating
@@ -306,12 +303,7 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
         text = calib_text(opts.calib)  # the text checked (UTF-8, not empty) and named before the model loads
-    extra = 0
-    if mmproj is not None and not mmproj_kept:
-        from .export.gguf.mmproj import plan_mmproj
-
-        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
-    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + extra)
+    check_free_space(out, estimate_output_bytes(ckpt, scheme, opts) + mmproj_bytes)
     if scheme.is_gguf:
         summary = _gguf(ckpt, scheme, out, opts, progress, text, mmproj, mmproj_kept, computed_imatrix,
                         calib_progress)
@@ -324,17 +316,18 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
 
 def _mmproj(ckpt, opts, summary, mmproj, kept) -> None:
     """Write (or keep) the mmproj beside the GGUF and say so in the summary (and so in the card)."""
+    from .export.gguf.mmproj import mmproj_contents, write_mmproj
+
     if kept:
-        summary.notes.append(f"vision tower + projector: {mmproj[1].name} (beside it) already holds this model's "
+        summary.notes.append(f"{mmproj_contents(ckpt)}: {mmproj[1].name} (beside it) already holds this model's "
                              f"{mmproj[0].upper()} mmproj (kept; --force rewrites it)")
     elif mmproj is not None:
-        from .export.gguf.mmproj import write_mmproj
-
         rep = write_mmproj(ckpt, mmproj[0], mmproj[1], force=opts.force, inputs=inputs_of(ckpt, opts)[1:])
-        summary.notes.append(f"vision tower + projector: {rep.path.name} beside it ({mmproj[0].upper()}, {len(rep.tensors)} "
+        summary.notes.append(f"{mmproj_contents(ckpt)}: {rep.path.name} beside it ({mmproj[0].upper()}, {len(rep.tensors)} "
                              f"tensors, {rep.file_bytes / 1e6:.1f} MB; load it with --mmproj in llama.cpp)")
     elif ckpt.config.multimodal:
-        summary.notes.append("vision tower not written (--mmproj none): the GGUF is the text model only")
+        summary.notes.append(f"{'vision/audio towers' if ckpt.config.generation == 4 else 'vision tower'} not written "
+                             "(--mmproj none): the GGUF is the text model only")
 
 
 def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> list[Path]:

@@ -9,6 +9,8 @@ One per feature combination of the released models:
                llama-quantize's Mixtral special case)
   e2b-mm       the E2B-like text model inside Gemma4ForConditionalGeneration, with vision and audio
   moe-mm       the MoE-like text model in the wrapper (the released 26B-A4B is multimodal)
+  dense-mm     the 31B-like text model in the wrapper with a vision tower only (no audio, as the 31B and
+               26B-A4B), its vision encoder standardizing (std_bias/std_scale) with clipped Linears
   *-256        256-wide variants (K-quant rules without fallback; head dims vLLM's CPU attention runs)
 global_head_dim differs from head_dim: llama.cpp's converter asserts it (and real models have 512/256).
 """
@@ -51,7 +53,8 @@ VARIANTS["dense-256"] = {**VARIANTS["dense"], **WIDE, "num_hidden_layers": 3, "l
 VARIANTS["moe-256-small"] = {**VARIANTS["moe-256"], "num_hidden_layers": 2, "layer_types": [S, F],
                              "num_experts": 4, "top_k_experts": 2}
 # multimodal name -> its text variant (the released 26B-A4B is a multimodal MoE)
-WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256"}
+WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256", "dense-mm": "dense"}
+VISION_ONLY = {"dense-mm": dict(standardize=True, use_clipped_linears=True)}  # vision_config extras, no audio
 ALL = ["dense", "dense-kv", "e2b", "moe", "e2b-mm"]  # the forward-pass combinations
 
 
@@ -116,12 +119,14 @@ def make_tiny_gemma4(name: str, out: Path, dtype=torch.float32, seed: int = 0):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if name in WRAPPED:
+        # pooling_kernel_size 3: llama.cpp's Gemma 4 vision encoder pools 3x3 whatever the config says
         cfg = transformers.Gemma4Config(
             text_config=text_config(WRAPPED[name]),
             vision_config=transformers.Gemma4VisionConfig(
                 hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3, position_embedding_size=64),
-            audio_config=transformers.Gemma4AudioConfig(
+                num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3, position_embedding_size=64,
+                **VISION_ONLY.get(name, {})),
+            audio_config=None if name in VISION_ONLY else transformers.Gemma4AudioConfig(
                 hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
                 output_proj_dims=48),
             boi_token_id=265, eoi_token_id=266, image_token_id=267, video_token_id=267, audio_token_id=268,

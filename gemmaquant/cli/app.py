@@ -138,9 +138,9 @@ def quantize_cmd(
                                                "sensitivity so that the tensor data takes at most this many bits per weight."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same for a whole-file size "
                                               "(1.2GB, 900MiB, bytes); the file is at most this big."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3: type of the vision "
-                                         "tower's mmproj file written beside it as mmproj-<name>-<TYPE>.gguf (f16 "
-                                         "default, bf16, q8_0, f32), or none."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3 or 4: type of the "
+                                         "vision (and audio) towers' mmproj file written beside it as "
+                                         "mmproj-<name>-<TYPE>.gguf (f16 default, bf16, q8_0, f32), or none."),
     keep_dtype: bool = typer.Option(False, "--keep-dtype", help="compressed-tensors: copy a float32/float16 source's "
                                     "embedding and norms as they are (default: bfloat16, the dtype vLLM runs Gemma in)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensors grouped by role, types, estimated size); write nothing."),

@@ -90,14 +90,14 @@ def render_plan(ckpt: Checkpoint, scheme: Scheme, out_path: Path, opts, console:
     hint = "" if show_all else f" {len(rows)} tensors in {len(group_rows(rows))} rows; --all lists each tensor."
     console.print(f"estimated output: {human_bytes(total)} of tensor data ({8 * total / params:.2f} bits per weight) "
                   f"+ metadata; source {human_bytes(ckpt.weight_nbytes())}. Nothing was written (--dry-run).{hint}")
-    target = mmproj_target(ckpt, scheme, opts, out_path)  # None where no mmproj is written (Gemma 4: not yet)
+    target = mmproj_target(ckpt, scheme, opts, out_path)  # None where no mmproj is written
     if target is not None:
-        from ..export.gguf.mmproj import plan_mmproj
+        from ..export.gguf.mmproj import check_mmproj, mmproj_contents
 
         kind, path = target
-        mm = plan_mmproj(ckpt, kind)
+        mm = check_mmproj(ckpt, kind)  # what the run would refuse, refused here too
         console.print(f"and beside it {path.name}: the "
-                      f"vision tower + projector ({kind.upper()}, {len(mm)} tensors, "
+                      f"{mmproj_contents(ckpt)} ({kind.upper()}, {len(mm)} tensors, "
                       f"{human_bytes(sum(t.nbytes for t in mm))}; --mmproj none: without it).")
 
 

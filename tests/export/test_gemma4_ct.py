@@ -269,14 +269,17 @@ def test_experts_are_quantized_one_at_a_time(sources, tmp_path, monkeypatch):
 @pytest.mark.parametrize("scheme", ["fp8", "q8_0"])
 def test_dry_run_of_the_multimodal_moe(sources, tmp_path, capsys, monkeypatch, scheme):
     """`quantize --dry-run` on a Gemma4ForConditionalGeneration MoE: the experts' rows and the towers for
-    compressed-tensors; for GGUF no mmproj line (Gemma 4's mmproj is not written yet), and no error."""
+    compressed-tensors; for GGUF the mmproj line (vision and audio towers, as llama.cpp's converter names
+    the file); nothing written either way."""
     from tests.reliability import run_cli
 
     monkeypatch.setenv("COLUMNS", "200")
     r = run_cli(["quantize", sources("moe-mm"), "--scheme", scheme, "--algorithm", "rtn", "--dry-run",
                  "--out", tmp_path / ("o.gguf" if scheme == "q8_0" else "o")], capsys)
     assert r.code == 0, r.stderr
-    assert "Nothing was written" in r.stdout and "beside it" not in r.stdout and not (tmp_path / "o").exists()
+    assert "Nothing was written" in r.stdout and not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+    assert ("and beside it mmproj-" in r.stdout and "vision and audio towers + embedders (F16" in r.stdout) == \
+        (scheme == "q8_0")
     if scheme == "fp8":
         assert "layers.*.experts.*.gate_proj" in r.stdout and "vision/audio tower" in r.stdout
 
