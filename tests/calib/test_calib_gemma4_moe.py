@@ -244,9 +244,30 @@ def test_gptq_on_experts_beats_rtn(tiny):
 # (scheme, algorithm, variant): weight-only W4 needs the 256-wide MoE (vLLM's Marlin MoE shape rules)
 CASES = [("fp8-static", None, "moe"), ("int8", "smoothquant", "moe"), ("w4a16", "gptq", "moe-256-small"),
          ("w4a16", "awq", "moe-256-small"), ("fp8-static", None, "moe-mm"), ("int8", "smoothquant", "e2b-mm"),
-         ("fp8-static", None, "e2b-mm")]
-# relative logits error to the bf16 model, at most (measured on these tiny random models, × ~2)
-CLOSE = {"fp8-static": 0.25, "int8": 0.1, "w4a16": 0.35}
+         ("fp8-static", None, "e2b-mm"), ("w4a16", "gptq", "e2b-256-mm")]
+# The format's round-to-nearest counterpart (dynamic activations for fp8-static), written beside it: tiny
+# random Gemma 4 models (attention scaling 1.0, sharp attention) move tens of percent under any 8- or 4-bit
+# format (relative logits error to the bf16 model, RTN: fp8 0.20-0.40, int8 0.05-0.21, w4a16 0.35-0.5), so
+# "close" is: within 1.3x of what round-to-nearest of the same format does, and below 1.
+RTN_OF = {"fp8-static": "fp8", "int8": "int8", "w4a16": "w4a16"}
+
+
+def _check_input_scales(out, cfg) -> None:
+    """Every quantized Linear and expert has a positive [1] fp8 scale; an expert's gate and up scales are
+    equal (vLLM's fused-MoE loader raises on unequal w1/w3 input scales)."""
+    from gemmaquant.formats.safetensors import SafetensorsFile
+
+    f = SafetensorsFile(out / "model.safetensors")
+    scales = {n: f.get(n).float() for n in f.keys() if n.endswith(".input_scale")}
+    f.close()
+    assert scales and all(t.shape == (1,) and float(t) > 0 for t in scales.values())
+    for n, t in scales.items():
+        if n.endswith("experts.0.gate_proj.input_scale"):
+            for e in range(cfg.num_experts):
+                g = n.replace("experts.0.gate_proj", f"experts.{e}.gate_proj")
+                assert torch.equal(scales[g], scales[g.replace("gate_proj", "up_proj")])
+                assert g.replace("gate_proj", "down_proj") in scales
+    assert sum(".experts." in n for n in scales) == 3 * cfg.num_experts * cfg.num_hidden_layers * cfg.is_moe
 
 
 @pytest.mark.slow
@@ -271,12 +292,15 @@ def test_calibrated_outputs_load_in_transformers_and_eval(tiny, tmp_path, scheme
     card = (out / "README.md").read_text()
     assert ("MoE experts: " in card) == moe
 
+    run_quantize(Checkpoint(src), get_scheme(RTN_OF[scheme]), tmp_path / "rtn", QuantizeOptions(algorithm="rtn"))
     ids = _ids(2, 24, 7)
     with torch.no_grad():
         ref = hf_src(input_ids=ids, use_cache=False).logits
         ours = open_artifact(str(out), torch.float32).model(ids)
+        plain = open_artifact(str(tmp_path / "rtn"), torch.float32).model(ids)
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    assert rel(ours, ref) < CLOSE[scheme], rel(ours, ref)
+    bound = min(1.0, 1.3 * rel(plain, ref))
+    assert rel(ours, ref) < bound, (rel(ours, ref), rel(plain, ref))
 
     sch = get_scheme(scheme)
     int_experts = moe and sch.ct_format == "int-quantized"  # transformers 5.23 does not dequantize these
@@ -287,10 +311,16 @@ def test_calibrated_outputs_load_in_transformers_and_eval(tiny, tmp_path, scheme
         hf, info = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
                                        experts_implementation="eager", output_loading_info=True,
                                        quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
-    assert not any(info.values()), info
+    static = sch.input_activations is not None and not sch.input_activations.dynamic
+    if static:  # dequantize=True runs the weights in float and drops the activation scales, nothing else
+        assert info["unexpected_keys"] and all(k.endswith(".input_scale") for k in info["unexpected_keys"])
+        assert not info["missing_keys"] and not info["mismatched_keys"]
+        _check_input_scales(out, Checkpoint(src).config)
+    else:
+        assert not any(info.values()), info
     hf = hf.float()
     with torch.no_grad():
         theirs = hf(input_ids=ids, use_cache=False).logits
-    assert rel(theirs, ref) < CLOSE[scheme], rel(theirs, ref)
+    assert rel(theirs, ref) < bound, (rel(theirs, ref), rel(plain, ref))
     if sch.input_activations is None:  # weight-only: both run the same dequantized weights
         assert rel(ours, theirs) < 1e-5
