@@ -324,3 +324,31 @@ def test_calibrated_outputs_load_in_transformers_and_eval(tiny, tmp_path, scheme
     assert rel(theirs, ref) < bound, (rel(theirs, ref), rel(plain, ref))
     if sch.input_activations is None:  # weight-only: both run the same dequantized weights
         assert rel(ours, theirs) < 1e-5
+
+
+@pytest.mark.slow
+def test_cli_reports_expert_tokens_and_names_the_unseen(tiny, tmp_path, capsys, monkeypatch):
+    """`quantize` on the MoE with a short calibration text: the summary's counts line, a note naming the
+    experts no token reached, and every count in the model card (each layer routes tokens × top-k)."""
+    import re
+
+    from tests.reliability import run_cli
+
+    monkeypatch.setenv("COLUMNS", "400")
+    src, _ = tiny("moe")
+    text = tmp_path / "c.txt"
+    text.write_text("abc bad cab dead bead face " * 20)
+    out = tmp_path / "out"
+    r = run_cli(["quantize", src, "--scheme", "fp8-static", "-o", out, "--calib", text, "--calib-samples", "1",
+                 "--calib-len", "8"], capsys)
+    assert r.code == 0, r.stderr
+    m = re.search(r"MoE experts: (\d+) of 64 saw calibration tokens", r.stdout + r.stderr)
+    assert m and int(m.group(1)) < 64
+    note = re.search(r"note: (\d+) MoE experts saw no calibration token \(layer \d+ expert \d+", r.stderr)
+    assert note and int(note.group(1)) + int(m.group(1)) == 64
+    card = (out / "README.md").read_text()
+    rows = re.search(r"Calibration tokens routed to each MoE expert[^:]*: (.*)", card).group(1).split(" | ")
+    assert [r.split(":")[0] for r in rows] == [f"layer {i}" for i in range(4)]
+    counts = [[int(x) for x in r.split(":")[1].split()] for r in rows]
+    assert all(len(c) == 16 and sum(c) == 8 * 4 for c in counts)  # 8 tokens, each to its top 4
+    assert sum(n == 0 for c in counts for n in c) == int(note.group(1))
