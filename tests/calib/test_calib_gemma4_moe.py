@@ -71,7 +71,7 @@ def _routing(hf, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return {i: (*seen[i], margin[i]) for i in seen}
 
 
-@pytest.mark.parametrize("variant", ["moe", "moe-mm"])
+@pytest.mark.parametrize("variant", ["moe", pytest.param("moe-mm", marks=pytest.mark.slow)])
 def test_token_counts_and_fp8_scales_follow_transformers_router(tiny, variant):
     src, hf = tiny(variant)
     ck = Checkpoint(src)
@@ -102,7 +102,9 @@ def test_token_counts_and_fp8_scales_follow_transformers_router(tiny, variant):
     assert f"MoE experts: {seen} of 64 saw calibration tokens" in res.notes and seen >= 60
 
 
-@pytest.mark.parametrize("scheme,algorithm", [("fp8-static", None), ("int8", "smoothquant"), ("w4a16", "gptq")])
+@pytest.mark.parametrize("scheme,algorithm", [("fp8-static", None),
+                                              pytest.param("int8", "smoothquant", marks=pytest.mark.slow),
+                                              pytest.param("w4a16", "gptq", marks=pytest.mark.slow)])
 def test_experts_without_tokens_fall_back_and_are_named(tiny, caplog, scheme, algorithm):
     """Two tokens reach at most 8 of 16 experts per layer: the others get the layer's largest input
     scale (fp8-static) and round-to-nearest weights, and one warning line names them."""
