@@ -222,8 +222,8 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
         if unseen:
             fallback = ["the max over the layer's other experts' input scales"] if static_fp8 else []
             if algorithm not in (None, "rtn"):
-                fallback.append("round-to-nearest weights" + (" and no down_proj smoothing scale of their own"
-                                                             if "gptq" != algorithm else ""))
+                folds = algorithm.startswith(("smoothquant", "awq"))  # the shared gate/up scale still applies
+                fallback.append("round-to-nearest weights" + (" with no down_proj scale of their own" if folds else ""))
             logging.getLogger("gemmaquant").warning(
                 f"{len(unseen)} MoE experts saw no calibration token ({names(unseen)}): data-free fallback, "
                 f"{' and '.join(fallback)} (longer or more varied calibration text reaches more experts)")
