@@ -4,6 +4,10 @@ log-probabilities of the prompt tokens and its greedy tokens beside our own forw
 RESULTS.md §10.
 
     python benchmarks/bench_gemma4_vllm.py --vllm /path/to/vllm-venv/bin/python [--schemes fp8,w4a16]
+        [--variants dense-256,e2b-256,moe-256]
+
+fp8-static (static input scales) is calibrated on 8 × 64 tokens of the built-in calibration text; every
+other scheme is round-to-nearest.
 
 vLLM is never a gemmaquant dependency: it runs in its own Python (see benchmarks/vllm_cpu_check.py for
 the venv), one child process per output, and whatever it says when it fails is printed as is (its last
@@ -75,7 +79,8 @@ def run_vllm(python: str, out: Path, log: Path, dtype: str, mine: tuple[list[int
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vllm", required=True, help="a Python with vLLM installed")
-    ap.add_argument("--schemes", default="fp8", help="comma-separated round-to-nearest schemes (default fp8)")
+    ap.add_argument("--schemes", default="fp8", help="comma-separated schemes (default fp8; fp8-static is calibrated)")
+    ap.add_argument("--variants", default="dense-256,e2b-256,moe-256", help="tiny checkpoints (tests/tiny_gemma4.py)")
     ap.add_argument("--dtype", default="float32", help="vLLM's dtype (float32; vLLM's CPU WNA16 GEMM needs bfloat16)")
     ap.add_argument("--keep", help="keep the checkpoints, outputs and vLLM logs in this directory")
     a = ap.parse_args()
@@ -88,8 +93,11 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for variant, what in (("dense-256", "dense 31B-like"), ("e2b-256", "E2B-like (per-layer inputs, KV sharing)"),
-                              ("moe-256", "MoE 26B-A4B-like (16 experts, top 4)")):
+        names = {"dense-256": "dense 31B-like", "e2b-256": "E2B-like (per-layer inputs, KV sharing)",
+                 "moe-256": "MoE 26B-A4B-like (16 experts, top 4)",
+                 "e2b-256-mm": "E2B-like in Gemma4ForConditionalGeneration"}
+        for variant in a.variants.split(","):
+            what = names.get(variant, variant)
             src = root / variant
             if not src.is_dir():
                 make_tiny_gemma4(variant, src, dtype=torch.bfloat16)
@@ -98,7 +106,10 @@ def main():
             for s in a.schemes.split(","):
                 out = root / f"{variant}-{s}"
                 shutil.rmtree(out, ignore_errors=True)
-                run_quantize(Checkpoint(src), get_scheme(s), out, QuantizeOptions(algorithm="rtn"))
+                sch = get_scheme(s)
+                static = sch.input_activations is not None and not sch.input_activations.dynamic
+                run_quantize(Checkpoint(src), sch, out, QuantizeOptions(algorithm=None if static else "rtn",
+                                                                        calib_samples=8, calib_len=64))
                 mine = ours(out)
                 rows.append((what, s, run_vllm(a.vllm, out, root / f"{variant}-{s}.log", a.dtype, mine), str(mine[0])))
                 print(rows[-1], flush=True)

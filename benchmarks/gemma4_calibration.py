@@ -3,6 +3,7 @@ calibrated W4 compressed-tensors schemes against round-to-nearest, on the tiny c
 tests/tiny_gemma4.py (saved by transformers).
 
     python benchmarks/gemma4_calibration.py LLAMA_IMATRIX [--chunks 8] [--ctx 64]
+    python benchmarks/gemma4_calibration.py --moe        (the MoE table alone; no llama.cpp needed)
 
 imatrix: each layout's bf16 checkpoint converted to F32 by convert_hf_to_gguf.py, run by LLAMA_IMATRIX
 (a binary of the pinned llama.cpp) on --chunks × --ctx tokens of a random-word text; ours on the same
@@ -10,6 +11,10 @@ chunks (the tokenizations are checked equal). Per layout: entries, whether every
 expert: how many (token, expert) routings differ, out of all), the worst max|Δ| / max|ref| over
 tensors, the lowest Pearson r, and the experts that saw no token. W4 (group 16, in-sample KL to the float model on 6 of 16 × 32 calibration rows, the measure
 of tests/calib/test_calib_gemma4.py): RTN, AWQ, GPTQ, AWQ+GPTQ on the dense and E2B-like layouts.
+MoE (the 256-wide MoE-like layout: 16 experts, top 4, 4 layers): each calibrated compressed-tensors scheme
+against its round-to-nearest counterpart (fp8-static against dynamic fp8), both written by the writer and
+run by our `eval` model (static fp8 activation rounding included), in-sample KL to the float model on the
+calibration rows (--moe-rows × --moe-len), the calibration time and how many experts saw tokens.
 Needs the test dependencies and the llama.cpp sources tests/export/gguf/llamacpp_ref.py fetches.
 """
 
@@ -21,6 +26,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,16 +135,66 @@ def w4_rows(root: Path) -> list[str]:
     return rows
 
 
+MOE_SCHEMES = [("fp8-static", None, "fp8"), ("int8", "smoothquant", "int8"), ("w4a16", "gptq", "w4a16"),
+               ("w4a16", "awq", "w4a16"), ("w4a16", "awq+gptq", "w4a16")]
+
+
+def moe_rows(root: Path, rows: int, seq: int) -> list[str]:
+    from gemmaquant.evaluate.artifact import open_artifact
+    from gemmaquant.export.compressed_tensors import write_compressed_tensors
+
+    d = root / "moe-256"
+    make_tiny_gemma4("moe-256", d, dtype=torch.bfloat16)
+    ck = Checkpoint(d)
+    ids = torch.randint(5, 260, (rows, seq), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 2
+    with torch.no_grad():
+        base = load_model(ck)(ids)
+
+    def kl_of(out: Path) -> float:
+        with torch.no_grad():
+            return _kl(base, open_artifact(str(out), torch.float32).model(ids))
+
+    lines = ["| scheme (algorithm) | RTN KL | calibrated KL | calibrated / RTN | calibration s | experts that saw tokens |",
+             "|---|---:|---:|---:|---:|---|"]
+    for scheme, algorithm, plain in MOE_SCHEMES:
+        sch = get_scheme(scheme)
+        rtn_out = root / f"rtn-{plain}"
+        if not rtn_out.exists():
+            write_compressed_tensors(ck, get_scheme(plain), rtn_out)
+        t0 = time.perf_counter()
+        res = calibrate(ck, sch, algorithm=algorithm, ids=ids)
+        secs = time.perf_counter() - t0
+        out = root / f"cal-{scheme}-{algorithm}"
+        write_compressed_tensors(ck, sch, out, quantized=res.packed(sch.ct_format) if res.quantized else None,
+                                 overrides=res.overrides or None, input_scales=res.input_scales or None)
+        a, b = kl_of(rtn_out), kl_of(out)
+        counts = [n for c in res.expert_tokens.counts.values() for n in c]
+        seen = f"{sum(n > 0 for n in counts)} of {len(counts)} (min {min(counts)}, max {max(counts)})"
+        lines.append(f"| {scheme} ({algorithm or 'static scales'}) vs {plain} RTN | {a:.4f} | {b:.4f} | {b / a:.2f} | "
+                     f"{secs:.1f} | {seen} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("llama_imatrix")
+    ap.add_argument("llama_imatrix", nargs="?")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--moe", action="store_true", help="the MoE table alone")
+    ap.add_argument("--moe-rows", type=int, default=16)
+    ap.add_argument("--moe-len", type=int, default=64)
     args = ap.parse_args()
+    if not args.moe and not args.llama_imatrix:
+        ap.error("LLAMA_IMATRIX is needed unless --moe")
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n".join(imatrix_rows(args.llama_imatrix, Path(tmp), args.chunks, args.ctx)))
-        print()
-        print("\n".join(w4_rows(Path(tmp))))
+        if not args.moe:
+            print("\n".join(imatrix_rows(args.llama_imatrix, Path(tmp), args.chunks, args.ctx)))
+            print()
+            print("\n".join(w4_rows(Path(tmp))))
+            print()
+        print("\n".join(moe_rows(Path(tmp), args.moe_rows, args.moe_len)))
 
 
 if __name__ == "__main__":

@@ -248,8 +248,7 @@ def calibrates(scheme: Scheme, algorithm: str | None) -> bool:
 
 def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
     """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
-    are handled; elsewhere one line says so before any work starts. (Calibrated compressed-tensors schemes on a
-    Gemma 4 MoE or multimodal checkpoint: calibrate() refuses them; the MoE kernel shape limits: the
+    are handled; elsewhere one line says so before any work starts. (The MoE kernel shape limits: the
     compressed-tensors plan.)"""
     if ckpt.config.generation != 4:
         return
@@ -499,7 +498,7 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib
 
     algorithm = check_algorithm(scheme, opts.algorithm, False)
     needs = calibrates(scheme, opts.algorithm)
-    quantized = overrides = input_scales = None
+    quantized = overrides = input_scales = card_stats = None
     calibration_note = "none (round-to-nearest needs no data)"
     algo_note = "round-to-nearest (RTN), compressed-tensors min-max scales"
     notes = []
@@ -514,6 +513,10 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib
         overrides = res.overrides or None
         input_scales = res.input_scales or None
         calibration_note = f"{opts.calib_samples} samples × {opts.calib_len} tokens of `{text.describe()}`"
+        if res.expert_tokens.counts:  # a MoE: which experts the text reached, and how often
+            calibration_note += "; " + res.expert_tokens.summary()
+            card_stats = {"Calibration tokens routed to each MoE expert (per layer, experts 0…E-1)":
+                          res.expert_tokens.table()}
         algo_note = _algorithm_note(algorithm, opts)
         notes.append(res.notes)
         if opts.calib is None and scheme.weights is not None and scheme.weights.num_bits <= 4:
@@ -523,7 +526,8 @@ def _compressed_tensors(ckpt, scheme, out, opts, progress=None, text=None, calib
                                    base_model=opts.base_model,
                                    algorithm_note=algo_note, calibration_note=calibration_note,
                                    actorder="weight" if algorithm in ("gptq", "awq+gptq") else None,
-                                   inputs=inputs_of(ckpt, opts)[1:], keep_dtype=opts.keep_dtype, progress=progress)
+                                   inputs=inputs_of(ckpt, opts)[1:], keep_dtype=opts.keep_dtype, progress=progress,
+                                   card_stats=card_stats)
     notes += rep.notes
     size = _size(out)
     params = ckpt.config.param_count()

@@ -53,7 +53,7 @@ VARIANTS["dense-256"] = {**VARIANTS["dense"], **WIDE, "num_hidden_layers": 3, "l
 VARIANTS["moe-256-small"] = {**VARIANTS["moe-256"], "num_hidden_layers": 2, "layer_types": [S, F],
                              "num_experts": 4, "top_k_experts": 2}
 # multimodal name -> its text variant (the released 26B-A4B is a multimodal MoE)
-WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256", "dense-mm": "dense"}
+WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256", "dense-mm": "dense", "e2b-256-mm": "e2b-256"}
 VISION_ONLY = {"dense-mm": dict(standardize=True, use_clipped_linears=True)}  # vision_config extras, no audio
 ALL = ["dense", "dense-kv", "e2b", "moe", "e2b-mm"]  # the forward-pass combinations
 

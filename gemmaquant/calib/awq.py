@@ -23,7 +23,7 @@ from ..numerics.ct.grid import rtn
 from .stats import InputStats
 
 
-def _normalized_weight_mean(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def normalized_weight_mean(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """mean over rows of |W| / (its group's abs-max), per input column [in]."""
     rows, cols = W.shape
     k = cols if group_size is None else group_size
@@ -48,17 +48,23 @@ def search_scale(W: torch.Tensor, H: torch.Tensor, x_mean: torch.Tensor, *, bits
     """
     expand = expand or (lambda s: s)
     reduce = reduce or (lambda v: v)
-    w_mean = reduce(_normalized_weight_mean(W, group_size))
+    return grid_search(lambda s: output_error(W, H, expand(s), bits, group_size, symmetric), x_mean,
+                       reduce(normalized_weight_mean(W, group_size)), n_grid)
+
+
+def grid_search(error, x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """AWQ's grid over α (module docstring) for any `error(s)` → (best s, its error, the error of s = 1);
+    `w_mean`: the consumers' normalized mean |W| per channel (`normalized_weight_mean`)."""
     x = x_mean.float().clamp(min=1e-4)
     ones = torch.ones_like(x)
-    best_s, best = ones, output_error(W, H, expand(ones), bits, group_size, symmetric)
+    best_s, best = ones, error(ones)
     base = best
     for i in range(1, n_grid):
         a = i / n_grid
         for s in (x.pow(a), x.pow(a) / (w_mean.pow(1 - a) + 1e-4)):
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            err = output_error(W, H, expand(s), bits, group_size, symmetric)
+            err = error(s)
             if err < best:
                 best_s, best = s, err
     return best_s, best, base

@@ -23,6 +23,7 @@ then partly compensates the error it receives instead of passing it on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from ..errors import GemmaQuantError
 from ..numerics.ct.quantize import FP8_MAX
 from ..schemes import Scheme, get_scheme
 from .awq import awq_layer
+from .experts import ExpertTokens, awq_experts, expert_stats, names, quantize_experts, smooth_experts
+from .experts import input_scales as expert_input_scales
 from .data import calibration_batches, load_tokenizer_for
 from .fold import MAPPINGS, consumer_names
 from .gptq import gptq_quantize
@@ -52,6 +55,7 @@ class CalibResult:
     input_scales: dict[str, float] = field(default_factory=dict)  # Linear name → static fp8 scale
     # name → (Σx² [in] f32, count); MoE experts (`…experts.gate_up_proj`): ([E, in], [count per expert])
     imatrix: dict[str, tuple[torch.Tensor, int | list[int]]] = field(default_factory=dict)
+    expert_tokens: ExpertTokens = field(default_factory=ExpertTokens)  # MoE: tokens routed to each expert
     notes: str = ""
 
     def packed(self, ct_format: str) -> dict:
@@ -87,11 +91,6 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     cfg = ckpt.config
-    if cfg.generation == 4 and not scheme.is_gguf and (cfg.is_moe or cfg.multimodal):
-        what = "a Gemma 4 mixture of experts" if cfg.is_moe else "Gemma4ForConditionalGeneration checkpoints"
-        raise GemmaQuantError(f"{ckpt.path}: compressed-tensors calibration of {what} is not supported yet "
-                              "(supported for Gemma 4: the importance matrix of every layout, and calibrated "
-                              "compressed-tensors schemes on dense Gemma4ForCausalLM)")
     algorithm = check_algorithm(scheme, algorithm, imatrix)
     notes: list[str] = []
     res = CalibResult()
@@ -114,6 +113,8 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     if float_target:
         if algorithm != "gptq":  # AWQ's folded scales would change X but not F
             raise GemmaQuantError(f"the float target applies to gptq only, not {algorithm}")
+        if cfg.is_moe:  # the experts see different tokens in the float and the quantized stream
+            raise GemmaQuantError(f"{ckpt.path}: the float target is not supported on a mixture of experts")
         kinds |= {"xfx"}
     if not kinds:
         return CalibResult(notes=f"{scheme.name} with {algorithm}: nothing to calibrate")
@@ -136,6 +137,11 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
                     res.imatrix[name] = (st.sum_sq.float().clone(), st.count)
             if static_fp8 and name[len(prefix):] in quantizable:
                 res.input_scales[name] = st.absmax.max().item() / FP8_MAX
+        moe = expert_stats(stats, prefix)
+        if moe is not None:
+            res.expert_tokens.counts[i] = moe[0].counts
+            if static_fp8:
+                res.input_scales.update(expert_input_scales(prefix, *moe))
         if static_fp8 and cfg.generation == 4 and cfg.kv_shared(i):
             # Google's E2B/E4B files keep K/V projections on KV-shared layers; they never run, and they would
             # read q_proj's input (notes/gemma4 §4.3): the writer quantizes them, so they take its scale
@@ -147,9 +153,14 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
         norm_dtype = stored[prefix + "input_layernorm.weight"]
         if algorithm.startswith("smoothquant"):
             norms = smooth_layer(layer, local, alpha=alpha, mappings=mappings, stored_dtype=norm_dtype)
+            if moe is not None:
+                norms |= smooth_experts(layer, *moe, alpha=alpha, mappings=mappings, stored_dtype=norm_dtype)
         elif "awq" in algorithm:
             norms = awq_layer(layer, local, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
                               mappings=mappings, stored_dtype=norm_dtype, n_grid=awq_grid)
+            if moe is not None:
+                norms |= awq_experts(layer, *moe, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
+                                     mappings=mappings, stored_dtype=norm_dtype, n_grid=awq_grid)
         else:
             norms = {}
         for attr, t in norms.items():
@@ -157,28 +168,37 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
         # Linears reading one input share H: quantize their rows together; Gemma 4's per-layer-input
         # Linears read their own inputs (nothing to fold them into: they are quantized, not smoothed)
         groups = [consumer_names(m, layer) for m in MAPPINGS] + [[s] for s in OWN_INPUT if s in quantizable]
+
+        def quantize(W, st, where):
+            if not algorithm.endswith("gptq"):
+                return rtn(W, w.num_bits, gs, w.symmetric)
+            try:
+                if float_target:
+                    W = float_target_weight(W, st.xtx, st.xfx, damp)
+                return gptq_quantize(W, st.xtx, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
+                                     damp=damp, act_order=act_order, mse=gptq_mse, refit=gptq_refit)
+            except ValueError as e:
+                raise GemmaQuantError(f"GPTQ failed on {where}: {e}") from None
+
+        def emit(name, part):
+            if sink is None:
+                res.quantized[name] = part
+            else:
+                sink(name, part)
+
         for suffixes in groups:
             lins = [layer.get_submodule(sfx) for sfx in suffixes]
             W = torch.cat([lin.weight.detach() for lin in lins])
-            st = local[suffixes[0]]
-            if algorithm.endswith("gptq"):
-                try:
-                    if float_target:
-                        W = float_target_weight(W, st.xtx, st.xfx, damp)
-                    q = gptq_quantize(W, st.xtx, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
-                                      damp=damp, act_order=act_order, mse=gptq_mse, refit=gptq_refit)
-                except ValueError as e:
-                    raise GemmaQuantError(f"GPTQ failed on {prefix + suffixes[0]}: {e}") from None
-            else:
-                q = rtn(W, w.num_bits, gs, w.symmetric)
+            q = quantize(W, local[suffixes[0]], prefix + suffixes[0])
             for sfx, lin, part in zip(suffixes, lins, split_rows(q, [lin.out_features for lin in lins])):
-                if sink is None:
-                    res.quantized[prefix + sfx] = part
-                else:
-                    sink(prefix + sfx, part)
+                emit(prefix + sfx, part)
                 if sequential:  # the next layers calibrate on this layer's quantized outputs
                     with torch.no_grad():
                         lin.weight.copy_(part.dequantize().to(lin.weight.dtype))
+        if moe is not None:
+            for name, part in quantize_experts(layer, prefix, *moe, quantize, bits=w.num_bits, group_size=gs,
+                                               symmetric=w.symmetric, sequential=sequential):
+                emit(name, part)
 
     if ids is None:
         tokenizer = tokenizer or load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
@@ -196,6 +216,17 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
     notes.append(f"calibrated {scheme.name}"
                  + (f" with {algorithm_text}" if algorithm not in (None, "rtn") else "")
                  + (" + imatrix" if imatrix else "") + f" on {n} × {s} tokens")
+    if res.expert_tokens.counts and not scheme.is_gguf:
+        notes.append(res.expert_tokens.summary())
+        unseen = res.expert_tokens.unseen()
+        if unseen:
+            fallback = ["the max over the layer's other experts' input scales"] if static_fp8 else []
+            if algorithm not in (None, "rtn"):
+                folds = algorithm.startswith(("smoothquant", "awq"))  # the shared gate/up scale still applies
+                fallback.append("round-to-nearest weights" + (" with no down_proj scale of their own" if folds else ""))
+            logging.getLogger("gemmaquant").warning(
+                f"{len(unseen)} MoE experts saw no calibration token ({names(unseen)}): data-free fallback, "
+                f"{' and '.join(fallback)} (longer or more varied calibration text reaches more experts)")
     res.notes = "; ".join(notes)
     return res
 

@@ -341,7 +341,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
                              actorder: str | None = None, base_model: str | None = None,
                              max_shard_bytes: int = MAX_SHARD_BYTES, progress: Callable[[int, int, str], None] | None = None,
                              overrides: dict[str, torch.Tensor] | None = None, inputs=(),
-                             keep_dtype: bool = False) -> Report:
+                             keep_dtype: bool = False, card_stats: dict[str, str] | None = None) -> Report:
     """Write `ckpt` quantized with `scheme` to `out_dir` (all or nothing).
 
     quantized: {module name: Packed} from a calibrated algorithm (GPTQ, AWQ, SmoothQuant); other
@@ -352,7 +352,8 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
     inputs: files read besides the checkpoint (calibration text, recipe): the output never replaces them.
     progress(done, total, tensor): source bytes written so far, of all, and the tensor being written (the
         CLI draws its bar from it; the writer itself never prints).
-    keep_dtype: copy float32/float16 tensors as they are (default: `copy_dtype`)."""
+    keep_dtype: copy float32/float16 tensors as they are (default: `copy_dtype`).
+    card_stats: more `- key: value` lines for the model card (a MoE's calibration tokens per expert)."""
     if scheme.family != CT or scheme.weights is None:
         raise GemmaQuantError(f"scheme '{scheme.name}' is not a compressed-tensors scheme")
     out_dir = Path(out_dir).absolute()
@@ -465,7 +466,7 @@ def write_compressed_tensors(ckpt: Checkpoint, scheme: Scheme, out_dir: Path, *,
         stats = {"Quantized Linears": str(len(report.quantized)),
                  "Weight bytes": f"{report.tensor_bytes / 1e6:.1f} MB (source {report.source_bytes / 1e6:.1f} MB)",
                  "Relative weight error ||W_q - W|| / ||W|| (mean / max over Linears)":
-                     f"{sum(errs) / len(errs):.4f} / {max(errs):.4f}" if errs else "n/a"}
+                     f"{sum(errs) / len(errs):.4f} / {max(errs):.4f}" if errs else "n/a", **(card_stats or {})}
         card = render_model_card(
             title=f"{ckpt.name}-{scheme.label}", base_model=base,
             license=source_license(ckpt.path, ckpt.config.model_type), source=ckpt.source,
