@@ -139,10 +139,10 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
     kind = "with an imatrix" if args.imatrix else "no imatrix"
     print(f"\nQuantize {args.qrows}x{args.cols} N(0, 0.02), {kind}, M values/s, wall | cpu:\n")
     if args.compile:
-        print("| type | ours | ours compiled | llama.cpp C (1 thread) | C / ours (cpu) | C / compiled (cpu) | compile s |")
+        print("| type | ours | ours compiled | llama.cpp C (1 thread) | ours / C (cpu) | compiled / C (cpu) | compile s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| type | ours | llama.cpp C (1 thread) | C / ours (cpu) |")
+        print("| type | ours | llama.cpp C (1 thread) | ours / C (cpu) |")
         print("|---|---:|---:|---:|")
     m = w.numel() / 1e6
     for qtype in types:
