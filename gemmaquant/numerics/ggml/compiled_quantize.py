@@ -26,8 +26,11 @@ from gemmaquant.numerics.ggml import search
 from gemmaquant.numerics.ggml.registry import kernels
 from gemmaquant.numerics.ggml.types import GGMLType
 
-# No FMA contraction and no -funsafe-math-optimizations, whatever the environment says.
-OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
+# No FMA contraction and no -funsafe-math-optimizations, whatever the environment says; and one thread
+# per kernel (no OpenMP split of any loop, whatever the sub-block count): the writer runs chunks in
+# parallel anyway.
+OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False,
+           "cpp.threads": 1}
 SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
 
 _searches: dict[str, object] = {}

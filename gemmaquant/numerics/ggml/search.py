@@ -31,15 +31,17 @@ GROUP_MAX_EPS = float(np.float32(1e-15))
 
 # torch.compile'd versions of the searches below by function name, set for the quantizer that runs
 # in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
-# function traced whole; inside the trace `torch.compiler.is_compiling()` picks the branches that
-# have no data-dependent control flow.
+# function traced whole; inside the trace `torch.compiler.is_dynamo_compiling()` picks the branches that
+# have no data-dependent control flow. (Not `is_compiling()`: that is a process-wide flag, True in
+# every thread while one thread's graph is being traced by AOTAutograd, and would send another
+# thread's plain search into the compiled-only branches: reordered eager sums, wrong bytes.)
 COMPILED: ContextVar[dict | None] = ContextVar("gemmaquant_compiled_searches", default=None)
 
 
 def _compiled(name: str, x: torch.Tensor):
     """The compiled search `name` for a [P, M] input, or None (plain path; M < 2 too: dynamo would
     specialize a size-1 dimension into a graph of its own)."""
-    if torch.compiler.is_compiling():  # (first: dynamo cannot trace ContextVar.get)
+    if torch.compiler.is_dynamo_compiling():  # (first: dynamo cannot trace ContextVar.get)
         return None
     table = COMPILED.get()
     if table is None or x.shape[-1] < 2:
@@ -58,7 +60,7 @@ def f32(value: float) -> float:
 def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     """True float32 division a / b, with Python-scalar operands turned into device tensors."""
     ref = a if isinstance(a, torch.Tensor) else b
-    if torch.compiler.is_compiling():  # inductor keeps CPU divisions by constants as divisions
+    if torch.compiler.is_dynamo_compiling():  # inductor keeps CPU divisions by constants as divisions
         return torch.div(a if isinstance(a, torch.Tensor) else torch.full_like(ref, a), b)
     if not isinstance(a, torch.Tensor):
         a = _scalar(a, ref.device)
@@ -98,7 +100,7 @@ def seq_sum(terms: torch.Tensor, start_at_zero: bool = True) -> torch.Tensor:
     index order (ATen's CPU kernel loops over the index, one vectorized `acc += row` each; alpha 1
     keeps `acc + 1*row` exact even as an FMA), so this is ggml's order without P-1 launches."""
     p = terms.shape[-2]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return _compiled_seq_sum(terms, start_at_zero)
     if terms.is_cuda:  # CUDA's index_add_ uses atomics (any order): add row by row
         acc = terms[..., 0, :] + 0.0 if start_at_zero else terms[..., 0, :].clone()
@@ -187,7 +189,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     # stay float32 (-nmax..nmax-1) until the end.
     def candidate(c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         iscale = div(c, mx)
-        if torch.compiler.is_compiling():  # functional: inductor fuses the codes into both sums
+        if torch.compiler.is_dynamo_compiling():  # functional: inductor fuses the codes into both sums
             lc = torch.round(x * iscale).clamp(-nmax, nmax - 1)
             return iscale, seq_sum(wx * lc), seq_sum((w * lc) * lc)
         torch.mul(x, iscale, out=l).round_().clamp_(-nmax, nmax - 1)
@@ -221,7 +223,7 @@ def _grid_codes(
     at mn and mx; when cur_min > mn and mx - cur_min is tiny they can exceed 2^22 and ggml's
     nearest_int returns mantissa garbage, which we then reproduce exactly (rare: a slow path).
     """
-    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: always ggml's own rounding
+    if torch.compiler.is_dynamo_compiling():  # no data-dependent branch in a graph: always ggml's own rounding
         return nearest_int((x - cur_min) * iscale).clamp_(0, nmax).float()
     v = torch.sub(x, cur_min, out=out).mul_(iscale)
     edge = torch.maximum((iscale * (mn - cur_min)).abs_(), (iscale * (mx - cur_min)).abs_())
@@ -264,7 +266,7 @@ def make_qkx(
     # L is a pure function of (iscale, grid min): keep the accepted pair per sub-block, not the
     # codes (a where over [P, M] per step costs more than the whole grid), and rebuild L once.
     sel_iscale, sel_min = iscale, mn
-    compiling = torch.compiler.is_compiling()
+    compiling = torch.compiler.is_dynamo_compiling()
     lf, terms = torch.empty_like(x), x.new_empty((3,) + tuple(x.shape))  # terms: w*l, w*l*l, w*l*x
     for step in range(nstep + 1):
         c = (np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
@@ -358,9 +360,9 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
             rows[i] = torch.where(take, new_l & 0xFF, rows[i])
             sumlx = torch.where(take, slx_new, sumlx)
             suml2 = torch.where(take, sl2_new, suml2)
-            if not torch.compiler.is_compiling():  # compiled: all 5 passes (unchanged ones are no-ops)
+            if not torch.compiler.is_dynamo_compiling():  # compiled: all 5 passes (unchanged ones are no-ops)
                 n_changed += int(take.any())
-        if n_changed == 0 and not torch.compiler.is_compiling():  # a pass without change leaves every block as it was: later passes are no-ops
+        if n_changed == 0 and not torch.compiler.is_dynamo_compiling():  # a pass without change leaves every block as it was: later passes are no-ops
             break
     L = torch.stack(rows)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
