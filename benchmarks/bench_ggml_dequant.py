@@ -20,6 +20,10 @@ reused buffer (no page faults on fresh memory); "ours" and gguf numpy both retur
 --compile adds the torch.compile kernels (`numerics/ggml/compiled.py`), fresh and into the reused buffer,
 checked bit-equal with any fallback to the plain path made an error; "compile s" is the first call
 (compiling, or loading inductor's on-disk cache, plus the bit check).
+With --quantize, --compile adds the compiled quantizers (`numerics/ggml/compiled_quantize.py`: the
+scale searches torch.compile'd), checked byte-equal to libggml's with any fallback made an error;
+"compile s" is the first call (compiling or loading inductor's cache, plus the bit check).
+--quantize-only skips the dequantizer table.
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
 `decompress` on the same tensors (bit-equal, checked), both returning fresh bf16 tensors.
 """
@@ -134,8 +138,12 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
     im = torch.rand(args.cols) * 3 if args.imatrix else None
     kind = "with an imatrix" if args.imatrix else "no imatrix"
     print(f"\nQuantize {args.qrows}x{args.cols} N(0, 0.02), {kind}, M values/s, wall | cpu:\n")
-    print("| type | ours | llama.cpp C (1 thread) | C / ours (cpu) |")
-    print("|---|---:|---:|---:|")
+    if args.compile:
+        print("| type | ours | ours compiled | llama.cpp C (1 thread) | ours / C (cpu) | compiled / C (cpu) | compile s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| type | ours | llama.cpp C (1 thread) | ours / C (cpu) |")
+        print("|---|---:|---:|---:|")
     m = w.numel() / 1e6
     for qtype in types:
         if qtype in (GGMLType.F16, GGMLType.BF16):
@@ -143,17 +151,38 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
         if im is None and qtype in REQUIRES_IMATRIX:
             print(f"| {qtype.name} | needs --imatrix | | |")
             continue
-        fns = [lambda: quantize(w, qtype, im)]
+        fns = [lambda: quantize(w, qtype, im, compiled=False)]
+        compiled = args.compile and registry.TYPES[qtype].compiled_search
+        if compiled:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", compiling.CompiledDequantWarning)
+                got = quantize(w, qtype, im, compiled=True)
+            compile_s = time.perf_counter() - t0
+            compiled = f"quantize {qtype.name}" in compiling.compiled_types()  # a search ran compiled
+            fns.append(lambda: quantize(w, qtype, im, compiled=True))
         if ggml is not None:
-            assert torch.equal(quantize(w, qtype, im), ggml(w, qtype, im)), qtype
+            ref = ggml(w, qtype, im)
+            assert torch.equal(quantize(w, qtype, im, compiled=False), ref), qtype
+            if compiled:
+                assert torch.equal(got, ref), qtype
             fns.append(lambda: ggml(w, qtype, im))
         times = _medians(fns, max(1, args.repeats // 2))
         (wo, co) = times[0]
-        c_col, ratio = "n/a", "n/a"
+        c_col, ratio, ratio_c = "n/a", "n/a", "n/a"
         if ggml is not None:
-            wc, cc = times[1]
+            wc, cc = times[-1]
             c_col, ratio = f"{m / wc:.1f} \\| {m / cc:.1f}", f"{co / cc:.1f}x"
-        print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
+        if not args.compile:
+            print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
+            continue
+        comp_col, comp_s = "no search to compile", ""
+        if compiled:
+            wk, ck = times[1]
+            comp_col, comp_s = f"{m / wk:.1f} \\| {m / ck:.1f}", f"{compile_s:.1f}"
+            if ggml is not None:
+                ratio_c = f"{ck / times[-1][1]:.1f}x"
+        print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {comp_col} | {c_col} | {ratio} | {ratio_c} | {comp_s} |")
 
 
 def bench_ct(args: argparse.Namespace) -> None:
@@ -226,10 +255,11 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(t.name for t in TYPES))
     ap.add_argument("--quantize", action="store_true", help="also time the quantizers")
     ap.add_argument("--qrows", type=int, default=256)
+    ap.add_argument("--quantize-only", action="store_true", help="only the quantizer table")
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
     ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (numerics/ggml/compiled.py)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (numerics/ggml/compiled.py, compiled_quantize.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,8 +268,9 @@ def main() -> None:
     types = named.get(args.types) or [ggml_type(t) for t in args.types.split(",")]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load:.1f}")
-    bench_dequant(args, types)
-    if args.quantize:
+    if not args.quantize_only:
+        bench_dequant(args, types)
+    if args.quantize or args.quantize_only:
         bench_quantize(args, types)
     if args.ct:
         bench_ct(args)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import COMPILE_HELP, TEXT_HELP, path_arg, set_compile
+from .options import COMPILE_HELP, QUANT_COMPILE_HELP, TEXT_HELP, path_arg, set_compile
 from ..errors import EXIT_INTERRUPTED, GemmaQuantError
 from ..schemes import ALGORITHMS
 
@@ -147,6 +147,7 @@ def quantize_cmd(
     show_all: bool = typer.Option(False, "--all", help="With --dry-run: one row per tensor instead of per role."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration passes (cpu, cuda, cuda:N)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (1-1024)."),
+    compile_: bool = typer.Option(False, "--compile", help=QUANT_COMPILE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ):
@@ -187,6 +188,7 @@ def quantize_cmd(
     if base_model is not None and not valid_repo_id(base_model):
         raise GemmaQuantError(f"--base-model {base_model!r}: expected a Hugging Face repo id such as google/gemma-3-270m")
     _set_threads(threads)
+    set_compile(compile_)
     opts = QuantizeOptions(imatrix_file=imatrix_file, force=force, device=device, inputs=tuple(read), card=card,
                            base_model=base_model, target_bpw=target_bpw, target_size=target_size,
                            keep_dtype=keep_dtype, mmproj=mmproj,

@@ -12,13 +12,19 @@ COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compi
                 "kernels with a warning). Pays off where dequantization dominates, not on a short eval "
                 "(figures: benchmarks/RESULTS.md section 6). Also: GEMMAQUANT_COMPILE=1.")
 
+QUANT_COMPILE_HELP = ("GGUF: run the K-quant and 4/5-bit scale searches torch.compile'd (CPU): the same bytes (each "
+                      "type's first chunk is checked against the plain quantizer), 2-4x faster searches after tens of "
+                      "seconds of compiling per type the first time (inductor caches it on disk; a C++ compiler is needed; "
+                      "falls back to the plain path with a warning). Worth it on big models, not on the demo "
+                      "(benchmarks/RESULTS.md section 2). Also: GEMMAQUANT_COMPILE=1.")
+
 TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB are used; default: the built-in "
              "evaluation text, five licence documents that share nothing with the calibration text). Outputs "
              "name the text and its sha256.")
 
 
 def set_compile(flag: bool) -> None:
-    """--compile: turn the compiled dequantizers on (torch is imported only when asked)."""
+    """--compile: turn the compiled dequantizers and quantizer searches on (torch is imported only when asked)."""
     if flag:
         from ..numerics import compiling
 

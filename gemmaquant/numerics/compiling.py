@@ -62,9 +62,9 @@ def why(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def turn_off(table: dict, key, name: str, reason: str) -> None:
+def turn_off(table: dict, key, name: str, reason: str, what: str = "dequantizer") -> None:
     """Never use this compiled kernel again in this process, and say why."""
     table[key] = None
-    warnings.warn(f"compiled {name} dequantizer turned off ({reason}); using the plain torch kernels",
+    warnings.warn(f"compiled {name} {what} turned off ({reason}); using the plain torch kernels",
                   CompiledDequantWarning, stacklevel=4)
 

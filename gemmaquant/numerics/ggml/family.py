@@ -27,13 +27,15 @@ class GGMLKernels:
     """One type's kernels. `quantize` gets float32 row chunks (or, for a float type, the whole
     source tensor in its own dtype: a conversion needs neither chunks nor an imatrix);
     `dequantize` is the eager kernel, `fused` the torch.compile expression (None: the eager kernel
-    always runs); `needs_imatrix`: llama.cpp refuses to quantize the type without one."""
+    always runs); `needs_imatrix`: llama.cpp refuses to quantize the type without one;
+    `compiled_search`: the quantizer runs `search.py`'s scale searches, which `--compile` compiles."""
 
     quantize: RowQuantizer
     dequantize: Dequantizer
     fused: Fused | None = None
     needs_imatrix: bool = False
     is_float: bool = False
+    compiled_search: bool = False
 
     def __post_init__(self) -> None:
         if self.is_float and self.needs_imatrix:

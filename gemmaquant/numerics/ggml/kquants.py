@@ -232,7 +232,7 @@ def fused_q6_k(b, f, out):  # [nb, half, t, 32]
 
 
 TYPES = {
-    GGMLType.Q4_K: GGMLKernels(per_block(quantize_q4_k, QK_K), dequantize_q4_k, fused_q4_k),
-    GGMLType.Q5_K: GGMLKernels(per_block(quantize_q5_k, QK_K), dequantize_q5_k, fused_q5_k),
-    GGMLType.Q6_K: GGMLKernels(per_block(quantize_q6_k, QK_K), dequantize_q6_k, fused_q6_k),
+    GGMLType.Q4_K: GGMLKernels(per_block(quantize_q4_k, QK_K), dequantize_q4_k, fused_q4_k, compiled_search=True),
+    GGMLType.Q5_K: GGMLKernels(per_block(quantize_q5_k, QK_K), dequantize_q5_k, fused_q5_k, compiled_search=True),
+    GGMLType.Q6_K: GGMLKernels(per_block(quantize_q6_k, QK_K), dequantize_q6_k, fused_q6_k, compiled_search=True),
 }

@@ -183,8 +183,8 @@ def fused_q5_1(b, f, out):
 
 TYPES = {
     GGMLType.Q8_0: GGMLKernels(per_block(quantize_q8_0, BLOCK, uses_imatrix=False), dequantize_q8_0, fused_q8_0),
-    GGMLType.Q4_0: GGMLKernels(_row_quantizer(4, with_min=False), dequantize_q4_0, fused_q4_0),
-    GGMLType.Q4_1: GGMLKernels(_row_quantizer(4, with_min=True), dequantize_q4_1, fused_q4_1),
-    GGMLType.Q5_0: GGMLKernels(_row_quantizer(5, with_min=False), dequantize_q5_0, fused_q5_0),
-    GGMLType.Q5_1: GGMLKernels(_row_quantizer(5, with_min=True), dequantize_q5_1, fused_q5_1),
+    GGMLType.Q4_0: GGMLKernels(_row_quantizer(4, with_min=False), dequantize_q4_0, fused_q4_0, compiled_search=True),
+    GGMLType.Q4_1: GGMLKernels(_row_quantizer(4, with_min=True), dequantize_q4_1, fused_q4_1, compiled_search=True),
+    GGMLType.Q5_0: GGMLKernels(_row_quantizer(5, with_min=False), dequantize_q5_0, fused_q5_0, compiled_search=True),
+    GGMLType.Q5_1: GGMLKernels(_row_quantizer(5, with_min=True), dequantize_q5_1, fused_q5_1, compiled_search=True),
 }

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.errors import GemmaQuantError
+from gemmaquant.numerics import compiling
+from gemmaquant.numerics.ggml import compiled_quantize
 from gemmaquant.numerics.ggml.registry import kernels
 from gemmaquant.numerics.ggml.types import GGMLType, ggml_type, row_bytes
 
@@ -21,11 +23,14 @@ from gemmaquant.numerics.ggml.types import GGMLType, ggml_type, row_bytes
 CHUNK_VALUES = 1 << 18
 
 
-def quantize(w: torch.Tensor, qtype: GGMLType | int | str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+def quantize(
+    w: torch.Tensor, qtype: GGMLType | int | str, imatrix: torch.Tensor | None = None, compiled: bool | None = None,
+) -> torch.Tensor:
     """Quantize a [rows, n_per_row] tensor to GGML blocks; returns uint8 [rows, row_bytes].
 
     The source is read as float32 (a bf16/f16 tensor converts exactly, as llama-quantize does).
-    `imatrix` is the per-column importance ([n_per_row], ≥ 0) from llama-imatrix.
+    `imatrix` is the per-column importance ([n_per_row], ≥ 0) from llama-imatrix. `compiled`: run the
+    scale searches torch.compile'd (`compiled_quantize.py`, same bytes); None: `compiling.enabled()`.
     """
     qtype = ggml_type(qtype)
     if w.dim() != 2:
@@ -47,6 +52,9 @@ def quantize(w: torch.Tensor, qtype: GGMLType | int | str, imatrix: torch.Tensor
             raise GemmaQuantError(f"imatrix has {imatrix.numel()} values but the rows have {n} columns")
     out = torch.empty((rows, nbytes), dtype=torch.uint8, device=w.device)
     step = max(1, CHUNK_VALUES // n)
+    use_compiled = compiling.enabled() if compiled is None else compiled
     for r in range(0, rows, step):
-        out[r : r + step] = k.quantize(w[r : r + step].contiguous(), imatrix)
+        x = w[r : r + step].contiguous()
+        got = compiled_quantize.run(x, qtype, imatrix) if use_compiled else None
+        out[r : r + step] = k.quantize(x, imatrix) if got is None else got
     return out

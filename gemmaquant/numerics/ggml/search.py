@@ -22,10 +22,34 @@ Numerics traps handled here (each flips real blocks if ignored):
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import numpy as np
 import torch
 
 GROUP_MAX_EPS = float(np.float32(1e-15))
+
+# torch.compile'd versions of the searches below by function name, set for the quantizer that runs
+# in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
+# function traced whole; inside the trace `torch.compiler.is_dynamo_compiling()` picks the branches that
+# have no data-dependent control flow. (Not `is_compiling()`: that is a process-wide flag, True in
+# every thread while one thread's graph is being traced by AOTAutograd, and would send another
+# thread's plain search into the compiled-only branches: reordered eager sums, wrong bytes.)
+COMPILED: ContextVar[dict | None] = ContextVar("gemmaquant_compiled_searches", default=None)
+
+
+def _compiled(name: str, x: torch.Tensor):
+    """The compiled search `name` for a [P, M] input, or None (plain path; M < 2 too: dynamo would
+    specialize a size-1 dimension into a graph of its own)."""
+    if torch.compiler.is_dynamo_compiling():  # (first: dynamo cannot trace ContextVar.get)
+        return None
+    table = COMPILED.get()
+    if table is None or x.shape[-1] < 2:
+        return None
+    fn = table.get(name)
+    if fn is not None:
+        torch._dynamo.mark_dynamic(x, x.dim() - 1)  # one graph for every number of sub-blocks
+    return fn
 
 
 def f32(value: float) -> float:
@@ -36,6 +60,8 @@ def f32(value: float) -> float:
 def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     """True float32 division a / b, with Python-scalar operands turned into device tensors."""
     ref = a if isinstance(a, torch.Tensor) else b
+    if torch.compiler.is_dynamo_compiling():  # inductor keeps CPU divisions by constants as divisions
+        return torch.div(a if isinstance(a, torch.Tensor) else torch.full_like(ref, a), b)
     if not isinstance(a, torch.Tensor):
         a = _scalar(a, ref.device)
     if not isinstance(b, torch.Tensor):
@@ -74,6 +100,8 @@ def seq_sum(terms: torch.Tensor, start_at_zero: bool = True) -> torch.Tensor:
     index order (ATen's CPU kernel loops over the index, one vectorized `acc += row` each; alpha 1
     keeps `acc + 1*row` exact even as an FMA), so this is ggml's order without P-1 launches."""
     p = terms.shape[-2]
+    if torch.compiler.is_dynamo_compiling():
+        return _compiled_seq_sum(terms, start_at_zero)
     if terms.is_cuda:  # CUDA's index_add_ uses atomics (any order): add row by row
         acc = terms[..., 0, :] + 0.0 if start_at_zero else terms[..., 0, :].clone()
         for i in range(1, p):
@@ -84,6 +112,19 @@ def seq_sum(terms: torch.Tensor, start_at_zero: bool = True) -> torch.Tensor:
         return acc.index_add_(-2, _zeros_index(p, terms.device), terms).squeeze(-2)
     acc = terms[..., :1, :].clone()
     return acc.index_add_(-2, _zeros_index(p - 1, terms.device), terms[..., 1:, :]).squeeze(-2)
+
+
+def _compiled_seq_sum(terms: torch.Tensor, start_at_zero: bool) -> torch.Tensor:
+    """seq_sum inside torch.compile (CPU): inductor lowers a sum over the outer dim -2 to a loop over
+    the P rows, vectorized across M, each lane adding `acc = acc + row` from acc = 0 in row order,
+    which is ggml's loop (no reassociation or FMA contraction: inductor compiles with
+    -fno-unsafe-math-optimizations -ffp-contract=off, pinned in `compiled_quantize.py`). In eager
+    mode sum() would reorder; the compiled quantizers' first call is checked against the plain ones.
+    Starting from t0 instead of 0 differs only when every term is -0.0: then C's sum is -0.0."""
+    s = terms.sum(-2)
+    if start_at_zero:
+        return s
+    return torch.where((s == 0) & torch.signbit(terms).all(-2), -0.0, s)
 
 
 _ZERO_INDEX: dict[tuple[int, str], torch.Tensor] = {}
@@ -135,6 +176,10 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     accepted iscale per sub-block and rebuilds L once. (Evaluating all 19 candidates as one
     [S, P, M] batch was slower: the same traffic, out of cache.)
     """
+    if (fn := _compiled("make_qx_quants", x)) is not None:
+        if qw is not None:
+            torch._dynamo.mark_dynamic(qw, qw.dim() - 1)
+        return fn(x, nmax, qw)
     amax, mx = first_abs_max(x)
     w = qw if qw is not None else x * x
     wx = w * x
@@ -144,6 +189,9 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     # stay float32 (-nmax..nmax-1) until the end.
     def candidate(c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         iscale = div(c, mx)
+        if torch.compiler.is_dynamo_compiling():  # functional: inductor fuses the codes into both sums
+            lc = torch.round(x * iscale).clamp(-nmax, nmax - 1)
+            return iscale, seq_sum(wx * lc), seq_sum((w * lc) * lc)
         torch.mul(x, iscale, out=l).round_().clamp_(-nmax, nmax - 1)
         torch.mul(wx, l, out=terms[0])  # (w*x)*l
         torch.mul(w, l, out=terms[1]).mul_(l)  # (w*l)*l
@@ -175,6 +223,8 @@ def _grid_codes(
     at mn and mx; when cur_min > mn and mx - cur_min is tiny they can exceed 2^22 and ggml's
     nearest_int returns mantissa garbage, which we then reproduce exactly (rare: a slow path).
     """
+    if torch.compiler.is_dynamo_compiling():  # no data-dependent branch in a graph: always ggml's own rounding
+        return nearest_int((x - cur_min) * iscale).clamp_(0, nmax).float()
     v = torch.sub(x, cur_min, out=out).mul_(iscale)
     edge = torch.maximum((iscale * (mn - cur_min)).abs_(), (iscale * (mx - cur_min)).abs_())
     if bool((edge >= 4194304.0).any()):
@@ -197,6 +247,9 @@ def make_qkx(
     step is ~12 in-place passes over [P, M] buffers allocated once, and one `seq_sum` for its
     three sums.
     """
+    if (fn := _compiled("make_qkx", x)) is not None:
+        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+        return fn(x, w, nmax, rmin, rdelta, nstep, qkx3, use_mad)
     mn, mx = running_min_max(x)
     wx = w * x
     sum_w = seq_sum(w, start_at_zero=False)
@@ -213,23 +266,33 @@ def make_qkx(
     # L is a pure function of (iscale, grid min): keep the accepted pair per sub-block, not the
     # codes (a where over [P, M] per step costs more than the whole grid), and rebuild L once.
     sel_iscale, sel_min = iscale, mn
+    compiling = torch.compiler.is_dynamo_compiling()
     lf, terms = torch.empty_like(x), x.new_empty((3,) + tuple(x.shape))  # terms: w*l, w*l*l, w*l*x
     for step in range(nstep + 1):
         c = (np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
         iscale = div(float(c), mx - cur_min)
-        _grid_codes(lf, x, iscale, cur_min, mn, mx, nmax)
-        wl = torch.mul(w, lf, out=terms[0])
-        torch.mul(wl, lf, out=terms[1])
-        torch.mul(wl, x, out=terms[2])
-        sum_l, sum_l2, sum_xl = seq_sum(terms)
+        if compiling:  # functional: inductor fuses the codes and terms into the sums' loop
+            codes = _grid_codes(lf, x, iscale, cur_min, mn, mx, nmax)
+            wl = w * codes
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * codes), seq_sum(wl * x)
+        else:
+            codes = _grid_codes(lf, x, iscale, cur_min, mn, mx, nmax)
+            wl = torch.mul(w, lf, out=terms[0])
+            torch.mul(wl, lf, out=terms[1])
+            torch.mul(wl, x, out=terms[2])
+            sum_l, sum_l2, sum_xl = seq_sum(terms)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         clip = this_min > 0
         this_min = torch.where(clip, 0.0, this_min)
         this_scale = torch.where(clip, div(sum_xl, sum_l2), this_scale)
-        diff = torch.mul(lf, this_scale, out=terms[0]).add_(this_min).sub_(x)  # (scale*l + min) - x
-        err = seq_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(w))  # w * |diff| or w * (diff*diff)
+        if compiling:
+            diff = (codes * this_scale + this_min) - x
+            err = seq_sum((diff.abs() if use_mad else diff * diff) * w)
+        else:
+            diff = torch.mul(lf, this_scale, out=terms[0]).add_(this_min).sub_(x)  # (scale*l + min) - x
+            err = seq_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(w))  # w * |diff| or w * (diff*diff)
         take = (D > 0) & (err < best)
         sel_iscale = torch.where(take, iscale, sel_iscale)
         sel_min = torch.where(take, cur_min, sel_min)
@@ -249,6 +312,9 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
     magnitudes of an IQ2_XXS sub-block, one of which may be negative). Returns
     (scale [B], L [P, B] int32 holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
     """
+    if (fn := _compiled("make_qp_quants", x)) is not None:
+        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+        return fn(x, w, nmax)
     mx = torch.zeros_like(x[0])
     for i in range(x.shape[0]):
         mx = torch.where(mx > x[i], mx, x[i])  # MAX(max, x[i])
@@ -294,8 +360,9 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
             rows[i] = torch.where(take, new_l & 0xFF, rows[i])
             sumlx = torch.where(take, slx_new, sumlx)
             suml2 = torch.where(take, sl2_new, suml2)
-            n_changed += int(take.any())
-        if n_changed == 0:  # a pass without change leaves every block as it was: later passes are no-ops
+            if not torch.compiler.is_dynamo_compiling():  # compiled: all 5 passes (unchanged ones are no-ops)
+                n_changed += int(take.any())
+        if n_changed == 0 and not torch.compiler.is_dynamo_compiling():  # a pass without change leaves every block as it was: later passes are no-ops
             break
     L = torch.stack(rows)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)

@@ -1,0 +1,92 @@
+"""The torch.compile path for GGML quantizers (CPU only): the scale searches of `search.py`
+(make_qx_quants, make_qkx2/3, make_qp_quants), each traced whole, so that inductor turns every
+candidate step into one loop over the sub-blocks instead of the ~10^4 separate ~1 MB torch ops of
+the plain path. The block packing around them stays plain torch (a few ops per chunk). Same switch
+as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+
+Bit-exactness rests on three things: inductor's C++ is built with -ffp-contract=off and without
+-funsafe-math-optimizations (no FMA contraction, no reassociation, no reciprocal for a division;
+pinned below whatever TORCHINDUCTOR_CPP_* says), CPU divisions by constants stay divisions, and the
+sequential float32 sums lower to a row-ordered loop (`search.seq_sum`). The safety net: the first
+chunk per process, type and path (with / without an imatrix) is quantized both ways and the bytes
+compared; any difference or compile failure turns the type's compiled path off for the process
+with a `CompiledDequantWarning`, and the plain path runs.
+
+Each search is compiled once per process and parameter set (nmax, grid), with the number of
+sub-blocks dynamic; inductor's on-disk cache turns later processes' compiles into loads. Worker
+processes forked after a search was compiled inherit it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemmaquant.numerics.compiling import DIFFERS, passed, turn_off, why
+from gemmaquant.numerics.ggml import search
+from gemmaquant.numerics.ggml.registry import kernels
+from gemmaquant.numerics.ggml.types import GGMLType
+
+# No FMA contraction and no -funsafe-math-optimizations, whatever the environment says; and one thread
+# per kernel (no OpenMP split of any loop, whatever the sub-block count): the writer runs chunks in
+# parallel anyway.
+OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False,
+           "cpp.threads": 1}
+SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
+
+_searches: dict[str, object] = {}
+_off: dict[GGMLType, None] = {}  # types whose compiled path failed (turn_off's table)
+_checked: set[tuple[GGMLType, bool]] = set()  # (type, with imatrix) whose bytes passed the bit check
+
+
+class _Table(dict):
+    """The compiled searches for one quantizer call, noting whether any ran."""
+
+    used = False
+
+    def get(self, name, default=None):
+        fn = super().get(name, default)
+        if fn is not None:
+            self.used = True
+        return fn
+
+
+def _table() -> _Table:
+    if not _searches:
+        for name in SEARCHES:
+            # dynamic=False: the int/float parameters stay constants (one graph per parameter set);
+            # the sub-block count is marked dynamic per call (search._compiled).
+            _searches[name] = torch.compile(getattr(search, name), fullgraph=True, dynamic=False, options=OPTIONS)
+    return _Table(_searches)
+
+
+def _with(table: dict | None, fn, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    token = search.COMPILED.set(table)
+    try:
+        return fn(x, imatrix)
+    finally:
+        search.COMPILED.reset(token)
+
+
+def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor | None:
+    """The chunk's blocks with the compiled searches, or None where they do not apply or failed
+    (the caller then runs the plain quantizer)."""
+    k = kernels(qtype)
+    if x.is_cuda or not k.compiled_search or qtype in _off:
+        return None
+    table = _table()
+    name = f"quantize {qtype.name}"  # as compiled_types() lists it
+    try:
+        got = _with(table, k.quantize, x, imatrix)
+    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the plain path
+        turn_off(_off, qtype, qtype.name, why(e), "quantizer")
+        return None
+    if not table.used:  # e.g. Q4_0 without an imatrix: no search to compile
+        return got
+    key = (qtype, imatrix is not None)
+    if key not in _checked:
+        if not torch.equal(got, _with(None, k.quantize, x, imatrix)):
+            turn_off(_off, qtype, qtype.name, DIFFERS, "quantizer")
+            return None
+        _checked.add(key)
+        passed(name)
+    return got

@@ -1,0 +1,40 @@
+"""Whole GGUF files written with the compiled scale searches (`quantize --compile`) against
+llama-quantize's, through both ways the writer runs its searches: forked worker processes (which
+inherit the switch and compile in the child) and threads (where the test can see that the compiled
+path ran). Compile-heavy on a cold inductor cache: slow tier."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.numerics import compiling
+
+from . import llamacpp_ref as ref
+from .test_writer_presets import _imatrix, _same_file
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.subprocess]
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory):
+    """test_writer_presets' 256-wide tiny Gemma 3 (every K-quant block written, no fallback)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny256c")
+    d = ref.tiny_checkpoint("gemma3-256", root / "tiny-gemma3-256-1M")
+    return d, ref.convert(d, "bf16"), _imatrix(root, Checkpoint(d).config)
+
+
+@pytest.mark.parametrize("workers", ["processes", "threads"])
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
+def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypatch, workers, with_imatrix):
+    d, bf16, im = tiny256
+    monkeypatch.setattr(compiling, "_enabled", True)
+    if workers == "threads":
+        monkeypatch.setenv("GEMMAQUANT_GGUF_WORKERS", "threads")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiling.CompiledDequantWarning)
+        _same_file(Checkpoint(d), bf16, "q4_k_m", tmp_path, im if with_imatrix else None)
+    if workers == "threads":
+        assert {"quantize Q4_K", "quantize Q6_K"} <= set(compiling.compiled_types())
