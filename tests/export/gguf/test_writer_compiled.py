@@ -4,6 +4,7 @@ inherit the switch and compile in the child) and threads (where the test can see
 path ran). Compile-heavy on a cold inductor cache: slow tier."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -26,9 +27,14 @@ def tiny256(tmp_path_factory):
     return d, ref.convert(d, "bf16"), _imatrix(root, Checkpoint(d).config)
 
 
+EVERY = os.environ.get("GEMMAQUANT_COMPILE_TESTS") == "1"
+
+
 @pytest.mark.parametrize("workers", ["processes", "threads"])
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
 def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypatch, workers, with_imatrix):
+    if not EVERY and (workers, with_imatrix) != ("threads", False):  # each compiles Q4_K/Q6_K again, cold
+        pytest.skip("set GEMMAQUANT_COMPILE_TESTS=1 for every worker mode and the imatrix searches (minutes)")
     d, bf16, im = tiny256
     monkeypatch.setattr(compiling, "_enabled", True)
     if workers == "threads":

@@ -5,6 +5,7 @@ compiled search fails or its bytes differ (fast: nothing is compiled there)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,23 @@ from tests.numerics.ggml.test_quantize import assert_same_blocks, imatrix
 CASES = [(GGMLType.Q6_K, False), (GGMLType.Q6_K, True), (GGMLType.Q4_K, False), (GGMLType.Q4_K, True),
          (GGMLType.Q5_K, False), (GGMLType.Q5_K, True), (GGMLType.Q4_0, True), (GGMLType.Q4_1, True)]  # fmt: skip
 DEMO = ["model.layers.0.mlp.down_proj.weight", "model.layers.9.self_attn.o_proj.weight"]
+# Cold-cache compiles take 30-220 s each: the default suite checks the two cheapest searches (make_qx_quants
+# with weights, Q6_K's make_qx/make_qp) and GEMMAQUANT_COMPILE_TESTS=1 runs every case.
+EVERY = os.environ.get("GEMMAQUANT_COMPILE_TESTS") == "1"
+DEFAULT = [(GGMLType.Q6_K, False), (GGMLType.Q4_0, True)]
+
+
+def gated(cases):
+    skip = pytest.mark.skip(reason="set GEMMAQUANT_COMPILE_TESTS=1 for every compiled search (minutes of compiling)")
+    return [pytest.param(*c) if EVERY or c in DEFAULT else pytest.param(*c, marks=skip) for c in cases]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def strict_compiled(w: torch.Tensor, qtype: GGMLType, im: torch.Tensor | None) -> torch.Tensor:
@@ -45,10 +63,9 @@ def test_search_types_are_flagged() -> None:
 
 @pytest.mark.subprocess  # compiles C++ (tens of seconds per search the first time; inductor caches it)
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("qtype,with_imatrix", CASES, ids=lambda c: getattr(c, "name", str(c)))
-def test_compiled_bytes_equal_libggml(qtype: GGMLType, with_imatrix: bool) -> None:
+@pytest.mark.parametrize("qtype,with_imatrix", gated(CASES), ids=lambda c: getattr(c, "name", str(c)))
+def test_compiled_bytes_equal_libggml(qtype: GGMLType, with_imatrix: bool, one_thread) -> None:
     require_libggml()
-    torch.set_num_threads(1)
     for seed, n in ((0, 1024), (1, 256)):
         w = random_rows(12, n, seed=seed)  # outliers, zero/constant/tiny rows, ties, tiny sub-blocks
         w[3, 5::61] = 3.0
@@ -59,10 +76,9 @@ def test_compiled_bytes_equal_libggml(qtype: GGMLType, with_imatrix: bool) -> No
 @pytest.mark.subprocess
 @pytest.mark.llamacpp
 @pytest.mark.demo
-@pytest.mark.parametrize("qtype,with_imatrix", CASES[:6], ids=lambda c: getattr(c, "name", str(c)))
-def test_compiled_demo_tensors(demo_dir: Path, qtype: GGMLType, with_imatrix: bool) -> None:
+@pytest.mark.parametrize("qtype,with_imatrix", gated(CASES[:6]), ids=lambda c: getattr(c, "name", str(c)))
+def test_compiled_demo_tensors(demo_dir: Path, qtype: GGMLType, with_imatrix: bool, one_thread) -> None:
     require_libggml()
-    torch.set_num_threads(1)
     for name in DEMO:
         w = demo_rows(demo_dir, name, 96)
         im = imatrix(w.shape[1], seed=3) if with_imatrix else None
