@@ -115,7 +115,7 @@ def eval_cmd(
 def quantize_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`); "
-                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/."),
+                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/ (one read of MODEL for all)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
                                             parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
