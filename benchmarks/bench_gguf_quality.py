@@ -4,7 +4,7 @@ same file and text (issue 20: the preset table's ppl and KL columns).
 
     python benchmarks/bench_gguf_quality.py --llama-bin BUILD/bin --dir WORK [--presets all|q4_k_m,q6_k,...]
         [--source ours|llama-quantize] [--imatrix FILE] [--text FILE] [--ctx 512] [--chunks 8]
-        [--threads 2] [--json OUT]
+        [--threads 2] [--json OUT] [--check-identity [--identity-only]]
 
 BUILD/bin holds llama-quantize and llama-perplexity (a plain CMake build of the pinned llama.cpp; both get
 `-nr`, no weight repacking). Per preset P:
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--presets", default="all")
     ap.add_argument("--source", choices=("ours", "llama-quantize"), default="ours")
     ap.add_argument("--check-identity", action="store_true", help="make both files and compare their bytes")
+    ap.add_argument("--identity-only", action="store_true",
+                    help="with --check-identity: compare the files, measure nothing (minutes less per preset)")
     ap.add_argument("--imatrix", type=Path, help="imatrix GGUF for the presets that need one (default: ours)")
     ap.add_argument("--text", type=Path, default=builtin_eval_path())
     ap.add_argument("--ctx", type=int, default=512)
@@ -86,7 +88,10 @@ def main() -> None:
     ppl = [a.llama_bin / "llama-perplexity", "-f", a.text, "-c", a.ctx, "--chunks", a.chunks, "-t", a.threads,
            "-nr"]
     base = d / f"kld.bf16.{a.chunks}x{a.ctx}.bin"
-    run([*ppl, "-m", bf16, "--kl-divergence-base", base], d / f"ppl.bf16.{a.chunks}x{a.ctx}.log")
+    if a.identity_only and not a.check_identity:
+        raise SystemExit("--identity-only needs --check-identity")
+    if not a.identity_only:
+        run([*ppl, "-m", bf16, "--kl-divergence-base", base], d / f"ppl.bf16.{a.chunks}x{a.ctx}.log")
     text = eval_text(a.text)
 
     rows = []
@@ -115,6 +120,13 @@ def main() -> None:
             row["identical"] = same_bytes(ours, theirs)
         f = ours if a.source == "ours" or a.check_identity else theirs
         row["file"], row["bytes"] = f.name, f.stat().st_size
+        if a.identity_only:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not a.keep:
+                for g in (ours, theirs):
+                    g.unlink(missing_ok=True)
+            continue
         row["llama"] = parse_kld_log(run([*ppl, "-m", f, "--kl-divergence-base", base, "--kl-divergence"],
                                          d / f"kld.{p}.{f.name.split('.')[0]}.{a.chunks}x{a.ctx}.log"))
         rep = compare_artifacts(str(model), [str(f)], text, ctx=a.ctx, chunks=a.chunks)
@@ -128,6 +140,13 @@ def main() -> None:
             for g in (ours, theirs):
                 g.unlink(missing_ok=True)
 
+    if a.identity_only:
+        print("\n| preset | bytes | file = llama-quantize's | ours s |\n|---|---:|---|---:|")
+        for r in rows:
+            print(f"| {r['preset']} | {r.get('bytes', '')} | "
+                  f"{'refused: ' + r['refused'] if 'refused' in r else 'yes' if r['identical'] else 'NO'} | "
+                  f"{r.get('ours_s', '')} |")
+        return
     print(f"\n{a.chunks} chunks x {a.ctx} tokens of {a.text.name}; base: bf16 (ours ppl "
           f"{rows[0]['ours']['ppl_base']:.4f}, llama-perplexity {rows[0]['llama']['ppl_base']:.4f})\n")
     print("| preset | bits/weight | ppl (ours) | ppl (llama.cpp) | Δppl (llama.cpp) | KL (ours, top-128) "

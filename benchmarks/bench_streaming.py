@@ -5,6 +5,12 @@
     python benchmarks/bench_streaming.py /tmp/synth/gemma-2-9b fp8 q4_k_m --llamacpp q4_k_m --out /tmp/bench
     python benchmarks/bench_streaming.py --table /tmp/bench/results.jsonl
 
+A comma-separated scheme is one multi-preset command (`quantize --scheme a,b,c --out DIR/`, one read of
+the checkpoint for all files), and a comma-separated --llamacpp one convert followed by one llama-quantize
+per preset, with a row for the sum of the steps:
+
+    python benchmarks/bench_streaming.py MODEL q8_0,q6_k,q4_k_m q8_0 q6_k q4_k_m --llamacpp q8_0,q6_k,q4_k_m
+
 Every step runs in its own process; peak RSS is that process's VmHWM (the high-water mark of its
 image since exec, read from /proc at exit), which, unlike ru_maxrss, does not include pages the
 forking parent held. gemmaquant's GGUF writer forks worker processes, whose memory VmHWM does not
@@ -62,7 +68,14 @@ p.nthread = os.cpu_count()
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
 sys.exit(rc)
 """
-LLAMA_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18, "q4_0": 2}
+
+
+def llama_ftype(preset: str) -> int:
+    """llama-quantize's ftype number of a preset (the registry keeps them: general.file_type)."""
+    sys.path.insert(0, str(REPO))
+    from gemmaquant.schemes import get_scheme
+
+    return int(get_scheme(preset).ftype)
 
 
 def drop_caches() -> None:
@@ -151,12 +164,16 @@ def _run(code: str, args: list[str], log: Path) -> tuple[float, int]:
 
 
 def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] = (), cold: bool = False) -> dict:
+    """One `gemmaquant quantize` command; a comma-separated scheme writes the set into a folder."""
     if cold:
         drop_caches()
-    out = out_dir / (f"{model.name}.{scheme}.gguf" if not scheme.startswith(("fp8", "int8", "w4", "w8"))
-                     else f"{model.name}-{scheme}")
+    if "," in scheme:
+        out = out_dir / f"{model.name}.set"
+    else:
+        out = out_dir / (f"{model.name}.{scheme}.gguf" if not scheme.startswith(("fp8", "int8", "w4", "w8"))
+                         else f"{model.name}-{scheme}")
     wall, rss = _run(_GEMMAQUANT, ["quantize", str(model), "--scheme", scheme, "-o", str(out), "-q", *extra],
-                     out_dir / f"gq-{model.name}-{scheme}.log")
+                     out_dir / f"gq-{model.name}-{scheme.replace(',', '+')}.log")
     size = _size(out)
     shutil.rmtree(out) if out.is_dir() else out.unlink()
     return {"tool": "gemmaquant", "model": model.name, "scheme": scheme + (" " + " ".join(extra) if extra else ""),
@@ -164,33 +181,36 @@ def bench_gemmaquant(model: Path, scheme: str, out_dir: Path, extra: list[str] =
             "tree_peak_pss_bytes": LAST_TREE["pss"], "tree_peak_rss_bytes": LAST_TREE["rss"]}
 
 
-def bench_llamacpp(model: Path, preset: str, out_dir: Path, cold: bool = False) -> list[dict]:
+def bench_llamacpp(model: Path, presets: str, out_dir: Path, cold: bool = False) -> list[dict]:
+    """convert_hf_to_gguf.py (bf16) once, then llama-quantize once per comma-separated preset."""
     sys.path.insert(0, str(REPO))
     from tests.export.gguf.llamacpp_ref import llamacpp_tree
 
     tree = llamacpp_tree()
     bf16 = out_dir / f"{model.name}.lcpp-bf16.gguf"
-    quant = out_dir / f"{model.name}.lcpp-{preset}.gguf"
     if cold:
         drop_caches()
-    w1, r1 = _run(_CONVERT, [str(tree), str(model), str(bf16)], out_dir / f"lcpp-convert-{model.name}.log")
-    t1 = dict(LAST_TREE)
-    s1 = _size(bf16)
-    w2, r2 = _run(_QUANTIZE, [str(bf16), str(quant), str(LLAMA_FTYPES[preset])],
-                  out_dir / f"lcpp-quantize-{model.name}-{preset}.log")
-    t2 = dict(LAST_TREE)
-    s2 = _size(quant)
+    w, r = _run(_CONVERT, [str(tree), str(model), str(bf16)], out_dir / f"lcpp-convert-{model.name}.log")
+    rows = [{"tool": "llama.cpp convert_hf_to_gguf (bf16)", "model": model.name, "scheme": "bf16",
+             "seconds": round(w, 1), "peak_rss_bytes": r, "output_bytes": _size(bf16), "cold": cold,
+             "tree_peak_pss_bytes": LAST_TREE["pss"], "tree_peak_rss_bytes": LAST_TREE["rss"]}]
+    for preset in presets.split(","):
+        quant = out_dir / f"{model.name}.lcpp-{preset}.gguf"
+        w, r = _run(_QUANTIZE, [str(bf16), str(quant), str(llama_ftype(preset))],
+                    out_dir / f"lcpp-quantize-{model.name}-{preset}.log")
+        rows.append({"tool": "llama.cpp llama-quantize", "model": model.name, "scheme": preset,
+                     "seconds": round(w, 1), "peak_rss_bytes": r, "output_bytes": _size(quant), "cold": False,
+                     "tree_peak_pss_bytes": LAST_TREE["pss"], "tree_peak_rss_bytes": LAST_TREE["rss"]})
+        quant.unlink()
     bf16.unlink()
-    quant.unlink()
-    return [{"tool": "llama.cpp convert_hf_to_gguf (bf16)", "model": model.name, "scheme": "bf16",
-             "seconds": round(w1, 1), "peak_rss_bytes": r1, "output_bytes": s1, "cold": cold,
-             "tree_peak_pss_bytes": t1["pss"], "tree_peak_rss_bytes": t1["rss"]},
-            {"tool": "llama.cpp llama-quantize", "model": model.name, "scheme": preset,
-             "seconds": round(w2, 1), "peak_rss_bytes": r2, "output_bytes": s2, "cold": False,
-             "tree_peak_pss_bytes": t2["pss"], "tree_peak_rss_bytes": t2["rss"]},
-            {"tool": "llama.cpp both steps", "model": model.name, "scheme": preset,
-             "seconds": round(w1 + w2, 1), "peak_rss_bytes": max(r1, r2), "output_bytes": s2, "cold": cold,
-             "tree_peak_pss_bytes": max(t1["pss"], t2["pss"]), "tree_peak_rss_bytes": max(t1["rss"], t2["rss"])}]
+    steps = "both steps" if len(rows) == 2 else f"convert + {len(rows) - 1} quantizes"
+    rows.append({"tool": f"llama.cpp {steps}", "model": model.name, "scheme": presets,
+                 "seconds": round(sum(x["seconds"] for x in rows), 1),
+                 "peak_rss_bytes": max(x["peak_rss_bytes"] for x in rows),
+                 "output_bytes": sum(x["output_bytes"] for x in rows[1:]), "cold": cold,
+                 "tree_peak_pss_bytes": max(x["tree_peak_pss_bytes"] for x in rows),
+                 "tree_peak_rss_bytes": max(x["tree_peak_rss_bytes"] for x in rows)})
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -207,8 +227,10 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", type=Path)
-    ap.add_argument("schemes", nargs="*", help="gemmaquant schemes to run (fp8, q4_k_m, fp8-static, ...)")
-    ap.add_argument("--llamacpp", action="append", default=[], help="llama.cpp preset to run (q4_k_m, q8_0)")
+    ap.add_argument("schemes", nargs="*", help="gemmaquant schemes to run (fp8, q4_k_m, fp8-static, ...; "
+                                               "q8_0,q6_k,q4_k_m: one multi-preset command)")
+    ap.add_argument("--llamacpp", action="append", default=[],
+                    help="llama.cpp preset(s) to run after one convert (q4_k_m, or q8_0,q6_k,q4_k_m)")
     ap.add_argument("--calib-samples", type=int, help="for calibrated schemes: --calib-samples N")
     ap.add_argument("--calib-len", type=int, help="for calibrated schemes: --calib-len L")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench"))

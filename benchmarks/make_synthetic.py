@@ -9,10 +9,10 @@ sharded at ≤ 5 GB (save_pretrained's "5GB", counted in 10^9 bytes) with model.
 and the tokenizer files of the demo model (Gemma 3 270M, 262144 pieces).
 
 Tokenizer: Gemma 1/2 have vocab_size 256000 and Gemma 3 262144, while the only tokenizer available
-offline is Gemma 3's. The Gemma 3 SentencePiece model is copied unchanged and config.json keeps the
-official vocab_size; both GGUF converters (llama.cpp's `_create_vocab_sentencepiece` and ours) take
-the first vocab_size pieces and stop, so the token list length equals the embedding rows, as with the
-real tokenizers (whose first 256000 pieces are not the same strings, which no benchmark here reads).
+offline is Gemma 3's. For Gemma 1/2 its SentencePiece model is cut to its first vocab_size pieces (and
+its tokenizer.json left out), so the token list length equals the embedding rows, as with the real
+tokenizers (whose first 256000 pieces are not the same strings, which no benchmark here reads);
+gemmaquant refuses a tokenizer with more tokens than the embedding has rows.
 
 Gemma 4 (gemma-4-e4b, gemma-4-31b, gemma-4-26b-a4b): the text model as `Gemma4ForCausalLM`, config.json
 as transformers >= 5.15 saves it (`per_layer_config` for the full-attention layers' head_dim and kv
@@ -300,12 +300,52 @@ def make_checkpoint(model: str, out: Path, seed: int = 0, tokenizer_dir: Path | 
                  "weight_map": {n: fn for fn, ts in zip(names, shards) for n, _ in ts}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    rows = cfg["vocab_size"]
     for f in TOKENIZER_FILES:
         if model in GEMMA4 and f == "tokenizer.model":
             continue  # Gemma 4 ships tokenizer.json only (the converters would count the SPM pieces)
+        if f == "tokenizer.json" and model not in GEMMA4 and rows < 262144:
+            continue  # Gemma 1/2 (256000 rows): converted from tokenizer.model, cut below
         if (tokenizer_dir / f).is_file():
             shutil.copyfile(tokenizer_dir / f, out / f)
+    if (out / "tokenizer.model").is_file() and rows < 262144:
+        (out / "tokenizer.model").write_bytes(first_pieces((out / "tokenizer.model").read_bytes(), rows))
     return out
+
+
+def first_pieces(proto: bytes, n: int) -> bytes:
+    """A SentencePiece ModelProto with only its first n pieces (field 1), every other field as it was:
+    Gemma 1/2's 256000-row embeddings get as many tokens (gemmaquant refuses a tokenizer with more
+    tokens than the embedding has rows, as a tokenizer of another model)."""
+    def varint(i):
+        v = shift = 0
+        while True:
+            b = proto[i]
+            v |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return v, i
+
+    out, i, kept = bytearray(), 0, 0
+    while i < len(proto):
+        start = i
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 2:
+            length, i = varint(i)
+            i += length
+        elif wire == 0:
+            _, i = varint(i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"tokenizer.model: wire type {wire} at byte {start}")
+        if key >> 3 == 1:
+            kept += 1
+            if kept > n:
+                continue
+        out += proto[start:i]
+    return bytes(out)
 
 
 def checkpoint_bytes(model: str, layers: int | None = None) -> int:

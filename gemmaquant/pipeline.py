@@ -346,54 +346,138 @@ def gguf_set_outputs(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path) -> 
 
 
 def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opts: QuantizeOptions,
-                     progress_for=None, calib_progress=None) -> list[QuantizeSummary]:
-    """Several GGUF presets in one command: every output passes the output guard and every preset its
-    imatrix refusal before any work, the importance matrix is computed once, and each file is the
-    single-preset command's file. (The checkpoint is read once per preset, mostly from the page cache.)
-    `progress_for(scheme)` gives each file's progress callback; `calib_progress` as run_quantize's."""
+                     progress=None, calib_progress=None) -> list[QuantizeSummary]:
+    """Several GGUF presets in one command, from one read of the checkpoint: every output passes the
+    output guard and every preset its imatrix refusal before any work, the importance matrix is computed
+    once, each source tensor is read, converted and quantized once per distinct type (`write_gguf_set`),
+    and each file is the single-preset command's file. With `opts.card`, one model card lists them all.
+    `progress(done, total, tensor)` hears of the source bytes written (once for the whole set);
+    `calib_progress` as run_quantize's. Tuned files (--algorithm gptq, a size budget) calibrate per preset:
+    those are written one after the other."""
+    from .export.diskspace import check_free_space
     from .export.guard import check_output
+    from .export.gguf.optimized import check_request
     from .export.gguf.plan import plan_types
 
+    t0 = time.perf_counter()
     outs = gguf_set_outputs(ckpt, schemes, out_dir)
     check_source(ckpt)
     has_imatrix = bool(opts.imatrix or opts.imatrix_file)
+    if opts.imatrix and opts.imatrix_file:
+        raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
     for s, out in zip(schemes, outs):
+        check_request(s, opts.algorithm, None, bool(opts.imatrix_file))
+        check_supported(ckpt, s, opts)
         check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
         plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
     computed = None
-    if opts.imatrix and not opts.imatrix_file:
-        from .calib.imatrix import compute_imatrix
+    if opts.tuned:
+        if opts.imatrix and not opts.imatrix_file:
+            computed = _compute_imatrix(ckpt, opts, calib_progress)
+        return [run_quantize(ckpt, s, out, opts, progress=progress, computed_imatrix=computed,
+                             calib_progress=calib_progress) for s, out in zip(schemes, outs)]
+    mmproj = mmproj_target(ckpt, schemes[0], opts, outs[0])  # one mmproj beside all of them
+    mmproj_kept = False
+    if mmproj is not None:
+        from .export.gguf.mmproj import same_mmproj
+
+        mmproj_kept = not opts.force and mmproj[1].exists() and same_mmproj(mmproj[1], ckpt, mmproj[0])
+        if not mmproj_kept:
+            check_output(mmproj[1], force=opts.force, kind="file", inputs=inputs_of(ckpt, opts), option="--mmproj")
+    card = _card_target(ckpt, outs[0], opts)
+    text = None
+    if opts.imatrix:
+        from .calib.data import calib_text
         from .limits import check_for_model
 
         check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
-        computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                   seq_len=opts.calib_len, device=opts.device, progress=calib_progress)
-    return [run_quantize(ckpt, s, out, opts, progress=progress_for(s) if progress_for else None,
-                         computed_imatrix=computed, calib_progress=calib_progress) for s, out in zip(schemes, outs)]
+        text = calib_text(opts.calib)
+    extra = 0
+    if mmproj is not None and not mmproj_kept:
+        from .export.gguf.mmproj import plan_mmproj
+
+        extra = sum(t.nbytes for t in plan_mmproj(ckpt, mmproj[0]))
+    check_free_space(out_dir, sum(estimate_output_bytes(ckpt, s, opts) for s in schemes) + extra)
+    lossy = _lossy_notes(ckpt)
+    header = None
+    if not has_imatrix:  # the headers (one vocabulary read) build in their own process meanwhile
+        from .export.gguf.header import start_header
+
+        header = start_header(ckpt, list(schemes))
+    try:
+        if opts.imatrix and not opts.imatrix_file:
+            computed = _compute_imatrix(ckpt, opts, calib_progress)
+        imatrix, imatrix_meta, notes = _imatrix_of(ckpt, opts, text, computed)
+        from .export.gguf.writer import GGUFOutput, write_gguf_set
+
+        reps = write_gguf_set(ckpt, [GGUFOutput(s, out, imatrix, imatrix_meta) for s, out in zip(schemes, outs)],
+                              force=opts.force, progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
+    finally:
+        if header is not None:
+            header.close()
+    summaries = []
+    for s, out, rep in zip(schemes, outs, reps):
+        summary = _gguf_summary(ckpt, s, out, rep, list(notes))
+        summary.notes[:0] = lossy
+        summary.notes.append(f"written with {len(schemes) - 1} other presets from one read of the source "
+                             f"({', '.join(x.name for x in schemes)}); time and memory are the whole set's")
+        summaries.append(summary)
+    if mmproj is not None or ckpt.config.multimodal:
+        _mmproj(ckpt, opts, summaries[0], mmproj, mmproj_kept)
+        for summary in summaries[1:]:
+            summary.notes.append(summaries[0].notes[-1])
+    if card is not None:
+        _gguf_card(ckpt, list(zip(schemes, outs, summaries)), opts, card[0])
+    for summary in summaries:
+        summary.seconds, summary.peak_rss_bytes = time.perf_counter() - t0, peak_rss()
+    return summaries
+
+
+def _compute_imatrix(ckpt, opts, calib_progress):
+    from .calib.imatrix import compute_imatrix
+    from .limits import check_for_model
+
+    check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
+    return compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples, seq_len=opts.calib_len,
+                           device=opts.device, progress=calib_progress)
+
+
+def _lossy_notes(ckpt) -> list[str]:
+    """What the GGUF cannot hold of this checkpoint, warned before the work and kept in the summary."""
+    import logging
+
+    from .formats.gguf.fidelity import gguf_notes
+
+    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
+    for note in lossy:
+        logging.getLogger("gemmaquant").warning(note)
+    return lossy
+
+
+def _card_target(ckpt, out, opts):
+    """(the existing card data or None,) when --card is given, None otherwise; a README.md that is not
+    ours is refused now, not after the work."""
+    if not opts.card:
+        return None
+    from .export.guard import check_output
+    from .export.model_card import card_location, gguf_card_target
+
+    readme = card_location(out)[0]
+    check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
+    return (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
 
 
 def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept=False,
           computed_imatrix=None, calib_progress=None) -> QuantizeSummary:
     import logging
 
-    from .export.gguf.header import start_header
     from .formats.gguf.fidelity import gguf_notes
-
-    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json"))
-    if not opts.tuned:  # before the work: a user may rather stop here (a tuned run validates its budget first)
-        for note in lossy:
-            logging.getLogger("gemmaquant").warning(note)
 
     if opts.imatrix and opts.imatrix_file:
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
-    card = None
-    if opts.card:  # a README.md that is not ours is refused now, not after the work
-        from .export.guard import check_output
-        from .export.model_card import card_location, gguf_card_target
-
-        readme = card_location(out)[0]
-        check_output(readme, force=True, kind="file", inputs=inputs_of(ckpt, opts), option="--card")
-        card = (gguf_card_target(readme, f"{model_stem(ckpt)}-GGUF"),)
+    # before the work: a user may rather stop here (a tuned run validates its budget first)
+    lossy = gguf_notes(ckpt.config, str(ckpt.path / "config.json")) if opts.tuned else _lossy_notes(ckpt)
+    card = _card_target(ckpt, out, opts)
     header = None
     if opts.tuned:
         summary = _gguf_tuned(ckpt, scheme, out, opts, progress, text, calib_progress)
@@ -401,65 +485,71 @@ def _gguf(ckpt, scheme, out, opts, progress, text=None, mmproj=None, mmproj_kept
             logging.getLogger("gemmaquant").warning(note)
     else:
         if not (opts.imatrix or opts.imatrix_file):
+            from .export.gguf.header import start_header
+
             # the header (mostly the vocabulary) builds in its own process while torch is imported here
             header = start_header(ckpt, scheme)
         try:
-            summary = _gguf_write(ckpt, scheme, out, opts, progress, header, text, computed_imatrix,
-                                  calib_progress)
+            if opts.imatrix and not opts.imatrix_file and computed_imatrix is None:
+                computed_imatrix = _compute_imatrix(ckpt, opts, calib_progress)
+            imatrix, imatrix_meta, notes = _imatrix_of(ckpt, opts, text, computed_imatrix)
+            from .export.gguf.writer import write_gguf
+
+            rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
+                             progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
         finally:
             if header is not None:
                 header.close()
+        summary = _gguf_summary(ckpt, scheme, out, rep, notes)
     summary.notes[:0] = lossy
     _mmproj(ckpt, opts, summary, mmproj, mmproj_kept)
     if card is not None:
-        _gguf_card(ckpt, scheme, out, opts, summary, card[0])
+        _gguf_card(ckpt, [(scheme, out, summary)], opts, card[0])
     return summary
 
 
-def _gguf_card(ckpt, scheme, out, opts, summary, existing) -> None:
-    """Add this GGUF to its folder's model card (a new card, or the one an earlier GGUF started)."""
+def _gguf_card(ckpt, written, opts, existing) -> None:
+    """Add these GGUFs [(scheme, path, summary)] to their folder's model card (a new card, or the one an
+    earlier GGUF started), written once."""
     from .export.model_card import add_output, base_model_of, card_location, new_card, source_license, write_card
 
-    readme, key = card_location(out)
+    readme = card_location(written[0][1])[0]
     card = existing or new_card(
         fmt="gguf", title=f"{model_stem(ckpt)}-GGUF",
         base_model=opts.base_model or base_model_of(ckpt.source, ckpt.path, ckpt.config.raw),
         source=ckpt.source, license=source_license(ckpt.path, ckpt.config.model_type),
         tags=["gemma", ckpt.config.model_type.replace("_text", ""), "gguf", "llama.cpp", "quantized", "gemmaquant"])
-    add_output(card, {"file": key, "scheme": scheme.name, "summary": scheme.summary, "command": opts.command,
-                      "bytes": summary.output_bytes, "bits_per_weight": summary.bits_per_weight,
-                      "types": summary.types, "notes": [n for n in summary.notes if n], "tuned": opts.tuned})
+    for scheme, out, summary in written:
+        add_output(card, {"file": card_location(out)[1], "scheme": scheme.name, "summary": scheme.summary,
+                          "command": opts.command, "bytes": summary.output_bytes,
+                          "bits_per_weight": summary.bits_per_weight, "types": summary.types,
+                          "notes": [n for n in summary.notes if n], "tuned": opts.tuned})
     write_card(readme, card, inputs=inputs_of(ckpt, opts))
-    summary.notes.append(f"model card: {readme}")
+    for _, _, summary in written:
+        summary.notes.append(f"model card: {readme}")
 
 
-def _gguf_write(ckpt, scheme, out, opts, progress, header, text=None, computed=None,
-                calib_progress=None) -> QuantizeSummary:
+def _imatrix_of(ckpt, opts, text=None, computed=None) -> tuple[dict | None, dict | None, list[str]]:
+    """(importance by GGUF tensor name, the imatrix keys' metadata, notes) of a GGUF run: read from
+    --imatrix-file, or the one computed for --imatrix; (None, None, []) without."""
     from .formats.gguf.imatrix import expert_report, read_imatrix
-    from .export.gguf.writer import write_gguf
 
-    imatrix = imatrix_meta = None
-    notes = []
     if opts.imatrix_file:
         im = read_imatrix(opts.imatrix_file)
-        imatrix, imatrix_meta = im.importance, im.meta()
-        notes.append(f"imatrix from {opts.imatrix_file} ({len(imatrix)} entries)")
+        notes = [f"imatrix from {opts.imatrix_file} ({len(im.importance)} entries)"]
         experts = expert_report(im.expert_counts)
     elif opts.imatrix:
-        if computed is None:  # a multi-preset run computes it once and passes it in
-            from .calib.imatrix import compute_imatrix
-
-            computed = compute_imatrix(ckpt, calib=opts.calib, n_samples=opts.calib_samples,
-                                       seq_len=opts.calib_len, device=opts.device, progress=calib_progress)
         im = computed.to_imatrix()
-        imatrix, imatrix_meta = im.importance, im.meta()
         named = f"; text {text.describe()}" if text is not None else ""
-        notes.append(f"imatrix computed by gemmaquant's forward pass on {computed.describe()}{named}")
+        notes = [f"imatrix computed by gemmaquant's forward pass on {computed.describe()}{named}"]
         experts = computed.expert_report()
-    if imatrix is not None and experts:
-        notes.append(experts)
-    rep = write_gguf(ckpt, scheme, out, imatrix=imatrix, imatrix_meta=imatrix_meta, force=opts.force,
-                     progress=progress, header=header, inputs=inputs_of(ckpt, opts)[1:])
+    else:
+        return None, None, []
+    return im.importance, im.meta(), notes + ([experts] if experts else [])
+
+
+def _gguf_summary(ckpt, scheme, out, rep, notes: list[str]) -> QuantizeSummary:
+    """The summary of one written GGUF (`writer.Report`), after the imatrix notes."""
     if rep.imatrix_missing:
         m = rep.imatrix_missing
         notes.append(f"the imatrix has no entry for {len(m)} tensors, quantized without importance weights: "

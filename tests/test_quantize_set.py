@@ -17,43 +17,66 @@ SET = ["q8_0", "q4_k_m", "q3_k_s"]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A random bf16 Gemma 3 with 256-wide rows (each preset's own types), saved without transformers."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    from gemmaquant.formats.config import config_from_dict
-
-    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=ref.TINY_VOCAB,
-               hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=1, head_dim=64, sliding_window=8, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    d = tmp_path_factory.mktemp("set") / "tiny-gemma3-256"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    save_file({k: (torch.randn(s, generator=g) * (0.3 if "norm" in k else 0.05)).to(torch.bfloat16)
-               for k, s in config_from_dict(cfg).expected_shapes().items()}, d / "model.safetensors")
-    ref.tiny_tokenizer(d)
-    return Checkpoint(d)
+    return Checkpoint(ref.random_gemma3_256(tmp_path_factory.mktemp("set") / "tiny-gemma3-256"))
 
 
-@pytest.mark.slow  # six GGUF writes and an imatrix pass: ~10 s
-@pytest.mark.parametrize("imatrix", [False, True])
-def test_each_file_is_the_single_preset_file(ckpt, tmp_path, monkeypatch, imatrix):
+@pytest.mark.slow  # a set and each preset alone, an imatrix pass for some: ~10 s each
+@pytest.mark.parametrize("names,imatrix", [
+    (SET, False), (SET, True),
+    (["q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q8_0"], False),  # most tensors' types shared
+    (["q4_k_m", "iq2_xxs", "q2_k_s"], True),  # presets refused without an imatrix
+])
+def test_each_file_is_the_single_preset_file(ckpt, tmp_path, monkeypatch, names, imatrix):
     import gemmaquant.calib.imatrix as im
+    from gemmaquant.export.gguf import writer
 
-    calls = []
-    real = im.compute_imatrix
+    calls, passes = [], []
+    real, real_set = im.compute_imatrix, writer.write_gguf_set
     monkeypatch.setattr(im, "compute_imatrix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(writer, "write_gguf_set", lambda ck, outs, **k: passes.append(len(outs)) or real_set(ck, outs, **k))
     opts = dict(imatrix=imatrix, calib_samples=2, calib_len=32)
-    schemes = [get_scheme(n) for n in SET]
+    schemes = [get_scheme(n) for n in names]
     out = run_quantize_set(ckpt, schemes, tmp_path / "set", QuantizeOptions(**opts))
     assert len(calls) == (1 if imatrix else 0)
+    assert passes == [len(names)]  # one pass writes them all
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == sorted(default_output(ckpt, s).name for s in schemes)
     for s, summary in zip(schemes, out):
         assert summary.output == tmp_path / "set" / default_output(ckpt, s).name
         single = run_quantize(ckpt, s, tmp_path / "single.gguf", QuantizeOptions(**opts, force=True))
         assert summary.output.read_bytes() == single.output.read_bytes(), s.name
+        assert summary.output_bytes == single.output_bytes and summary.types == single.types
+        assert summary.notes[:len(single.notes)] == single.notes  # plus the note on the shared pass
+
+
+def test_the_source_is_read_once_for_the_whole_set(ckpt, tmp_path, monkeypatch):
+    from collections import Counter
+
+    monkeypatch.setenv("GEMMAQUANT_GGUF_WORKERS", "threads")  # every read in this process, where it is counted
+    reads = Counter()
+    real = Checkpoint.tensor
+    monkeypatch.setattr(Checkpoint, "tensor", lambda self, name: reads.update([name]) or real(self, name))
+    run_quantize_set(ckpt, [get_scheme(n) for n in ["q8_0", "q6_k", "q4_k_m", "bf16"]], tmp_path / "set",
+                     QuantizeOptions())
+    assert set(reads) == set(ckpt.names()) and set(reads.values()) == {1}
+
+
+def test_one_card_lists_every_file_of_the_set(ckpt, tmp_path, monkeypatch):
+    from gemmaquant.export import model_card
+
+    writes = []
+    real = model_card.write_card
+    monkeypatch.setattr(model_card, "write_card", lambda *a, **k: writes.append(1) or real(*a, **k))
+    names = ["q8_0", "q4_k_m", "q2_k"]
+    out = run_quantize_set(ckpt, [get_scheme(n) for n in names], tmp_path / "set",
+                           QuantizeOptions(card=True, command="gemmaquant quantize m --scheme q8_0,q4_k_m,q2_k"))
+    assert writes == [1]
+    card = model_card.read_card(tmp_path / "set" / "README.md")
+    assert [(o["file"], o["scheme"], o["bytes"]) for o in card["outputs"]] == \
+        sorted((s.output.name, s.scheme, s.output.stat().st_size) for s in out)
+    text = (tmp_path / "set" / "README.md").read_text()
+    for s in out:  # the files table: name, size and bits per weight of each
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{s.output.name}` |"))
+        assert f"| {s.bits_per_weight:.2f} |" in row and f"`{s.scheme}`" in row
 
 
 def test_refusals_come_before_any_file(ckpt, tmp_path):

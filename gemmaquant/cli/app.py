@@ -115,7 +115,7 @@ def eval_cmd(
 def quantize_cmd(
     model: str = typer.Argument(..., help="HF model directory, Hugging Face repo id, or 'demo'."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="Scheme or GGUF preset (see `gemmaquant schemes`); "
-                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/."),
+                                         "several GGUF presets: q8_0,q6_k,q4_k_m with --out DIR/ (one read of MODEL for all)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (safetensors) or FILE.gguf. Default: a name that encodes the scheme.",
                                             parser=path_arg("--out")),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A shipped recipe name or a .toml path (see `gemmaquant recipes`)."),
@@ -220,7 +220,8 @@ def quantize_cmd(
 
 
 def _quantize_set(ckpt, schemes, out_dir, opts, dry_run, show_all, json_out, quiet) -> None:
-    """`quantize --scheme a,b,c --out DIR/`: one GGUF per preset, named as the single-preset command names it."""
+    """`quantize --scheme a,b,c --out DIR/`: one GGUF per preset, named as the single-preset command names it,
+    all written in one pass over the checkpoint."""
     from ..pipeline import gguf_set_outputs, run_quantize_set
 
     outs = gguf_set_outputs(ckpt, schemes, out_dir)
@@ -233,7 +234,9 @@ def _quantize_set(ckpt, schemes, out_dir, opts, dry_run, show_all, json_out, qui
     from .progress import byte_task, progress_display, steps_task
 
     with progress_display(not (quiet or json_out), console=err) as bar:
-        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, lambda s: byte_task(bar, f"writing {s.label}"),
+        # one bar for the set: each source byte is read once and feeds every file
+        label = f"writing {len(schemes)} files ({', '.join(s.label for s in schemes)})"
+        summaries = run_quantize_set(ckpt, schemes, out_dir, opts, byte_task(bar, label),
                                      calib_progress=steps_task(bar))
     if json_out:
         sys.stdout.write(json.dumps([x.to_dict() for x in summaries], indent=2) + "\n")

@@ -77,6 +77,17 @@ def test_sigint_during_gguf_write(tmp_path):
     _check(res, out)
 
 
+def test_sigint_during_a_multi_preset_write_leaves_none_of_the_files(tmp_path):
+    """A set writes all its files at once: Ctrl-C leaves none of them and no temporary."""
+    src = _twelve_layers(tmp_path)
+    d = tmp_path / "out" / "set"
+    res = _interrupt_mid_write(["quantize", src, "--scheme", "q8_0,q4_k_m,q4_k_s", "-o", d, "--quiet"],
+                               d / "tiny.Q4_K_S.gguf", signal.SIGINT, settle=0.05)
+    assert res.returncode == 130, res.stderr
+    assert _lines(res.stderr) == ["interrupted: nothing was left at the output path"], res.stderr
+    assert list(d.iterdir()) == []
+
+
 def test_sigterm_during_safetensors_write(tmp_path, demo_dir):
     out = tmp_path / "out" / "gemma-3-270m-FP8"
     res = _interrupt_mid_write(["quantize", demo_dir, "--scheme", "fp8", "-o", out, "--quiet"], out, signal.SIGTERM,

@@ -13,6 +13,7 @@ build (`build_header`); tests compare whole files both ways.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,10 +50,25 @@ class _Writer(gguf.GGUFWriter):
     element: the 262k-entry tokens, scores and types arrays took ~2 s. Same bytes (the tests
     compare whole files with convert_hf_to_gguf.py's); anything unusual goes to the original."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # id(array value) -> (value, packed bytes): the copies of one model's writer for a set of outputs
+        # (`_finish`) share their vocabulary arrays, packed once (the value is kept so its id stays its own)
+        self.packed: dict[int, tuple] = {}
+
     def _pack_val(self, val, vtype, add_vtype, sub_type=None):
         t = gguf.GGUFValueType
         if (vtype != t.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
-                or not isinstance(val, (list, tuple)) or len(val) < 256 or len(set(map(type, val))) != 1):
+                or not isinstance(val, (list, tuple)) or len(val) < 256):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        key = (id(val), add_vtype)
+        if key not in self.packed:
+            self.packed[key] = (val, self._pack_array(val, vtype, add_vtype, sub_type))
+        return self.packed[key][1]
+
+    def _pack_array(self, val, vtype, add_vtype, sub_type):
+        t = gguf.GGUFValueType
+        if len(set(map(type, val))) != 1:
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         ltype = t.get_type(val[0])
         if ltype == t.STRING:
@@ -69,6 +86,21 @@ class _Writer(gguf.GGUFWriter):
 def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
                  imatrix_meta: dict | None, extra_kv: dict | None = None) -> gguf.GGUFWriter:
     """A GGUFWriter (no file yet) holding every key and tensor info of the output."""
+    return _finish(_model_keys(model_dir, config, plans), HeaderSpec(scheme, plans, imatrix_meta, extra_kv))
+
+
+@dataclass(frozen=True)
+class HeaderSpec:
+    """What differs between the headers of one model's outputs: the preset (general.file_type), the
+    per-tensor types, the imatrix keys and gemmaquant's own keys."""
+    scheme: Scheme
+    plans: list[TensorPlan]
+    imatrix_meta: dict | None = None
+    extra_kv: dict | None = None
+
+
+def _model_keys(model_dir: Path, config: GemmaConfig, plans: list[TensorPlan]) -> gguf.GGUFWriter:
+    """The keys every output of this model shares (the converter's: model, vocabulary), no tensor infos."""
     w = _Writer(None, ARCH[config.generation])
     total = sum(p.numel for p in plans)
     add_model_kvs(w, model_dir, config, file_type=CONVERT_FTYPE_BF16, total_params=total,
@@ -79,8 +111,16 @@ def build_header(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: li
     if config.generation == 4 and embedding_rows_kept(model_dir, config.vocab_size) != config.vocab_size:
         raise GemmaQuantError(f"{model_dir}: tokenizer.json lists fewer tokens than vocab_size {config.vocab_size}; "
                               "the converter would cut token_embd, which gemmaquant does not reproduce")
-    finish_like_llama_quantize(w, scheme.ftype, imatrix_meta, extra_kv)
-    for p in plans:
+    return w
+
+
+def _finish(base: gguf.GGUFWriter, spec: HeaderSpec) -> gguf.GGUFWriter:
+    """A copy of `base` completed as llama-quantize completes it for `spec`, with its tensor infos.
+    The copy shares the value objects (the vocabulary arrays) and their packed bytes with `base`."""
+    w = copy.copy(base)
+    w.kv_data, w.tensors = [dict(base.kv_data[0])], [{}]
+    finish_like_llama_quantize(w, spec.scheme.ftype, spec.imatrix_meta, spec.extra_kv)
+    for p in spec.plans:
         rows = p.numel // p.n_per_row
         nbytes = rows * row_bytes(p.type, p.n_per_row)
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.type)
@@ -101,24 +141,34 @@ def header_bytes(model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: li
                  imatrix_meta: dict | None, extra_kv: dict | None = None) -> tuple[bytes, dict]:
     """The header as bytes (magic, counts, keys, tensor infos, zero padding to ALIGNMENT), written
     by GGUFWriter's own methods into memory, and the keys ({name: GGUFValue}, for the read-back check)."""
+    return header_set_bytes(model_dir, config, [HeaderSpec(scheme, plans, imatrix_meta, extra_kv)])[0]
+
+
+def header_set_bytes(model_dir: Path, config: GemmaConfig, specs: list[HeaderSpec]) -> list[tuple[bytes, dict]]:
+    """header_bytes of several outputs of one model (a multi-preset run): the model's keys and its
+    vocabulary are read and packed once, then each spec's own keys and tensor infos are added."""
     try:
-        w = build_header(model_dir, config, scheme, plans, imatrix_meta, extra_kv)
+        base = _model_keys(model_dir, config, specs[0].plans)
+        writers = [_finish(base, spec) for spec in specs]
     except GemmaQuantError:
         raise
     except Exception as e:  # noqa: BLE001 - the gguf package's own readers of the model's side files
         _diagnose(Path(model_dir))
         raise GemmaQuantError(f"{model_dir}: building the GGUF header failed ({type(e).__name__}: {e})") from None
-    buf = io.BytesIO()
-    w.fout, w.state = [buf], WriterState.EMPTY  # an open output: GGUFWriter writes into `buf`
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-    except (struct.error, OverflowError, ValueError, TypeError) as e:
-        raise GemmaQuantError(_unpackable(w, Path(model_dir), e)) from None
-    n = buf.tell()
-    buf.write(b"\0" * (-n % ALIGNMENT))
-    return buf.getvalue(), dict(w.kv_data[0])
+    out = []
+    for w in writers:
+        buf = io.BytesIO()
+        w.fout, w.state = [buf], WriterState.EMPTY  # an open output: GGUFWriter writes into `buf`
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        except (struct.error, OverflowError, ValueError, TypeError) as e:
+            raise GemmaQuantError(_unpackable(w, Path(model_dir), e)) from None
+        n = buf.tell()
+        buf.write(b"\0" * (-n % ALIGNMENT))
+        out.append((buf.getvalue(), dict(w.kv_data[0])))
+    return out
 
 
 # Where the value of a key comes from, for messages: the converter takes sampling defaults from
@@ -158,21 +208,32 @@ BACKGROUND_MIN_VOCAB = 32768
 
 
 class HeaderJob:
-    """The header of one output, built inline or in a child process; `result()` -> (bytes, keys).
+    """The headers of one model's outputs (one, or a multi-preset set's), built inline or in one child
+    process; `result(k)` -> (bytes, keys) of output k.
 
-    `background`: None decides by the vocabulary size (BACKGROUND_MIN_VOCAB). `plans` and `scheme`
-    are kept so the writer can check the job belongs to the file it writes."""
+    `background`: None decides by the vocabulary size (BACKGROUND_MIN_VOCAB). `specs` (and for one
+    output `scheme`, `plans`, `imatrix_meta`) are kept so the writer can check the job belongs to the
+    files it writes."""
 
     def __init__(self, model_dir: Path, config: GemmaConfig, scheme: Scheme, plans: list[TensorPlan],
-                 imatrix_meta: dict | None = None, background: bool | None = None, extra_kv: dict | None = None):
+                 imatrix_meta: dict | None = None, background: bool | None = None, extra_kv: dict | None = None,
+                 specs: list[HeaderSpec] | None = None):
+        self.specs = specs or [HeaderSpec(scheme, plans, imatrix_meta, extra_kv)]
         self.scheme, self.plans, self.imatrix_meta = scheme, plans, imatrix_meta
-        self._args = (Path(model_dir), config, scheme, plans, imatrix_meta, extra_kv)
-        self._result: tuple[bytes, dict] | None = None
+        self._args = (Path(model_dir), config, self.specs)
+        self._result: list[tuple[bytes, dict]] | None = None
         self._proc: subprocess.Popen | None = None
         if background is None:
             background = (config.vocab_size or 0) >= BACKGROUND_MIN_VOCAB
         if background:
             self._start()
+
+    @classmethod
+    def of_set(cls, model_dir: Path, config: GemmaConfig, specs: list[HeaderSpec],
+               background: bool | None = None) -> "HeaderJob":
+        """One job for several outputs: the vocabulary is read once for all of them."""
+        return cls(model_dir, config, specs[0].scheme, specs[0].plans, specs[0].imatrix_meta, background,
+                   specs[0].extra_kv, specs=list(specs))
 
     def _start(self) -> None:
         pkg_root = str(Path(__file__).resolve().parents[2])  # the directory holding `gemmaquant`
@@ -203,12 +264,13 @@ class HeaderJob:
         """True once result() would not wait."""
         return self._result is not None or self._proc is None or not any(t.is_alive() for t in self._readers)
 
-    def result(self) -> tuple[bytes, dict]:
+    def result(self, k: int = 0) -> tuple[bytes, dict]:
+        """Output k's header bytes and keys (waits for the child)."""
         if self._result is not None:
-            return self._result
+            return self._result[k]
         if self._proc is None:
-            self._result = header_bytes(*self._args)
-            return self._result
+            self._result = header_set_bytes(*self._args)
+            return self._result[k]
         for t in self._readers:
             t.join()
         code = self._proc.wait()
@@ -221,7 +283,7 @@ class HeaderJob:
         if not ok:
             raise GemmaQuantError(payload)
         self._result = payload
-        return self._result
+        return self._result[k]
 
     def close(self) -> None:
         """Stop the child if it is still running (an error or Ctrl-C elsewhere)."""
@@ -239,7 +301,7 @@ def child_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = pickle.load(sys.stdin.buffer)
     try:
-        payload = (True, header_bytes(*args))
+        payload = (True, header_set_bytes(*args))
     except GemmaQuantError as e:
         payload = (False, str(e))
     except Exception as e:  # noqa: BLE001 - anything else: the parent raises it with this text
@@ -248,9 +310,12 @@ def child_main() -> None:
     sys.stdout.buffer.flush()
 
 
-def start_header(ckpt: "Checkpoint", scheme: str | Scheme, imatrix_meta: dict | None = None) -> HeaderJob:
+def start_header(ckpt: "Checkpoint", scheme: str | Scheme | list, imatrix_meta: dict | None = None) -> HeaderJob:
     """Start building the header of `write_gguf(ckpt, scheme, ...)` now (in the background for a
-    real vocabulary). `imatrix_meta`: as passed to write_gguf when it gets an imatrix, else None."""
-    s = preset(scheme)
-    plans = plan_types(ckpt.config, s, imatrix_meta is not None, has_lm_head="lm_head.weight" in ckpt.names())
-    return HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta)
+    real vocabulary), or with a list of presets the headers of `write_gguf_set` (one job, the
+    vocabulary read once). `imatrix_meta`: as passed to the writer with an imatrix, else None."""
+    schemes = [preset(s) for s in (scheme if isinstance(scheme, list) else [scheme])]
+    has_lm_head = "lm_head.weight" in ckpt.names()
+    specs = [HeaderSpec(s, plan_types(ckpt.config, s, imatrix_meta is not None, has_lm_head=has_lm_head), imatrix_meta)
+             for s in schemes]
+    return HeaderJob.of_set(ckpt.path, ckpt.config, specs)

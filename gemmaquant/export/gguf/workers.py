@@ -35,24 +35,50 @@ from ...formats.safetensors import release_pages
 from .plan import TensorPlan
 
 CHEAP = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0)  # conversions, not searches
-_STATE: dict = {}  # in a worker process: its checkpoint, the plans and the importance vectors
+_STATE: dict = {}  # in a worker process: its checkpoint and the writer's TensorWork list
+
+
+@dataclass(frozen=True)
+class TensorWork:
+    """What the writer makes of one source tensor: `plan` names it and its conversion (the plan of the
+    first output; every output's plan of it differs in type only) and `targets` the distinct
+    (type, importance vector) pairs the outputs want, each quantized once per slab."""
+    plan: TensorPlan
+    targets: tuple[tuple[GGMLType, torch.Tensor | None], ...]
+
+    @property
+    def searched(self) -> bool:
+        return any(t not in CHEAP for t, _ in self.targets)
 
 
 @dataclass(frozen=True)
 class Slab:
-    """Rows [r0, r1) of plans[i], quantized from the worker's own mapping of the checkpoint."""
+    """Rows [r0, r1) of work[i], quantized from the worker's own mapping of the checkpoint."""
     i: int
     r0: int
     r1: int
 
 
-def quantize_rows(where: Path, p: TensorPlan, view: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    """A slab of rows of a 2-D weight as GGUF bytes: bf16 first (the converter's intermediate), except
-    for tensors the converter writes F32 (Gemma 4's expert router)."""
-    x = view.float() if p.type == GGMLType.F32 else view.to(torch.bfloat16)
+def convert_rows(where: Path, p: TensorPlan, view: torch.Tensor, f32: bool) -> torch.Tensor:
+    """A slab of rows of a 2-D weight as the quantizers take it: bf16 (the converter's intermediate),
+    or f32 for the tensors the converter writes F32 (Gemma 4's expert router)."""
+    x = view.float() if f32 else view.to(torch.bfloat16)
     if not torch.isfinite(x).all():
         raise GemmaQuantError(f"{where}: tensor '{p.hf_name}' contains NaN/inf values")
-    return quantize(x, p.type, qw).numpy()
+    return x
+
+
+def quantize_rows(where: Path, w: TensorWork, view: torch.Tensor, r0: int) -> tuple[np.ndarray, ...]:
+    """A slab of rows as GGUF bytes, one array per target type: the source rows are read and converted
+    once, then quantized to each type (a set of presets shares the slab)."""
+    x: dict[bool, torch.Tensor] = {}
+    out = []
+    for t, qw in w.targets:
+        f32 = t == GGMLType.F32
+        if f32 not in x:
+            x[f32] = convert_rows(where, w.plan, view, f32)
+        out.append(quantize(x[f32], t, row_importance(w.plan, qw, r0)).numpy())
+    return tuple(out)
 
 
 def row_importance(p: TensorPlan, qw: torch.Tensor | None, r0: int) -> torch.Tensor | None:
@@ -64,19 +90,19 @@ def row_importance(p: TensorPlan, qw: torch.Tensor | None, r0: int) -> torch.Ten
     return qw.view(-1, p.n_per_row)[r0 // p.shape[-2]]
 
 
-def _init_worker(path: Path, plans: list[TensorPlan], qws: dict) -> None:
+def _init_worker(path: Path, work: list[TensorWork]) -> None:
     die_with_parent()  # a SIGKILLed parent (OOM killer) must not leave workers waiting forever
     child_signals()  # forked inside signals_deferred: SIGINT ignored, then signals unblocked
     torch.set_num_threads(1)
     from ...formats.checkpoint import Checkpoint
 
-    _STATE.update(ckpt=Checkpoint(path), plans=plans, qws=qws)
+    _STATE.update(ckpt=Checkpoint(path), work=work)
 
 
-def _run_slab(s: Slab) -> np.ndarray:
-    ckpt, p = _STATE["ckpt"], _STATE["plans"][s.i]
-    view = ckpt.tensor(p.hf_name).reshape(-1, p.n_per_row)[s.r0:s.r1]
-    out = quantize_rows(ckpt.path, p, view, row_importance(p, _STATE["qws"][p.name], s.r0))
+def _run_slab(s: Slab) -> tuple[np.ndarray, ...]:
+    ckpt, w = _STATE["ckpt"], _STATE["work"][s.i]
+    view = ckpt.tensor(w.plan.hf_name).reshape(-1, w.plan.n_per_row)[s.r0:s.r1]
+    out = quantize_rows(ckpt.path, w, view, s.r0)
     release_pages(view)
     return out
 
@@ -92,7 +118,7 @@ def run_ordered(jobs, workers: int, proc_init: tuple | None = None):
     """Run (tag, job, slab) triples, yielding (tag, result) in submission order.
 
     `job` is a callable; `slab` (a Slab or None) says the same work can run in a worker process,
-    which happens when `proc_init` = (checkpoint dir, plans, importance vectors) is given, there
+    which happens when `proc_init` = (checkpoint dir, [TensorWork]) is given, there
     are several workers and the platform forks. At most 2 x workers slabs are in flight or
     done-but-unconsumed: a few slabs' temporaries and outputs."""
     if workers <= 1:

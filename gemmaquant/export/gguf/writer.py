@@ -12,7 +12,14 @@ is, in a background process while the first slabs are quantized. Tensor data is 
 slabs from the mmap'd safetensors
 (GGUFWriter.write_tensors_to_file wants every array alive at once), so peak RSS is a slab plus
 the quantizer's temporaries. The file goes to a temporary name, is read back with our validating reader
-(`formats.gguf.GGUFFile`) and checked key by key and tensor by tensor (type, shape, CRC-32 of the bytes), then renamed into place.
+(`formats.gguf.GGUFFile`) and checked key by key and tensor by tensor (type, shape, CRC-32 of the bytes,
+`verify.py`), then renamed into place.
+
+Several presets of one model (`write_gguf_set`) are written in the same single pass: each source slab is
+read and converted once and quantized once per distinct type the outputs give that tensor, and each
+result is written into every file that takes it; one header process builds all the headers from one
+reading of the vocabulary. Each file's bytes are those `write_gguf` writes alone (it is the same code
+with one output), and every file is all-or-nothing: on any failure or Ctrl-C all temporaries go.
 """
 
 from __future__ import annotations
@@ -20,28 +27,28 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 
 from ...formats.checkpoint import Checkpoint
-from ...formats.gguf.reader import GGUFFile
 from ...errors import GemmaQuantError
 from ..atomic import atomic_output
 from ..guard import check_output
 from ...numerics.ggml.types import GGMLType, row_bytes
 from ...formats.safetensors import ITEMSIZE, release_pages
 from ...schemes import Scheme
-from .header import ALIGNMENT, HeaderJob
+from .header import ALIGNMENT, HeaderJob, HeaderSpec
 from ...formats.config import FULL
 from ...formats.gguf.names import ROPE_FREQS
 from .plan import TensorPlan, fallback_count, plan_types, preset
 from .preset_rules import requires_imatrix
-from .workers import row_importance, CHEAP, Slab, quantize_rows, run_ordered
+from .verify import verify_file
+from .workers import Slab, TensorWork, quantize_rows, run_ordered
 
 SLAB_VALUES = 1 << 22  # rows per write: ~16 MB of f32 source at a time
 _NO_IMATRIX = (GGMLType.Q8_0, GGMLType.F16)  # types whose quantizer ignores importance weights
@@ -107,13 +114,14 @@ def imatrix_coverage(plans: list[TensorPlan], imatrix: dict, where: str) -> list
             and p.name not in ("token_embd.weight", "per_layer_token_embd.weight") and p.name not in imatrix]
 
 
-def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | None):
+def _tensor_slabs(ckpt: Checkpoint, i: int, w: TensorWork):
     """Yield (source view, job, slab) per slab of rows in file order: `job` returns the slab's GGUF
-    bytes as a numpy uint8 array here; `slab` (or None) names the same work for a worker process
-    (`workers.Slab`), given to the searches only. Jobs are independent: they may run concurrently."""
+    bytes here, a numpy uint8 array per target of `w`; `slab` (or None) names the same work for a worker
+    process (`workers.Slab`), given to the searches only. Jobs are independent: they may run concurrently."""
+    p = w.plan
     if p.name == ROPE_FREQS:  # Gemma 4: made by the converter, not read from the checkpoint
         data = rope_freqs(ckpt.config)
-        yield data, lambda: data.numpy().view(np.uint8), None
+        yield data, lambda: (data.numpy().view(np.uint8),), None
         return
     src = ckpt.tensor(p.hf_name)
     if tuple(src.shape) != p.shape:
@@ -125,7 +133,7 @@ def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | No
                 x = (src + 1).float()  # the converter keeps f16 tensors f16 and adds 1 there
             else:
                 x = src.float() + 1.0 if p.norm else src.float()
-            return x.contiguous().numpy().view(np.uint8)
+            return (x.contiguous().numpy().view(np.uint8),)
         yield src, norm_job, None
         return
     n = p.n_per_row
@@ -136,8 +144,8 @@ def _tensor_slabs(ckpt: Checkpoint, i: int, p: TensorPlan, qw: torch.Tensor | No
     for r in (r for e0 in range(0, rows, per) for r in range(e0, e0 + per, step)):
         end = min(r + step, (r // per + 1) * per)
         view = src[r:end]  # no page is read here: a worker process reads its own mapping
-        slab = None if p.type in CHEAP else Slab(i, r, end)
-        yield view, partial(quantize_rows, ckpt.path, p, view, row_importance(p, qw, r)), slab
+        slab = Slab(i, r, end) if w.searched else None
+        yield view, partial(quantize_rows, ckpt.path, w, view, r), slab
 
 
 def rope_freqs(cfg) -> torch.Tensor:
@@ -148,141 +156,157 @@ def rope_freqs(cfg) -> torch.Tensor:
     return torch.tensor([1.0] * n + [1e30] * (half - n), dtype=torch.float32)
 
 
-def _same_value(want: gguf.GGUFValue, got, got_type: tuple[int, int | None]) -> bool:
-    """Does a value read back by `GGUFFile` (strings decoded, numeric arrays as numpy) equal the
-    writer-side `GGUFValue`, type included? Numbers compare after the cast the writer applies."""
-    t = gguf.GGUFValueType
-    if want.type == t.ARRAY:
-        sub = want.sub_type or t.get_type(want.value[0])
-        if got_type != (int(t.ARRAY), int(sub)):
-            return False
-        if sub == t.STRING:
-            return got == [x.decode("utf-8") if isinstance(x, bytes) else x for x in want.value]
-        if sub == t.BOOL:
-            return [bool(x) for x in got] == [bool(x) for x in want.value]
-        return np.array_equal(np.asarray(want.value).astype(_NP[sub]), got)
-    if got_type != (int(want.type), None):
-        return False
-    if want.type == t.STRING:
-        v = want.value
-        return got == (v.decode("utf-8") if isinstance(v, bytes) else v)
-    if want.type == t.BOOL:
-        return bool(got) == bool(want.value)
-    return np.array([want.value]).astype(_NP[want.type])[0] == np.array([got]).astype(_NP[want.type])[0]
-
-
-_NP = {gguf.GGUFValueType.UINT8: np.uint8, gguf.GGUFValueType.INT8: np.int8,
-       gguf.GGUFValueType.UINT16: np.uint16, gguf.GGUFValueType.INT16: np.int16,
-       gguf.GGUFValueType.UINT32: np.uint32, gguf.GGUFValueType.INT32: np.int32,
-       gguf.GGUFValueType.FLOAT32: np.float32, gguf.GGUFValueType.UINT64: np.uint64,
-       gguf.GGUFValueType.INT64: np.int64, gguf.GGUFValueType.FLOAT64: np.float64}
-
-
-def verify_file(path: Path, kv: dict[str, gguf.GGUFValue], plans: list[TensorPlan],
-                crc32: dict[str, int]) -> int:
-    """Re-read `path` and check it holds exactly the intended keys (order, types, values) and
-    tensors (order, type, shape, bytes). Returns the number of keys checked.
-
-    Reads with our validating `GGUFFile` (tests check it against `gguf.GGUFReader` on the files we
-    write): GGUFReader makes numpy objects for each of the 262k vocabulary strings, which made the
-    check cost as much as half of llama.cpp's whole convert + quantize (benchmarks/RESULTS.md §2, §4)."""
-    r = GGUFFile(path)
-    try:
-        if list(r.metadata) != list(kv):
-            raise GemmaQuantError(f"{path}: written keys differ from the intended ones (internal error)")
-        for k, want in kv.items():
-            if not _same_value(want, r.metadata[k], r.types[k]):
-                raise GemmaQuantError(f"{path}: key '{k}' reads back differently (internal error)")
-        if list(r.tensors) != [p.name for p in plans]:
-            raise GemmaQuantError(f"{path}: written tensors differ from the plan (internal error)")
-        for t, p in zip(r.tensors.values(), plans):
-            if int(t.qtype) != int(p.type) or t.shape != tuple(p.shape):
-                raise GemmaQuantError(f"{path}: tensor '{p.name}' reads back as {t.qtype.name} "
-                                      f"{list(t.shape)} (internal error)")
-            if _file_crc32(path, t.offset, t.nbytes) != crc32[p.name]:
-                raise GemmaQuantError(f"{path}: tensor '{p.name}' bytes read back differently (internal error)")
-    finally:
-        r.close()
-    return len(kv)
-
-
-def _file_crc32(path: Path, offset: int, n: int, chunk: int = 1 << 26) -> int:
-    """CRC-32 of bytes [offset, offset+n) read with read() calls: pages read through the reader's
-    memmap would count in RSS, up to the whole output file. CRC-32 (zlib) rather than sha256: about
-    twice as fast (benchmarks/RESULTS.md §2), and it checks our own write, nobody forges it."""
-    crc = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while n > 0:
-            b = f.read(min(n, chunk))
-            if not b:
-                break
-            crc = zlib.crc32(b, crc)
-            n -= len(b)
-    return crc
-
-
 def _pad(fout, n: int) -> None:
     fout.write(b"\0" * (-n % ALIGNMENT))
 
 
-class _DataWriter:
-    """Writes the header and then the slabs in file order, padding each tensor to ALIGNMENT and
-    keeping its CRC-32. Slabs that finish before the header is built wait in memory (up to
-    HEADER_WAIT_BYTES; then it waits for the header), so the workers never idle on it."""
 
-    def __init__(self, fout, plans: list[TensorPlan], header: HeaderJob, total: int, progress):
-        self.fout, self.plans, self.header, self.total, self.progress = fout, plans, header, total, progress
-        self.kv: dict | None = None
-        self.crcs: dict[str, int] = {}
+
+@dataclass
+class GGUFOutput:
+    """One file of a write: its preset and path, and what only it has. `imatrix`: GGUF tensor name ->
+    per-column importance (`formats.gguf.imatrix.read_imatrix`); `imatrix_meta`: {file, dataset,
+    entries_count, chunks_count} for the `quantize.imatrix.*` keys; `plans`: per-tensor types other than
+    the preset's (a size-budgeted mix, same tensors and order); `extra_kv`: gemmaquant's own metadata keys
+    (`metadata.finish_like_llama_quantize`)."""
+    scheme: str | Scheme
+    path: str | Path
+    imatrix: dict[str, torch.Tensor] | None = None
+    imatrix_meta: dict | None = None
+    plans: list[TensorPlan] | None = None
+    extra_kv: dict | None = None
+
+
+@dataclass
+class _Prepared:
+    scheme: Scheme
+    path: Path
+    plans: list[TensorPlan]
+    qws: dict[str, torch.Tensor | None]
+    imatrix_meta: dict | None
+    missing: list[str]
+    extra_kv: dict | None
+
+    @property
+    def spec(self) -> HeaderSpec:
+        return HeaderSpec(self.scheme, self.plans, self.imatrix_meta, self.extra_kv)
+
+
+def _prepare(ckpt: Checkpoint, o: GGUFOutput, force: bool, inputs: list) -> _Prepared:
+    """The output guard, the plan and the imatrix refusals of one output, before any work."""
+    s = preset(o.scheme)
+    path = Path(o.path)
+    check_output(path, force=force, kind="file", inputs=inputs)
+    preset_plans = plan_types(ckpt.config, s, o.imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
+    plans = preset_plans if o.plans is None else o.plans
+    if [(p.name, p.shape) for p in plans] != [(p.name, p.shape) for p in preset_plans]:
+        raise GemmaQuantError(f"{path}: the given plan names other tensors than the model has (internal error)")
+    meta = o.imatrix_meta
+    if o.imatrix is not None and meta is None:
+        meta = {"entries_count": len(o.imatrix)}
+    missing = [] if o.imatrix is None else imatrix_coverage(plans, o.imatrix, (meta or {}).get("file") or "imatrix")
+    low = next((p for p in plans if p.name in missing and requires_imatrix(s.name, p.name, p.type)), None)
+    if low is not None:  # llama-quantize stops on it half-way through the file; we refuse before writing
+        raise GemmaQuantError(f"{(meta or {}).get('file') or 'imatrix'}: missing importance matrix for tensor "
+                              f"'{low.name}' in a very low-bit quantization ({s.name} makes it {low.type.name})")
+    qws = {p.name: _imatrix_vector(p, o.imatrix) for p in plans}
+    return _Prepared(s, path, plans, qws, meta, missing, o.extra_kv)
+
+
+def _same_importance(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+def _tensor_work(outs: list[_Prepared]) -> tuple[list[TensorWork], list[list[int]]]:
+    """Per tensor: the distinct (type, importance) targets the outputs want, and per output the index
+    of its target. Two presets that give a tensor the same type (with the same importance) share it."""
+    work, index = [], []
+    for i, p0 in enumerate(outs[0].plans):
+        targets: list[tuple[GGMLType, torch.Tensor | None]] = []
+        idx = []
+        for o in outs:
+            p = o.plans[i]
+            if (p.name, p.hf_name, p.shape, p.norm) != (p0.name, p0.hf_name, p0.shape, p0.norm):
+                raise GemmaQuantError(f"{o.path}: tensor {i} is '{p.name}', not '{p0.name}' (internal error)")
+            qw = o.qws[p.name]
+            j = next((j for j, (t, q) in enumerate(targets) if t == p.type and _same_importance(q, qw)), None)
+            if j is None:
+                j = len(targets)
+                targets.append((p.type, qw))
+            idx.append(j)
+        if len(p0.shape) == 1 and len(targets) > 1:  # 1-D tensors are converted, never quantized
+            raise GemmaQuantError(f"tensor '{p0.name}': 1-D, yet planned as several types (internal error)")
+        work.append(TensorWork(p0, tuple(targets)))
+        index.append(idx)
+    return work, index
+
+
+class _SetWriter:
+    """Writes each output's header and then the slabs in file order, every slab's target bytes into
+    each file that takes them, padding each tensor to ALIGNMENT and keeping its CRC-32 (computed once
+    per target). Slabs that finish before the headers are built wait in memory (up to
+    HEADER_WAIT_BYTES; then it waits for the headers), so the workers never idle on them."""
+
+    def __init__(self, fouts, outs: list[_Prepared], index: list[list[int]], header: HeaderJob, total: int,
+                 progress):
+        self.fouts, self.outs, self.index, self.header = fouts, outs, index, header
+        self.total, self.progress = total, progress
+        self.kvs: list[dict] | None = None
+        self.crcs: list[dict[str, int]] = [{} for _ in outs]
         self.waiting: list = []
         self.waiting_bytes = 0
-        self.current, self.crc, self.n, self.done = -1, 0, 0, 0
+        self.current, self.crc, self.n, self.done = -1, [], [], 0
 
-    def add(self, i: int, view: torch.Tensor, chunk: np.ndarray) -> None:
-        if self.kv is not None:
-            self._put(i, view, chunk)
+    def add(self, i: int, view: torch.Tensor, chunks: tuple[np.ndarray, ...]) -> None:
+        if self.kvs is not None:
+            self._put(i, view, chunks)
             return
-        self.waiting.append((i, view, chunk))
-        self.waiting_bytes += chunk.nbytes
+        self.waiting.append((i, view, chunks))
+        self.waiting_bytes += sum(c.nbytes for c in chunks)
         if self.header.ready() or self.waiting_bytes >= HEADER_WAIT_BYTES:
-            self._write_header()
+            self._write_headers()
 
-    def finish(self) -> tuple[dict, dict[str, int]]:
-        if self.kv is None:
-            self._write_header()
+    def finish(self) -> tuple[list[dict], list[dict[str, int]]]:
+        if self.kvs is None:
+            self._write_headers()
         if self.current >= 0:
             self._end_tensor()
-        return self.kv, self.crcs
+        return self.kvs, self.crcs
 
-    def _write_header(self) -> None:
-        head, self.kv = self.header.result()
-        self.fout.write(head)
+    def _write_headers(self) -> None:
+        self.kvs = []
+        for k, fout in enumerate(self.fouts):
+            head, kv = self.header.result(k)
+            fout.write(head)
+            self.kvs.append(kv)
         for w in self.waiting:
             self._put(*w)
         self.waiting.clear()
 
-    def _put(self, i: int, view: torch.Tensor, chunk: np.ndarray) -> None:
+    def _put(self, i: int, view: torch.Tensor, chunks: tuple[np.ndarray, ...]) -> None:
         if i != self.current:
             if self.current >= 0:
                 self._end_tensor()
-            self.current, self.crc, self.n = i, 0, 0
-        buf = memoryview(np.ascontiguousarray(chunk)).cast("B")
-        self.fout.write(buf)
-        self.crc = zlib.crc32(buf, self.crc)
-        self.n += len(buf)
+            self.current, self.crc, self.n = i, [0] * len(chunks), [0] * len(chunks)
+        bufs = [memoryview(np.ascontiguousarray(c)).cast("B") for c in chunks]
+        for fout, j in zip(self.fouts, self.index[i]):
+            fout.write(bufs[j])
+        for j, buf in enumerate(bufs):
+            self.crc[j] = zlib.crc32(buf, self.crc[j])
+            self.n[j] += len(buf)
         release_pages(view)  # once written, the slab's source pages leave RSS (a BF16 slab IS the view)
         self.done += view.numel() * view.element_size()
         if self.progress:
-            self.progress(self.done, self.total, self.plans[i].name)
+            self.progress(self.done, self.total, self.outs[0].plans[i].name)
 
     def _end_tensor(self) -> None:
-        p = self.plans[self.current]
-        want = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
-        if self.n != want:
-            raise GemmaQuantError(f"tensor '{p.name}': wrote {self.n} bytes, expected {want} (internal error)")
-        self.crcs[p.name] = self.crc
-        _pad(self.fout, self.n)
+        for k, (fout, j) in enumerate(zip(self.fouts, self.index[self.current])):
+            p = self.outs[k].plans[self.current]
+            want = p.numel // p.n_per_row * row_bytes(p.type, p.n_per_row)
+            if self.n[j] != want:
+                raise GemmaQuantError(f"tensor '{p.name}': wrote {self.n[j]} bytes, expected {want} (internal error)")
+            self.crcs[k][p.name] = self.crc[j]
+            _pad(fout, self.n[j])
 
 
 def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
@@ -290,56 +314,61 @@ def write_gguf(ckpt: Checkpoint, scheme: str | Scheme, out_path: str | Path, *,
                force: bool = False, workers: int | None = None, header: HeaderJob | None = None,
                progress: Callable[[int, int, str], None] | None = None, inputs=(),
                plans: list[TensorPlan] | None = None, extra_kv: dict | None = None) -> Report:
-    """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc).
+    """Write `ckpt` as a GGUF `scheme` file at `out_path` (see the module doc; the arguments as
+    GGUFOutput's and write_gguf_set's)."""
+    return write_gguf_set(ckpt, [GGUFOutput(scheme, out_path, imatrix, imatrix_meta, plans, extra_kv)],
+                          force=force, workers=workers, header=header, progress=progress, inputs=inputs)[0]
 
-    `imatrix`: GGUF tensor name -> per-column importance (`formats.gguf.imatrix.read_imatrix`);
-    `imatrix_meta`: {file, dataset, entries_count, chunks_count} for the `quantize.imatrix.*` keys.
-    `progress(done, total, tensor)` is called after each slab is written (source bytes). `workers`: quantizing threads
-    (default: torch's thread count); the bytes do not depend on it. `header`: a `HeaderJob` already
-    started for this output (`header.start_header`), e.g. before torch was imported; by default one
-    is started here (in a background process for a real vocabulary). `inputs`: files read besides the
-    checkpoint (imatrix, calibration text), which the output must not replace (export/guard.py).
-    `plans`: per-tensor types other than the preset's (a size-budgeted mix, same tensors and order);
-    `extra_kv`: gemmaquant's own metadata keys (`metadata.finish_like_llama_quantize`)."""
+
+def write_gguf_set(ckpt: Checkpoint, outputs: list[GGUFOutput], *, force: bool = False, workers: int | None = None,
+                   header: HeaderJob | None = None, progress: Callable[[int, int, str], None] | None = None,
+                   inputs=()) -> list[Report]:
+    """Write one GGUF per output in a single pass over the checkpoint (see the module doc).
+
+    Every output passes the output guard and its imatrix refusals before any work. `progress(done,
+    total, tensor)` is called after each slab is written (source bytes, each counted once). `workers`:
+    quantizing workers (default: torch's thread count); the bytes do not depend on it. `header`: a
+    `HeaderJob` already started for these outputs (`header.start_header`), e.g. before torch was
+    imported; by default one is started here (in a background process for a real vocabulary).
+    `inputs`: files read besides the checkpoint (imatrix, calibration text), which no output may
+    replace (export/guard.py)."""
     t0 = time.perf_counter()
-    s = preset(scheme)
-    out_path = Path(out_path)
     inputs = [ckpt.path, *inputs]
-    check_output(out_path, force=force, kind="file", inputs=inputs)
-    preset_plans = plan_types(ckpt.config, s, imatrix is not None, has_lm_head="lm_head.weight" in ckpt.names())
-    if plans is None:
-        plans = preset_plans
-    elif [(p.name, p.shape) for p in plans] != [(p.name, p.shape) for p in preset_plans]:
-        raise GemmaQuantError(f"{out_path}: the given plan names other tensors than the model has (internal error)")
-    if imatrix is not None and imatrix_meta is None:
-        imatrix_meta = {"entries_count": len(imatrix)}
-    missing = [] if imatrix is None else imatrix_coverage(plans, imatrix, (imatrix_meta or {}).get("file") or "imatrix")
-    low = next((p for p in plans if p.name in missing and requires_imatrix(s.name, p.name, p.type)), None)
-    if low is not None:  # llama-quantize stops on it half-way through the file; we refuse before writing
-        raise GemmaQuantError(f"{(imatrix_meta or {}).get('file') or 'imatrix'}: missing importance matrix for tensor "
-                              f"'{low.name}' in a very low-bit quantization ({s.name} makes it {low.type.name})")
-    qws = {p.name: _imatrix_vector(p, imatrix) for p in plans}
-    n_workers = workers or torch.get_num_threads()
+    if not outputs:
+        raise GemmaQuantError("no GGUF output to write (internal error)")
+    outs = [_prepare(ckpt, o, force, inputs) for o in outputs]
+    paths = [o.path.absolute() for o in outs]
+    if len(set(paths)) != len(paths):
+        raise GemmaQuantError(f"{next(p for p in paths if paths.count(p) > 1)}: the same output twice (internal error)")
+    work, index = _tensor_work(outs)
+    specs = [o.spec for o in outs]
     if header is None:
-        header = HeaderJob(ckpt.path, ckpt.config, s, plans, imatrix_meta, extra_kv=extra_kv)
-    elif header.scheme.name != s.name or header.plans != plans or header.imatrix_meta != imatrix_meta:
+        header = HeaderJob.of_set(ckpt.path, ckpt.config, specs)
+    elif [(h.scheme.name, h.plans, h.imatrix_meta) for h in header.specs] != \
+            [(h.scheme.name, h.plans, h.imatrix_meta) for h in specs]:
         header.close()
-        raise GemmaQuantError(f"{out_path}: the header job was started for another scheme, plan or imatrix "
+        raise GemmaQuantError(f"{outs[0].path}: the header job was started for another scheme, plan or imatrix "
                               "(internal error)")
+    n_workers = workers or torch.get_num_threads()
+    plans = outs[0].plans
+    total = sum(p.numel * (ITEMSIZE[ckpt.dtype_name(p.hf_name)] if p.hf_name else 4) for p in plans)
     try:
-        with atomic_output(out_path, force=force, kind="file", inputs=inputs) as tmp:
-            jobs = (((i, view), job, slab) for i, p in enumerate(plans)
-                    for view, job, slab in _tensor_slabs(ckpt, i, p, qws[p.name]))
-            total = sum(p.numel * (ITEMSIZE[ckpt.dtype_name(p.hf_name)] if p.hf_name else 4) for p in plans)
-            with open(tmp, "wb") as fout:
-                out = _DataWriter(fout, plans, header, total, progress)
-                for (i, view), chunk in run_ordered(jobs, n_workers, (ckpt.path, plans, qws)):
-                    out.add(i, view, chunk)
-                kv, crcs = out.finish()
-            n_keys = verify_file(tmp, kv, plans, crcs)
-            size = tmp.stat().st_size
+        with ExitStack() as outputs_stack:  # on any exception every temporary is removed
+            tmps = [outputs_stack.enter_context(atomic_output(o.path, force=force, kind="file", inputs=inputs))
+                    for o in outs]
+            with ExitStack() as files:
+                fouts = [files.enter_context(open(t, "wb")) for t in tmps]
+                jobs = (((i, view), job, slab) for i, w in enumerate(work)
+                        for view, job, slab in _tensor_slabs(ckpt, i, w))
+                out = _SetWriter(fouts, outs, index, header, total, progress)
+                for (i, view), chunks in run_ordered(jobs, n_workers, (ckpt.path, work)):
+                    out.add(i, view, chunks)
+                kvs, crcs = out.finish()
+            n_keys = [verify_file(t, kv, o.plans, c) for t, kv, o, c in zip(tmps, kvs, outs, crcs)]
+            sizes = [t.stat().st_size for t in tmps]
     finally:
         header.close()
-    return Report(out_path, s.name, plans, fallback_count(plans), size, n_keys,
-                  time.perf_counter() - t0, crcs,
-                  [p.name for p in plans if qws[p.name] is not None and p.type not in _NO_IMATRIX], missing)
+    seconds = time.perf_counter() - t0
+    return [Report(o.path, o.scheme.name, o.plans, fallback_count(o.plans), size, nk, seconds, c,
+                   [p.name for p in o.plans if o.qws[p.name] is not None and p.type not in _NO_IMATRIX], o.missing)
+            for o, size, nk, c in zip(outs, sizes, n_keys, crcs)]

@@ -249,6 +249,28 @@ def tiny_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def random_gemma3_256(out: Path, seed: int = 0) -> Path:
+    """The "gemma3-256" layout (each preset's own types, no fallback) with random bf16 weights, saved
+    without transformers (fast-tier tests), with the tiny tokenizer."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from gemmaquant.formats.config import config_from_dict
+
+    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=TINY_VOCAB,
+               hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=64, sliding_window=8, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(seed)
+    save_file({k: (torch.randn(s, generator=g) * (0.3 if "norm" in k else 0.05)).to(torch.bfloat16)
+               for k, s in config_from_dict(cfg).expected_shapes().items()}, out / "model.safetensors")
+    tiny_tokenizer(out)
+    return out
+
+
 def dry_run(inp: Path, ftype: int, *, imatrix: bool = False) -> dict:
     """llama-quantize's type choice without quantizing: `llama_model_quantize` with `dry_run`, its
     per-tensor log parsed. `imatrix`: pass a one-entry importance matrix (has_imatrix is all the rules

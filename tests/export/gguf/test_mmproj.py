@@ -173,6 +173,22 @@ def test_quantize_writes_the_mmproj_beside_the_gguf(mm, tmp_path):
         run_quantize(ck, get_scheme("fp8"), tmp_path / "ct", QuantizeOptions(mmproj="q8_0"))
 
 
+def test_a_multimodal_set_writes_the_mmproj_once(mm, tmp_path):
+    """`--scheme a,b --out DIR/` of a multimodal model: each text GGUF as the converter's bf16 + llama-quantize,
+    one mmproj beside them all, named in each file's summary."""
+    from gemmaquant.pipeline import QuantizeOptions, run_quantize_set
+    from gemmaquant.schemes import get_scheme
+
+    d, want, bf16 = mm["A"]
+    out = run_quantize_set(Checkpoint(d), [get_scheme("q8_0"), get_scheme("q4_0")], tmp_path / "set", QuantizeOptions())
+    proj = tmp_path / "set" / "mmproj-Tiny-Gemma-3-Mm-F16.gguf"
+    assert proj.read_bytes() == want["f16"].read_bytes()
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == sorted([proj.name] + [s.output.name for s in out])
+    for s in out:
+        assert s.output.read_bytes() == ref.quantize(bf16, tmp_path / "ref.gguf", get_scheme(s.scheme).ftype).read_bytes()
+        assert any(proj.name in n for n in s.notes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_f32_and_f16_sources(tmp_path, dtype):
     """An f32 source is written like a bf16 one (widened values), an f16 one keeps f16 through the

@@ -159,7 +159,7 @@ def test_verify_reads_what_gguf_reader_reads_and_catches_corruption(tiny, tmp_pa
 
     from gemmaquant.export.gguf.header import header_bytes
     from gemmaquant.export.gguf.plan import plan_types
-    from gemmaquant.export.gguf.writer import verify_file
+    from gemmaquant.export.gguf.verify import verify_file
 
     d, _ = tiny["gemma3"]
     ck = Checkpoint(d)
