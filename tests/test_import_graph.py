@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,31 +20,36 @@ def _graph_module():
     return mod
 
 
-def test_every_module_sits_in_a_layer_and_imports_only_downward():
-    g = _graph_module().Graph()
+@pytest.fixture(scope="module")
+def graph():
+    """One parse of the package for the checks below (each parse takes most of a second)."""
+    return _graph_module().Graph()
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_downward(graph):
+    g = graph
     assert g.unplaced() == []
     assert g.upward() == []
 
 
-def test_no_import_cycle():
-    assert _graph_module().Graph().cycles() == []
+def test_no_import_cycle(graph):
+    assert graph.cycles() == []
 
 
-def test_no_private_name_crosses_a_module():
-    assert _graph_module().Graph().private == []
+def test_no_private_name_crosses_a_module(graph):
+    assert graph.private == []
 
 
-def test_at_most_six_modules_at_the_top():
-    m = _graph_module()
-    assert len(m.Graph().top_level_modules()) <= m.MAX_TOP_LEVEL == 6
+def test_at_most_six_modules_at_the_top(graph):
+    assert len(graph.top_level_modules()) <= _graph_module().MAX_TOP_LEVEL == 6
 
 
-def test_torch_free_modules_import_no_torch():
-    assert _graph_module().Graph().torch_leaks() == []
+def test_torch_free_modules_import_no_torch(graph):
+    assert graph.torch_leaks() == []
 
 
-def test_one_gguf_parser_and_one_shard_index_reader():
-    gguf, index = _graph_module().Graph().readers()
+def test_one_gguf_parser_and_one_shard_index_reader(graph):
+    gguf, index = graph.readers()
     assert gguf == ["gemmaquant.formats.gguf.reader"]
     assert index == ["gemmaquant.formats.checkpoint"]
 

@@ -30,7 +30,8 @@ from gemmaquant.schemes import QuantArgs, get_scheme
 from tests.tiny_gemma4 import WRAPPED, make_tiny_gemma4, per_expert_conversion
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+# slow tier throughout: every test builds transformers' tiny models (seconds of import and init each)
+pytestmark = [pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
