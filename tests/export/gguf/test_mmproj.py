@@ -8,7 +8,6 @@ same name (general.name comes from it)."""
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 
 import numpy as np
@@ -19,6 +18,8 @@ from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.export.gguf.mmproj import OUTTYPES, default_mmproj_path, write_mmproj
 from tests.tiny_mm import LAYOUTS, make_tiny_mm, to_a
+
+from tests.llamacpp import mtmd_image_embeddings
 
 from . import llamacpp_ref as ref
 
@@ -90,44 +91,6 @@ def test_refusals(mm, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray) -> np.ndarray:
-    """libmtmd (llama-cpp-python's bindings): load the pair, tokenize a prompt with one image, encode it."""
-    from tests.tier import forbid
-
-    forbid("libmtmd", "llamacpp")
-    llama_cpp = pytest.importorskip("llama_cpp")
-    M = pytest.importorskip("llama_cpp.mtmd_cpp")
-    llama_cpp.llama_backend_init()
-    mp = llama_cpp.llama_model_default_params()
-    mp.use_extra_bufts = False  # tests/llamacpp.py: repacking crashes on this CPU
-    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
-    assert model
-    cp = M.mtmd_context_params_default()
-    cp.use_gpu, cp.n_threads, cp.print_timings, cp.warmup = False, 1, False, False
-    ctx = M.mtmd_init_from_file(str(mmproj).encode(), model, cp)
-    assert ctx and M.mtmd_support_vision(ctx)
-    h, w, _ = rgb.shape
-    buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
-    bmp = M.mtmd_bitmap_init(w, h, buf)
-    chunks = M.mtmd_input_chunks_init()
-    prompt = ("<start_of_turn>user\n" + M.mtmd_default_marker().decode() + " what is this?<end_of_turn>\n").encode()
-    txt = M.mtmd_input_text(text=prompt, text_len=len(prompt), add_special=True, parse_special=True)
-    try:
-        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        n_embd = llama_cpp.llama_model_n_embd(model)
-        images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
-        images = [c for c in images if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
-        assert len(images) == 1
-        n = M.mtmd_input_chunk_get_n_tokens(images[0])
-        assert M.mtmd_encode_chunk(ctx, images[0]) == 0
-        return np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
-    finally:
-        M.mtmd_input_chunks_free(chunks)
-        M.mtmd_bitmap_free(bmp)
-        M.mtmd_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_libmtmd_encodes_an_image_as_transformers_does(mm, tmp_path, outtype):
     """Our text GGUF + mmproj load in libmtmd; a 32x32 image (4 tokens after pooling) encodes to the
@@ -141,7 +104,8 @@ def test_libmtmd_encodes_an_image_as_transformers_does(mm, tmp_path, outtype):
     text = write_gguf(Checkpoint(d), "bf16", tmp_path / "text.gguf").path
     proj = write_mmproj(Checkpoint(d), outtype, tmp_path / "mmproj.gguf").path
     rgb = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3)).astype(np.uint8)
-    got = _mtmd_image_embeddings(text, proj, rgb)
+    got, vision, _ = mtmd_image_embeddings(text, proj, rgb, ("<start_of_turn>user\n", "<end_of_turn>\n"))
+    assert vision
     assert got.shape == (MM_TOKENS, TEXT["hidden_size"]) and np.isfinite(got).all()
     hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
     x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0 - 0.5) / 0.5  # image_mean = std = 0.5

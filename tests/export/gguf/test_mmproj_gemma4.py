@@ -5,7 +5,6 @@ libmtmd loading the pair and encoding an image as transformers does; the refusal
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 
@@ -17,6 +16,8 @@ from gemmaquant.errors import GemmaQuantError
 from gemmaquant.export.gguf.mmproj import OUTTYPES, default_mmproj_path, plan_mmproj, write_mmproj
 from gemmaquant.formats.checkpoint import Checkpoint
 from tests.tiny_gemma4 import make_tiny_gemma4
+
+from tests.llamacpp import mtmd_image_embeddings
 
 from . import llamacpp_ref as ref
 
@@ -152,50 +153,6 @@ def test_default_name_is_llama_cpps(tiny, tmp_path):
     assert default_mmproj_path(Checkpoint(d), "q8_0", tmp_path).name == "mmproj-Gemma-4-E2B-It-Q8_0.gguf"
 
 
-def _mtmd_image_embeddings(text_gguf, mmproj, rgb: np.ndarray) -> tuple[np.ndarray, bool, bool]:
-    """libmtmd: load the pair, tokenize a prompt with one image, encode it. Returns (embeddings, supports
-    vision, supports audio). Warmup off: the tiny audio tower's subsampling channels [8, 4] give an
-    8-wide input projection (transformers sizes it channels[0] // 4 × channels[1]), and clip's audio warmup
-    feeds llama.cpp's fixed 128-mel front end (128 wide) into it; with channels [128, 4] the same pair
-    loads with warmup on (checked by hand)."""
-    from tests.tier import forbid
-
-    forbid("libmtmd", "llamacpp")
-    llama_cpp = pytest.importorskip("llama_cpp")
-    M = pytest.importorskip("llama_cpp.mtmd_cpp")
-    llama_cpp.llama_backend_init()
-    mp = llama_cpp.llama_model_default_params()
-    mp.use_extra_bufts = False  # tests/llamacpp.py: repacking crashes on this CPU
-    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
-    assert model
-    cp = M.mtmd_context_params_default()
-    cp.use_gpu, cp.n_threads, cp.print_timings, cp.warmup = False, 1, False, False
-    ctx = M.mtmd_init_from_file(str(mmproj).encode(), model, cp)
-    assert ctx
-    h, w, _ = rgb.shape
-    buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
-    bmp = M.mtmd_bitmap_init(w, h, buf)
-    chunks = M.mtmd_input_chunks_init()
-    prompt = ("<|turn>user\n" + M.mtmd_default_marker().decode() + " what is this?<turn|>\n").encode()
-    txt = M.mtmd_input_text(text=prompt, text_len=len(prompt), add_special=True, parse_special=True)
-    try:
-        support = bool(M.mtmd_support_vision(ctx)), bool(M.mtmd_support_audio(ctx))
-        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        n_embd = llama_cpp.llama_model_n_embd(model)
-        images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
-        images = [c for c in images if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
-        assert len(images) == 1
-        n = M.mtmd_input_chunk_get_n_tokens(images[0])
-        assert M.mtmd_encode_chunk(ctx, images[0]) == 0
-        emb = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
-        return emb, *support
-    finally:
-        M.mtmd_input_chunks_free(chunks)
-        M.mtmd_bitmap_free(bmp)
-        M.mtmd_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
 @pytest.mark.parametrize("variant,outtype", [("e2b-mm", "f16"), ("dense-mm", "f32")])
 @pytest.mark.llamacpp
 @pytest.mark.subprocess
@@ -215,7 +172,10 @@ def test_libmtmd_encodes_an_image_as_transformers_does(tiny, tmp_path, variant, 
     text = write_gguf(Checkpoint(d), "bf16", tmp_path / "text.gguf").path
     proj = write_mmproj(Checkpoint(d), outtype, tmp_path / "mmproj.gguf").path
     rgb = np.random.default_rng(0).integers(0, 256, size=(108, 108, 3)).astype(np.uint8)
-    got, vision, audio = _mtmd_image_embeddings(text, proj, rgb)
+    # clip warmup stays off: the tiny audio tower's subsampling channels [8, 4] give an 8-wide input
+    # projection, and clip's audio warmup feeds llama.cpp's fixed 128-mel front end (128 wide) into it;
+    # with channels [128, 4] the same pair loads with warmup on (checked by hand)
+    got, vision, audio = mtmd_image_embeddings(text, proj, rgb, ("<|turn>user\n", "<turn|>\n"))
     assert vision and audio == (variant == "e2b-mm")
     ip = transformers.Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=3, do_resize=False)
     px = ip(images=[Image.fromarray(rgb)], return_tensors="pt", do_resize=False)  # image_mean 0, std 1
