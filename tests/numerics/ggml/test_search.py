@@ -38,3 +38,24 @@ def test_seq_sum_is_left_to_right(p: int, start_at_zero: bool) -> None:
     assert (exact.view(np.uint32) != ref.view(np.uint32)).mean() > 0.1
     # 2-D input, as the searches call it.
     assert np.array_equal(seq_sum(terms[0], start_at_zero).numpy().view(np.uint32), ref[0].view(np.uint32))
+
+
+@pytest.mark.subprocess  # compiles C++ (seconds; inductor caches it)
+@pytest.mark.parametrize("start_at_zero", [True, False])
+def test_compiled_seq_sum_is_left_to_right(start_at_zero: bool) -> None:
+    """seq_sum inside torch.compile (the compiled quantizers' path, `_compiled_seq_sum`): the same
+    bits as C's loop, including the columns whose terms are all -0.0 (C: -0.0 from t0, +0.0 from
+    0.0f), all +0.0, and mixed signed zeros."""
+    from gemmaquant.numerics.ggml import compiled_quantize  # noqa: PLC0415 - pins inductor's float flags
+
+    g = torch.Generator().manual_seed(3)
+    terms = torch.randn(32, 4096, generator=g) * torch.exp2(torch.randint(-20, 21, (32, 4096), generator=g))
+    terms[:, :64] = -0.0
+    terms[:, 64:96] = 0.0
+    terms[:5, 96:128] = 0.0
+    terms[5:, 96:128] = -0.0
+    terms[0, 128:160], terms[1, 128:160], terms[2:, 128:160] = 1.0, -1.0, -0.0
+    fn = torch.compile(lambda t: seq_sum(t, start_at_zero), fullgraph=True, options=compiled_quantize.OPTIONS)
+    ref = c_order_sum(terms.numpy(), start_at_zero)
+    assert np.array_equal(fn(terms).numpy().view(np.uint32), ref.view(np.uint32))
+    assert np.signbit(ref[:64]).all() != start_at_zero  # the -0.0 columns are in the test
