@@ -246,18 +246,6 @@ def calibrates(scheme: Scheme, algorithm: str | None) -> bool:
     return algorithm != "rtn" or (ia is not None and not ia.dynamic)
 
 
-def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
-    """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
-    are handled; elsewhere one line says so before any work starts. (The MoE kernel shape limits: the
-    compressed-tensors plan.)"""
-    if ckpt.config.generation != 4:
-        return
-    if opts is not None and (opts.target_bpw is not None or opts.target_size is not None):
-        # the sensitivity measurement behind a budget walks Gemma 1-3's Linears (every layer with a v_proj)
-        raise GemmaQuantError(f"{ckpt.path}: a size budget (--target-bpw/--target-size) is not supported for Gemma 4 "
-                              "yet; use a preset (with --imatrix, or --algorithm gptq)")
-
-
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
     """Every path a quantize run reads: the output guard keeps the output off all of them."""
     return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
@@ -277,7 +265,6 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_family(scheme, out)
     check_request(scheme, opts.algorithm, make_budget(opts.target_bpw, opts.target_size), bool(opts.imatrix_file))
     check_source(ckpt)
-    check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     mmproj = mmproj_target(ckpt, scheme, opts, out)
@@ -367,7 +354,6 @@ def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opt
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
     for s, out in zip(schemes, outs):
         check_request(s, opts.algorithm, None, bool(opts.imatrix_file))
-        check_supported(ckpt, s, opts)
         check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
         plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
     computed = None

@@ -1,0 +1,109 @@
+"""Pieces of the sensitivity pass (sensitivity.py) that Gemma 4's layouts need.
+
+* `Stream`: one residual stream of the pass, with the state Gemma 4 layers read beside it: per
+  mini-batch the K/V that KV-shared layers take from an earlier layer, and the per-layer inputs (PLE)
+  of its own embedding (a stream started by a quantized token or per-layer table reads those).
+* `ExpertInputs`: the tokens the router really sends to each expert of a MoE layer (the fused gate/up
+  input and the down input before the routing weight, as `Experts.observer` reports them).
+* `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
+  on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
+  MUL_MAT_ID inputs per expert).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..numerics.ggml.dequantize import dequantize
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import GGMLType
+from .ggml_calibrate import imatrix_of
+from .ggml_gptq import single_thread
+
+
+def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """W [rows, n] as llama.cpp's bytes of type t decode (single-threaded: bit-exact every run)."""
+    with single_thread():
+        return dequantize(quantize(W, t, imatrix), t, tuple(W.shape))
+
+
+def sampled_rows(n: int, max_rows: int) -> torch.Tensor:
+    step = max(1, math.ceil(n / max_rows))
+    return torch.arange(0, n, step)
+
+
+class Stream:
+    """A residual stream [n, S, H] and what its layers read beside it (module doc)."""
+
+    def __init__(self, h: torch.Tensor, ple=None, kv: dict | None = None):
+        self.h, self.ple = h, ple
+        self.kv: dict[int, dict] = kv if kv is not None else {}  # mini-batch start -> {layer: (K, V)}
+
+    def kv_copy(self) -> dict[int, dict]:
+        """Per mini-batch copies of the K/V kept so far: a trial run may overwrite its producer's entry."""
+        return {b: dict(d) for b, d in self.kv.items()}
+
+
+def run_layer(layer, index: int, stream: Stream, ctx, batch_size: int, h: torch.Tensor | None = None,
+              kv: dict | None = None) -> torch.Tensor:
+    """The layer's output on `h` (default: the stream's), with the stream's per-layer inputs and the K/V
+    in `kv` (default: the stream's own, which a producer layer updates)."""
+    h = stream.h if h is None else h
+    kv = stream.kv if kv is None else kv
+    out = torch.empty_like(h)
+    cur = stream.ple.layer(index) if stream.ple is not None else None
+    for b in range(0, h.shape[0], batch_size):
+        ctx.kv = kv.setdefault(b, {})
+        if cur is not None:
+            ctx.per_layer = stream.ple.batch(*cur, b, b + batch_size)
+            ctx.per_layer_first = index
+        out[b:b + batch_size] = layer(h[b:b + batch_size], ctx)
+    return out
+
+
+class ExpertInputs:
+    """Routed inputs of every expert of one layer, kept while the layer's float pass runs."""
+
+    def __init__(self, experts):
+        self.experts = experts
+        self.x: dict[str, list[list[torch.Tensor]]] = {w: [[] for _ in range(experts.num_experts)]
+                                                       for w in ("gate_up", "down")}
+        experts.observer = lambda e, which, x: self.x[which][e].append(x.detach().float())
+
+    def remove(self) -> None:
+        self.experts.observer = None
+
+    def of(self, which: str) -> list[torch.Tensor | None]:
+        """Per expert its routed inputs [tokens, n] (None: the router sent it no calibration token)."""
+        return [torch.cat(xs) if xs else None for xs in self.x[which]]
+
+
+def expert_imatrix(X: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Per expert llama-quantize's importance Σx²/count from its routed tokens (None: no token)."""
+    return [None if x is None else imatrix_of(x.double().pow(2).sum(0), x.shape[0]) for x in X]
+
+
+def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType, max_rows: int) -> float:
+    """Σ_e ||X_e (W_e − Ŵ_e)ᵀ||² over the experts that saw tokens (an expert no token reaches adds no
+    error on this text), on up to `max_rows` evenly spaced rows per expert, scaled to all rows."""
+    total = 0.0
+    rows = sampled_rows(W.shape[1], max_rows)
+    for e, x in enumerate(X):
+        if x is None:
+            continue
+        Ws = W[e, rows]
+        D = (Ws - quantized(Ws, t, imat[e])).double()
+        total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
+    return total
+
+
+def experts_at(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType) -> torch.Tensor:
+    """The fused tensor with every expert that saw tokens at type t (the others cannot change the
+    output on this text and stay as they are)."""
+    out = W.clone()
+    for e, x in enumerate(X):
+        if x is not None:
+            out[e] = quantized(W[e], t, imat[e])
+    return out
