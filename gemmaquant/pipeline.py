@@ -541,7 +541,7 @@ def _gguf_summary(ckpt, scheme, out, rep, notes: list[str]) -> QuantizeSummary:
         notes.append(f"the imatrix has no entry for {len(m)} tensors, quantized without importance weights: "
                      + ", ".join(m[:4]) + (f" and {len(m) - 4} more" if len(m) > 4 else ""))
     params = sum(p.numel for p in rep.plans)
-    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
+    unq = [(p.name, p.reason) for p in rep.plans if p.type.name == "F32"]  # norms, 1-D, Gemma 4 routers
     if rep.n_fallback:
         notes.append(f"{rep.n_fallback} tensors took llama.cpp's fallback type (row length not a multiple of 256)")
     return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=rep.file_bytes,
@@ -557,7 +557,7 @@ def _gguf_tuned(ckpt, scheme, out, opts, progress, text, calib_progress=None) ->
                       inputs=inputs_of(ckpt, opts)[1:], progress=progress, calib_progress=calib_progress)
     plans = res.report.plans
     params = sum(p.numel for p in plans)
-    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in plans if p.type.name == "F32"]
+    unq = [(p.name, p.reason) for p in plans if p.type.name == "F32"]
     return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=res.file_bytes,
                            source_bytes=ckpt.weight_nbytes(), params=params,
                            bits_per_weight=8 * res.file_bytes / params, peak_rss_bytes=0, notes=res.notes,
