@@ -197,7 +197,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             for s_ in streams:
                 s_.h = run_layer(layer, i, s_, ctx, batch_size)
             trial = lambda kv: run_layer(layer, i, main, ctx, batch_size, kv=kv)  # noqa: E731
-            at_ref = []  # (parameter, float value, reference value)
+            at_ref = []  # (parameter, its value as loaded, its value at the reference type)
             for sfx in input_groups(layer):  # every decoder-layer Linear, in order
                 hf = f"model.layers.{i}.{sfx}"
                 name = gguf_name(hf + ".weight", gen)
@@ -209,7 +209,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
                 H = st.xtx.double()
                 imat = imatrix_of(st.sum_sq, st.count)
                 errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-                at_ref.append((lin.weight, W, _quantized(W, REFERENCE, imat)))
+                at_ref.append((lin.weight, lin.weight.detach().clone(), _quantized(W, REFERENCE, imat)))
                 own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                                   sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
                 infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
@@ -222,7 +222,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
                     X = routed.of(which)
                     imat = expert_imatrix(X)
                     errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
-                    at_ref.append((param, W, experts_at(W, X, imat, REFERENCE)))
+                    at_ref.append((param, param.detach().clone(), experts_at(W, X, imat, REFERENCE)))
                     own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
                     infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
             for p, _, Wref in at_ref:
@@ -278,13 +278,13 @@ def _trial_gain(main: Stream, at_ref, errs, trial, out, streams: list[Stream], p
     """One tensor at the reference type for one forward of its layer: (None, g_t), g_t its layer output
     error per unit of its own error; for a K/V producer's k/v (whose K/V later layers read) the trial
     output becomes a stream of its own, carrying its K/V: (stream index, None)."""
-    param, W, Wref = at_ref
+    param, loaded, Wref = at_ref
     param.copy_(Wref)
     try:
         kv = main.kv_copy()
         y = trial(kv)
     finally:
-        param.copy_(W)
+        param.copy_(loaded)  # not the bf16-rounded copy: an f32 source's float pass ran with this
     if producer:
         streams.append(Stream(y, main.ple, kv))
         return len(streams) - 1, None
