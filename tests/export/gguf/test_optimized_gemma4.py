@@ -118,7 +118,9 @@ def test_target_bpw_as_llama_cpp_counts_it(tiny, tmp_path, capsys, kind):
     assert 8 * size / n <= bpw
     _, layout = _layout(out)
     data = sum(tensor_bytes(v[1][::-1], T(v[0])) for v in layout.values())
-    assert data == size  # llama.cpp's model size is the tensor data we budgeted
+    # llama.cpp's count: every tensor's parameters, its data without the alignment padding we budget for
+    assert n == sum(int(np.prod(v[1])) for v in layout.values())
+    assert data - 32 * len(layout) < size <= data
 
 
 @pytest.mark.llamacpp
