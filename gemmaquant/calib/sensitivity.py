@@ -38,18 +38,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from ..formats.checkpoint import Checkpoint
 from ..numerics.ggml.types import BLOCK, GGMLType
 from ..formats.gguf.names import gguf_name
 from ..model.loading import load_layer
-from ..model.gemma import RMSNorm, embed_scale, make_layer_context
+from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .runner import PerLayerInputs, embed_ids, model_ids
-from .sensitivity_parts import (ExpertInputs, Stream, expert_error, expert_imatrix, experts_at, quantized,
+from .sensitivity_parts import (ExpertInputs, Head, Stream, expert_error, expert_imatrix, experts_at, quantized,
                                 run_layer, sampled_rows)
 from .stats import attach, input_groups
 
@@ -98,41 +98,6 @@ def _linear_error(W: torch.Tensor, H: torch.Tensor, t: GGMLType, imatrix, max_ro
     return float(((D @ H) * D).sum()) * W.shape[0] / len(rows)
 
 
-class _Head:
-    """The final norm and the (tied) LM head, with optional final soft-cap; KL against the float logits
-    over the `kl` positions of each sample, in chunks of positions."""
-
-    def __init__(self, ckpt: Checkpoint, kl_pos: torch.Tensor, chunk: int = 128):
-        cfg = ckpt.config
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
-        with torch.no_grad():
-            self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
-        self.tied = "lm_head.weight" not in ckpt.names()
-        name = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        self.W = ckpt.tensor(name).float()
-        self.cap = cfg.final_logit_softcapping
-        self.pos, self.chunk = kl_pos, chunk
-
-    def _logp(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self.norm(h), W)
-        if self.cap is not None:
-            logits = torch.tanh(logits / self.cap) * self.cap
-        return torch.log_softmax(logits.double(), dim=-1)
-
-    def kl(self, h_ref: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[float]:
-        """Mean KL(float || q) per pair (perturbed final states, head table or None for the float one)."""
-        href = h_ref[:, self.pos].reshape(-1, h_ref.shape[-1])
-        flat = [(h[:, self.pos].reshape(-1, h.shape[-1]), W) for h, W in pairs]
-        tot = [0.0] * len(pairs)
-        for a in range(0, href.shape[0], self.chunk):
-            p = self._logp(href[a:a + self.chunk], self.W)
-            pe = p.exp()
-            for k, (h, W) in enumerate(flat):
-                q = self._logp(h[a:a + self.chunk], self.W if W is None else W)
-                tot[k] += float((pe * (p - q)).sum())
-        return [t / href.shape[0] for t in tot]
-
-
 def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
     """Whether a budget chooses this tensor's type: what llama-quantize quantizes (not 1-D tensors or
     norms, not Gemma 4's router or per-layer model projection, which it never quantizes) and whose
@@ -157,7 +122,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     rep = SensitivityReport(tokens=n * S)
     kl_pos = torch.arange(max(0, S - kl_positions), S)
     rep.kl_tokens = n * len(kl_pos)
-    head = _Head(ckpt, kl_pos)
+    head = Head(ckpt, kl_pos)
     with torch.no_grad():
         h = embed_ids(ckpt, ids)
         ctx = make_layer_context(cfg, S, torch.device("cpu"), torch.float32)
@@ -196,7 +161,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
                     routed.remove()
             for s_ in streams:
                 s_.h = run_layer(layer, i, s_, ctx, batch_size)
-            trial = lambda kv: run_layer(layer, i, main, ctx, batch_size, kv=kv)  # noqa: E731
+            trial = partial(run_layer, layer, i, main, ctx, batch_size)
             at_ref = []  # (parameter, its value as loaded, its value at the reference type)
             for sfx in input_groups(layer):  # every decoder-layer Linear, in order
                 hf = f"model.layers.{i}.{sfx}"
@@ -239,11 +204,10 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             del layer, stats, routed
             if progress:
                 progress(i + 1, cfg.num_hidden_layers, f"layer {i}")
-        # the head: every perturbed stream through the float head, then the float final states
-        # through each quantized table (one table at a time: 0.7 GB each for Gemma 3's vocabulary)
+        # the head: every perturbed stream through the float table, and the float final states through
+        # the table at each type, in one pass over the table's row chunks (`Head`)
         h = main.h
-        kls = head.kl(h, [(s_.h, None) for s_ in streams])
-        head_kl = {t: head.kl(h, [(h, _quantized(head.W, t, None))])[0] for t in candidates(head.W.shape[1], embed_types)}
+        kls, head_kl = head.kls(h, [s_.h for s_ in streams], candidates(head.W.shape[1], embed_types))
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
     rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
     for name, (own, shape, errs, g, i) in infos.items():
@@ -282,7 +246,7 @@ def _trial_gain(main: Stream, at_ref, errs, trial, out, streams: list[Stream], p
     param.copy_(Wref)
     try:
         kv = main.kv_copy()
-        y = trial(kv)
+        y = trial(kv=kv)
     finally:
         param.copy_(loaded)  # not the bf16-rounded copy: an f32 source's float pass ran with this
     if producer:

@@ -107,3 +107,61 @@ def experts_at(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGM
         if x is not None:
             out[e] = quantized(W[e], t, imat[e])
     return out
+
+
+class Head:
+    """The final norm and the LM head (tied: the embedding), with the final soft-cap: the KL from the
+    float logits over the `pos` positions of each window, of perturbed final states through the float
+    table and of the float final states through the table at each GGML type.
+
+    The table streams in chunks of `rows` vocabulary rows read from the checkpoint's mapping (Gemma 4
+    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk
+    quantized once per type (llama.cpp quantizes the table row by row, without importance). Per
+    position, with a the float logits and b the other ones, KL = Σ_v p_v (a_v − b_v) − lse(a) + lse(b)
+    (p = softmax(a)): lse(a) in a first pass over the table, the rest accumulated chunk by chunk."""
+
+    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096):
+        from ..model.gemma import RMSNorm
+
+        cfg = ckpt.config
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        with torch.no_grad():
+            self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
+        self.tied = "lm_head.weight" not in ckpt.names()
+        self.W = ckpt.tensor("model.embed_tokens.weight" if self.tied else "lm_head.weight")  # stored dtype
+        self.cap = cfg.final_logit_softcapping
+        self.pos, self.rows = pos, rows
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h[:, self.pos].reshape(-1, h.shape[-1]))
+
+    def _logits(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.linear(x, W)
+        if self.cap is not None:
+            z = torch.tanh(z / self.cap) * self.cap
+        return z.double()
+
+    def kls(self, h_ref: torch.Tensor, streams: list[torch.Tensor], types) -> tuple[list[float], dict]:
+        """(mean KL of each perturbed final state [n, S, H] through the float table, {type: mean KL of
+        the float final states through the table at that type})."""
+        x = self._final(h_ref)
+        xs = [self._final(h) for h in streams]
+        types = list(types)
+        chunks = [(r, min(r + self.rows, self.W.shape[0])) for r in range(0, self.W.shape[0], self.rows)]
+        lse_a = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
+        for r0, r1 in chunks:
+            lse_a = torch.logaddexp(lse_a, self._logits(x, self.W[r0:r1].float()).logsumexp(-1))
+        k = len(xs) + len(types)
+        acc = torch.zeros(k, x.shape[0], dtype=torch.float64)
+        lse_b = torch.full((k, x.shape[0]), float("-inf"), dtype=torch.float64)
+        for r0, r1 in chunks:
+            Wc = self.W[r0:r1].float()
+            a = self._logits(x, Wc)
+            p = (a - lse_a[:, None]).exp()
+            for j in range(k):
+                b = self._logits(xs[j], Wc) if j < len(xs) else \
+                    self._logits(x, quantized(Wc, types[j - len(xs)], None))
+                acc[j] += (p * (a - b)).sum(-1)
+                lse_b[j] = torch.logaddexp(lse_b[j], b.logsumexp(-1))
+        kl = (acc - lse_a + lse_b).mean(-1).tolist()
+        return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
