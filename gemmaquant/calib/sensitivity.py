@@ -49,8 +49,8 @@ from ..model.loading import load_layer
 from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .runner import PerLayerInputs, embed_ids, model_ids
-from .sensitivity_parts import (ExpertInputs, Head, Stream, expert_error, expert_imatrix, experts_at, quantized,
-                                run_layer, sampled_rows)
+from .sensitivity_parts import (ExpertInputs, Head, Stream, Switch, bf16_rows, expert_error, expert_imatrix,
+                                quantized, run_layer, sampled_rows)
 from .stats import attach, input_groups
 
 T = GGMLType
@@ -88,13 +88,10 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-_quantized = quantized
-
-
 def _linear_error(W: torch.Tensor, H: torch.Tensor, t: GGMLType, imatrix, max_rows: int) -> float:
     rows = sampled_rows(W.shape[0], max_rows)
-    Ws = W[rows]
-    D = (Ws - _quantized(Ws, t, imatrix)).double()
+    Ws = bf16_rows(W, rows)
+    D = (Ws - quantized(Ws, t, imatrix)).double()
     return float(((D @ H) * D).sum()) * W.shape[0] / len(rows)
 
 
@@ -137,7 +134,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
         scale = embed_scale(cfg, torch.float32)
         emb_err, emb_delta_ref = {}, None
         for t in candidates(cfg.hidden_size, embed_types):
-            d = (_quantized(rows, t, None) - rows)[inv] * scale
+            d = (quantized(rows, t, None) - rows)[inv] * scale
             emb_err[t] = float((d.double() ** 2).sum())
             if t == REFERENCE:
                 emb_delta_ref = d
@@ -162,7 +159,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             for s_ in streams:
                 s_.h = run_layer(layer, i, s_, ctx, batch_size)
             trial = partial(run_layer, layer, i, main, ctx, batch_size)
-            at_ref = []  # (parameter, its value as loaded, its value at the reference type)
+            at_ref: list[Switch] = []  # every measured tensor, switchable to the reference type
             for sfx in input_groups(layer):  # every decoder-layer Linear, in order
                 hf = f"model.layers.{i}.{sfx}"
                 name = gguf_name(hf + ".weight", gen)
@@ -170,28 +167,29 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
                 if not choosable(name, tuple(lin.weight.shape), types):
                     continue
                 st = stats[hf]
-                W = lin.weight.detach().to(torch.bfloat16).float()
+                W = lin.weight.detach()
                 H = st.xtx.double()
                 imat = imatrix_of(st.sum_sq, st.count)
                 errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-                at_ref.append((lin.weight, lin.weight.detach().clone(), _quantized(W, REFERENCE, imat)))
+                at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
                 own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                                   sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
                 infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
             if routed is not None:
                 for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
                     name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
-                    W = param.detach().to(torch.bfloat16).float()
+                    W = param.detach()
                     if not choosable(name, tuple(W.shape), types):
                         continue
                     X = routed.of(which)
                     imat = expert_imatrix(X)
                     errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
-                    at_ref.append((param, param.detach().clone(), experts_at(W, X, imat, REFERENCE)))
+                    at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
+                                         [x is not None for x in X]))
                     own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
                     infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
-            for p, _, Wref in at_ref:
-                p.copy_(Wref)
+            for sw in at_ref:
+                sw.reference()
             kv = main.kv_copy()
             pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
             for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
@@ -238,17 +236,16 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     return rep
 
 
-def _trial_gain(main: Stream, at_ref, errs, trial, out, streams: list[Stream], producer: bool):
+def _trial_gain(main: Stream, switch: Switch, errs, trial, out, streams: list[Stream], producer: bool):
     """One tensor at the reference type for one forward of its layer: (None, g_t), g_t its layer output
     error per unit of its own error; for a K/V producer's k/v (whose K/V later layers read) the trial
     output becomes a stream of its own, carrying its K/V: (stream index, None)."""
-    param, loaded, Wref = at_ref
-    param.copy_(Wref)
+    switch.reference()
     try:
         kv = main.kv_copy()
         y = trial(kv=kv)
     finally:
-        param.copy_(loaded)  # not the bf16-rounded copy: an f32 source's float pass ran with this
+        switch.restore()  # the value as loaded (an f32 source's float pass ran with it, not its bf16 rounding)
     if producer:
         streams.append(Stream(y, main.ple, kv))
         return len(streams) - 1, None
@@ -269,7 +266,7 @@ def _per_layer_table(ckpt: Checkpoint, ids: torch.Tensor, h: torch.Tensor, strea
     rows = table[used].to(torch.bfloat16).float()
     err, ref = {}, None
     for t in candidates(table.shape[1], types):
-        q = _quantized(rows, t, None)
+        q = quantized(rows, t, None)
         err[t] = float(((q - rows)[inv].double() ** 2).sum())
         if t == REFERENCE:
             ref = q

@@ -8,6 +8,8 @@
 * `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
   on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
   MUL_MAT_ID inputs per expert).
+* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes.
+* `Head`: the LM head's KL, the table streamed in row chunks.
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ def expert_imatrix(X: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return [None if x is None else imatrix_of(x.double().pow(2).sum(0), x.shape[0]) for x in X]
 
 
+def bf16_rows(W: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a resident weight as llama-quantize reads them from the converter's bf16 GGUF."""
+    return W[rows].detach().to(torch.bfloat16).float()
+
+
 def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType, max_rows: int) -> float:
     """Σ_e ||X_e (W_e − Ŵ_e)ᵀ||² over the experts that saw tokens (an expert no token reaches adds no
     error on this text), on up to `max_rows` evenly spaced rows per expert, scaled to all rows."""
@@ -93,20 +100,37 @@ def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: G
     for e, x in enumerate(X):
         if x is None:
             continue
-        Ws = W[e, rows]
+        Ws = bf16_rows(W[e], rows)
         D = (Ws - quantized(Ws, t, imat[e])).double()
         total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
     return total
 
 
-def experts_at(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType) -> torch.Tensor:
-    """The fused tensor with every expert that saw tokens at type t (the others cannot change the
-    output on this text and stay as they are)."""
-    out = W.clone()
-    for e, x in enumerate(X):
-        if x is not None:
-            out[e] = quantized(W[e], t, imat[e])
-    return out
+class Switch:
+    """One tensor of the resident layer, switched between its value as loaded and its value at type t.
+
+    Holds only the type's bytes (Q4_0: 0.56 bytes a weight); the loaded value is read again from the
+    checkpoint's mapping, so no float32 copy stays beside the layer (26B-A4B's fused gate/up experts
+    are 2 GB in float32). A fused [E, rows, n] tensor switches the experts that saw tokens (`seen`),
+    each quantized with its own importance; the others cannot change the output on this text."""
+
+    def __init__(self, param: torch.Tensor, source: torch.Tensor, t: GGMLType, imatrix, seen=None):
+        self.param, self.source, self.t = param, source, t
+        with single_thread():
+            if param.dim() == 2:
+                self.data = {None: quantize(source.to(torch.bfloat16).float(), t, imatrix)}
+            else:
+                self.data = {e: quantize(source[e].to(torch.bfloat16).float(), t, imatrix[e])
+                             for e in range(param.shape[0]) if seen[e]}
+
+    def reference(self) -> None:
+        shape = tuple(self.param.shape[-2:])
+        with single_thread():
+            for e, d in self.data.items():
+                (self.param if e is None else self.param[e]).copy_(dequantize(d, self.t, shape))
+
+    def restore(self) -> None:
+        self.param.copy_(self.source)
 
 
 class Head:

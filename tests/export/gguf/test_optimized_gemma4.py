@@ -23,7 +23,7 @@ from gemmaquant.numerics.ggml.types import GGMLType
 from tests.reliability import check_error, run_cli
 from tests.tiny_gemma4 import make_tiny_gemma4
 
-from .test_optimized import CALIB, _kv, _layout
+from .test_optimized import CALIB, kv_value, layout_of
 
 T = GGMLType
 pytestmark = pytest.mark.slow
@@ -86,14 +86,14 @@ def test_target_size_met_planned_recorded_loads_and_reruns_identically(tiny, tmp
     assert all(r["note"].startswith("budget:") for r in rows if r["tensor"] in LAYOUTS[kind])  # the why
     s = _quantize(src, out, capsys, "--target-size", target, "--card")
     assert out.stat().st_size == s["output_bytes"] <= target
-    r, layout = _layout(out)
+    r, layout = layout_of(out)
     got = {n: T(v[0]).name for n, v in layout.items()}
     assert got == planned  # the dry run's plan is the file's
-    plan = dict(e.split("=") for e in _kv(r, KEY_PLAN))
+    plan = dict(e.split("=") for e in kv_value(r, KEY_PLAN))
     assert all(n in plan for n in LAYOUTS[kind]) and not any(n.endswith(NEVER) for n in plan)
     assert plan == {n: t for n, t in got.items() if n in plan}
     assert len(set(plan.values())) > 1  # a real mix
-    assert str(target) in _kv(r, KEY_TARGET).replace(",", "")
+    assert str(target) in kv_value(r, KEY_TARGET).replace(",", "")
     card = (tmp_path / "README.md").read_text()
     assert "size budget --target-size" in card and all(n.removesuffix(".weight") in card for n in LAYOUTS[kind])
     if kind.endswith("-mm"):  # the towers went to the mmproj beside it, not into the budget
@@ -116,7 +116,7 @@ def test_target_bpw_as_llama_cpp_counts_it(tiny, tmp_path, capsys, kind):
     _quantize(src, out, capsys, "--target-bpw", bpw)
     size, n = _llama(out)
     assert 8 * size / n <= bpw
-    _, layout = _layout(out)
+    _, layout = layout_of(out)
     data = sum(tensor_bytes(v[1][::-1], T(v[0])) for v in layout.values())
     # llama.cpp's count: every tensor's parameters, its data without the alignment padding we budget for
     assert n == sum(int(np.prod(v[1])) for v in layout.values())
@@ -159,7 +159,7 @@ def test_smallest_size_named_in_the_error_is_reachable(tiny, tmp_path, capsys):
 
 # ---- the sensitivity pass itself, against our full forward pass ----
 
-def _true_kl(model, ids, param, value, positions):
+def true_kl(model, ids, param, value, positions):
     with torch.no_grad():
         ref = model(ids)[:, -positions:].double().log_softmax(-1)
         W = param.detach().clone()
@@ -169,7 +169,7 @@ def _true_kl(model, ids, param, value, positions):
     return float((ref.exp() * (ref - q)).sum(-1).mean())
 
 
-def _float_inputs(model, ids):
+def float_inputs(model, ids):
     """Each Linear's float input [tokens, in], and each MoE layer's routed expert inputs."""
     inputs, routed, hooks = {}, {}, []
     for n, m in model.named_modules():
@@ -189,7 +189,7 @@ def _float_inputs(model, ids):
     return {k: torch.cat(v) for k, v in inputs.items()}, routed
 
 
-def _at_reference(model, name, inputs, routed):
+def at_reference(model, name, inputs, routed):
     """(parameter, its value at the reference type) as the sensitivity pass quantizes it."""
     from gemmaquant.calib.ggml_calibrate import imatrix_of
     from gemmaquant.calib.sensitivity import REFERENCE
@@ -249,13 +249,13 @@ def test_kv_producers_and_the_per_layer_table_are_measured_exactly(float_tiny):
     assert set(rep.tensors) == {p.name for p in plans if choosable(p.name, p.shape, BUDGET_TYPES)}
     first = ck.config.first_kv_shared
     assert not any(f"blk.{i}.attn_k." in n for n in rep.tensors for i in range(first, ck.config.num_hidden_layers))
-    inputs, routed = _float_inputs(model, ids)
+    inputs, routed = float_inputs(model, ids)
     exact = [n for n, s in rep.tensors.items() if "own gain" in s.detail or "per-layer input" in s.detail]
     assert sorted(exact) == sorted(["blk.1.attn_k.weight", "blk.1.attn_v.weight", "blk.2.attn_k.weight",
                                     "blk.2.attn_v.weight", "per_layer_token_embd.weight"])
     for name in exact:
-        p, value = _at_reference(model, name, inputs, routed)
-        assert rep.tensors[name].kl[REFERENCE] == pytest.approx(_true_kl(model, ids, p, value, 8), rel=1e-5), name
+        p, value = at_reference(model, name, inputs, routed)
+        assert rep.tensors[name].kl[REFERENCE] == pytest.approx(true_kl(model, ids, p, value, 8), rel=1e-5), name
 
 
 def test_moe_estimates_rank_the_tensors_as_the_true_kl(float_tiny):
@@ -264,14 +264,14 @@ def test_moe_estimates_rank_the_tensors_as_the_true_kl(float_tiny):
     from gemmaquant.calib.sensitivity import REFERENCE
 
     _, ids, rep, model = _measure(float_tiny / "moe")
-    inputs, routed = _float_inputs(model, ids)
+    inputs, routed = float_inputs(model, ids)
     est, true = [], []
     for name, s in rep.tensors.items():
         if not name.startswith("blk."):
             continue
-        p, value = _at_reference(model, name, inputs, routed)
+        p, value = at_reference(model, name, inputs, routed)
         est.append(s.kl[REFERENCE])
-        true.append(_true_kl(model, ids, p, value, 8))
+        true.append(true_kl(model, ids, p, value, 8))
     est, true = np.array(est), np.array(true)
     assert np.all((est > true / 10) & (est < true * 10)), np.stack([est, true])
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
