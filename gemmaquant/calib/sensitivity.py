@@ -113,7 +113,6 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     `progress(done, total, what)` is called per layer."""
     t0 = time.perf_counter()
     cfg = ckpt.config
-    gen = cfg.generation
     ids = model_ids(ckpt, ids)
     n, S = ids.shape
     rep = SensitivityReport(tokens=n * S)
@@ -146,60 +145,9 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
         layer_err: list[float] = []
         infos: dict[str, tuple] = {}  # GGUF name -> (stream index or None, shape, errs, tensor gain)
         for i in range(cfg.num_hidden_layers):
-            layer = load_layer(ckpt, i)
-            stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
-            routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
-            try:
-                out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
-            finally:
-                for hd in handles:
-                    hd.remove()
-                if routed is not None:
-                    routed.remove()
-            for s_ in streams:
-                s_.h = run_layer(layer, i, s_, ctx, batch_size)
-            trial = partial(run_layer, layer, i, main, ctx, batch_size)
-            at_ref: list[Switch] = []  # every measured tensor, switchable to the reference type
-            for sfx in input_groups(layer):  # every decoder-layer Linear, in order
-                hf = f"model.layers.{i}.{sfx}"
-                name = gguf_name(hf + ".weight", gen)
-                lin = layer.get_submodule(sfx)
-                if not choosable(name, tuple(lin.weight.shape), types):
-                    continue
-                st = stats[hf]
-                W = lin.weight.detach()
-                H = st.xtx.double()
-                imat = imatrix_of(st.sum_sq, st.count)
-                errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-                at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
-                own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
-                                  sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
-                infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
-            if routed is not None:
-                for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
-                    name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
-                    W = param.detach()
-                    if not choosable(name, tuple(W.shape), types):
-                        continue
-                    X = routed.of(which)
-                    imat = expert_imatrix(X)
-                    errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
-                    at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
-                                         [x is not None for x in X]))
-                    own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
-                    infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
-            for sw in at_ref:
-                sw.reference()
-            kv = main.kv_copy()
-            pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
-            for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
-                if i in d:
-                    d[i] = main.kv[b][i]
-            layer_err.append(float(((pert - out).double() ** 2).sum()))
-            layer_stream.append(len(streams))
-            streams.append(Stream(pert, ple, kv))
-            main.h = out
-            del layer, stats, routed
+            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos)
+            layer_err.append(err)
+            layer_stream.append(k)
             if progress:
                 progress(i + 1, cfg.num_hidden_layers, f"layer {i}")
         # the head: every perturbed stream through the float table, and the float final states through
@@ -234,6 +182,67 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     rep.tensors["token_embd.weight"] = TensorSensitivity("token_embd.weight", tuple(table.shape), emb, why)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], ctx, batch_size: int, types,
+                max_rows: int, infos: dict) -> tuple[float, int]:
+    """Decoder layer i (module doc): every stream through it, each measured tensor's errors and trial into
+    `infos`, the all-at-reference stream appended; (its layer output error, its stream index). A function
+    of its own so that the layer and everything holding its weights go when it returns, before the next
+    layer loads."""
+    gen = ckpt.config.generation
+    layer = load_layer(ckpt, i)
+    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
+    routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
+    try:
+        out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
+    finally:
+        for hd in handles:
+            hd.remove()
+        if routed is not None:
+            routed.remove()
+    for s_ in streams:
+        s_.h = run_layer(layer, i, s_, ctx, batch_size)
+    trial = partial(run_layer, layer, i, main, ctx, batch_size)
+    at_ref: list[Switch] = []  # every measured tensor, switchable to the reference type
+    for sfx in input_groups(layer):  # every decoder-layer Linear, in order
+        hf = f"model.layers.{i}.{sfx}"
+        name = gguf_name(hf + ".weight", gen)
+        lin = layer.get_submodule(sfx)
+        if not choosable(name, tuple(lin.weight.shape), types):
+            continue
+        st = stats[hf]
+        W = lin.weight.detach()
+        H = st.xtx.double()
+        imat = imatrix_of(st.sum_sq, st.count)
+        errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
+        own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
+                          sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
+        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+    if routed is not None:
+        for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
+            name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
+            W = param.detach()
+            if not choosable(name, tuple(W.shape), types):
+                continue
+            X = routed.of(which)
+            imat = expert_imatrix(X)
+            errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
+            at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
+                                 [x is not None for x in X]))
+            own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
+            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+    for sw in at_ref:
+        sw.reference()
+    kv = main.kv_copy()
+    pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
+    for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
+        if i in d:
+            d[i] = main.kv[b][i]
+    streams.append(Stream(pert, main.ple, kv))
+    main.h = out
+    return float(((pert - out).double() ** 2).sum()), len(streams) - 1
 
 
 def _trial_gain(main: Stream, switch: Switch, errs, trial, out, streams: list[Stream], producer: bool):
