@@ -246,18 +246,6 @@ def calibrates(scheme: Scheme, algorithm: str | None) -> bool:
     return algorithm != "rtn" or (ia is not None and not ia.dynamic)
 
 
-def check_supported(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOptions | None = None) -> None:
-    """Gemma 4 reaches the writers only where its blocks (MoE experts, per-layer inputs, K/V sharing)
-    are handled; elsewhere one line says so before any work starts. (The MoE kernel shape limits: the
-    compressed-tensors plan.)"""
-    if ckpt.config.generation != 4:
-        return
-    if opts is not None and (opts.target_bpw is not None or opts.target_size is not None):
-        # the sensitivity measurement behind a budget walks Gemma 1-3's Linears (every layer with a v_proj)
-        raise GemmaQuantError(f"{ckpt.path}: a size budget (--target-bpw/--target-size) is not supported for Gemma 4 "
-                              "yet; use a preset (with --imatrix, or --algorithm gptq)")
-
-
 def inputs_of(ckpt: Checkpoint, opts: QuantizeOptions) -> list:
     """Every path a quantize run reads: the output guard keeps the output off all of them."""
     return [ckpt.path, opts.calib, opts.imatrix_file, *opts.inputs]
@@ -277,7 +265,6 @@ def run_quantize(ckpt: Checkpoint, scheme: Scheme, out: Path, opts: QuantizeOpti
     check_family(scheme, out)
     check_request(scheme, opts.algorithm, make_budget(opts.target_bpw, opts.target_size), bool(opts.imatrix_file))
     check_source(ckpt)
-    check_supported(ckpt, scheme, opts)
     # the output guard before any calibration time (the writers apply it again when they start)
     check_output(out, force=opts.force, kind="file" if scheme.is_gguf else "dir", inputs=inputs_of(ckpt, opts))
     mmproj = mmproj_target(ckpt, scheme, opts, out)
@@ -367,7 +354,6 @@ def run_quantize_set(ckpt: Checkpoint, schemes: list[Scheme], out_dir: Path, opt
         raise GemmaQuantError("--imatrix (compute one) and --imatrix-file (read one) exclude each other")
     for s, out in zip(schemes, outs):
         check_request(s, opts.algorithm, None, bool(opts.imatrix_file))
-        check_supported(ckpt, s, opts)
         check_output(out, force=opts.force, kind="file", inputs=inputs_of(ckpt, opts))
         plan_types(ckpt.config, s, has_imatrix, has_lm_head="lm_head.weight" in ckpt.names())  # refusals now
     computed = None
@@ -555,7 +541,7 @@ def _gguf_summary(ckpt, scheme, out, rep, notes: list[str]) -> QuantizeSummary:
         notes.append(f"the imatrix has no entry for {len(m)} tensors, quantized without importance weights: "
                      + ", ".join(m[:4]) + (f" and {len(m) - 4} more" if len(m) > 4 else ""))
     params = sum(p.numel for p in rep.plans)
-    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in rep.plans if p.type.name == "F32"]
+    unq = [(p.name, p.reason) for p in rep.plans if p.type.name == "F32"]  # norms, 1-D, Gemma 4 routers
     if rep.n_fallback:
         notes.append(f"{rep.n_fallback} tensors took llama.cpp's fallback type (row length not a multiple of 256)")
     return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=rep.file_bytes,
@@ -571,7 +557,7 @@ def _gguf_tuned(ckpt, scheme, out, opts, progress, text, calib_progress=None) ->
                       inputs=inputs_of(ckpt, opts)[1:], progress=progress, calib_progress=calib_progress)
     plans = res.report.plans
     params = sum(p.numel for p in plans)
-    unq = [(p.name, "norms stay F32 (llama.cpp)") for p in plans if p.type.name == "F32"]
+    unq = [(p.name, p.reason) for p in plans if p.type.name == "F32"]
     return QuantizeSummary(output=out, scheme=scheme.name, family="gguf", seconds=0, output_bytes=res.file_bytes,
                            source_bytes=ckpt.weight_nbytes(), params=params,
                            bits_per_weight=8 * res.file_bytes / params, peak_rss_bytes=0, notes=res.notes,

@@ -11,6 +11,7 @@ One per feature combination of the released models:
   moe-mm       the MoE-like text model in the wrapper (the released 26B-A4B is multimodal)
   dense-mm     the 31B-like text model in the wrapper with a vision tower only (no audio, as the 31B and
                26B-A4B), its vision encoder standardizing (std_bias/std_scale) with clipped Linears
+  e2b-p32      the E2B-like one with 32-wide per-layer inputs (rows a budget can choose types for)
   *-256        256-wide variants (K-quant rules without fallback; head dims vLLM's CPU attention runs)
 global_head_dim differs from head_dim: llama.cpp's converter asserts it (and real models have 512/256).
 """
@@ -52,6 +53,9 @@ VARIANTS["dense-256"] = {**VARIANTS["dense"], **WIDE, "num_hidden_layers": 3, "l
 # 4 experts (not 8: llama-quantize's Mixtral rules), 2 layers
 VARIANTS["moe-256-small"] = {**VARIANTS["moe-256"], "num_hidden_layers": 2, "layer_types": [S, F],
                              "num_experts": 4, "top_k_experts": 2}
+# E2B-like with 32-wide per-layer inputs: every PLE tensor's rows (per_layer_token_embd: 7 x 32, proj: 32)
+# are a multiple of 32, so a size budget chooses their types (at 16 wide llama.cpp's fallback keeps F16)
+VARIANTS["e2b-p32"] = {**VARIANTS["e2b"], "hidden_size_per_layer_input": 32}
 # multimodal name -> its text variant (the released 26B-A4B is a multimodal MoE)
 WRAPPED = {"e2b-mm": "e2b", "moe-mm": "moe", "moe-256-mm": "moe-256", "dense-mm": "dense", "e2b-256-mm": "e2b-256"}
 VISION_ONLY = {"dense-mm": dict(standardize=True, use_clipped_linears=True)}  # vision_config extras, no audio

@@ -16,30 +16,42 @@ Then ΔKL(t, T) ≈ G_i · g_t · e(t,T). The tied token embedding gets both of 
 LM head, the KL of the float final states through the quantized table (exact, per type); as the input
 embedding, a perturbed stream from the start, scaled by each type's embedding error.
 
+Gemma 4 (calib/sensitivity_parts.py holds the pieces):
+* every tensor llama-quantize quantizes is measured (`choosable`): a layer's own Linears (KV-shared
+  layers have no k/v, k_eq_v full layers no v), the per-layer input gate and projection, and each fused
+  expert tensor (`ffn_gate_up_exps`, `ffn_down_exps`) as ONE tensor, its error summed over experts on the
+  tokens the router really sends each (the float pass's routing; each expert with its own importance);
+  the router and the per-layer model projection are never quantized, rows no candidate block divides
+  keep llama-quantize's fallback;
+* each stream keeps its own K/V for the KV-shared layers. The k/v of a layer whose K/V later layers
+  reuse get a stream of their own (the trial output, with its K/V), whose KL is their gain directly;
+  the layer's all-at-reference stream keeps the float K/V, so G_i is the residual's gain alone;
+* the per-layer input table (`per_layer_token_embd`) gets a stream whose per-layer inputs come from its
+  used rows at the reference type, scaled by each type's row error, like the input embedding; the
+  embedding's stream also feeds its perturbed embedding to the per-layer model projection.
+
 These are second-order estimates (KL is quadratic in small perturbations, and the per-tensor costs
 add): good for ranking the choices of `budget.py`, not a replacement for llama-perplexity.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from ..formats.checkpoint import Checkpoint
-from ..numerics.ggml.dequantize import dequantize
-from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import BLOCK, GGMLType
 from ..formats.gguf.names import gguf_name
 from ..model.loading import load_layer
-from ..model.gemma import RMSNorm, embed_scale, make_layer_context
+from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
-from .ggml_gptq import single_thread
-from .runner import embed_ids
-from .stats import INPUT_OF, attach
+from .runner import PerLayerInputs, embed_ids, model_ids
+from .sensitivity_parts import (ExpertInputs, Head, Stream, Switch, bf16_rows, expert_error, expert_imatrix,
+                                quantized, run_layer, sampled_rows)
+from .stats import attach, input_groups
 
 T = GGMLType
 # Types the budget chooses from, by increasing size (bits per weight in brackets).
@@ -48,7 +60,10 @@ CANDIDATES = (T.Q2_K, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_0, T.IQ4_NL, T.Q4_K, T.Q4_
 # What a size budget chooses from by default: our IQ3_S search (exact emulation of llama.cpp's grid
 # search) is two orders of magnitude slower than the other quantizers, too slow to try on every tensor.
 BUDGET_TYPES = tuple(t for t in CANDIDATES if t != T.IQ3_S)
-REFERENCE = T.Q4_0  # every Gemma row length is a multiple of its block of 32
+REFERENCE = T.Q4_0  # block of 32: every tensor with a candidate type can take it
+# Quantizable shapes llama-quantize still never quantizes (Gemma 4's router; the per-layer model
+# projection stays the converter's BF16)
+NEVER_QUANTIZED = ("ffn_gate_inp.weight", "per_layer_model_proj.weight")
 
 
 def candidates(ncols: int, allowed=CANDIDATES) -> list[GGMLType]:
@@ -73,56 +88,20 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-def _rows(n: int, max_rows: int) -> torch.Tensor:
-    step = max(1, math.ceil(n / max_rows))
-    return torch.arange(0, n, step)
-
-
-def _quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:
-    with single_thread():
-        return dequantize(quantize(W, t, imatrix), t, tuple(W.shape))
-
-
 def _linear_error(W: torch.Tensor, H: torch.Tensor, t: GGMLType, imatrix, max_rows: int) -> float:
-    rows = _rows(W.shape[0], max_rows)
-    Ws = W[rows]
-    D = (Ws - _quantized(Ws, t, imatrix)).double()
+    rows = sampled_rows(W.shape[0], max_rows)
+    Ws = bf16_rows(W, rows)
+    D = (Ws - quantized(Ws, t, imatrix)).double()
     return float(((D @ H) * D).sum()) * W.shape[0] / len(rows)
 
 
-class _Head:
-    """The final norm and the (tied) LM head, with optional final soft-cap; KL against the float logits
-    over the `kl` positions of each sample, in chunks of positions."""
-
-    def __init__(self, ckpt: Checkpoint, kl_pos: torch.Tensor, chunk: int = 128):
-        cfg = ckpt.config
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        with torch.no_grad():
-            self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
-        self.tied = "lm_head.weight" not in ckpt.names()
-        name = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        self.W = ckpt.tensor(name).float()
-        self.cap = cfg.final_logit_softcapping
-        self.pos, self.chunk = kl_pos, chunk
-
-    def _logp(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self.norm(h), W)
-        if self.cap is not None:
-            logits = torch.tanh(logits / self.cap) * self.cap
-        return torch.log_softmax(logits.double(), dim=-1)
-
-    def kl(self, h_ref: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[float]:
-        """Mean KL(float || q) per pair (perturbed final states, head table or None for the float one)."""
-        href = h_ref[:, self.pos].reshape(-1, h_ref.shape[-1])
-        flat = [(h[:, self.pos].reshape(-1, h.shape[-1]), W) for h, W in pairs]
-        tot = [0.0] * len(pairs)
-        for a in range(0, href.shape[0], self.chunk):
-            p = self._logp(href[a:a + self.chunk], self.W)
-            pe = p.exp()
-            for k, (h, W) in enumerate(flat):
-                q = self._logp(h[a:a + self.chunk], self.W if W is None else W)
-                tot[k] += float((pe * (p - q)).sum())
-        return [t / href.shape[0] for t in tot]
+def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
+    """Whether a budget chooses this tensor's type: what llama-quantize quantizes (not 1-D tensors or
+    norms, not Gemma 4's router or per-layer model projection, which it never quantizes) and whose
+    rows some candidate type's block divides (else llama-quantize's fallback decides: F16)."""
+    if len(shape) < 2 or name.endswith("_norm.weight") or name.endswith(NEVER_QUANTIZED):
+        return False
+    return bool(candidates(shape[-1], allowed))
 
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
@@ -134,80 +113,64 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     `progress(done, total, what)` is called per layer."""
     t0 = time.perf_counter()
     cfg = ckpt.config
-    gen = cfg.generation
+    ids = model_ids(ckpt, ids)
     n, S = ids.shape
     rep = SensitivityReport(tokens=n * S)
     kl_pos = torch.arange(max(0, S - kl_positions), S)
     rep.kl_tokens = n * len(kl_pos)
-    head = _Head(ckpt, kl_pos)
+    head = Head(ckpt, kl_pos)
     with torch.no_grad():
         h = embed_ids(ckpt, ids)
         ctx = make_layer_context(cfg, S, torch.device("cpu"), torch.float32)
+        ple = PerLayerInputs(ckpt, ids, h.clone(), torch.float32, "cpu") if cfg.hidden_size_per_layer_input else None
+        main = Stream(h, ple)
         # token_embd as input embedding: the used rows quantized (row-local, no imatrix: llama-imatrix
-        # has no entry for it), one perturbed stream at the reference type
-        emb_name = "model.embed_tokens.weight"
-        table = ckpt.tensor(emb_name)
+        # has no entry for it), one perturbed stream at the reference type (its per-layer inputs
+        # project the perturbed embedding too)
+        table = ckpt.tensor("model.embed_tokens.weight")
         used, inv = torch.unique(ids, return_inverse=True)
         rows = table[used].float()
         scale = embed_scale(cfg, torch.float32)
-        emb_types = candidates(cfg.hidden_size, embed_types)
-        emb_err = {}
-        emb_delta_ref = None
-        for t in emb_types:
-            d = (_quantized(rows, t, None) - rows)[inv] * scale
+        emb_err, emb_delta_ref = {}, None
+        for t in candidates(cfg.hidden_size, embed_types):
+            d = (quantized(rows, t, None) - rows)[inv] * scale
             emb_err[t] = float((d.double() ** 2).sum())
             if t == REFERENCE:
                 emb_delta_ref = d
-        streams: list[torch.Tensor] = [h + emb_delta_ref]  # stream 0: embedding; stream i+1: layer i
+        h_emb = h + emb_delta_ref
+        streams: list[Stream] = [Stream(h_emb, PerLayerInputs(ckpt, ids, h_emb.clone(), torch.float32, "cpu")
+                                        if ple is not None else None)]
+        ple_err = _per_layer_table(ckpt, ids, h, streams, embed_types)  # Gemma 4 E2B/E4B: a second stream
+        layer_stream: list[int] = []  # stream index of layer i's all-at-reference copy
         layer_err: list[float] = []
-        infos: dict[str, tuple] = {}
+        infos: dict[str, tuple] = {}  # GGUF name -> (stream index or None, shape, errs, tensor gain)
         for i in range(cfg.num_hidden_layers):
-            layer = load_layer(ckpt, i)
-            stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
-            out = torch.empty_like(h)
-            try:
-                for b in range(0, n, batch_size):
-                    out[b:b + batch_size] = layer(h[b:b + batch_size], ctx)
-            finally:
-                for hd in handles:
-                    hd.remove()
-            for k in range(len(streams)):
-                streams[k] = _run(layer, streams[k], ctx, batch_size)
-            originals = {}
-            for sfx in INPUT_OF:  # every decoder-layer Linear, in order
-                hf = f"model.layers.{i}.{sfx}"
-                st = stats[hf]
-                lin = layer.get_submodule(sfx)
-                W = lin.weight.detach().to(torch.bfloat16).float()
-                H = st.xtx.double()
-                imat = imatrix_of(st.sum_sq, st.count)
-                errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-                Wref = _quantized(W, REFERENCE, imat)
-                originals[sfx] = (lin, W, Wref)
-                lin.weight.copy_(Wref)
-                d_layer = float(((_run(layer, h, ctx, batch_size) - out).double() ** 2).sum())
-                lin.weight.copy_(W)
-                g = d_layer / max(errs[REFERENCE], 1e-30)
-                infos[gguf_name(hf + ".weight", gen)] = (i, tuple(W.shape), errs, g)
-            for lin, _, Wref in originals.values():
-                lin.weight.copy_(Wref)
-            pert = _run(layer, h, ctx, batch_size)
-            layer_err.append(float(((pert - out).double() ** 2).sum()))
-            streams.append(pert)
-            h = out
-            del layer, stats
+            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos)
+            layer_err.append(err)
+            layer_stream.append(k)
             if progress:
                 progress(i + 1, cfg.num_hidden_layers, f"layer {i}")
-        # the head: every perturbed stream through the float head, then the float final states
-        # through each quantized table (one table at a time: 0.7 GB each for Gemma 3's vocabulary)
-        kls = head.kl(h, [(s_, None) for s_ in streams])
-        head_kl = {t: head.kl(h, [(h, _quantized(head.W, t, None))])[0] for t in candidates(head.W.shape[1], embed_types)}
+        # the head: every perturbed stream through the float table, and the float final states through
+        # the table at each type, in one pass over the table's row chunks (`Head`)
+        h = main.h
+        kls, head_kl = head.kls(h, [s_.h for s_ in streams], candidates(head.W.shape[1], embed_types))
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
-    rep.layer_gain = [kls[1 + i] / max(layer_err[i], 1e-30) for i in range(cfg.num_hidden_layers)]
-    for name, (i, shape, errs, g) in infos.items():
-        G = rep.layer_gain[i]
-        rep.tensors[name] = TensorSensitivity(name, shape, {t: G * g * e for t, e in errs.items()},
-                                              f"layer gain {G:.3g}, tensor gain {g:.3g}")
+    rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
+    for name, (own, shape, errs, g, i) in infos.items():
+        if own is None:  # the layer's gain times the tensor's share of the layer's output error
+            G = rep.layer_gain[i]
+            kl = {t: G * g * e for t, e in errs.items()}
+            why = f"layer gain {G:.3g}, tensor gain {g:.3g}"
+        else:  # a K/V producer's k/v: its own stream carries the residual and the shared K/V to the logits
+            unit = kls[own] / max(errs[REFERENCE], 1e-30)
+            kl = {t: unit * e for t, e in errs.items()}
+            why = f"K/V shared with later layers: own gain {unit:.3g}"
+        rep.tensors[name] = TensorSensitivity(name, shape, kl, why)
+    if ple_err is not None:
+        unit = kls[1] / max(ple_err[0][REFERENCE], 1e-30)
+        rep.tensors["per_layer_token_embd.weight"] = TensorSensitivity(
+            "per_layer_token_embd.weight", ple_err[1], {t: unit * e for t, e in ple_err[0].items()},
+            f"per-layer input table: gain {unit:.3g}")
     emb = {t: g_emb * e for t, e in emb_err.items()}
     if head.tied:
         emb = {t: v + head_kl[t] for t, v in emb.items()}
@@ -221,8 +184,102 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     return rep
 
 
-def _run(layer, h, ctx, batch_size):
-    out = torch.empty_like(h)
-    for b in range(0, h.shape[0], batch_size):
-        out[b:b + batch_size] = layer(h[b:b + batch_size], ctx)
-    return out
+def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], ctx, batch_size: int, types,
+                max_rows: int, infos: dict) -> tuple[float, int]:
+    """Decoder layer i (module doc): every stream through it, each measured tensor's errors and trial into
+    `infos`, the all-at-reference stream appended; (its layer output error, its stream index). A function
+    of its own so that the layer and everything holding its weights go when it returns, before the next
+    layer loads."""
+    gen = ckpt.config.generation
+    layer = load_layer(ckpt, i)
+    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
+    routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
+    try:
+        out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
+    finally:
+        for hd in handles:
+            hd.remove()
+        if routed is not None:
+            routed.remove()
+    for s_ in streams:
+        s_.h = run_layer(layer, i, s_, ctx, batch_size)
+    trial = partial(run_layer, layer, i, main, ctx, batch_size)
+    at_ref: list[Switch] = []  # every measured tensor, switchable to the reference type
+    for sfx in input_groups(layer):  # every decoder-layer Linear, in order
+        hf = f"model.layers.{i}.{sfx}"
+        name = gguf_name(hf + ".weight", gen)
+        lin = layer.get_submodule(sfx)
+        if not choosable(name, tuple(lin.weight.shape), types):
+            continue
+        st = stats[hf]
+        W = lin.weight.detach()
+        H = st.xtx.double()
+        imat = imatrix_of(st.sum_sq, st.count)
+        errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
+        own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
+                          sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
+        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+    if routed is not None:
+        for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
+            name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
+            W = param.detach()
+            if not choosable(name, tuple(W.shape), types):
+                continue
+            X = routed.of(which)
+            imat = expert_imatrix(X)
+            errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
+            at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
+                                 [x is not None for x in X]))
+            own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
+            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+    for sw in at_ref:
+        sw.reference()
+    kv = main.kv_copy()
+    pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
+    for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
+        if i in d:
+            d[i] = main.kv[b][i]
+    streams.append(Stream(pert, main.ple, kv))
+    main.h = out
+    return float(((pert - out).double() ** 2).sum()), len(streams) - 1
+
+
+def _trial_gain(main: Stream, switch: Switch, errs, trial, out, streams: list[Stream], producer: bool):
+    """One tensor at the reference type for one forward of its layer: (None, g_t), g_t its layer output
+    error per unit of its own error; for a K/V producer's k/v (whose K/V later layers read) the trial
+    output becomes a stream of its own, carrying its K/V: (stream index, None)."""
+    switch.reference()
+    try:
+        kv = main.kv_copy()
+        y = trial(kv=kv)
+    finally:
+        switch.restore()  # the value as loaded (an f32 source's float pass ran with it, not its bf16 rounding)
+    if producer:
+        streams.append(Stream(y, main.ple, kv))
+        return len(streams) - 1, None
+    return None, float(((y - out).double() ** 2).sum()) / max(errs[REFERENCE], 1e-30)
+
+
+def _per_layer_table(ckpt: Checkpoint, ids: torch.Tensor, h: torch.Tensor, streams: list[Stream], types):
+    """Gemma 4's per-layer input table (`per_layer_token_embd`, rows of L·P): its used rows' error per
+    type and one stream (appended) whose per-layer inputs come from the rows at the reference type;
+    None when the model has none or no candidate type fits its rows (llama-quantize's fallback then)."""
+    cfg = ckpt.config
+    if not cfg.hidden_size_per_layer_input:
+        return None
+    table = ckpt.tensor("model.embed_tokens_per_layer.weight")
+    if not choosable("per_layer_token_embd.weight", tuple(table.shape), types):
+        return None
+    used, inv = torch.unique(ids, return_inverse=True)
+    rows = table[used].to(torch.bfloat16).float()
+    err, ref = {}, None
+    for t in candidates(table.shape[1], types):
+        q = quantized(rows, t, None)
+        err[t] = float(((q - rows)[inv].double() ** 2).sum())
+        if t == REFERENCE:
+            ref = q
+    pl = PerLayerInputs(ckpt, ids, h.clone(), torch.float32, "cpu")
+    pl.table, pl.ids = ref, inv  # the used rows only, at the reference type
+    streams.append(Stream(h.clone(), pl))
+    return err, tuple(table.shape)

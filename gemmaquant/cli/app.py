@@ -156,7 +156,7 @@ def quantize_cmd(
     from ..formats.hub import valid_repo_id
     from ..formats.inputs import check_input_file
     from ..limits import check_numbers
-    from ..pipeline import QuantizeOptions, check_family, check_source, check_supported, default_output, run_quantize
+    from ..pipeline import QuantizeOptions, check_family, check_source, default_output, run_quantize
     from ..recipes import load_recipe
     from ..schemes import get_scheme
 
@@ -195,8 +195,6 @@ def quantize_cmd(
                            command="gemmaquant " + " ".join(sys.argv[1:]), **settings)
     ckpt = resolve_model(model)
     check_source(ckpt)
-    for each in several or [s]:
-        check_supported(ckpt, each, opts)
     if several is not None:
         _quantize_set(ckpt, several, out_path or Path("."), opts, dry_run, show_all, json_out, quiet)
         return

@@ -172,20 +172,6 @@ def e2b_dir(tmp_path_factory):
     return d
 
 
-def test_quantize_refuses_in_one_line_what_gemma4_lacks(e2b_dir, tmp_path):
-    from gemmaquant.pipeline import QuantizeOptions, check_supported
-    from gemmaquant.schemes import get_scheme
-
-    ck = Checkpoint(e2b_dir)
-    check_supported(ck, get_scheme("iq2_xxs"), QuantizeOptions(imatrix=True))  # tests/calib/test_*gemma4.py
-    with pytest.raises(GemmaQuantError, match="size budget .* not supported for Gemma 4"):
-        check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions(target_bpw=5.0))
-    check_supported(ck, get_scheme("q4_k_m"), QuantizeOptions())
-    check_supported(ck, get_scheme("fp8"), QuantizeOptions())
-    make_tiny_gemma4("moe", tmp_path / "moe")
-    check_supported(Checkpoint(tmp_path / "moe"), get_scheme("fp8"))  # issue 19: MoE compressed-tensors
-
-
 def test_inspect_describes_the_gemma4_geometry(e2b_dir):
     from gemmaquant.evaluate.inspect import inspect_path
 

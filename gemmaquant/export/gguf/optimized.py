@@ -137,12 +137,13 @@ def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatr
                  extra_kv=None, progress=None) -> BudgetPlan:
     """Per-tensor types from measured sensitivity so that the file (or its tensor data, for bpw) fits."""
     from ...calib.budget import Option, padded, solve, tensor_bytes
-    from ...calib.sensitivity import BUDGET_TYPES, candidates, measure_sensitivity
+    from ...calib.sensitivity import BUDGET_TYPES, candidates, choosable, measure_sensitivity
     from ...numerics.ggml.types import GGMLType
 
     base = preset_plans(ckpt, scheme, True)
-    chosen = [p for p in base if len(p.shape) == 2]  # the quantizable tensors sensitivity measures
-    fixed = sum(padded(tensor_bytes(p.shape, p.type)) for p in base if len(p.shape) != 2)
+    chosen = [p for p in base if choosable(p.name, p.shape, BUDGET_TYPES)]  # what sensitivity measures
+    names = {p.name for p in chosen}
+    fixed = sum(padded(tensor_bytes(p.shape, p.type)) for p in base if p.name not in names)
     smallest = fixed + sum(min(tensor_bytes(p.shape, t) for t in candidates(p.n_per_row, BUDGET_TYPES)) for p in chosen)
     n_weights = sum(p.numel for p in base)
     # The header's size bound: every string key at its longest (the plan's type names, the imatrix and

@@ -116,14 +116,14 @@ def _quantize(src, out, capsys, *extra, threads=1):
     return json.loads(res.stdout)
 
 
-def _layout(path):
+def layout_of(path):
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
     return r, {t.name: (int(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset)) for t in r.tensors}
 
 
-def _kv(reader, key):
+def kv_value(reader, key):
     f = reader.fields[key]
     if len(f.data) == 1 and f.types[-1].name == "STRING":
         return bytes(f.parts[f.data[0]]).decode()
@@ -156,17 +156,17 @@ def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "plain.gguf"]  # no scratch left
     _quantize(src, b, capsys, "--algorithm", "gptq", threads=2)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
-    ra, la = _layout(a)
-    _, lp = _layout(plain)
+    ra, la = layout_of(a)
+    _, lp = layout_of(plain)
     # same names, types and shapes as llama.cpp's q4_k_m with an imatrix; offsets shift only by the
     # header's extra keys, and equally for every tensor
     assert {n: v[:2] for n, v in la.items()} == {n: v[:2] for n, v in lp.items()}
     shift = {la[n][2] - lp[n][2] for n in la}
     assert len(shift) == 1
-    assert _kv(ra, KEY_ALGORITHM).startswith("gptq")
+    assert kv_value(ra, KEY_ALGORITHM).startswith("gptq")
     assert any("error feedback" in n for n in sa["notes"])
     # the codes differ from llama.cpp's (else nothing was optimized); token_embd is llama.cpp's
-    rp, _ = _layout(plain)
+    rp, _ = layout_of(plain)
     raw = lambda r, name: next(bytes(t.data) for t in r.tensors if t.name == name)  # noqa: E731
     assert raw(ra, "blk.0.ffn_down.weight") != raw(rp, "blk.0.ffn_down.weight")
     assert raw(ra, "token_embd.weight") == raw(rp, "token_embd.weight")
@@ -187,13 +187,13 @@ def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys
     s = _quantize(src, out, capsys, "--algorithm", "gptq", "--target-size", target)
     size = out.stat().st_size
     assert size == s["output_bytes"] <= target
-    r, layout = _layout(out)
+    r, layout = layout_of(out)
     got = {n: T(v[0]).name for n, v in layout.items()}
     assert got == planned  # the dry run's plan is the file's
     assert len(set(got.values()) - {"F32"}) > 1  # a real mix, not the preset
-    plan = dict(e.split("=") for e in _kv(r, KEY_PLAN))
+    plan = dict(e.split("=") for e in kv_value(r, KEY_PLAN))
     assert plan == {n: t for n, t in got.items() if t != "F32"}
-    assert str(target) in _kv(r, KEY_TARGET).replace(",", "")
+    assert str(target) in kv_value(r, KEY_TARGET).replace(",", "")
     _finite_logits(out)
 
 
@@ -203,7 +203,7 @@ def test_target_bpw_and_errors(src, tmp_path, capsys):
     s = _quantize(src, out, capsys, "--target-bpw", "4.0", "--card")
     card = (tmp_path / "README.md").read_text()
     assert "size budget --target-bpw 4" in card and "not its codes or type mix" in card
-    r, layout = _layout(out)
+    r, layout = layout_of(out)
     data = sum(tensor_bytes(v[1][::-1], T(v[0])) for v in layout.values())
     n = sum(int(np.prod(v[1])) for v in layout.values())
     assert 8 * data / n <= 4.0

@@ -1,0 +1,191 @@
+"""Pieces of the sensitivity pass (sensitivity.py) that Gemma 4's layouts need.
+
+* `Stream`: one residual stream of the pass, with the state Gemma 4 layers read beside it: per
+  mini-batch the K/V that KV-shared layers take from an earlier layer, and the per-layer inputs (PLE)
+  of its own embedding (a stream started by a quantized token or per-layer table reads those).
+* `ExpertInputs`: the tokens the router really sends to each expert of a MoE layer (the fused gate/up
+  input and the down input before the routing weight, as `Experts.observer` reports them).
+* `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
+  on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
+  MUL_MAT_ID inputs per expert).
+* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes.
+* `Head`: the LM head's KL, the table streamed in row chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..numerics.ggml.dequantize import dequantize
+from ..numerics.ggml.quantize import quantize
+from ..numerics.ggml.types import GGMLType
+from .ggml_calibrate import imatrix_of
+from .ggml_gptq import single_thread
+
+
+def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """W [rows, n] as llama.cpp's bytes of type t decode (single-threaded: bit-exact every run)."""
+    with single_thread():
+        return dequantize(quantize(W, t, imatrix), t, tuple(W.shape))
+
+
+def sampled_rows(n: int, max_rows: int) -> torch.Tensor:
+    step = max(1, math.ceil(n / max_rows))
+    return torch.arange(0, n, step)
+
+
+class Stream:
+    """A residual stream [n, S, H] and what its layers read beside it (module doc)."""
+
+    def __init__(self, h: torch.Tensor, ple=None, kv: dict | None = None):
+        self.h, self.ple = h, ple
+        self.kv: dict[int, dict] = kv if kv is not None else {}  # mini-batch start -> {layer: (K, V)}
+
+    def kv_copy(self) -> dict[int, dict]:
+        """Per mini-batch copies of the K/V kept so far: a trial run may overwrite its producer's entry."""
+        return {b: dict(d) for b, d in self.kv.items()}
+
+
+def run_layer(layer, index: int, stream: Stream, ctx, batch_size: int, h: torch.Tensor | None = None,
+              kv: dict | None = None) -> torch.Tensor:
+    """The layer's output on `h` (default: the stream's), with the stream's per-layer inputs and the K/V
+    in `kv` (default: the stream's own, which a producer layer updates)."""
+    h = stream.h if h is None else h
+    kv = stream.kv if kv is None else kv
+    out = torch.empty_like(h)
+    cur = stream.ple.layer(index) if stream.ple is not None else None
+    for b in range(0, h.shape[0], batch_size):
+        ctx.kv = kv.setdefault(b, {})
+        if cur is not None:
+            ctx.per_layer = stream.ple.batch(*cur, b, b + batch_size)
+            ctx.per_layer_first = index
+        out[b:b + batch_size] = layer(h[b:b + batch_size], ctx)
+    return out
+
+
+class ExpertInputs:
+    """Routed inputs of every expert of one layer, kept while the layer's float pass runs."""
+
+    def __init__(self, experts):
+        self.experts = experts
+        self.x: dict[str, list[list[torch.Tensor]]] = {w: [[] for _ in range(experts.num_experts)]
+                                                       for w in ("gate_up", "down")}
+        experts.observer = lambda e, which, x: self.x[which][e].append(x.detach().float())
+
+    def remove(self) -> None:
+        self.experts.observer = None
+
+    def of(self, which: str) -> list[torch.Tensor | None]:
+        """Per expert its routed inputs [tokens, n] (None: the router sent it no calibration token)."""
+        return [torch.cat(xs) if xs else None for xs in self.x[which]]
+
+
+def expert_imatrix(X: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Per expert llama-quantize's importance Σx²/count from its routed tokens (None: no token)."""
+    return [None if x is None else imatrix_of(x.double().pow(2).sum(0), x.shape[0]) for x in X]
+
+
+def bf16_rows(W: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a resident weight as llama-quantize reads them from the converter's bf16 GGUF."""
+    return W[rows].detach().to(torch.bfloat16).float()
+
+
+def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType, max_rows: int) -> float:
+    """Σ_e ||X_e (W_e − Ŵ_e)ᵀ||² over the experts that saw tokens (an expert no token reaches adds no
+    error on this text), on up to `max_rows` evenly spaced rows per expert, scaled to all rows."""
+    total = 0.0
+    rows = sampled_rows(W.shape[1], max_rows)
+    for e, x in enumerate(X):
+        if x is None:
+            continue
+        Ws = bf16_rows(W[e], rows)
+        D = (Ws - quantized(Ws, t, imat[e])).double()
+        total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
+    return total
+
+
+class Switch:
+    """One tensor of the resident layer, switched between its value as loaded and its value at type t.
+
+    Holds only the type's bytes (Q4_0: 0.56 bytes a weight); the loaded value is read again from the
+    checkpoint's mapping, so no float32 copy stays beside the layer (26B-A4B's fused gate/up experts
+    are 2 GB in float32). A fused [E, rows, n] tensor switches the experts that saw tokens (`seen`),
+    each quantized with its own importance; the others cannot change the output on this text."""
+
+    def __init__(self, param: torch.Tensor, source: torch.Tensor, t: GGMLType, imatrix, seen=None):
+        self.param, self.source, self.t = param, source, t
+        with single_thread():
+            if param.dim() == 2:
+                self.data = {None: quantize(source.to(torch.bfloat16).float(), t, imatrix)}
+            else:
+                self.data = {e: quantize(source[e].to(torch.bfloat16).float(), t, imatrix[e])
+                             for e in range(param.shape[0]) if seen[e]}
+
+    def reference(self) -> None:
+        shape = tuple(self.param.shape[-2:])
+        with single_thread():
+            for e, d in self.data.items():
+                (self.param if e is None else self.param[e]).copy_(dequantize(d, self.t, shape))
+
+    def restore(self) -> None:
+        self.param.copy_(self.source)
+
+
+class Head:
+    """The final norm and the LM head (tied: the embedding), with the final soft-cap: the KL from the
+    float logits over the `pos` positions of each window, of perturbed final states through the float
+    table and of the float final states through the table at each GGML type.
+
+    The table streams in chunks of `rows` vocabulary rows read from the checkpoint's mapping (Gemma 4
+    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk
+    quantized once per type (llama.cpp quantizes the table row by row, without importance). Per
+    position, with a the float logits and b the other ones, KL = Σ_v p_v (a_v − b_v) − lse(a) + lse(b)
+    (p = softmax(a)): lse(a) in a first pass over the table, the rest accumulated chunk by chunk."""
+
+    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096):
+        from ..model.gemma import RMSNorm
+
+        cfg = ckpt.config
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        with torch.no_grad():
+            self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
+        self.tied = "lm_head.weight" not in ckpt.names()
+        self.W = ckpt.tensor("model.embed_tokens.weight" if self.tied else "lm_head.weight")  # stored dtype
+        self.cap = cfg.final_logit_softcapping
+        self.pos, self.rows = pos, rows
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h[:, self.pos].reshape(-1, h.shape[-1]))
+
+    def _logits(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.linear(x, W)
+        if self.cap is not None:
+            z = torch.tanh(z / self.cap) * self.cap
+        return z.double()
+
+    def kls(self, h_ref: torch.Tensor, streams: list[torch.Tensor], types) -> tuple[list[float], dict]:
+        """(mean KL of each perturbed final state [n, S, H] through the float table, {type: mean KL of
+        the float final states through the table at that type})."""
+        x = self._final(h_ref)
+        xs = [self._final(h) for h in streams]
+        types = list(types)
+        chunks = [(r, min(r + self.rows, self.W.shape[0])) for r in range(0, self.W.shape[0], self.rows)]
+        lse_a = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
+        for r0, r1 in chunks:
+            lse_a = torch.logaddexp(lse_a, self._logits(x, self.W[r0:r1].float()).logsumexp(-1))
+        k = len(xs) + len(types)
+        acc = torch.zeros(k, x.shape[0], dtype=torch.float64)
+        lse_b = torch.full((k, x.shape[0]), float("-inf"), dtype=torch.float64)
+        for r0, r1 in chunks:
+            Wc = self.W[r0:r1].float()
+            a = self._logits(x, Wc)
+            p = (a - lse_a[:, None]).exp()
+            for j in range(k):
+                b = self._logits(xs[j], Wc) if j < len(xs) else \
+                    self._logits(x, quantized(Wc, types[j - len(xs)], None))
+                acc[j] += (p * (a - b)).sum(-1)
+                lse_b[j] = torch.logaddexp(lse_b[j], b.logsumexp(-1))
+        kl = (acc - lse_a + lse_b).mean(-1).tolist()
+        return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
