@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gguf_optimized.py --llama-bin BUILD/bin [--llama-src LLAMA_CPP_TREE]
         [--dir WORK] [--types q4_0 q3_k_m q2_k iq4_xs iq3_m q6_k q5_k_m] [--budget q3_k_m q4_0]
-        [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--json OUT]
+        [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
 
 BUILD/bin must hold llama-quantize, llama-imatrix and llama-perplexity (a plain CMake build of the
 llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the demo model:
@@ -69,7 +69,7 @@ def tensor_types(path: Path) -> dict:
         f.close()
 
 
-def build_ours(ckpt, ids, template: Path, out: Path, info: Path, threads: int) -> dict:
+def build_ours(ckpt, ids, template: Path, out: Path, info: Path, threads: int, opts: dict | None = None) -> dict:
     """Our error-feedback bytes for every decoder-layer Linear of `template`, patched into a copy."""
     from gemmaquant.calib.ggml_calibrate import optimize_gguf_tensors
     from gemmaquant.export.gguf.patch import GGUFPatcher
@@ -79,10 +79,10 @@ def build_ours(ckpt, ids, template: Path, out: Path, info: Path, threads: int) -
     torch.set_num_threads(threads)
     types = {n: t for n, (t, _) in tensor_types(template).items() if n.startswith("blk.") and len(_) == 2}
     with GGUFPatcher(template, out, force=True) as p:
-        rep = optimize_gguf_tensors(ckpt, types, ids, sink=p.write)
+        rep = optimize_gguf_tensors(ckpt, types, ids, sink=p.write, **(opts or {}))
     res = {"seconds": rep.seconds, "tokens": rep.tokens, "summary": rep.summary(),
            "layer_loss_ratio": {t.name: t.loss / t.loss_llama for t in rep.tensors if t.loss_llama > 0},
-           "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+           "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "options": opts or {}}
     info.write_text(json.dumps(res, indent=1))
     return res
 
@@ -131,6 +131,8 @@ def main():
                     help="first N of llama-imatrix's chunks for our calibration (-1: all, the same tokens)")
     ap.add_argument("--sens-samples", type=int, default=8, help="calibration chunks the sensitivity pass uses")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--damp", type=float, default=None,
+                    help="error-feedback damping, a fraction of mean(diag H) (default: the library's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -175,6 +177,7 @@ def main():
         r["bytes"] = f.stat().st_size
         return r
 
+    opts = {} if args.damp is None else {"damp": args.damp}
     rows: dict[str, dict] = {}
     for p in args.types:
         llama, imx = d / f"llama.{p}.gguf", d / f"llama-imx.{p}.gguf"
@@ -183,7 +186,7 @@ def main():
         if not imx.exists():
             run([bins["quantize"], "--imatrix", imatrix, bf16, imx, p.upper(), t], d / f"llama-imx.{p}.quantize.log")
         ours = d / f"ours.{p}.gguf"
-        info = build_ours(ckpt, ids, imx, ours, d / f"ours.{p}.json", args.threads)
+        info = build_ours(ckpt, ids, imx, ours, d / f"ours.{p}.json", args.threads, opts)
         rows[p] = {"llama": score(llama), "llama+imatrix": score(imx), "ours gptq": {**score(ours), "calib": info}}
         print(p, {k: (v["bytes"], v["kl_mean"]) for k, v in rows[p].items()}, flush=True)
 
@@ -215,7 +218,7 @@ def main():
                     mix.unlink()
                     log.unlink()
             ours = d / f"budget.{p}.gguf"
-            info = build_ours(ckpt, ids, mix, ours, d / f"budget.{p}.json", args.threads)
+            info = build_ours(ckpt, ids, mix, ours, d / f"budget.{p}.json", args.threads, opts)
             row = rows.setdefault(p, {})
             row["budget, llama rounding"] = score(mix)
             row["ours budgeted"] = {**score(ours), "calib": info, "target_bytes": target,

@@ -28,7 +28,7 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from ..formats.gguf.names import gguf_name
 from .ggml_codes import SCALAR_TYPES
-from .ggml_gptq import hessian_factor, layer_loss, optimize_tensor
+from .ggml_gptq import DAMP, hessian_factor, layer_loss, optimize_tensor
 from .runner import Progress, run_layers
 from .stats import INPUT_OF
 
@@ -72,7 +72,7 @@ def imatrix_of(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor, *,
-                          feedback: bool = True, damp: float = 0.01, act_order: bool = True,
+                          feedback: bool = True, damp: float = DAMP, act_order: bool = True,
                           factors: dict | None = None):
     """(bytes [rows, row_bytes] uint8, decoded values [rows, n], loss_llama, loss, optimized).
     `factors`: a cache of H's factors (per group size), shared by the Linears reading the same input."""
@@ -98,7 +98,7 @@ def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, ima
 
 
 def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: torch.Tensor, *,
-                          sink: Sink | None = None, feedback: bool = True, damp: float = 0.01,
+                          sink: Sink | None = None, feedback: bool = True, damp: float = DAMP,
                           act_order: bool = True, batch_size: int = 4, progress: Progress | None = None,
                           layers: range | None = None) -> OptimizeReport:
     """Error-feedback bytes for every decoder-layer Linear named in `types` (GGUF name -> type).

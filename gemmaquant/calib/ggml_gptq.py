@@ -45,6 +45,10 @@ from .ggml_refit import refit as refit_fields
 
 T = GGMLType
 _MAX_DAMP_TRIES = 6
+# Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
+# and the less H is damped, the lower the error on its own inputs and the higher on other text's
+# (layer-output error on held-out inputs and llama-perplexity's KL, RESULTS.md §11).
+DAMP = 0.1
 
 
 @dataclass
@@ -244,7 +248,7 @@ class HessianFactor:
     group: int  # columns decided together (1, or 4 for IQ3_S): act-order moves whole groups
 
 
-def hessian_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = True, group: int = 1) -> HessianFactor:
+def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = True, group: int = 1) -> HessianFactor:
     """Act-order: groups by decreasing Σ diag(H) (stable), as w4a16 GPTQ orders its columns."""
     H = prepare_hessian(H)
     n = H.shape[0]
@@ -315,7 +319,7 @@ class Optimized:
 
 
 def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor | None, *,
-                    feedback: bool = True, damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                    feedback: bool = True, damp: float = DAMP, act_order: bool = True, block_size: int = 128,
                     factor: HessianFactor | None = None, refit: bool = True) -> Optimized:
     """One tensor: llama.cpp's scales, codes by error feedback (`feedback=False`: llama.cpp's bytes).
     `factor`: `hessian_factor(H, ...)` if already computed (it then overrides damp and act_order).

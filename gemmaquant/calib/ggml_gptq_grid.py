@@ -27,7 +27,7 @@ from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.iqgrid_tables import grid_tables
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
-from .ggml_gptq import HessianFactor, Optimized, hessian_factor, layer_loss, single_thread
+from .ggml_gptq import DAMP, HessianFactor, Optimized, hessian_factor, layer_loss, single_thread
 
 GRID_TYPES = (GGMLType.IQ3_S,)
 _BYTES = 110  # IQ3_S block: d(2) qs(64) qh(8) signs(32) scales(4)
@@ -127,7 +127,7 @@ def pack_grid(r: GridRounding, index: torch.Tensor, neg: torch.Tensor) -> torch.
 
 
 def optimize_grid_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, *,
-                         feedback: bool = True, damp: float = 0.01, act_order: bool = True,
+                         feedback: bool = True, damp: float = DAMP, act_order: bool = True,
                          block_size: int = 128, factor: HessianFactor | None = None) -> Optimized:
     """IQ3_S: llama.cpp's scales, grid points and signs by block error feedback (see the module doc).
     `feedback=False`: each group's nearest grid point in plain squared error (not llama.cpp's codes,

@@ -11,7 +11,8 @@ row's blocks × fields; H couples the blocks), then rounded to fp16 as the block
 
 Only the fp16 fields change: the integer sub-scales, the codes, the block layout and the file size stay.
 A row keeps its old fields unless the rounded solution lowers its loss, so a refit never makes a row
-worse on the calibration inputs.
+worse on the calibration inputs. With two fields (a scale and a min), the solution is rounded two ways (both
+fields at once; the scale first, then the min re-solved for it) and each row keeps the better.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType,
     # error is far below the fp16 rounding of the result, and a row only changes if its loss drops
     Hr = H.float().view(n, nb, size)
     sol = torch.empty(rows, p, dtype=torch.float64)
+    sol_joint = torch.empty(rows, p, dtype=torch.float64) if K == 2 else None
     step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))
     eye = torch.eye(p, dtype=torch.float64)
     for r0 in range(0, rows, step):
@@ -92,6 +94,8 @@ def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType,
         f = torch.linalg.solve(A + lam[:, None, None] * eye, g)
         if K == 2:  # round the scales first, then solve the mins for the rounded scales: d and m are
             # strongly correlated, and rounding both independently can cost more than the refit gains
+            # (not always: each row keeps the better of the two, below)
+            sol_joint[r0:r0 + step] = f
             d = f[:, 0::2].to(torch.float16).double()
             A11 = A[:, 1::2, 1::2]
             g1 = g[:, 1::2] - (A[:, 1::2, 0::2] @ d[:, :, None])[:, :, 0]
@@ -99,12 +103,13 @@ def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType,
             f = torch.stack([d, torch.linalg.solve(A11 + lam1[:, None, None] * eye[:nb, :nb], g1)], dim=2).view(-1, p)
         sol[r0:r0 + step] = f
     blocks = data.reshape(-1, nbytes)
-    new_f = sol.view(-1, K).float()
     old_f = _fields(blocks, offsets)
-    finite = torch.isfinite(new_f.to(torch.float16).float()).all(dim=1, keepdim=True)
-    new_blocks = _with_fields(blocks, offsets, torch.where(finite, new_f, old_f))
-    new = new_blocks.view(rows, -1)
-    V_old = sub_grid(data, qtype, rows).values(codes)
-    V_new = sub_grid(new, qtype, rows).values(codes)
-    better = row_losses(W, V_new, H) < row_losses(W, V_old, H)
-    return torch.where(better[:, None], new, data)
+    best, best_loss = data, row_losses(W, sub_grid(data, qtype, rows).values(codes), H)
+    for cand in [sol] + ([sol_joint] if K == 2 else []):
+        new_f = cand.view(-1, K).float()
+        finite = torch.isfinite(new_f.to(torch.float16).float()).all(dim=1, keepdim=True)
+        new = _with_fields(blocks, offsets, torch.where(finite, new_f, old_f)).view(rows, -1)
+        loss = row_losses(W, sub_grid(new, qtype, rows).values(codes), H)
+        better = loss < best_loss
+        best, best_loss = torch.where(better[:, None], new, best), torch.where(better, loss, best_loss)
+    return best
