@@ -271,6 +271,9 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
         rep = write_gguf(ckpt, scheme, template, imatrix={}, imatrix_meta=imatrix_meta, plans=plans,
                          extra_kv=kv, progress=progress, inputs=inputs)
         types = {p.name: p.type for p in plans if p.name.startswith("blk.") and len(p.shape) == 2}
+        few = few_tokens_note(int(ids.numel()), [p for p in plans if p.name in types])
+        if few:
+            notes.append(few)
         # the template is ours and lies beside the output: moved into place, not copied (one file's disk)
         with GGUFPatcher(template, out, force=opts.force, inputs=[ckpt.path, *inputs], consume=True) as patch:
             res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=calib_progress)
@@ -279,6 +282,21 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
     notes.append(f"--algorithm gptq: {res.summary()}; not llama-quantize's bytes (same types, sizes and offsets)")
     notes.append(f"calibration: {calib_desc}; {time.perf_counter() - t0:.0f} s in all")
     return TunedResult(rep, out.stat().st_size, notes, rep.type_counts)
+
+
+def few_tokens_note(tokens: int, plans) -> str | None:
+    """A warning when the calibration saw fewer tokens than the widest Linear has input columns: its
+    XᵀX then has rank < columns, the error feedback fits the calibration text itself and can round
+    worse than llama.cpp on other text (RESULTS.md §11, third round: 1,024 tokens on the demo's
+    2048-wide down_proj lost to llama.cpp's bytes on held-out text, 10,752 won)."""
+    if not plans:
+        return None
+    widest = max(plans, key=lambda p: (p.n_per_row, p.name))
+    if tokens >= widest.n_per_row:
+        return None
+    return (f"warning: --algorithm gptq calibrated on {tokens} tokens, fewer than the {widest.n_per_row} input "
+            f"columns of {widest.name}: the error feedback can fit the calibration text and round worse than "
+            f"llama.cpp on other text; give it at least {widest.n_per_row} tokens (--calib-samples × --calib-len)")
 
 
 def _imatrix_args(ckpt, opts, text, notes, progress=None) -> dict:

@@ -100,6 +100,18 @@ def test_gptq_on_a_type_without_error_feedback_is_refused():
         check_request(s, "gptq", None, False)
 
 
+def test_gptq_warns_when_calibration_has_fewer_tokens_than_the_widest_input():
+    from gemmaquant.export.gguf.optimized import few_tokens_note
+    from gemmaquant.export.gguf.plan import TensorPlan
+
+    plans = [TensorPlan("blk.0.attn_q.weight", "q", (1024, 640), T.Q4_K, ""),
+             TensorPlan("blk.0.ffn_down.weight", "d", (640, 2048), T.Q4_K, "")]
+    note = few_tokens_note(1024, plans)
+    assert note.startswith("warning:") and "1024 tokens" in note and "2048 input columns of blk.0.ffn_down" in note
+    assert few_tokens_note(2048, plans) is None
+    assert few_tokens_note(0, []) is None
+
+
 # ---- slow: whole files from a tiny checkpoint, judged by gguf-py and llama.cpp ----
 
 @pytest.fixture(scope="module")
@@ -165,6 +177,8 @@ def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identic
     assert len(shift) == 1
     assert kv_value(ra, KEY_ALGORITHM).startswith("gptq")
     assert any("error feedback" in n for n in sa["notes"])
+    # 2 x 32 calibration tokens against the tiny model's 256-wide (and wider) inputs: said
+    assert any(n.startswith("warning: --algorithm gptq calibrated on 64 tokens") for n in sa["notes"])
     # the codes differ from llama.cpp's (else nothing was optimized); token_embd is llama.cpp's
     rp, _ = layout_of(plain)
     raw = lambda r, name: next(bytes(t.data) for t in r.tensors if t.name == name)  # noqa: E731
