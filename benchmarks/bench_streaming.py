@@ -25,6 +25,7 @@ with nthread = the CPU count.
 /proc/sys/vm/drop_caches`, which needs root): on a 24 GiB machine an 18.5 GB checkpoint is partly
 cached after whichever tool read it last, so without it the order of the runs decides who reads from
 disk. llama-quantize then reads the converter's fresh file from the cache, as it would in practice.
+`--compile` passes `--compile` to every gemmaquant command (its rows' scheme says so).
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ def main(argv=None):
     ap.add_argument("--calib-len", type=int, help="for calibrated schemes: --calib-len L")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--cold", action="store_true", help="empty the page cache before each tool (root)")
+    ap.add_argument("--compile", action="store_true", help="gemmaquant with --compile (the compiled searches)")
     ap.add_argument("--table", type=Path, help="print a results.jsonl as a markdown table and exit")
     a = ap.parse_args(argv)
     if a.table:
@@ -244,7 +246,7 @@ def main(argv=None):
     results = a.out / "results.jsonl"
     for scheme in a.schemes:
         extra = (["--calib-samples", str(a.calib_samples)] if a.calib_samples else []) + \
-            (["--calib-len", str(a.calib_len)] if a.calib_len else [])
+            (["--calib-len", str(a.calib_len)] if a.calib_len else []) + (["--compile"] if a.compile else [])
         rows = [bench_gemmaquant(a.model, scheme, a.out, extra, a.cold)]
         for r in rows:
             print(json.dumps(r), flush=True)
