@@ -121,7 +121,8 @@ def src(tmp_path_factory):
     return d
 
 
-def _quantize(src, out, capsys, *extra, threads=1):
+def quantize_json(src, out, capsys, *extra, threads=1):
+    """`quantize SRC --scheme q4_k_m` with the tiny calibration; its --json summary."""
     res = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--json", "--quiet", "--threads", threads,
                    *CALIB, *extra], capsys)
     assert res.code == 0, res.stderr
@@ -158,15 +159,15 @@ def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identic
     from gemmaquant.export.gguf import patch
 
     plain = tmp_path / "plain.gguf"
-    _quantize(src, plain, capsys, "--imatrix")
+    quantize_json(src, plain, capsys, "--imatrix")
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     copies = []
     real_copy = patch.shutil.copyfile
     monkeypatch.setattr(patch.shutil, "copyfile", lambda x, y: copies.append(x) or real_copy(x, y))
-    sa = _quantize(src, a, capsys, "--algorithm", "gptq", threads=1)
+    sa = quantize_json(src, a, capsys, "--algorithm", "gptq", threads=1)
     assert copies == []  # the scratch template is moved into place: one file's disk, not two
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "plain.gguf"]  # no scratch left
-    _quantize(src, b, capsys, "--algorithm", "gptq", threads=2)
+    quantize_json(src, b, capsys, "--algorithm", "gptq", threads=2)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
     ra, la = layout_of(a)
     _, lp = layout_of(plain)
@@ -191,14 +192,14 @@ def test_gptq_file_keeps_the_preset_layout_loads_in_llama_cpp_and_reruns_identic
 @pytest.mark.llamacpp
 def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys):
     plain = tmp_path / "plain.gguf"
-    _quantize(src, plain, capsys)
+    quantize_json(src, plain, capsys)
     target = plain.stat().st_size * 85 // 100
     out = tmp_path / "budget.gguf"
     dry = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--dry-run", "--json", "--threads", 1,
                    *CALIB, "--target-size", target], capsys)
     assert dry.code == 0, dry.stderr
     planned = {r["tensor"]: r["type"] for r in json.loads(dry.stdout)["tensors"]}
-    s = _quantize(src, out, capsys, "--algorithm", "gptq", "--target-size", target)
+    s = quantize_json(src, out, capsys, "--algorithm", "gptq", "--target-size", target)
     size = out.stat().st_size
     assert size == s["output_bytes"] <= target
     r, layout = layout_of(out)
@@ -214,7 +215,7 @@ def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys
 @pytest.mark.slow
 def test_target_bpw_and_errors(src, tmp_path, capsys):
     out = tmp_path / "bpw.gguf"
-    s = _quantize(src, out, capsys, "--target-bpw", "4.0", "--card")
+    s = quantize_json(src, out, capsys, "--target-bpw", "4.0", "--card")
     card = (tmp_path / "README.md").read_text()
     assert "size budget --target-bpw 4" in card and "not its codes or type mix" in card
     r, layout = layout_of(out)

@@ -23,7 +23,7 @@ from gemmaquant.numerics.ggml.types import GGMLType
 from tests.reliability import check_error, run_cli
 from tests.tiny_gemma4 import make_tiny_gemma4
 
-from .test_optimized import CALIB, kv_value, layout_of
+from .test_optimized import CALIB, kv_value, layout_of, quantize_json
 
 T = GGMLType
 pytestmark = pytest.mark.slow
@@ -47,13 +47,6 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _quantize(src, out, capsys, *extra, threads=1):
-    res = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--json", "--quiet", "--threads", threads,
-                   *CALIB, *extra], capsys)
-    assert res.code == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def _llama(path):
     """llama.cpp's (model size, parameters) and finite logits on a few tokens."""
     import llama_cpp
@@ -75,7 +68,7 @@ def _sha(path):
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_target_size_met_planned_recorded_loads_and_reruns_identically(tiny, tmp_path, capsys, kind):
     src = tiny / kind
-    plain = _quantize(src, tmp_path / "plain.gguf", capsys)
+    plain = quantize_json(src, tmp_path / "plain.gguf", capsys)
     target = plain["output_bytes"] * 92 // 100
     out = tmp_path / "budget.gguf"
     dry = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--dry-run", "--json", "--threads", 1,
@@ -84,7 +77,7 @@ def test_target_size_met_planned_recorded_loads_and_reruns_identically(tiny, tmp
     rows = json.loads(dry.stdout)["tensors"]
     planned = {r["tensor"]: r["type"] for r in rows}
     assert all(r["note"].startswith("budget:") for r in rows if r["tensor"] in LAYOUTS[kind])  # the why
-    s = _quantize(src, out, capsys, "--target-size", target, "--card")
+    s = quantize_json(src, out, capsys, "--target-size", target, "--card")
     assert out.stat().st_size == s["output_bytes"] <= target
     r, layout = layout_of(out)
     got = {n: T(v[0]).name for n, v in layout.items()}
@@ -100,7 +93,7 @@ def test_target_size_met_planned_recorded_loads_and_reruns_identically(tiny, tmp
         assert not any(n.startswith(("v.", "a.", "mm.")) for n in layout)
     _llama(out)
     again = tmp_path / "again.gguf"
-    _quantize(src, again, capsys, "--target-size", target, threads=2)
+    quantize_json(src, again, capsys, "--target-size", target, threads=2)
     assert _sha(again) == _sha(out)
 
 
@@ -109,11 +102,11 @@ def test_target_size_met_planned_recorded_loads_and_reruns_identically(tiny, tmp
 def test_target_bpw_as_llama_cpp_counts_it(tiny, tmp_path, capsys, kind):
     src = tiny / kind
     plain = tmp_path / "plain.gguf"
-    _quantize(src, plain, capsys)
+    quantize_json(src, plain, capsys)
     size, n = _llama(plain)
     bpw = round(0.93 * 8 * size / n, 2)
     out = tmp_path / "bpw.gguf"
-    _quantize(src, out, capsys, "--target-bpw", bpw)
+    quantize_json(src, out, capsys, "--target-bpw", bpw)
     size, n = _llama(out)
     assert 8 * size / n <= bpw
     _, layout = layout_of(out)
@@ -129,14 +122,14 @@ def test_gptq_codes_within_a_budget(tiny, tmp_path, capsys, kind):
     """--algorithm gptq with a budget: error-feedback codes for the attention and MLP Linears (the experts
     and per-layer input tensors keep llama.cpp's rounding of their chosen types)."""
     src = tiny / kind
-    plain = _quantize(src, tmp_path / "plain.gguf", capsys)
+    plain = quantize_json(src, tmp_path / "plain.gguf", capsys)
     target = plain["output_bytes"] * 92 // 100
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    s = _quantize(src, a, capsys, "--algorithm", "gptq", "--target-size", target)
+    s = quantize_json(src, a, capsys, "--algorithm", "gptq", "--target-size", target)
     assert a.stat().st_size == s["output_bytes"] <= target
     assert any("error feedback" in x for x in s["notes"])
     _llama(a)
-    _quantize(src, b, capsys, "--algorithm", "gptq", "--target-size", target, threads=2)
+    quantize_json(src, b, capsys, "--algorithm", "gptq", "--target-size", target, threads=2)
     assert _sha(a) == _sha(b)
 
 
@@ -150,7 +143,7 @@ def test_smallest_size_named_in_the_error_is_reachable(tiny, tmp_path, capsys):
     res = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", tmp_path / "x.gguf", *CALIB,
                    "--target-size", smallest - 1], capsys)
     check_error(res, 2, f"({smallest:,} bytes")
-    s = _quantize(src, tmp_path / "y.gguf", capsys, "--target-size", smallest)
+    s = quantize_json(src, tmp_path / "y.gguf", capsys, "--target-size", smallest)
     assert s["output_bytes"] <= smallest
     res = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", tmp_path / "z.gguf", *CALIB,
                    "--target-bpw", "1.5"], capsys)
