@@ -3,6 +3,7 @@
     python benchmarks/bench_gguf_optimized.py --llama-bin BUILD/bin [--llama-src LLAMA_CPP_TREE]
         [--dir WORK] [--types q4_0 q3_k_m q2_k iq4_xs iq3_m q6_k q5_k_m] [--budget q3_k_m q4_0]
         [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
+        [--weights-only]
 
 BUILD/bin must hold llama-quantize, llama-imatrix and llama-perplexity (a plain CMake build of the
 llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the demo model:
@@ -18,6 +19,9 @@ llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the dem
 Each file is scored by `llama-perplexity --kl-divergence` against the bf16 GGUF's logits on --text
 (default: benchmarks/heldout/gpl3_apache2.txt, neither the calibration text nor the shipped evaluation
 text; see benchmarks/heldout/NOTICE.md). Files and logs already in --dir are reused: delete to redo.
+With --weights-only each file is also scored as its exact F32 dequantization: llama.cpp's CPU backend
+rounds every activation to 8 bits in a quantized dot product (Q8_0/Q8_K blocks), the same whatever the
+weights' codes; the F32 copy keeps the weights' damage and drops that rounding.
 """
 
 from __future__ import annotations
@@ -134,6 +138,9 @@ def main():
     ap.add_argument("--damp", type=float, default=None,
                     help="error-feedback damping, a fraction of mean(diag H) (default: the library's)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--weights-only", action="store_true",
+                    help="also score each file's weights alone: its F32 dequantization (llama-quantize "
+                         "--allow-requantize --pure F32), which llama.cpp runs without quantizing activations")
     args = ap.parse_args()
 
     from gemmaquant.calib.data import DEFAULT_NAME, default_text
@@ -177,8 +184,31 @@ def main():
         r["bytes"] = f.stat().st_size
         return r
 
+    def score_weights(f: Path) -> dict:
+        """The file's weights with llama.cpp's activation rounding taken out: its exact F32
+        dequantization, scored the same way. On a quantized file llama.cpp's CPU dot products round
+        every activation to 8 bits (Q8_0/Q8_K blocks), the same for any weights of the type: the
+        difference between the two scores is that, the weights' own damage is this score."""
+        deq = f.with_name(f.stem + ".f32.gguf")
+        if not f.with_name(deq.stem + ".kld.log").exists():
+            run([bins["quantize"], "--allow-requantize", "--pure", f, deq, "F32", t], f.with_name(deq.stem + ".quantize.log"))
+            r = score(deq)
+            deq.unlink()  # 4 bytes a weight: score it, keep the log, not the file
+        else:
+            r = score(deq)
+        r["bytes"] = f.stat().st_size
+        return r
+
+    def with_weights(f: Path, row: dict) -> dict:
+        if args.weights_only:
+            w = score_weights(f)
+            row.update(w_kl_mean=w["kl_mean"], w_kl_mean_pm=w["kl_mean_pm"], w_top1_pct=w["top1_pct"])
+        return row
+
     opts = {} if args.damp is None else {"damp": args.damp}
     rows: dict[str, dict] = {}
+    if args.weights_only:  # what running the unquantized weights in F32 instead of BF16 alone changes
+        rows["bf16"] = {"bf16 weights run as F32": score_weights(bf16)}
     for p in args.types:
         llama, imx = d / f"llama.{p}.gguf", d / f"llama-imx.{p}.gguf"
         if not llama.exists():
@@ -187,7 +217,8 @@ def main():
             run([bins["quantize"], "--imatrix", imatrix, bf16, imx, p.upper(), t], d / f"llama-imx.{p}.quantize.log")
         ours = d / f"ours.{p}.gguf"
         info = build_ours(ckpt, ids, imx, ours, d / f"ours.{p}.json", args.threads, opts)
-        rows[p] = {"llama": score(llama), "llama+imatrix": score(imx), "ours gptq": {**score(ours), "calib": info}}
+        rows[p] = {"llama": with_weights(llama, score(llama)), "llama+imatrix": with_weights(imx, score(imx)),
+                   "ours gptq": with_weights(ours, {**score(ours), "calib": info})}
         print(p, {k: (v["bytes"], v["kl_mean"]) for k, v in rows[p].items()}, flush=True)
 
     if args.budget:
@@ -220,19 +251,25 @@ def main():
             ours = d / f"budget.{p}.gguf"
             info = build_ours(ckpt, ids, mix, ours, d / f"budget.{p}.json", args.threads, opts)
             row = rows.setdefault(p, {})
-            row["budget, llama rounding"] = score(mix)
-            row["ours budgeted"] = {**score(ours), "calib": info, "target_bytes": target,
-                                    "sensitivity_seconds": sens["seconds"]}
+            row["budget, llama rounding"] = with_weights(mix, score(mix))
+            row["ours budgeted"] = with_weights(ours, {**score(ours), "calib": info, "target_bytes": target,
+                                                       "sensitivity_seconds": sens["seconds"]})
 
     print(f"\nKL(bf16 || Q) by llama-perplexity on {args.text.name}, -c {args.ctx}; {base_log.count('[')} chunks\n")
-    print("| type | file | bytes | mean KL | same top p % | PPL(Q) | KL / llama+imatrix |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    wcols = " weights alone: mean KL | weights alone / llama+imatrix |" if args.weights_only else ""
+    print("| type | file | bytes | mean KL | same top p % | PPL(Q) | KL / llama+imatrix |" + wcols)
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.weights_only else ""))
     for p, row in rows.items():
         ref = row.get("llama+imatrix", {}).get("kl_mean")
+        wref = row.get("llama+imatrix", {}).get("w_kl_mean")
         for k, v in row.items():
             ratio = f"{v['kl_mean'] / ref:.2f}" if ref else ""
+            w = ""
+            if "w_kl_mean" in v:
+                wratio = f"{v['w_kl_mean'] / wref:.2f}" if wref else ""
+                w = f" {v['w_kl_mean']:.5f} ± {v['w_kl_mean_pm']:.5f} | {wratio} |"
             print(f"| {p} | {k} | {v['bytes']:,} | {v['kl_mean']:.5f} ± {v['kl_mean_pm']:.5f} | "
-                  f"{v['top1_pct']:.2f} ± {v['top1_pct_pm']:.2f} | {v['ppl_q']:.4f} | {ratio} |")
+                  f"{v['top1_pct']:.2f} ± {v['top1_pct_pm']:.2f} | {v['ppl_q']:.4f} | {ratio} |{w}")
     if args.json:
         args.json.write_text(json.dumps({"text": str(args.text.name), "ctx": args.ctx, "chunks": args.chunks,
                                          "calib": str(calib.name), "rows": rows}, indent=1))
