@@ -62,9 +62,10 @@ def why(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def turn_off(table: dict, key, name: str, reason: str, what: str = "dequantizer") -> None:
-    """Never use this compiled kernel again in this process, and say why."""
+def turn_off(table: dict, key, name: str, reason: str, what: str = "dequantizer",
+             instead: str = "the plain torch kernels") -> None:
+    """Never use this compiled kernel again in this process, and say why and what runs `instead`."""
     table[key] = None
-    warnings.warn(f"compiled {name} {what} turned off ({reason}); using the plain torch kernels",
+    warnings.warn(f"compiled {name} {what} turned off ({reason}); using {instead}",
                   CompiledDequantWarning, stacklevel=4)
 

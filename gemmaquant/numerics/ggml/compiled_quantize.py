@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from gemmaquant.numerics.compiling import DIFFERS, passed, turn_off, why
-from gemmaquant.numerics.ggml import search
+from gemmaquant.numerics.ggml import native, search
 from gemmaquant.numerics.ggml.registry import kernels
 from gemmaquant.numerics.ggml.types import GGMLType
 
@@ -36,12 +36,18 @@ SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
 _searches: dict[str, object] = {}
 _off: dict[GGMLType, None] = {}  # types whose compiled path failed (turn_off's table)
 _checked: set[tuple[GGMLType, bool]] = set()  # (type, with imatrix) whose bytes passed the bit check
+NATIVE_OFF = "all"  # _native_off's key when the native library itself is unavailable
+_native_off: dict = {}  # types whose native searches differed (turn_off's table), or NATIVE_OFF
+_native_checked: set[tuple[GGMLType, bool]] = set()
+TO_INDUCTOR = "the torch.compile'd searches"
 
 
 class _Table(dict):
-    """The compiled searches for one quantizer call, noting whether any ran."""
+    """The compiled searches for one quantizer call, noting whether any ran. `traced`: torch.compile'd
+    (their inputs are marked dynamic), False for the native C searches."""
 
     used = False
+    traced = True
 
     def get(self, name, default=None):
         fn = super().get(name, default)
@@ -67,11 +73,46 @@ def _with(table: dict | None, fn, x: torch.Tensor, imatrix: torch.Tensor | None)
         search.COMPILED.reset(token)
 
 
+def _native_table() -> _Table | None:
+    if NATIVE_OFF in _native_off or not native.allowed():
+        return None
+    try:
+        table = _Table(native.table())
+    except native.NativeError as e:
+        turn_off(_native_off, NATIVE_OFF, "native (C)", str(e), "quantizer searches", TO_INDUCTOR)
+        return None
+    table.traced = False
+    return table
+
+
+def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, k) -> torch.Tensor | None:
+    """The chunk's blocks with the native searches, or None (not available, or they failed)."""
+    if qtype in _native_off or (table := _native_table()) is None:
+        return None
+    try:
+        got = _with(table, k.quantize, x, imatrix)
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the next path
+        turn_off(_native_off, qtype, f"native {qtype.name}", why(e), "quantizer", TO_INDUCTOR)
+        return None
+    key = (qtype, imatrix is not None)
+    if table.used and key not in _native_checked:
+        if not torch.equal(got, _with(None, k.quantize, x, imatrix)):
+            turn_off(_native_off, qtype, f"native {qtype.name}", DIFFERS, "quantizer", TO_INDUCTOR)
+            return None
+        _native_checked.add(key)
+        passed(f"quantize {qtype.name} (native)")
+    return got
+
+
 def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor | None:
-    """The chunk's blocks with the compiled searches, or None where they do not apply or failed
-    (the caller then runs the plain quantizer)."""
+    """The chunk's blocks with the native searches, else the torch.compile'd ones, or None where
+    neither applies or both failed (the caller then runs the plain quantizer)."""
     k = kernels(qtype)
-    if x.is_cuda or not k.compiled_search or qtype in _off:
+    if x.is_cuda or not k.compiled_search:
+        return None
+    if (got := _run_native(x, qtype, imatrix, k)) is not None:
+        return got
+    if qtype in _off:
         return None
     table = _table()
     name = f"quantize {qtype.name}"  # as compiled_types() lists it

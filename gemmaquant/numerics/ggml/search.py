@@ -38,17 +38,20 @@ GROUP_MAX_EPS = float(np.float32(1e-15))
 COMPILED: ContextVar[dict | None] = ContextVar("gemmaquant_compiled_searches", default=None)
 
 
-def _compiled(name: str, x: torch.Tensor):
-    """The compiled search `name` for a [P, M] input, or None (plain path; M < 2 too: dynamo would
-    specialize a size-1 dimension into a graph of its own)."""
+def _compiled(name: str, x: torch.Tensor, *more: torch.Tensor | None):
+    """The compiled search `name` for a [P, M] input (and the [P, M] tensors `more`), or None (plain
+    path; M < 2 too: dynamo would specialize a size-1 dimension into a graph of its own). A table
+    whose `traced` attribute is False (the native C searches) gets its tensors as they are."""
     if torch.compiler.is_dynamo_compiling():  # (first: dynamo cannot trace ContextVar.get)
         return None
     table = COMPILED.get()
     if table is None or x.shape[-1] < 2:
         return None
     fn = table.get(name)
-    if fn is not None:
-        torch._dynamo.mark_dynamic(x, x.dim() - 1)  # one graph for every number of sub-blocks
+    if fn is not None and getattr(table, "traced", True):
+        for t in (x, *more):  # one graph for every number of sub-blocks
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, t.dim() - 1)
     return fn
 
 
@@ -162,7 +165,7 @@ def running_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mn, mx
 
 
-def _qx_grid(nmax: int) -> list[float]:
+def qx_grid(nmax: int) -> list[float]:
     """make_qx_quants' candidate iscale numerators: -nmax, then -(nmax + 0.1*is) for is = -9..9
     except 0, each a float32 C expression."""
     steps = [s for s in range(-9, 10) if s != 0]
@@ -180,9 +183,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     accepted iscale per sub-block and rebuilds L once. (Evaluating all 19 candidates as one
     [S, P, M] batch was slower: the same traffic, out of cache.)
     """
-    if (fn := _compiled("make_qx_quants", x)) is not None:
-        if qw is not None:
-            torch._dynamo.mark_dynamic(qw, qw.dim() - 1)
+    if (fn := _compiled("make_qx_quants", x, qw)) is not None:
         return fn(x, nmax, qw)
     amax, mx = first_abs_max(x)
     w = qw if qw is not None else x * x
@@ -202,7 +203,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
         sumlx, suml2 = seq_sum(terms)
         return iscale, sumlx, suml2
 
-    grid = _qx_grid(nmax)
+    grid = qx_grid(nmax)
     sel, sumlx, suml2 = candidate(grid[0])
     scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
     best = scale * sumlx
@@ -251,8 +252,7 @@ def make_qkx(
     step is ~12 in-place passes over [P, M] buffers allocated once, and one `seq_sum` for its
     three sums.
     """
-    if (fn := _compiled("make_qkx", x)) is not None:
-        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+    if (fn := _compiled("make_qkx", x, w)) is not None:
         return fn(x, w, nmax, rmin, rdelta, nstep, qkx3, use_mad)
     mn, mx = running_min_max(x)
     wx = w * x
@@ -316,8 +316,7 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
     magnitudes of an IQ2_XXS sub-block, one of which may be negative). Returns
     (scale [B], L [P, B] int32 holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
     """
-    if (fn := _compiled("make_qp_quants", x)) is not None:
-        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+    if (fn := _compiled("make_qp_quants", x, w)) is not None:
         return fn(x, w, nmax)
     mx = torch.zeros_like(x[0])
     for i in range(x.shape[0]):

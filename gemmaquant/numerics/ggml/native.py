@@ -1,0 +1,200 @@
+"""The native scale searches: `native/search.c`, a C translation of `search.py`'s make_qx_quants,
+make_qkx2/3 and make_qp_quants, built on first use with the system C compiler and called through
+ctypes. Part of the `--compile` switch (`compiled_quantize.py` prefers it to torch.compile).
+
+The C works on search.py's [P, M] layout and vectorizes across sub-blocks, so each sub-block's sums
+still run over its P weights in order from 0.0f: the same float32 values as the plain path, which
+is what lets its bytes equal libggml's. The flags forbid what would change a value: no
+-ffast-math, -ffp-contract=off (no FMA contraction even where the target has FMA). The target is
+the compiler's default (baseline x86-64 / aarch64), so a cached library runs on any machine of the
+architecture.
+
+The library is cached under the user cache directory (`$XDG_CACHE_HOME` or ~/.cache, then
+gemmaquant/native/), named by a hash of the source, the flags, the compiler's path and its
+`--version`; it is written to a temporary file and renamed into place, so concurrent processes
+(the writer's workers) never load a half-written file. `CC` picks the compiler (default: Python's
+sysconfig CC, then `cc`). No compiler, a failed build or a failed load raise `NativeError`; the
+caller warns once and falls back. GEMMAQUANT_NATIVE=0 turns the native path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemmaquant.numerics.ggml import search
+
+ENV = "GEMMAQUANT_NATIVE"
+SOURCE = Path(__file__).with_name("native") / "search.c"
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99", "-fPIC", "-shared")
+SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
+
+_F = ctypes.c_void_p  # tensor data pointers
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None  # why the library is unavailable in this process
+
+
+class NativeError(RuntimeError):
+    """The native searches cannot be built or loaded here."""
+
+
+def allowed() -> bool:
+    return os.environ.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def compiler() -> list[str]:
+    """The C compiler command: $CC, else Python's own build CC, else `cc`."""
+    cmd = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    parts = shlex.split(cmd)
+    if not parts:
+        raise NativeError("CC is empty")
+    exe = shutil.which(parts[0])
+    if exe is None:
+        raise NativeError(f"no C compiler: {parts[0]!r} not found (set CC to a C compiler)")
+    return [exe, *parts[1:]]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gemmaquant" / "native"
+
+
+def _build() -> Path:
+    cc = compiler()
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeError(f"{cc[0]} --version failed: {e}") from e
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), " ".join(cc).encode(), version.encode(),
+                 platform.machine().encode()):
+        key.update(part)
+        key.update(b"\0")
+    out = cache_dir() / f"search-{key.hexdigest()[:24]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        res = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            first = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[0]
+            raise NativeError(f"building {SOURCE.name} failed: {first}")
+        os.replace(tmp, out)  # atomic: another process sees the old name absent or the whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeError(f"building {SOURCE.name} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL:
+    path = _build()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeError(f"loading {path.name} failed: {e}") from e
+    i64, i32, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.gq_make_qx_quants.argtypes = [_F, _F, i64, i64, i32, _F, i32, _F, _F]
+    lib.gq_make_qkx.argtypes = [_F, _F, i64, i64, i32, f32, f32, i32, i32, i32, _F, _F, _F]
+    lib.gq_make_qp_quants.argtypes = [_F, _F, i64, i64, i32, _F, _F]
+    for fn in (lib.gq_make_qx_quants, lib.gq_make_qkx, lib.gq_make_qp_quants):
+        fn.restype = None
+    lib.gq_pmax.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built or found in the cache on the first call); NativeError if it cannot be."""
+    global _lib, _failed
+    with _lock:
+        if _lib is None:
+            if _failed is not None:
+                raise NativeError(_failed)
+            try:
+                _lib = _load()
+            except NativeError as e:
+                _failed = str(e)
+                raise
+        return _lib
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _plain(name: str, *args):
+    """search.py's own function (a sub-block wider than the C tile's PMAX, or a CUDA tensor)."""
+    token = search.COMPILED.set(None)
+    try:
+        return getattr(search, name)(*args)
+    finally:
+        search.COMPILED.reset(token)
+
+
+def _fits(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    return x.dim() == 2 and not x.is_cuda and x.shape[0] <= lib.gq_pmax()
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None):
+    lib = library()
+    if not _fits(lib, x):
+        return _plain("make_qx_quants", x, nmax, qw)
+    x = _f32(x)
+    qw = None if qw is None else _f32(qw)
+    p, m = x.shape
+    grid = np.asarray(search.qx_grid(nmax), dtype=np.float32)
+    scale = torch.empty(m, dtype=torch.float32)
+    L = torch.empty((p, m), dtype=torch.int32)
+    lib.gq_make_qx_quants(x.data_ptr(), None if qw is None else qw.data_ptr(), p, m, nmax,
+                          grid.ctypes.data, len(grid), scale.data_ptr(), L.data_ptr())
+    return scale, L
+
+
+def make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, qkx3: bool,
+             use_mad: bool = False):
+    lib = library()
+    if not _fits(lib, x):
+        return _plain("make_qkx", x, w, nmax, rmin, rdelta, nstep, qkx3, use_mad)
+    x, w = _f32(x), _f32(w)
+    p, m = x.shape
+    scale = torch.empty(m, dtype=torch.float32)
+    the_min = torch.empty(m, dtype=torch.float32)
+    L = torch.empty((p, m), dtype=torch.int32)
+    lib.gq_make_qkx(x.data_ptr(), w.data_ptr(), p, m, nmax, rmin, rdelta, nstep, int(qkx3), int(use_mad),
+                    scale.data_ptr(), the_min.data_ptr(), L.data_ptr())
+    return scale, the_min, L
+
+
+def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int):
+    lib = library()
+    if not _fits(lib, x):
+        return _plain("make_qp_quants", x, w, nmax)
+    x, w = _f32(x), _f32(w)
+    p, m = x.shape
+    scale = torch.empty(m, dtype=torch.float32)
+    L = torch.empty((p, m), dtype=torch.int32)
+    lib.gq_make_qp_quants(x.data_ptr(), w.data_ptr(), p, m, nmax, scale.data_ptr(), L.data_ptr())
+    return scale, L
+
+
+def table() -> dict:
+    """The native searches by search.py name (for `search.COMPILED`); builds the library first, so
+    that a missing compiler raises NativeError here, not inside a quantizer."""
+    library()
+    return {"make_qx_quants": make_qx_quants, "make_qkx": make_qkx, "make_qp_quants": make_qp_quants}
