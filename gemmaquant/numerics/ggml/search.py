@@ -232,7 +232,8 @@ def _grid_codes(
         return nearest_int((x - cur_min) * iscale).clamp_(0, nmax).float()
     v = torch.sub(x, cur_min, out=out).mul_(iscale)
     edge = torch.maximum((iscale * (mn - cur_min)).abs_(), (iscale * (mx - cur_min)).abs_())
-    if bool((edge >= 4194304.0).any()):
+    # NaN too (an inf iscale, from a span of subnormals: 0*inf): round() would keep it, C gives a code
+    if not bool((edge < 4194304.0).all()):
         return out.copy_(nearest_int(v).clamp_(0, nmax))
     return v.round_().clamp_(0, nmax)
 
@@ -263,7 +264,9 @@ def make_qkx(
 
     iscale = div(float(nmax), mx - mn)
     scale = div(1.0, iscale)
-    L = torch.round(iscale * (x - mn)).clamp_(0, nmax)  # 0 <= iscale*(x - mn) <= nmax: exact
+    # 0 <= iscale*(x - mn) <= nmax, so round() would do, except where mx - mn is so small (subnormal)
+    # that iscale is inf and 0*inf a NaN: C's nearest_int makes that a code, round() a NaN error.
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax).float()
     diff = (scale * L + mn) - x
     best = seq_sum(w * (diff.abs() if use_mad else diff * diff))
     cur_min = mn

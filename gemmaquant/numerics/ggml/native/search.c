@@ -31,14 +31,6 @@ static inline int32_t nearest_int(float v) {
     return (i & 0x007FFFFF) - 0x00400000;
 }
 
-/* torch.round(v).clamp_(0, hi) for any float v (NaN stays NaN, inf clamps): (v + 1.5*2^23) - 1.5*2^23
- * is round-half-even below 2^22 and monotone beyond, where the clamp hides the difference. */
-static inline float round_clamp0(float v, float hi) {
-    float r = (v + 12582912.0f) - 12582912.0f;
-    r = r < 0.0f ? 0.0f : r;
-    return r > hi ? hi : r;
-}
-
 static void load_tile(float (*dst)[TM], const float *src, int64_t P, int64_t M, int64_t j0, int n) {
     for (int64_t i = 0; i < P; i++) {
         for (int j = 0; j < n; j++) dst[i][j] = src[i * M + j0 + j];
@@ -163,7 +155,9 @@ void gq_make_qkx(const float *x, const float *w, int64_t P, int64_t M, int nmax,
         }
         for (int64_t i = 0; i < P; i++) {
             for (int j = 0; j < TM; j++) {
-                float l = round_clamp0(iscale[j] * (xt[i][j] - mn[j]), fmax);
+                float l = (float)nearest_int(iscale[j] * (xt[i][j] - mn[j]));
+                l = l < 0.0f ? 0.0f : l;
+                l = l > fmax ? fmax : l;
                 float diff = (scale[j] * l + mn[j]) - xt[i][j];
                 float e = use_mad ? (diff < 0.0f ? -diff : diff) : diff * diff;
                 best[j] += wt[i][j] * e;
