@@ -89,13 +89,14 @@ def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, 
     """The chunk's blocks with the native searches, or None (not available, or they failed)."""
     if qtype in _native_off or (table := _native_table()) is None:
         return None
+    whole = qtype.name in native.BLOCK_TYPES and x.shape[1] % 256 == 0
     try:
-        got = _with(table, k.quantize, x, imatrix)
+        got = native.quantize_rows(x, qtype.name, imatrix) if whole else _with(table, k.quantize, x, imatrix)
     except Exception as e:  # noqa: BLE001 - any failure falls back to the next path
         turn_off(_native_off, qtype, f"native {qtype.name}", why(e), "quantizer", TO_INDUCTOR)
         return None
     key = (qtype, imatrix is not None)
-    if table.used and key not in _native_checked:
+    if (whole or table.used) and key not in _native_checked:
         if not torch.equal(got, _with(None, k.quantize, x, imatrix)):
             turn_off(_native_off, qtype, f"native {qtype.name}", DIFFERS, "quantizer", TO_INDUCTOR)
             return None

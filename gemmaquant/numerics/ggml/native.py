@@ -42,6 +42,8 @@ from gemmaquant.numerics.ggml import search
 ENV = "GEMMAQUANT_NATIVE"
 ISA_ENV = "GEMMAQUANT_NATIVE_ISA"
 SOURCE = Path(__file__).with_name("native") / "search.c"
+SOURCES = (SOURCE, SOURCE.with_name("kquants.c"))
+HEADERS = (SOURCE.with_name("common.h"),)
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99", "-fPIC", "-shared")
 # x86-64 micro-architecture levels by the /proc/cpuinfo flags each needs beyond the one before.
 LEVELS = (
@@ -127,7 +129,7 @@ def _build() -> Path:
 def _build_level(cc: list[str], version: str, level: str) -> Path:
     global built_isa
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags(level)).encode(), " ".join(cc).encode(), version.encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(flags(level)).encode(), " ".join(cc).encode(), version.encode(),
                  platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
@@ -139,7 +141,8 @@ def _build_level(cc: list[str], version: str, level: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        res = subprocess.run([*cc, *flags(level), "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([*cc, *flags(level), "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
+                             timeout=300)
         if res.returncode != 0:
             first = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[0]
             raise NativeError(f"building {SOURCE.name} failed: {first}")
@@ -165,6 +168,11 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.gq_make_qx_quants, lib.gq_make_qkx, lib.gq_make_qp_quants):
         fn.restype = None
     lib.gq_pmax.restype = ctypes.c_int
+    lib.gq_quantize_q6_k.argtypes = [_F, _F, i64, i64, _F, i32, _F]
+    lib.gq_quantize_q45_k.argtypes = [_F, _F, i64, i64, i32, _F]
+    lib.gq_quantize_q6_k.restype = lib.gq_quantize_q45_k.restype = ctypes.c_int
+    lib.gq_f32_to_f16.argtypes = [_F, i64, _F]
+    lib.gq_f32_to_f16.restype = None
     return lib
 
 
@@ -240,6 +248,39 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int):
     L = torch.empty((p, m), dtype=torch.int32)
     lib.gq_make_qp_quants(x.data_ptr(), w.data_ptr(), p, m, nmax, scale.data_ptr(), L.data_ptr())
     return scale, L
+
+
+# Whole quantizers in C (`native/kquants.c`, kquants.py's quantize_q45_k / quantize_q6_k): the torch
+# ops around the searches cost three times the native searches themselves. By type name: block bytes.
+BLOCK_TYPES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def quantize_rows(x: torch.Tensor, qtype_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """[rows, n] float32 (n a multiple of 256) -> [rows, row_bytes] uint8 blocks of Q4_K/Q5_K/Q6_K."""
+    lib = library()
+    x = _f32(x)
+    rows, n = x.shape
+    bpr = n // 256
+    nb = rows * bpr
+    out = torch.empty((rows, bpr * BLOCK_TYPES[qtype_name]), dtype=torch.uint8)
+    im = None if imatrix is None else _f32(imatrix.reshape(-1))
+    im_ptr = None if im is None else im.data_ptr()
+    if qtype_name == "Q6_K":
+        grid = np.asarray(search.qx_grid(32), dtype=np.float32)
+        rc = lib.gq_quantize_q6_k(x.data_ptr(), im_ptr, nb, bpr, grid.ctypes.data, len(grid), out.data_ptr())
+    else:
+        rc = lib.gq_quantize_q45_k(x.data_ptr(), im_ptr, nb, bpr, 15 if qtype_name == "Q4_K" else 31, out.data_ptr())
+    if rc != 0:
+        raise MemoryError(f"native {qtype_name} quantizer: out of memory for {nb} blocks")
+    return out
+
+
+def f32_to_f16_bits(x: torch.Tensor) -> torch.Tensor:
+    """The C quantizers' float -> half conversion, as int16 bits (for the tests)."""
+    x = _f32(x).reshape(-1)
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    library().gq_f32_to_f16(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
 
 
 def table() -> dict:

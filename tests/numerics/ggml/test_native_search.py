@@ -170,8 +170,15 @@ def test_failed_build_warns_and_falls_back(fresh: pytest.MonkeyPatch) -> None:
     assert (GGMLType.Q4_K, True) in compiled_quantize._checked
 
 
-def test_native_bytes_that_differ_fall_back(fresh: pytest.MonkeyPatch) -> None:
-    def wrong_scale(x, nmax, qw):  # a native search gone wrong
+@pytest.mark.parametrize("qtype", [GGMLType.Q6_K, GGMLType.Q4_0], ids=case_id)
+def test_native_bytes_that_differ_fall_back(fresh: pytest.MonkeyPatch, qtype: GGMLType) -> None:
+    """A whole native quantizer (Q6_K) or a native search (Q4_0's make_qx_quants) gone wrong."""
+    def wrong_bytes(x, name, im):
+        out = quantize(x, name, im, compiled=False)
+        out[0, 0] ^= 1
+        return out
+
+    def wrong_scale(x, nmax, qw):
         token = search.COMPILED.set(None)
         try:
             scale, L = search.make_qx_quants(x, nmax, qw)
@@ -179,14 +186,30 @@ def test_native_bytes_that_differ_fall_back(fresh: pytest.MonkeyPatch) -> None:
             search.COMPILED.reset(token)
         return scale * 1.25, L
 
+    fresh.setattr(native, "library", lambda: None)
+    fresh.setattr(native, "quantize_rows", wrong_bytes)
     fresh.setattr(native, "table", lambda: {"make_qx_quants": wrong_scale})
     _plain_inductor(fresh)
-    w = torch.randn(8, 512) * 0.02
-    with pytest.warns(compiling.CompiledDequantWarning, match="native Q6_K quantizer turned off.*differs.*torch.compile"):
-        got = quantize(w, GGMLType.Q6_K, compiled=True)
-    assert torch.equal(got, quantize(w, GGMLType.Q6_K, compiled=False))
-    assert GGMLType.Q6_K in compiled_quantize._native_off
-    assert (GGMLType.Q6_K, False) in compiled_quantize._checked  # the next path ran and passed
+    w, im = torch.randn(8, 512) * 0.02, imatrix(512)
+    with pytest.warns(compiling.CompiledDequantWarning, match=f"native {qtype.name} quantizer turned off.*differs.*torch.compile"):
+        got = quantize(w, qtype, im, compiled=True)
+    assert torch.equal(got, quantize(w, qtype, im, compiled=False))
+    assert qtype in compiled_quantize._native_off
+    assert (qtype, True) in compiled_quantize._checked  # the next path ran and passed
+
+
+@pytest.mark.subprocess
+def test_half_conversion_is_torchs(built) -> None:
+    """The C quantizers' float -> fp16 (round to nearest even, subnormals, overflow, signed zeros)."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = x[~x.isnan()]
+    near = torch.arange(0x33000000 - 64, 0x47800000 + 64, 4099, dtype=torch.int32).view(torch.float32)  # every half exponent
+    ties = (torch.arange(0, 2048, dtype=torch.float32) + 0.5) * 2.0**-24  # subnormal half ties
+    x = torch.cat([x, near, -near, ties, torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, float("inf"), -1e9])])
+    want = x.to(torch.float16).view(torch.int16)
+    assert torch.equal(native.f32_to_f16_bits(x), want)
 
 
 def test_native_off_by_environment(fresh: pytest.MonkeyPatch) -> None:

@@ -13,23 +13,12 @@
  * Sub-blocks whose search runs on inf/NaN (all-zero ones, the padding) produce garbage that the
  * final masks (or the tile's tail) drop, exactly as in search.py.
  */
-#include <stdint.h>
-#include <string.h>
+#include "common.h"
 
 #ifndef TM
 #define TM 32 /* sub-blocks per tile: two AVX-512 registers per state array (fastest of 8-256 at each ISA level) */
 #endif
 #define PMAX 32 /* largest sub-block: native.py runs larger ones on the plain path */
-
-#define GROUP_MAX_EPS 1e-15f
-
-/* ggml's nearest_int: round half to even below 2^22, its mantissa bits beyond. */
-static inline int32_t nearest_int(float v) {
-    float t = v + 12582912.0f;
-    int32_t i;
-    memcpy(&i, &t, sizeof i);
-    return (i & 0x007FFFFF) - 0x00400000;
-}
 
 static void load_tile(float (*dst)[TM], const float *src, int64_t P, int64_t M, int64_t j0, int n) {
     for (int64_t i = 0; i < P; i++) {
