@@ -15,9 +15,12 @@ import warnings
 
 import pytest
 
+from gemmaquant.export.gguf.writer import write_gguf
 from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.formats.demo import ensure_demo_checkpoint
 from gemmaquant.numerics import compiling
 from gemmaquant.numerics.ggml import native
+from gemmaquant.schemes import get_scheme
 
 from . import llamacpp_ref as ref
 from .test_writer_presets import _imatrix, _same_file
@@ -60,3 +63,21 @@ def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypa
     if workers == "threads":
         suffix = " (native)" if path == "native" else ""
         assert {f"quantize Q4_K{suffix}", f"quantize Q6_K{suffix}"} <= set(compiling.compiled_types())
+
+
+@pytest.mark.demo
+def test_native_demo_q4_k_m_identical_to_llama_quantize(tmp_path, monkeypatch):
+    """The real demo (Gemma 3 270M) → q4_k_m with --compile (the native searches, in the writer's
+    forked workers) byte-identical to convert_hf_to_gguf.py + llama-quantize."""
+    try:
+        native.library()  # loaded before the workers fork: they inherit it
+    except native.NativeError as e:
+        pytest.skip(str(e))
+    d = ensure_demo_checkpoint()
+    want = ref.quantize(ref.convert(d, "bf16"), tmp_path / "ref.gguf", get_scheme("q4_k_m").ftype)
+    monkeypatch.setattr(compiling, "_enabled", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiling.CompiledDequantWarning)
+        got = write_gguf(Checkpoint(d), "q4_k_m", tmp_path / "ours.gguf").path
+    assert got.stat().st_size == want.stat().st_size
+    assert got.read_bytes() == want.read_bytes()
