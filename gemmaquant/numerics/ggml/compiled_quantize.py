@@ -1,22 +1,28 @@
-"""The torch.compile path for GGML quantizers (CPU only): the scale searches of `search.py`
-(make_qx_quants, make_qkx2/3, make_qp_quants), each traced whole, so that inductor turns every
-candidate step into one loop over the sub-blocks instead of the ~10^4 separate ~1 MB torch ops of
-the plain path. The block packing around them stays plain torch (a few ops per chunk). Same switch
-as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+"""The `--compile` path for GGML quantizers (CPU only), in order of preference:
 
-Bit-exactness rests on three things: inductor's C++ is built with -ffp-contract=off and without
+1. native C (`native.py`): Q4_K/Q5_K/Q6_K whole, and the scale searches of the other types (Q4_0-Q5_1
+   with an imatrix) through `search.COMPILED`, built with the system C compiler on first use;
+2. torch.compile: the scale searches of `search.py` (make_qx_quants, make_qkx2/3, make_qp_quants),
+   each traced whole, so that inductor turns every candidate step into one loop over the sub-blocks
+   instead of the ~10^4 separate ~1 MB torch ops of the plain path; the block packing around them
+   stays plain torch;
+3. the plain quantizer (the caller's, when `run` returns None).
+Same switch as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+
+Inductor's bit-exactness rests on three things: its C++ is built with -ffp-contract=off and without
 -funsafe-math-optimizations (no FMA contraction, no reassociation, no reciprocal for a division;
 pinned below whatever TORCHINDUCTOR_CPP_* says), CPU divisions by constants stay divisions, and the
-sequential float32 sums lower to a row-ordered loop (`search.seq_sum`). The safety net: the first
-chunk per process, type and path (with / without an imatrix) is quantized both ways and the bytes
-compared; any difference or compile failure turns the type's compiled path off for the process
-with a `CompiledDequantWarning`, and the plain path runs.
+sequential float32 sums lower to a row-ordered loop (`search.seq_sum`). The native code keeps the same
+rules by its flags and by construction (`native.py`). The safety net, for both: the first chunk per
+process, type and path (with / without an imatrix) is quantized both ways and the bytes compared; a
+difference, a missing compiler or a failed build turns that path off (native: for the type, or for the
+process when the library cannot be built) with a `CompiledDequantWarning`, and the next path runs.
 
 Each search is compiled once per process and parameter set (nmax, grid), with the number of
 sub-blocks dynamic; inductor's on-disk cache turns later processes' compiles into loads. Worker
-processes forked after a search was compiled inherit it.
+processes forked after a search was compiled (or the native library loaded) inherit it; the others
+load the library from the cache or compile on their own first use.
 """
-
 from __future__ import annotations
 
 import torch

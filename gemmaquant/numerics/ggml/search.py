@@ -29,8 +29,8 @@ import torch
 
 GROUP_MAX_EPS = float(np.float32(1e-15))
 
-# torch.compile'd versions of the searches below by function name, set for the quantizer that runs
-# in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
+# torch.compile'd (or native C, `native.py`) versions of the searches below by function name, set for
+# the quantizer that runs in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
 # function traced whole; inside the trace `torch.compiler.is_dynamo_compiling()` picks the branches that
 # have no data-dependent control flow. (Not `is_compiling()`: that is a process-wide flag, True in
 # every thread while one thread's graph is being traced by AOTAutograd, and would send another
