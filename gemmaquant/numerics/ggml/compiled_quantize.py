@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from gemmaquant.numerics.compiling import DIFFERS, passed, turn_off, why
+from gemmaquant.numerics.compiling import DIFFERS, enabled, passed, turn_off, why
 from gemmaquant.numerics.ggml import native, search
 from gemmaquant.numerics.ggml.registry import kernels
 from gemmaquant.numerics.ggml.types import GGMLType
@@ -109,6 +109,13 @@ def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, 
         _native_checked.add(key)
         passed(f"quantize {qtype.name} (native)")
     return got
+
+
+def prepare() -> None:
+    """With --compile on, build or load the native library now, so that worker processes forked after
+    this inherit it (or its failure, warned once here) instead of each building or loading it."""
+    if enabled():
+        _native_table()
 
 
 def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor | None:

@@ -179,6 +179,8 @@ def _load() -> ctypes.CDLL:
 def library() -> ctypes.CDLL:
     """The loaded library (built or found in the cache on the first call); NativeError if it cannot be."""
     global _lib, _failed
+    if _lib is not None:  # no lock once loaded: a fork while another thread held it would leave it held
+        return _lib
     with _lock:
         if _lib is None:
             if _failed is not None:
