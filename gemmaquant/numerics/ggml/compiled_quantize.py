@@ -1,7 +1,8 @@
 """The `--compile` path for GGML quantizers (CPU only), in order of preference:
 
 1. native C (`native.py`): Q4_K/Q5_K/Q6_K whole, and the scale searches of the other types (Q4_0-Q5_1
-   with an imatrix) through `search.COMPILED`, built with the system C compiler on first use;
+   with an imatrix, Q2_K, Q3_K with an imatrix) through `search.COMPILED`, built with the system C
+   compiler on first use (Q2_K/Q3_K: native or plain, never torch.compile'd);
 2. torch.compile: the scale searches of `search.py` (make_qx_quants, make_qkx2/3, make_qp_quants),
    each traced whole, so that inductor turns every candidate step into one loop over the sub-blocks
    instead of the ~10^4 separate ~1 MB torch ops of the plain path; the block packing around them
@@ -46,6 +47,8 @@ NATIVE_OFF = "all"  # _native_off's key when the native library itself is unavai
 _native_off: dict = {}  # types whose native searches differed (turn_off's table), or NATIVE_OFF
 _native_checked: set[tuple[GGMLType, bool]] = set()
 TO_INDUCTOR = "the torch.compile'd searches"
+# Types whose searches run native but were never checked through torch.compile: no inductor fallback.
+NATIVE_ONLY = {GGMLType.Q2_K, GGMLType.Q3_K}
 
 
 class _Table(dict):
@@ -122,11 +125,11 @@ def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch
     """The chunk's blocks with the native searches, else the torch.compile'd ones, or None where
     neither applies or both failed (the caller then runs the plain quantizer)."""
     k = kernels(qtype)
-    if x.is_cuda or not k.compiled_search:
+    if x.is_cuda or not (k.compiled_search or qtype in NATIVE_ONLY):
         return None
     if (got := _run_native(x, qtype, imatrix, k)) is not None:
         return got
-    if qtype in _off:
+    if qtype in _off or not k.compiled_search:
         return None
     table = _table()
     name = f"quantize {qtype.name}"  # as compiled_types() lists it

@@ -21,10 +21,12 @@ from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
 from tests.numerics.ggml.test_quantize import assert_same_blocks, imatrix
 
 # (type, with an imatrix): every quantizer whose search runs native; Q4_0/Q5_0/Q4_1/Q5_1 search only
-# with an imatrix (make_qx_quants with weights, make_qkx3).
+# with an imatrix (make_qx_quants with weights, make_qkx3), Q3_K's reference path only make_q3_quants
+# (not native).
 CASES = [(GGMLType.Q4_K, False), (GGMLType.Q4_K, True), (GGMLType.Q6_K, False), (GGMLType.Q6_K, True),
          (GGMLType.Q5_K, False), (GGMLType.Q5_K, True), (GGMLType.Q4_0, True), (GGMLType.Q5_0, True),
-         (GGMLType.Q4_1, True), (GGMLType.Q5_1, True)]  # fmt: skip
+         (GGMLType.Q4_1, True), (GGMLType.Q5_1, True), (GGMLType.Q2_K, False), (GGMLType.Q2_K, True),
+         (GGMLType.Q3_K, True)]  # fmt: skip
 DEMO = ["model.layers.0.mlp.down_proj.weight", "model.layers.9.self_attn.o_proj.weight"]
 
 
@@ -225,3 +227,13 @@ def test_bad_isa_name_is_one_line(fresh: pytest.MonkeyPatch) -> None:
     fresh.setenv(native.ISA_ENV, "avx9000")
     with pytest.raises(native.NativeError, match="GEMMAQUANT_NATIVE_ISA='avx9000': expected one of baseline, x86-64-v2"):
         native.isa()
+
+
+def test_native_only_types_never_reach_torch_compile(fresh: pytest.MonkeyPatch) -> None:
+    """Q2_K/Q3_K: native searches or the plain ones, never an (unchecked) torch.compile'd search."""
+    fresh.setenv(native.ENV, "0")
+    fresh.setattr(compiled_quantize, "_table", lambda: pytest.fail("Q2_K/Q3_K must not compile"))
+    w = torch.randn(4, 512) * 0.02
+    for qtype in (GGMLType.Q2_K, GGMLType.Q3_K):
+        im = imatrix(512)
+        assert torch.equal(quantize(w, qtype, im, compiled=True), quantize(w, qtype, im, compiled=False))
