@@ -187,9 +187,9 @@ def library() -> ctypes.CDLL:
                 raise NativeError(_failed)
             try:
                 _lib = _load()
-            except NativeError as e:
-                _failed = str(e)
-                raise
+            except (NativeError, OSError) as e:  # OSError: e.g. a cache directory we cannot write
+                _failed = str(e) if isinstance(e, NativeError) else f"native library: {e}"
+                raise NativeError(_failed) from e
         return _lib
 
 

@@ -172,6 +172,18 @@ def test_failed_build_warns_and_falls_back(fresh: pytest.MonkeyPatch) -> None:
     assert (GGMLType.Q4_K, True) in compiled_quantize._checked
 
 
+def test_unwritable_cache_warns_and_falls_back(fresh: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "gemmaquant").write_text("a file where the cache directory would go")
+    fresh.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh.setattr(native, "compiler", lambda: ["cc"])
+    fresh.setattr(native.subprocess, "run", lambda *a, **k: native.subprocess.CompletedProcess(a, 0, "cc 1.0", ""))
+    _plain_inductor(fresh)
+    w = torch.randn(4, 512) * 0.02
+    with pytest.warns(compiling.CompiledDequantWarning, match=r"native \(C\).*native library: .*gemmaquant"):
+        got = quantize(w, GGMLType.Q6_K, compiled=True)
+    assert torch.equal(got, quantize(w, GGMLType.Q6_K, compiled=False))
+
+
 @pytest.mark.parametrize("qtype", [GGMLType.Q6_K, GGMLType.Q4_0], ids=case_id)
 def test_native_bytes_that_differ_fall_back(fresh: pytest.MonkeyPatch, qtype: GGMLType) -> None:
     """A whole native quantizer (Q6_K) or a native search (Q4_0's make_qx_quants) gone wrong."""
