@@ -1,6 +1,7 @@
-"""The native scale searches: `native/search.c`, a C translation of `search.py`'s make_qx_quants,
-make_qkx2/3 and make_qp_quants, built on first use with the system C compiler and called through
-ctypes. Part of the `--compile` switch (`compiled_quantize.py` prefers it to torch.compile).
+"""The native quantizers: `native/search.c`, a C translation of `search.py`'s make_qx_quants,
+make_qkx2/3 and make_qp_quants, and `native/kquants.c`, of `kquants.py`'s whole Q4_K/Q5_K/Q6_K
+quantizers around them; built on first use with the system C compiler and called through ctypes.
+Part of the `--compile` switch (`compiled_quantize.py` prefers it to torch.compile).
 
 The C works on search.py's [P, M] layout and vectorizes across sub-blocks, so each sub-block's sums
 still run over its P weights in order from 0.0f: the same float32 values as the plain path, which
@@ -15,8 +16,8 @@ GEMMAQUANT_NATIVE_ISA=baseline|x86-64-v2|x86-64-v3|x86-64-v4 caps it.
 The library is cached under the user cache directory (`$XDG_CACHE_HOME` or ~/.cache, then
 gemmaquant/native/), named by a hash of the source, the flags, the compiler's path and its
 `--version`; it is written to a temporary file and renamed into place, so concurrent processes
-(the writer's workers) never load a half-written file. `CC` picks the compiler (default: Python's
-sysconfig CC, then `cc`). No compiler, a failed build or a failed load raise `NativeError`; the
+(the writer's workers) never load a half-written file. `CC` picks the compiler (default: the first
+of Python's sysconfig CC, `cc`, `gcc`, `clang` that exists). No compiler, a failed build or a failed load raise `NativeError`; the
 caller warns once and falls back. GEMMAQUANT_NATIVE=0 turns the native path off.
 """
 
@@ -51,8 +52,6 @@ LEVELS = (
     ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
     ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
 )
-SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
-
 _F = ctypes.c_void_p  # tensor data pointers
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -69,15 +68,18 @@ def allowed() -> bool:
 
 
 def compiler() -> list[str]:
-    """The C compiler command: $CC, else Python's own build CC, else `cc`."""
-    cmd = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    parts = shlex.split(cmd)
-    if not parts:
-        raise NativeError("CC is empty")
-    exe = shutil.which(parts[0])
-    if exe is None:
-        raise NativeError(f"no C compiler: {parts[0]!r} not found (set CC to a C compiler)")
-    return [exe, *parts[1:]]
+    """The C compiler command: $CC (an error if it is not found), else the first found of Python's own
+    build CC (a conda build names one that may not exist here), `cc`, `gcc`, `clang`."""
+    if os.environ.get("CC"):
+        candidates = [os.environ["CC"]]
+    else:
+        candidates = [c for c in (sysconfig.get_config_var("CC"), "cc", "gcc", "clang") if c]
+    for cmd in candidates:
+        parts = shlex.split(cmd)
+        if parts and (exe := shutil.which(parts[0])) is not None:
+            return [exe, *parts[1:]]
+    named = ", ".join(repr(shlex.split(c)[0]) if shlex.split(c) else "''" for c in candidates)
+    raise NativeError(f"no C compiler: {named} not found (set CC to a C compiler)")
 
 
 def isa() -> str:

@@ -249,3 +249,17 @@ def test_native_only_types_never_reach_torch_compile(fresh: pytest.MonkeyPatch) 
     for qtype in (GGMLType.Q2_K, GGMLType.Q3_K):
         im = imatrix(512)
         assert torch.equal(quantize(w, qtype, im, compiled=True), quantize(w, qtype, im, compiled=False))
+
+
+def test_compiler_choice(fresh: pytest.MonkeyPatch) -> None:
+    """$CC wins (and must exist); without it, Python's build CC when it exists here, else cc/gcc/clang."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine")
+    fresh.delenv("CC", raising=False)
+    fresh.setattr(native.sysconfig, "get_config_var", lambda name: "/opt/conda-build/bin/x86_64-conda-cc -pthread")
+    assert Path(native.compiler()[0]).name in ("cc", "gcc", "clang")
+    fresh.setenv("CC", "/nonexistent/cc -O1")
+    with pytest.raises(native.NativeError, match="no C compiler: '/nonexistent/cc' not found"):
+        native.compiler()
