@@ -263,3 +263,15 @@ def test_compiler_choice(fresh: pytest.MonkeyPatch) -> None:
     fresh.setenv("CC", "/nonexistent/cc -O1")
     with pytest.raises(native.NativeError, match="no C compiler: '/nonexistent/cc' not found"):
         native.compiler()
+
+
+def test_sources_ship_as_package_data() -> None:
+    """Every file the build compiles is listed in pyproject's package data (else a wheel cannot build it)."""
+    import tomllib
+
+    root = Path(native.__file__).parents[3]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    pkg = Path(native.__file__).parent
+    shipped = {p for g in globs["gemmaquant.numerics.ggml"] for p in pkg.glob(g)}
+    assert set(native.SOURCES + native.HEADERS) <= shipped
+    assert set((pkg / "native").iterdir()) <= shipped
