@@ -2,7 +2,7 @@
 (with --quantize) gemmaquant's quantizers vs llama.cpp's own C quantizer (libggml-base).
 
     python benchmarks/bench_ggml_dequant.py [--rows 2048] [--cols 4096] [--repeats 7] [--threads N]
-        [--types Q8_0,Q6_K | new | all] [--quantize] [--qrows 256] [--imatrix] [--ct] [--compile]
+        [--types Q8_0,Q6_K | new | all] [--quantize] [--qrows 256] [--imatrix] [--ct] [--compile] [--native]
 
 `--types new` runs the types of the family modules (Q2_K, Q3_K, IQ4_*, TQ*, IQ3_*, IQ2_*, IQ1_*),
 `all` those and the default list. The IQ quantizers run at 1-20 us per weight: use --qrows 32..64
@@ -23,6 +23,9 @@ checked bit-equal with any fallback to the plain path made an error; "compile s"
 With --quantize, --compile adds the compiled quantizers (`numerics/ggml/compiled_quantize.py`: the
 scale searches torch.compile'd), checked byte-equal to libggml's with any fallback made an error;
 "compile s" is the first call (compiling or loading inductor's cache, plus the bit check).
+With --quantize, --native adds the native C searches (`numerics/ggml/native.py`, preferred by
+--compile; here --compile's column runs with them off), checked the same way; its first call
+builds or loads the library and runs the bit check.
 --quantize-only skips the dequantizer table.
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
 `decompress` on the same tensors (bit-equal, checked), both returning fresh bf16 tensors.
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 
 from gemmaquant.numerics import compiling
-from gemmaquant.numerics.ggml import registry
+from gemmaquant.numerics.ggml import native, registry
 from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.registry import REQUIRES_IMATRIX
@@ -132,57 +135,87 @@ def bench_dequant(args: argparse.Namespace, types: list[GGMLType]) -> None:
         print(row)
 
 
+def _quantize_with(native_on: bool):
+    """quantize(compiled=True) with the native C searches on, or off (the torch.compile'd ones)."""
+    def run(w, qtype, im):
+        old = os.environ.get(native.ENV)
+        os.environ[native.ENV] = "1" if native_on else "0"
+        try:
+            return quantize(w, qtype, im, compiled=True)
+        finally:
+            if old is None:
+                del os.environ[native.ENV]
+            else:
+                os.environ[native.ENV] = old
+    return run
+
+
 def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
     ggml = _libggml()
     w = torch.randn(args.qrows, args.cols) * 0.02
     im = torch.rand(args.cols) * 3 if args.imatrix else None
     kind = "with an imatrix" if args.imatrix else "no imatrix"
     print(f"\nQuantize {args.qrows}x{args.cols} N(0, 0.02), {kind}, M values/s, wall | cpu:\n")
+    # the optional paths: (column name, quantize function, the name compiled_types() gives it when it ran)
+    paths = []
     if args.compile:
-        print("| type | ours | ours compiled | llama.cpp C (1 thread) | ours / C (cpu) | compiled / C (cpu) | compile s |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-    else:
-        print("| type | ours | llama.cpp C (1 thread) | ours / C (cpu) |")
-        print("|---|---:|---:|---:|")
+        paths.append(("compiled", _quantize_with(False), "quantize {}"))
+    if args.native:
+        paths.append(("native", _quantize_with(True), "quantize {} (native)"))
+        try:
+            native.library()
+            print(f"native library: {native.built_isa}\n")
+        except native.NativeError as e:
+            print(f"native library unavailable: {e}\n")
+    head = ["type", "ours"] + [f"ours {p[0]}" for p in paths] + ["llama.cpp C (1 thread)", "ours / C (cpu)"]
+    head += [f"{p[0]} / C (cpu)" for p in paths] + [f"{p[0]} first call s" for p in paths]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
     m = w.numel() / 1e6
     for qtype in types:
         if qtype in (GGMLType.F16, GGMLType.BF16):
             continue
         if im is None and qtype in REQUIRES_IMATRIX:
-            print(f"| {qtype.name} | needs --imatrix | | |")
+            print(f"| {qtype.name} | needs --imatrix |")
             continue
         fns = [lambda: quantize(w, qtype, im, compiled=False)]
-        compiled = args.compile and registry.TYPES[qtype].compiled_search
-        if compiled:
+        ran, first_s, got = [], [], []
+        for _, fn, label in paths:
+            if not registry.TYPES[qtype].compiled_search:
+                ran.append(False)
+                continue
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("error", compiling.CompiledDequantWarning)
-                got = quantize(w, qtype, im, compiled=True)
-            compile_s = time.perf_counter() - t0
-            compiled = f"quantize {qtype.name}" in compiling.compiled_types()  # a search ran compiled
-            fns.append(lambda: quantize(w, qtype, im, compiled=True))
+                got.append(fn(w, qtype, im))
+            first_s.append(time.perf_counter() - t0)
+            ran.append(label.format(qtype.name) in compiling.compiled_types())  # a search ran this way
+            if ran[-1]:
+                fns.append(lambda fn=fn: fn(w, qtype, im))
         if ggml is not None:
             ref = ggml(w, qtype, im)
             assert torch.equal(quantize(w, qtype, im, compiled=False), ref), qtype
-            if compiled:
-                assert torch.equal(got, ref), qtype
+            assert all(torch.equal(g, ref) for g in got), qtype
             fns.append(lambda: ggml(w, qtype, im))
         times = _medians(fns, max(1, args.repeats // 2))
         (wo, co) = times[0]
-        c_col, ratio, ratio_c = "n/a", "n/a", "n/a"
+        cols, c_col, ratio = [f"{m / wo:.1f} \\| {m / co:.1f}"], "n/a", "n/a"
         if ggml is not None:
             wc, cc = times[-1]
-            c_col, ratio = f"{m / wc:.1f} \\| {m / cc:.1f}", f"{co / cc:.1f}x"
-        if not args.compile:
-            print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {c_col} | {ratio} |")
-            continue
-        comp_col, comp_s = "no search to compile", ""
-        if compiled:
-            wk, ck = times[1]
-            comp_col, comp_s = f"{m / wk:.1f} \\| {m / ck:.1f}", f"{compile_s:.1f}"
-            if ggml is not None:
-                ratio_c = f"{ck / times[-1][1]:.1f}x"
-        print(f"| {qtype.name} | {m / wo:.1f} \\| {m / co:.1f} | {comp_col} | {c_col} | {ratio} | {ratio_c} | {comp_s} |")
+            c_col, ratio = f"{m / wc:.1f} \\| {m / cc:.1f}", f"{co / cc:.2f}x"
+        mine, ratios, firsts, k = [], [], [], 1
+        for i, did in enumerate(ran):
+            if not did:
+                mine.append("no search to compile")
+                ratios.append("n/a")
+                firsts.append("")
+                continue
+            wk, ck = times[k]
+            k += 1
+            mine.append(f"{m / wk:.1f} \\| {m / ck:.1f}")
+            ratios.append(f"{ck / times[-1][1]:.2f}x" if ggml is not None else "n/a")
+            firsts.append(f"{first_s[i]:.1f}")
+        print("| " + " | ".join([qtype.name, *cols, *mine, c_col, ratio, *ratios, *firsts]) + " |")
 
 
 def bench_ct(args: argparse.Namespace) -> None:
@@ -260,6 +293,7 @@ def main() -> None:
     ap.add_argument("--ct", action="store_true", help="also time compressed-tensors' formats")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile kernels (numerics/ggml/compiled.py, compiled_quantize.py)")
+    ap.add_argument("--native", action="store_true", help="with --quantize: also time the native C searches (numerics/ggml/native.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

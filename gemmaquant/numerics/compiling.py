@@ -9,6 +9,8 @@ bit with the plain kernel (`same_bits`): a compiler that fused a product into an
 else that changes a value, turns the compiled kernel off for the process with a
 `CompiledDequantWarning`, and so does any failure to compile (no C++ compiler, an unsupported
 platform). CUDA tensors always take the plain path: inductor would generate Triton kernels there.
+The GGML quantizers under the same switch prefer native C code built with the system C compiler
+(`ggml/native.py`), with the same bit check and the torch.compile'd searches as fallback.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ def why(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def turn_off(table: dict, key, name: str, reason: str, what: str = "dequantizer") -> None:
-    """Never use this compiled kernel again in this process, and say why."""
+def turn_off(table: dict, key, name: str, reason: str, what: str = "dequantizer",
+             instead: str = "the plain torch kernels") -> None:
+    """Never use this compiled kernel again in this process, and say why and what runs `instead`."""
     table[key] = None
-    warnings.warn(f"compiled {name} {what} turned off ({reason}); using the plain torch kernels",
+    warnings.warn(f"compiled {name} {what} turned off ({reason}); using {instead}",
                   CompiledDequantWarning, stacklevel=4)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...errors import GemmaQuantError
+from ...numerics.ggml import compiled_quantize
 from ...numerics.ggml.quantize import quantize
 from ...numerics.ggml.types import GGMLType
 from ..procs import child_signals, die_with_parent, signals_deferred
@@ -135,6 +136,8 @@ def run_ordered(jobs, workers: int, proc_init: tuple | None = None):
             if slab is not None and proc_init is not None and processes_available():
                 # submit() is where the pool forks (all its workers at the first one, with fork):
                 # a signal landing during a fork must not be lost (procs.signals_deferred)
+                if procs is None:
+                    compiled_quantize.prepare()  # with --compile: the workers inherit the native library
                 with signals_deferred():
                     if procs is None:
                         procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),

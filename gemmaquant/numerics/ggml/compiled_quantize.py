@@ -1,28 +1,35 @@
-"""The torch.compile path for GGML quantizers (CPU only): the scale searches of `search.py`
-(make_qx_quants, make_qkx2/3, make_qp_quants), each traced whole, so that inductor turns every
-candidate step into one loop over the sub-blocks instead of the ~10^4 separate ~1 MB torch ops of
-the plain path. The block packing around them stays plain torch (a few ops per chunk). Same switch
-as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+"""The `--compile` path for GGML quantizers (CPU only), in order of preference:
 
-Bit-exactness rests on three things: inductor's C++ is built with -ffp-contract=off and without
+1. native C (`native.py`): Q4_K/Q5_K/Q6_K whole, and the scale searches of the other types (Q4_0-Q5_1
+   with an imatrix, Q2_K, Q3_K with an imatrix) through `search.COMPILED`, built with the system C
+   compiler on first use (Q2_K/Q3_K: native or plain, never torch.compile'd);
+2. torch.compile: the scale searches of `search.py` (make_qx_quants, make_qkx2/3, make_qp_quants),
+   each traced whole, so that inductor turns every candidate step into one loop over the sub-blocks
+   instead of the ~10^4 separate ~1 MB torch ops of the plain path; the block packing around them
+   stays plain torch;
+3. the plain quantizer (the caller's, when `run` returns None).
+Same switch as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+
+Inductor's bit-exactness rests on three things: its C++ is built with -ffp-contract=off and without
 -funsafe-math-optimizations (no FMA contraction, no reassociation, no reciprocal for a division;
 pinned below whatever TORCHINDUCTOR_CPP_* says), CPU divisions by constants stay divisions, and the
-sequential float32 sums lower to a row-ordered loop (`search.seq_sum`). The safety net: the first
-chunk per process, type and path (with / without an imatrix) is quantized both ways and the bytes
-compared; any difference or compile failure turns the type's compiled path off for the process
-with a `CompiledDequantWarning`, and the plain path runs.
+sequential float32 sums lower to a row-ordered loop (`search.seq_sum`). The native code keeps the same
+rules by its flags and by construction (`native.py`). The safety net, for both: the first chunk per
+process, type and path (with / without an imatrix) is quantized both ways and the bytes compared; a
+difference, a missing compiler or a failed build turns that path off (native: for the type, or for the
+process when the library cannot be built) with a `CompiledDequantWarning`, and the next path runs.
 
 Each search is compiled once per process and parameter set (nmax, grid), with the number of
 sub-blocks dynamic; inductor's on-disk cache turns later processes' compiles into loads. Worker
-processes forked after a search was compiled inherit it.
+processes forked after a search was compiled (or the native library loaded) inherit it; the others
+load the library from the cache or compile on their own first use.
 """
-
 from __future__ import annotations
 
 import torch
 
-from gemmaquant.numerics.compiling import DIFFERS, passed, turn_off, why
-from gemmaquant.numerics.ggml import search
+from gemmaquant.numerics.compiling import DIFFERS, enabled, passed, turn_off, why
+from gemmaquant.numerics.ggml import native, search
 from gemmaquant.numerics.ggml.registry import kernels
 from gemmaquant.numerics.ggml.types import GGMLType
 
@@ -36,12 +43,20 @@ SEARCHES = ("make_qx_quants", "make_qkx", "make_qp_quants")
 _searches: dict[str, object] = {}
 _off: dict[GGMLType, None] = {}  # types whose compiled path failed (turn_off's table)
 _checked: set[tuple[GGMLType, bool]] = set()  # (type, with imatrix) whose bytes passed the bit check
+NATIVE_OFF = "all"  # _native_off's key when the native library itself is unavailable
+_native_off: dict = {}  # types whose native searches differed (turn_off's table), or NATIVE_OFF
+_native_checked: set[tuple[GGMLType, bool]] = set()
+TO_INDUCTOR = "the torch.compile'd searches"
+# Types whose searches run native but were never checked through torch.compile: no inductor fallback.
+NATIVE_ONLY = {GGMLType.Q2_K, GGMLType.Q3_K}
 
 
 class _Table(dict):
-    """The compiled searches for one quantizer call, noting whether any ran."""
+    """The compiled searches for one quantizer call, noting whether any ran. `traced`: torch.compile'd
+    (their inputs are marked dynamic), False for the native C searches."""
 
     used = False
+    traced = True
 
     def get(self, name, default=None):
         fn = super().get(name, default)
@@ -67,11 +82,54 @@ def _with(table: dict | None, fn, x: torch.Tensor, imatrix: torch.Tensor | None)
         search.COMPILED.reset(token)
 
 
+def _native_table() -> _Table | None:
+    if NATIVE_OFF in _native_off or not native.allowed():
+        return None
+    try:
+        table = _Table(native.table())
+    except native.NativeError as e:
+        turn_off(_native_off, NATIVE_OFF, "native (C)", str(e), "quantizer searches", TO_INDUCTOR)
+        return None
+    table.traced = False
+    return table
+
+
+def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, k) -> torch.Tensor | None:
+    """The chunk's blocks with the native searches, or None (not available, or they failed)."""
+    if qtype in _native_off or (table := _native_table()) is None:
+        return None
+    whole = qtype.name in native.BLOCK_TYPES and x.shape[1] % 256 == 0
+    try:
+        got = native.quantize_rows(x, qtype.name, imatrix) if whole else _with(table, k.quantize, x, imatrix)
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the next path
+        turn_off(_native_off, qtype, f"native {qtype.name}", why(e), "quantizer", TO_INDUCTOR)
+        return None
+    key = (qtype, imatrix is not None)
+    if (whole or table.used) and key not in _native_checked:
+        if not torch.equal(got, _with(None, k.quantize, x, imatrix)):
+            turn_off(_native_off, qtype, f"native {qtype.name}", DIFFERS, "quantizer", TO_INDUCTOR)
+            return None
+        _native_checked.add(key)
+        passed(f"quantize {qtype.name} (native)")
+    return got
+
+
+def prepare() -> None:
+    """With --compile on, build or load the native library now, so that worker processes forked after
+    this inherit it (or its failure, warned once here) instead of each building or loading it."""
+    if enabled():
+        _native_table()
+
+
 def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor | None:
-    """The chunk's blocks with the compiled searches, or None where they do not apply or failed
-    (the caller then runs the plain quantizer)."""
+    """The chunk's blocks with the native searches, else the torch.compile'd ones, or None where
+    neither applies or both failed (the caller then runs the plain quantizer)."""
     k = kernels(qtype)
-    if x.is_cuda or not k.compiled_search or qtype in _off:
+    if x.is_cuda or not (k.compiled_search or qtype in NATIVE_ONLY):
+        return None
+    if (got := _run_native(x, qtype, imatrix, k)) is not None:
+        return got
+    if qtype in _off or not k.compiled_search:
         return None
     table = _table()
     name = f"quantize {qtype.name}"  # as compiled_types() lists it

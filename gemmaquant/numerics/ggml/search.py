@@ -29,8 +29,8 @@ import torch
 
 GROUP_MAX_EPS = float(np.float32(1e-15))
 
-# torch.compile'd versions of the searches below by function name, set for the quantizer that runs
-# in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
+# torch.compile'd (or native C, `native.py`) versions of the searches below by function name, set for
+# the quantizer that runs in this thread by `compiled_quantize.py` (None: the plain searches). Each is this module's own
 # function traced whole; inside the trace `torch.compiler.is_dynamo_compiling()` picks the branches that
 # have no data-dependent control flow. (Not `is_compiling()`: that is a process-wide flag, True in
 # every thread while one thread's graph is being traced by AOTAutograd, and would send another
@@ -38,17 +38,20 @@ GROUP_MAX_EPS = float(np.float32(1e-15))
 COMPILED: ContextVar[dict | None] = ContextVar("gemmaquant_compiled_searches", default=None)
 
 
-def _compiled(name: str, x: torch.Tensor):
-    """The compiled search `name` for a [P, M] input, or None (plain path; M < 2 too: dynamo would
-    specialize a size-1 dimension into a graph of its own)."""
+def _compiled(name: str, x: torch.Tensor, *more: torch.Tensor | None):
+    """The compiled search `name` for a [P, M] input (and the [P, M] tensors `more`), or None (plain
+    path; M < 2 too: dynamo would specialize a size-1 dimension into a graph of its own). A table
+    whose `traced` attribute is False (the native C searches) gets its tensors as they are."""
     if torch.compiler.is_dynamo_compiling():  # (first: dynamo cannot trace ContextVar.get)
         return None
     table = COMPILED.get()
     if table is None or x.shape[-1] < 2:
         return None
     fn = table.get(name)
-    if fn is not None:
-        torch._dynamo.mark_dynamic(x, x.dim() - 1)  # one graph for every number of sub-blocks
+    if fn is not None and getattr(table, "traced", True):
+        for t in (x, *more):  # one graph for every number of sub-blocks
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, t.dim() - 1)
     return fn
 
 
@@ -162,7 +165,7 @@ def running_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mn, mx
 
 
-def _qx_grid(nmax: int) -> list[float]:
+def qx_grid(nmax: int) -> list[float]:
     """make_qx_quants' candidate iscale numerators: -nmax, then -(nmax + 0.1*is) for is = -9..9
     except 0, each a float32 C expression."""
     steps = [s for s in range(-9, 10) if s != 0]
@@ -180,9 +183,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     accepted iscale per sub-block and rebuilds L once. (Evaluating all 19 candidates as one
     [S, P, M] batch was slower: the same traffic, out of cache.)
     """
-    if (fn := _compiled("make_qx_quants", x)) is not None:
-        if qw is not None:
-            torch._dynamo.mark_dynamic(qw, qw.dim() - 1)
+    if (fn := _compiled("make_qx_quants", x, qw)) is not None:
         return fn(x, nmax, qw)
     amax, mx = first_abs_max(x)
     w = qw if qw is not None else x * x
@@ -202,7 +203,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
         sumlx, suml2 = seq_sum(terms)
         return iscale, sumlx, suml2
 
-    grid = _qx_grid(nmax)
+    grid = qx_grid(nmax)
     sel, sumlx, suml2 = candidate(grid[0])
     scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
     best = scale * sumlx
@@ -231,7 +232,8 @@ def _grid_codes(
         return nearest_int((x - cur_min) * iscale).clamp_(0, nmax).float()
     v = torch.sub(x, cur_min, out=out).mul_(iscale)
     edge = torch.maximum((iscale * (mn - cur_min)).abs_(), (iscale * (mx - cur_min)).abs_())
-    if bool((edge >= 4194304.0).any()):
+    # NaN too (an inf iscale, from a span of subnormals: 0*inf): round() would keep it, C gives a code
+    if not bool((edge < 4194304.0).all()):
         return out.copy_(nearest_int(v).clamp_(0, nmax))
     return v.round_().clamp_(0, nmax)
 
@@ -251,8 +253,7 @@ def make_qkx(
     step is ~12 in-place passes over [P, M] buffers allocated once, and one `seq_sum` for its
     three sums.
     """
-    if (fn := _compiled("make_qkx", x)) is not None:
-        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+    if (fn := _compiled("make_qkx", x, w)) is not None:
         return fn(x, w, nmax, rmin, rdelta, nstep, qkx3, use_mad)
     mn, mx = running_min_max(x)
     wx = w * x
@@ -263,7 +264,9 @@ def make_qkx(
 
     iscale = div(float(nmax), mx - mn)
     scale = div(1.0, iscale)
-    L = torch.round(iscale * (x - mn)).clamp_(0, nmax)  # 0 <= iscale*(x - mn) <= nmax: exact
+    # 0 <= iscale*(x - mn) <= nmax, so round() would do, except where mx - mn is so small (subnormal)
+    # that iscale is inf and 0*inf a NaN: C's nearest_int makes that a code, round() a NaN error.
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax).float()
     diff = (scale * L + mn) - x
     best = seq_sum(w * (diff.abs() if use_mad else diff * diff))
     cur_min = mn
@@ -316,8 +319,7 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
     magnitudes of an IQ2_XXS sub-block, one of which may be negative). Returns
     (scale [B], L [P, B] int32 holding the uint8 values ggml stores, i.e. already wrapped to 0..255).
     """
-    if (fn := _compiled("make_qp_quants", x)) is not None:
-        torch._dynamo.mark_dynamic(w, w.dim() - 1)
+    if (fn := _compiled("make_qp_quants", x, w)) is not None:
         return fn(x, w, nmax)
     mx = torch.zeros_like(x[0])
     for i in range(x.shape[0]):

@@ -1,7 +1,9 @@
 """Whole GGUF files written with the compiled scale searches (`quantize --compile`) against
 llama-quantize's, through both ways the writer runs its searches: forked worker processes (which
-inherit the switch and compile in the child) and threads (where the test can see that the compiled
-path ran). Compile-heavy on a cold inductor cache: only with GEMMAQUANT_COMPILE_TESTS=1.
+inherit the switch and build or load the native library, or compile, in the child) and threads
+(where the test can see which path ran). The native C searches (the default under --compile) run
+always; the torch.compile'd ones (GEMMAQUANT_NATIVE=0) are compile-heavy on a cold inductor cache:
+only with GEMMAQUANT_COMPILE_TESTS=1.
 
 Open bug: in the whole suite (one long process, a cold cache), the threads case once got a float64
 `mins` out of the compiled make_qkx (Q4_K), so the compiled path turned itself off with a warning and
@@ -13,8 +15,12 @@ import warnings
 
 import pytest
 
+from gemmaquant.export.gguf.writer import write_gguf
 from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.formats.demo import ensure_demo_checkpoint
 from gemmaquant.numerics import compiling
+from gemmaquant.numerics.ggml import native
+from gemmaquant.schemes import get_scheme
 
 from . import llamacpp_ref as ref
 from .test_writer_presets import _imatrix, _same_file
@@ -36,9 +42,17 @@ EVERY = os.environ.get("GEMMAQUANT_COMPILE_TESTS") == "1"
 
 @pytest.mark.parametrize("workers", ["processes", "threads"])
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
-def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypatch, workers, with_imatrix):
-    if not EVERY:  # each compiles Q4_K/Q6_K again, cold (minutes); and see the note in the module doc
+@pytest.mark.parametrize("path", ["native", "inductor"])
+def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypatch, workers, with_imatrix, path):
+    if path == "inductor" and not EVERY:  # each compiles Q4_K/Q6_K again, cold (minutes); see the module doc
         pytest.skip("set GEMMAQUANT_COMPILE_TESTS=1 for the whole compiled files (minutes of compiling)")
+    if path == "native":
+        try:
+            native.library()
+        except native.NativeError as e:
+            pytest.skip(str(e))
+    else:
+        monkeypatch.setenv(native.ENV, "0")
     d, bf16, im = tiny256
     monkeypatch.setattr(compiling, "_enabled", True)
     if workers == "threads":
@@ -47,4 +61,23 @@ def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypa
         warnings.simplefilter("error", compiling.CompiledDequantWarning)
         _same_file(Checkpoint(d), bf16, "q4_k_m", tmp_path, im if with_imatrix else None)
     if workers == "threads":
-        assert {"quantize Q4_K", "quantize Q6_K"} <= set(compiling.compiled_types())
+        suffix = " (native)" if path == "native" else ""
+        assert {f"quantize Q4_K{suffix}", f"quantize Q6_K{suffix}"} <= set(compiling.compiled_types())
+
+
+@pytest.mark.demo
+def test_native_demo_q4_k_m_identical_to_llama_quantize(tmp_path, monkeypatch):
+    """The real demo (Gemma 3 270M) → q4_k_m with --compile (the native searches, in the writer's
+    forked workers) byte-identical to convert_hf_to_gguf.py + llama-quantize."""
+    try:
+        native.library()  # loaded before the workers fork: they inherit it
+    except native.NativeError as e:
+        pytest.skip(str(e))
+    d = ensure_demo_checkpoint()
+    want = ref.quantize(ref.convert(d, "bf16"), tmp_path / "ref.gguf", get_scheme("q4_k_m").ftype)
+    monkeypatch.setattr(compiling, "_enabled", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiling.CompiledDequantWarning)
+        got = write_gguf(Checkpoint(d), "q4_k_m", tmp_path / "ours.gguf").path
+    assert got.stat().st_size == want.stat().st_size
+    assert got.read_bytes() == want.read_bytes()

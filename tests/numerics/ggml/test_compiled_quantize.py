@@ -1,4 +1,5 @@
-"""The torch.compile'd quantizers (`numerics/ggml/compiled_quantize.py`) against llama.cpp's own C
+"""The torch.compile'd quantizers (`numerics/ggml/compiled_quantize.py`, with the native C searches
+that it prefers turned off here: test_native_search.py checks those) against llama.cpp's own C
 quantizer (libggml's ggml_quantize_chunk), with any fallback to the plain path made an error (a
 silent fallback would pass while the compiled searches were wrong); and the fallback itself, when a
 compiled search fails or its bytes differ (fast: nothing is compiled there)."""
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from gemmaquant.numerics import compiling
-from gemmaquant.numerics.ggml import compiled_quantize, registry, search
+from gemmaquant.numerics.ggml import compiled_quantize, native, registry, search
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType
 from tests.numerics.ggml.family_checks import demo_rows, random_rows
@@ -35,6 +36,11 @@ DEFAULT = [(GGMLType.Q6_K, False), (GGMLType.Q4_0, True)]
 def gated(cases):
     skip = pytest.mark.skip(reason="set GEMMAQUANT_COMPILE_TESTS=1 for every compiled search (minutes of compiling)")
     return [pytest.param(*c) if EVERY or c in DEFAULT else pytest.param(*c, marks=skip) for c in cases]
+
+
+@pytest.fixture(autouse=True)
+def no_native(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(native.ENV, "0")
 
 
 @pytest.fixture
