@@ -190,12 +190,12 @@ def main():
         every activation to 8 bits (Q8_0/Q8_K blocks), the same for any weights of the type: the
         difference between the two scores is that, the weights' own damage is this score."""
         deq = f.with_name(f.stem + ".f32.gguf")
-        if not f.with_name(deq.stem + ".kld.log").exists():
+        log = deq.with_suffix(".kld.log")
+        if not log.exists():
             run([bins["quantize"], "--allow-requantize", "--pure", f, deq, "F32", t], f.with_name(deq.stem + ".quantize.log"))
-            r = score(deq)
+            score(deq)
             deq.unlink()  # 4 bytes a weight: score it, keep the log, not the file
-        else:
-            r = score(deq)
+        r = parse_kld_log(log.read_text())
         r["bytes"] = f.stat().st_size
         return r
 
