@@ -47,8 +47,8 @@ T = GGMLType
 _MAX_DAMP_TRIES = 6
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
 # and the less H is damped, the lower the error on its own inputs and the higher on other text's.
-# 0.3 scored at least as well as 0.1 on every type llama-perplexity judged on held-out text
-# (RESULTS.md §11, fifth round).
+# 0.3 beat 0.1 on six of the seven types llama-perplexity judged on held-out text and tied on the
+# seventh (RESULTS.md §11, fifth round).
 DAMP = 0.3
 
 
