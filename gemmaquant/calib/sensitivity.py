@@ -49,8 +49,8 @@ from ..model.loading import load_layer
 from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .runner import PerLayerInputs, embed_ids, model_ids
-from .sensitivity_parts import (ExpertInputs, Head, Stream, Switch, bf16_rows, expert_error, expert_imatrix,
-                                quantized, run_layer, sampled_rows)
+from .sensitivity_parts import (ExpertInputs, Head, InputForms, Stream, Switch, bf16_rows, expert_error,
+                                expert_imatrix, quantized, run_layer, sampled_rows)
 from .stats import attach, input_groups
 
 T = GGMLType
@@ -88,11 +88,11 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-def _linear_error(W: torch.Tensor, H: torch.Tensor, t: GGMLType, imatrix, max_rows: int) -> float:
+def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix, max_rows: int) -> float:
     rows = sampled_rows(W.shape[0], max_rows)
     Ws = bf16_rows(W, rows)
     D = (Ws - quantized(Ws, t, imatrix)).double()
-    return float(((D @ H) * D).sum()) * W.shape[0] / len(rows)
+    return forms.error(suffix, D) * W.shape[0] / len(rows)
 
 
 def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
@@ -191,14 +191,16 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     of its own so that the layer and everything holding its weights go when it returns, before the next
     layer loads."""
     gen = ckpt.config.generation
-    layer = load_layer(ckpt, i)
-    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
+    layer = load_layer(ckpt, i, stored=True)  # its Linears and experts in the stored dtype, cast where used
+    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq"})
+    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1])
     routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
     try:
         out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
     finally:
         for hd in handles:
             hd.remove()
+        forms.remove()
         if routed is not None:
             routed.remove()
     for s_ in streams:
@@ -213,10 +215,9 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             continue
         st = stats[hf]
         W = lin.weight.detach()
-        H = st.xtx.double()
         imat = imatrix_of(st.sum_sq, st.count)
-        errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-        at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
+        errs = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        at_ref.append(Switch(layer, sfx, REFERENCE, imat))
         own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                           sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
         infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
@@ -229,8 +230,7 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             X = routed.of(which)
             imat = expert_imatrix(X)
             errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
-            at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
-                                 [x is not None for x in X]))
+            at_ref.append(Switch(layer, f"experts.{which}_proj", REFERENCE, imat, [x is not None for x in X]))
             own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
             infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
     for sw in at_ref:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -107,30 +108,124 @@ def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: G
 
 
 class Switch:
-    """One tensor of the resident layer, switched between its value as loaded and its value at type t.
+    """One measured tensor of the resident layer, switched between its stored value and its value at
+    type t, holding only that type's bytes (Q4_0: 0.56 bytes a weight) and no float copy of the tensor.
 
-    Holds only the type's bytes (Q4_0: 0.56 bytes a weight); the loaded value is read again from the
-    checkpoint's mapping, so no float32 copy stays beside the layer (26B-A4B's fused gate/up experts
-    are 2 GB in float32). A fused [E, rows, n] tensor switches the experts that saw tokens (`seen`),
-    each quantized with its own importance; the others cannot change the output on this text."""
+    A Linear (`load_layer(stored=True)`: a `DenseLinear`) is swapped for a `GGMLLinear` of those bytes,
+    which dequantizes where used; a fused [E, rows, n] expert tensor gets a stand-in per expert
+    (`Experts.standin`) for the experts that saw tokens (`seen`), each quantized with its own
+    importance and dequantized when its expert runs; the others cannot change the output on this text.
+    The values are llama.cpp's decoding of the bytes of the bf16-rounded weight, as llama-quantize
+    quantizes the converter's bf16 GGUF."""
 
-    def __init__(self, param: torch.Tensor, source: torch.Tensor, t: GGMLType, imatrix, seen=None):
-        self.param, self.source, self.t = param, source, t
+    def __init__(self, layer, path: str, t: GGMLType, imatrix, seen=None):
+        self.t = t
+        parent, _, self.child = path.rpartition(".")
+        self.parent = layer.get_submodule(parent) if parent else layer
         with single_thread():
-            if param.dim() == 2:
-                self.data = {None: quantize(source.to(torch.bfloat16).float(), t, imatrix)}
+            if seen is None:  # a Linear: quantized a row chunk at a time (row-local, so the same bytes)
+                self.module = getattr(self.parent, self.child)
+                W = self.module.weight
+                step = max(1, (1 << 22) // W.shape[1])
+                self.data = torch.cat([quantize(W[r:r + step].to(torch.bfloat16).float(), t, imatrix)
+                                       for r in range(0, W.shape[0], step)])
             else:
-                self.data = {e: quantize(source[e].to(torch.bfloat16).float(), t, imatrix[e])
-                             for e in range(param.shape[0]) if seen[e]}
+                W = getattr(self.parent, self.child)
+                self.which, self.shape = self.child.removesuffix("_proj"), tuple(W.shape[1:])
+                self.data = {e: quantize(W[e].to(torch.bfloat16).float(), t, imatrix[e])
+                             for e in range(W.shape[0]) if seen[e]}
 
     def reference(self) -> None:
-        shape = tuple(self.param.shape[-2:])
-        with single_thread():
-            for e, d in self.data.items():
-                (self.param if e is None else self.param[e]).copy_(dequantize(d, self.t, shape))
+        if isinstance(self.data, dict):
+            trials = self.parent.standin
+            if trials is None:
+                trials = self.parent.standin = Trials()
+            trials.active[self.which] = self
+        else:
+            from ..model.qlinear import GGMLLinear
+
+            out, n = self.module.weight.shape
+            setattr(self.parent, self.child, GGMLLinear(self.data, self.t, out, n))
 
     def restore(self) -> None:
-        self.param.copy_(self.source)
+        if isinstance(self.data, dict):
+            trials = self.parent.standin
+            trials.active.pop(self.which, None)
+            if not trials.active:
+                self.parent.standin = None
+        else:
+            setattr(self.parent, self.child, self.module)
+
+    def expert(self, e: int) -> torch.Tensor | None:
+        if e not in self.data:
+            return None
+        with single_thread():
+            return dequantize(self.data[e], self.t, self.shape)
+
+
+class Trials:
+    """`Experts.standin` while some of the layer's fused tensors are switched: {"gate_up"/"down": Switch}."""
+
+    def __init__(self):
+        self.active: dict[str, Switch] = {}
+
+    def __call__(self, which: str, e: int) -> torch.Tensor | None:
+        sw = self.active.get(which)
+        return None if sw is None else sw.expert(e)
+
+
+class InputForms:
+    """Per hooked Linear input of a layer, the quadratic form of its layer-output error
+    e = ||X Dᵀ||² = tr(D XᵀX Dᵀ) (D: a weight error, X: the input over the calibration tokens): XᵀX
+    accumulated in float32 as `stats.InputStats` does, or X itself where that is smaller and XᵀX is
+    big (over WIDE channels: 31B's down_proj input has 21504, whose XᵀX takes 1.85 GB, 512 tokens of X
+    44 MB). Both give the same e up to float rounding; inputs of up to WIDE channels (every input of
+    Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H is used in float64
+    column blocks (no float64 copy of it)."""
+
+    BLOCK = 1 << 23  # float64 values of H's columns (or X's rows) at a time: 64 MB
+    WIDE = 4096
+
+    def __init__(self, layer, tokens: int):
+        from .stats import input_groups
+
+        self.groups = input_groups(layer)
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.x: dict[str, list[torch.Tensor]] = {}
+        self.handles = []
+        for src in sorted(set(self.groups.values())):
+            mod = layer.get_submodule(src)
+            n = mod.weight.shape[1]
+            if n <= max(tokens, self.WIDE):
+                self.handles.append(mod.register_forward_pre_hook(partial(self._gram, src)))
+            else:
+                self.x[src] = []
+                self.handles.append(mod.register_forward_pre_hook(
+                    lambda _m, a, s=src: self.x[s].append(a[0].detach().reshape(-1, a[0].shape[-1]).float())))
+
+    def _gram(self, src: str, _m, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        p = x.T @ x
+        self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.x = {s: [torch.cat(v)] for s, v in self.x.items()}
+
+    def error(self, suffix: str, D: torch.Tensor) -> float:
+        """||X Dᵀ||² for the Linear `suffix`, D [rows, n] float64."""
+        src = self.groups[suffix]
+        if src in self.x:
+            X = self.x[src][0]
+            step = max(1, self.BLOCK // X.shape[1])
+            return float(sum((X[r:r + step].double() @ D.T).pow(2).sum() for r in range(0, X.shape[0], step)))
+        H = self.xtx[src]
+        n = H.shape[0]
+        if n <= self.WIDE:
+            return float(((D @ H.double()) * D).sum())
+        step = max(1, self.BLOCK // n)
+        return float(sum(((D @ H[:, c:c + step].double()) * D[:, c:c + step]).sum() for c in range(0, n, step)))
 
 
 class Head:
