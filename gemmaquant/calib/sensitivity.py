@@ -13,7 +13,8 @@ Per decoder layer i (one layer resident, the float model's activations h):
   the residual stream, which the later (float) layers carry to the logits: its KL from the float
   logits over its ||δ_layer||² is the layer's gain G_i.
 Then ΔKL(t, T) ≈ G_i · g_t · e(t,T). The tied token embedding gets both of its roles measured: as the
-LM head, the KL of the float final states through the quantized table (exact, per type); as the input
+LM head, the KL of the float final states through the quantized table (per type; on a sample of
+`head_rows` rows of a bigger table, Gemma 3/4's 262144, `sensitivity_parts.Head`); as the input
 embedding, a perturbed stream from the start, scaled by each type's embedding error.
 
 Gemma 4 (calib/sensitivity_parts.py holds the pieces):
@@ -105,11 +106,12 @@ def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
 
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
-                        batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES,
+                        batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES, head_rows: int = 16384,
                         progress=None) -> SensitivityReport:
     """Estimated ΔKL of every quantizable tensor at every candidate type (module doc).
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
+    `head_rows`: a bigger LM head has its types scored on that many of its rows (`Head`).
     `progress(done, total, what)` is called per layer."""
     t0 = time.perf_counter()
     cfg = ckpt.config
@@ -118,7 +120,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     rep = SensitivityReport(tokens=n * S)
     kl_pos = torch.arange(max(0, S - kl_positions), S)
     rep.kl_tokens = n * len(kl_pos)
-    head = Head(ckpt, kl_pos)
+    head = Head(ckpt, kl_pos, max_rows=head_rows)
     with torch.no_grad():
         h = embed_ids(ckpt, ids)
         ctx = make_layer_context(cfg, S, torch.device("cpu"), torch.float32)

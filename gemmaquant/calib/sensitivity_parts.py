@@ -9,7 +9,8 @@
   on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
   MUL_MAT_ID inputs per expert).
 * `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes.
-* `Head`: the LM head's KL, the table streamed in row chunks.
+* `Head`: the LM head's KL, the table streamed in row chunks (the types scored on a sample of a big
+  table's rows, `head_sample`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functools import partial
 
 import torch
 
+from ..formats.safetensors import release_pages
 from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
@@ -234,12 +236,22 @@ class Head:
     table and of the float final states through the table at each GGML type.
 
     The table streams in chunks of `rows` vocabulary rows read from the checkpoint's mapping (Gemma 4
-    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk
-    quantized once per type (llama.cpp quantizes the table row by row, without importance). Per
-    position, with a the float logits and b the other ones, KL = Σ_v p_v (a_v − b_v) − lse(a) + lse(b)
-    (p = softmax(a)): lse(a) in a first pass over the table, the rest accumulated chunk by chunk."""
+    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk's
+    pages dropped once used. Per position, with a the float logits and b the other ones, KL =
+    Σ_v p_v (a_v − b_v) − lse(a) + lse(b) (p = softmax(a)): lse(a) in a first pass over the table, the
+    rest accumulated chunk by chunk. The perturbed streams are always measured on every row.
 
-    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096):
+    The types: llama.cpp quantizes the table row by row, without importance. A table of at most
+    `max_rows` rows is quantized whole at each type. A bigger one (Gemma 3/4's 262144 rows: 11 types
+    took over half an hour with our quantizers on 26B-A4B's 2816 columns) is scored on `max_rows` of
+    its rows, `head_sample`: the quarter that carries the most probability on these positions, all
+    of them, and the rest evenly spaced, each standing for its share of the unsampled rows. With
+    δ = b − a on the quantized rows, KL = log Σ_v p_v e^{δ_v} − Σ_v p_v δ_v exactly, which is the sum
+    over rows of p_v (e^{δ_v} − 1 − δ_v) plus log(1 + s) − s, s = Σ_v p_v (e^{δ_v} − 1): both sums
+    are over rows and are estimated from the sample (benchmarks/head_sampling.py measures the
+    estimate against the whole table on the demo model: RESULTS.md §10)."""
+
+    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096, max_rows: int = 16384):
         from ..model.gemma import RMSNorm
 
         cfg = ckpt.config
@@ -249,7 +261,7 @@ class Head:
         self.tied = "lm_head.weight" not in ckpt.names()
         self.W = ckpt.tensor("model.embed_tokens.weight" if self.tied else "lm_head.weight")  # stored dtype
         self.cap = cfg.final_logit_softcapping
-        self.pos, self.rows = pos, rows
+        self.pos, self.rows, self.max_rows = pos, rows, max_rows
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h[:, self.pos].reshape(-1, h.shape[-1]))
@@ -260,27 +272,80 @@ class Head:
             z = torch.tanh(z / self.cap) * self.cap
         return z.double()
 
+    def _chunk(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) in float32, their pages of the mapping dropped (the whole table would stay
+        resident otherwise: 1.5 GB on 26B-A4B, 2.8 GB on 31B)."""
+        view = self.W[r0:r1]
+        out = view.float()
+        release_pages(view)
+        return out
+
     def kls(self, h_ref: torch.Tensor, streams: list[torch.Tensor], types) -> tuple[list[float], dict]:
         """(mean KL of each perturbed final state [n, S, H] through the float table, {type: mean KL of
         the float final states through the table at that type})."""
         x = self._final(h_ref)
         xs = [self._final(h) for h in streams]
         types = list(types)
-        chunks = [(r, min(r + self.rows, self.W.shape[0])) for r in range(0, self.W.shape[0], self.rows)]
+        V = self.W.shape[0]
+        sample = V > self.max_rows
+        chunks = [(r, min(r + self.rows, V)) for r in range(0, V, self.rows)]
         lse_a = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
         for r0, r1 in chunks:
-            lse_a = torch.logaddexp(lse_a, self._logits(x, self.W[r0:r1].float()).logsumexp(-1))
-        k = len(xs) + len(types)
+            lse_a = torch.logaddexp(lse_a, self._logits(x, self._chunk(r0, r1)).logsumexp(-1))
+        k = len(xs) + (0 if sample else len(types))
         acc = torch.zeros(k, x.shape[0], dtype=torch.float64)
         lse_b = torch.full((k, x.shape[0]), float("-inf"), dtype=torch.float64)
+        mass = torch.zeros(V, dtype=torch.float64)
         for r0, r1 in chunks:
-            Wc = self.W[r0:r1].float()
+            Wc = self._chunk(r0, r1)
             a = self._logits(x, Wc)
             p = (a - lse_a[:, None]).exp()
+            mass[r0:r1] = p.sum(0)
             for j in range(k):
                 b = self._logits(xs[j], Wc) if j < len(xs) else \
                     self._logits(x, quantized(Wc, types[j - len(xs)], None))
                 acc[j] += (p * (a - b)).sum(-1)
                 lse_b[j] = torch.logaddexp(lse_b[j], b.logsumexp(-1))
         kl = (acc - lse_a + lse_b).mean(-1).tolist()
-        return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
+        if not sample:
+            return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
+        return kl, self._sampled(x, lse_a, mass, types)
+
+    def _sampled(self, x: torch.Tensor, lse_a: torch.Tensor, mass: torch.Tensor, types) -> dict:
+        """{type: mean KL} of the table at each type, estimated on `head_sample`'s rows (class doc)."""
+        rows, weight = head_sample(mass, self.max_rows)
+        tail = torch.zeros(len(types), x.shape[0], dtype=torch.float64)  # Σ w p (e^δ − 1 − δ)
+        s = torch.zeros(len(types), x.shape[0], dtype=torch.float64)  # Σ w p (e^δ − 1)
+        for c in range(0, len(rows), self.rows):
+            idx = rows[c:c + self.rows]
+            view = self.W[int(idx[0]):int(idx[-1]) + 1]
+            Wc = view[idx - idx[0]].float()
+            release_pages(view)
+            a = self._logits(x, Wc)
+            pw = (a - lse_a[:, None]).exp() * weight[c:c + self.rows]
+            for j, t in enumerate(types):
+                d = self._logits(x, quantized(Wc, t, None)) - a
+                e = torch.expm1(d)
+                tail[j] += (pw * (e - d)).sum(-1)
+                s[j] += (pw * e).sum(-1)
+        kl = (tail + torch.log1p(s) - s).mean(-1).tolist()
+        return dict(zip(types, kl))
+
+
+def head_sample(mass: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows ascending, weights [float64]) of a sample of at most `n` of a table's rows to score the
+    LM head's types on: the n // 4 rows of most probability mass `mass` [V] (weight 1) and evenly
+    spaced ones of the others (weight: the others' count over those sampled), so that a weighted sum
+    over the sample estimates the sum over all rows."""
+    V = mass.numel()
+    top = mass.topk(min(V, n // 4)).indices
+    rest = torch.ones(V, dtype=torch.bool)
+    rest[top] = False
+    rest = rest.nonzero().squeeze(1)
+    weight = torch.zeros(V, dtype=torch.float64)
+    weight[top] = 1.0
+    if len(rest):
+        pick = rest[sampled_rows(len(rest), n - len(top))]
+        weight[pick] = len(rest) / len(pick)
+    rows = weight.nonzero().squeeze(1)
+    return rows, weight[rows]

@@ -9,15 +9,20 @@ from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
 from ..limits import check_dtype
 from .gemma import DecoderLayer, Gemma, build_model
+from .qlinear import DenseLinear
 
 
 def _copy_params(module: nn.Module, ckpt: Checkpoint, prefix: str) -> None:
     for name, param in module.named_parameters():
-        src = ckpt.tensor(prefix + name)
-        if not torch.isfinite(src).all():
-            raise GemmaQuantError(f"{ckpt.file_of(prefix + name)}: tensor '{prefix + name}' contains NaN or Inf")
-        with torch.no_grad():
-            param.copy_(src)
+        _copy_tensor(param, ckpt, prefix + name)
+
+
+def _copy_tensor(dst: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
+    src = ckpt.tensor(key)
+    if not torch.isfinite(src).all():
+        raise GemmaQuantError(f"{ckpt.file_of(key)}: tensor '{key}' contains NaN or Inf")
+    with torch.no_grad():
+        dst.copy_(src)
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> Gemma:
@@ -34,37 +39,35 @@ def load_layer(ckpt: Checkpoint, index: int, dtype: torch.dtype = torch.float32,
     `stored`: the weights that make a layer big (its Linears, Gemma 4's fused experts) stay in the
     checkpoint's dtype and are cast to the activations' dtype where used, one Linear or one expert at
     a time (`DenseLinear`, `Experts.gate_up`/`down`): the same values as a `dtype` copy, at the stored
-    size (a 26B-A4B MoE layer: 1.5 GB in bf16 against 3 GB in float32). Norms and scales take `dtype`."""
-    with torch.device("meta"):
-        layer = DecoderLayer(ckpt.config, index)
-    layer = layer.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    size (a 26B-A4B MoE layer: 1.5 GB in bf16 against 3 GB in float32), and no `dtype` tensor of
+    their size is ever allocated. Norms and scales take `dtype`."""
     prefix = f"model.layers.{index}."
-    if stored:
-        _keep_stored(layer, ckpt, prefix, device)
+    with torch.device("meta"):
+        layer = DecoderLayer(ckpt.config, index).to(dtype)
+        if stored:
+            _keep_stored(layer, ckpt, prefix)
+    layer = layer.to_empty(device=device).eval().requires_grad_(False)
     _copy_params(layer, ckpt, prefix)
+    if stored:
+        for name, mod in layer.named_modules():
+            if isinstance(mod, DenseLinear):
+                _copy_tensor(mod.weight, ckpt, f"{prefix}{name}.weight")
     return layer
 
 
-def _keep_stored(layer: nn.Module, ckpt: Checkpoint, prefix: str, device) -> None:
-    """Swap the layer's Linears for `DenseLinear`s of their stored weights, and give its fused experts
-    parameters of the stored dtype (filled by _copy_params). The empty `dtype` tensors they replace were
-    never written, so they never took memory."""
-    from .qlinear import DenseLinear
-
+def _keep_stored(layer: nn.Module, ckpt: Checkpoint, prefix: str) -> None:
+    """On the meta layer: its Linears become `DenseLinear`s and its fused experts' parameters take the
+    stored dtype, so that `to_empty` allocates them at their stored size."""
     for name, mod in list(layer.named_modules()):
         if isinstance(mod, nn.Linear):
             key = f"{prefix}{name}.weight"
-            src = ckpt.tensor(key)
-            if not torch.isfinite(src).all():
-                raise GemmaQuantError(f"{ckpt.file_of(key)}: tensor '{key}' contains NaN or Inf")
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child,
-                    DenseLinear(src.to(device=device, copy=True)))
+                    DenseLinear(torch.empty(mod.weight.shape, dtype=ckpt.dtype(key))))
         elif hasattr(mod, "gate_up_proj"):  # Gemma 4's fused experts
             for p in ("gate_up_proj", "down_proj"):
                 dt = ckpt.dtype(f"{prefix}{name}.{p}")
-                setattr(mod, p, nn.Parameter(torch.empty(getattr(mod, p).shape, dtype=dt, device=device),
-                                             requires_grad=False))
+                setattr(mod, p, nn.Parameter(torch.empty(getattr(mod, p).shape, dtype=dt), requires_grad=False))
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
