@@ -8,7 +8,10 @@
 * `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
   on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
   MUL_MAT_ID inputs per expert).
-* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes.
+* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes
+  (the resident layer stays in the stored dtype, `load_layer(stored=True)`: nothing of the size of a
+  big tensor is ever held in float32, issue 19 §4's 3 GiB on the 26B-A4B and 31B shapes).
+* `InputForms`: each Linear input's XᵀX, or X itself where that is the smaller.
 * `Head`: the LM head's KL, the table streamed in row chunks (the types scored on a sample of a big
   table's rows, `head_sample`).
 """

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..formats.checkpoint import Checkpoint
+from ..formats.safetensors import release_pages
 from ..errors import GemmaQuantError
 from ..limits import check_dtype
 from .gemma import DecoderLayer, Gemma, build_model
@@ -18,11 +19,14 @@ def _copy_params(module: nn.Module, ckpt: Checkpoint, prefix: str) -> None:
 
 
 def _copy_tensor(dst: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
+    """dst ← the stored tensor, whose mapped pages are dropped once copied (they would count in the
+    process's memory beside the copy until the reader's resident window pushed them out)."""
     src = ckpt.tensor(key)
     if not torch.isfinite(src).all():
         raise GemmaQuantError(f"{ckpt.file_of(key)}: tensor '{key}' contains NaN or Inf")
     with torch.no_grad():
         dst.copy_(src)
+    release_pages(src)
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> Gemma:
