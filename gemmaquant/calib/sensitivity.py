@@ -239,6 +239,8 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
         sw.reference()
     kv = main.kv_copy()
     pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
+    for sw in at_ref:  # the experts' stand-ins refer back to them: the layer must go with this call
+        sw.restore()
     for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
         if i in d:
             d[i] = main.kv[b][i]

@@ -258,7 +258,7 @@ class Head:
         from ..model.gemma import RMSNorm
 
         cfg = ckpt.config
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset).requires_grad_(False)
         with torch.no_grad():
             self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
         self.tied = "lm_head.weight" not in ckpt.names()

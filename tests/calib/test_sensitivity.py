@@ -1,16 +1,20 @@
 """The budget's sensitivity pass (calib/sensitivity.py, sensitivity_parts.py) on its memory and its LM head:
   * the resident layer stays in the stored dtype: on a bf16 MoE no float32 tensor as big as a fused
-    expert tensor is ever made (every aten op's output watched), and the estimates are those of the
-    float32-resident computation (the layer loaded in float32 and quantized the same way);
+    expert tensor is ever made (every aten op's output watched), an expert computes what the float32
+    layer's does, and each layer is freed before the next one loads (one layer resident);
   * the LM head's types scored on a sample of the table's rows against the true KL of the float final
     states through the whole quantized table (our forward pass, tests/model: equal to transformers')."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gemmaquant.calib import sensitivity
 from gemmaquant.calib.sensitivity import measure_sensitivity
 from gemmaquant.calib.sensitivity_parts import Head, head_sample, quantized
 from gemmaquant.formats.checkpoint import Checkpoint
@@ -48,7 +52,7 @@ class LargestFloat32(TorchDispatchMode):
         return out
 
 
-def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny):
+def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny, monkeypatch):
     ck = Checkpoint(tiny / "moe")
     fused = ck.tensor("model.layers.0.experts.gate_up_proj")
     assert fused.dtype == torch.bfloat16
@@ -60,8 +64,24 @@ def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny):
     x = torch.randn(5, ck.config.hidden_size)
     assert torch.equal(layer.experts.expert(3, x), f32.experts.expert(3, x))
     ids = torch.randint(5, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-    with LargestFloat32() as watch:
-        rep = measure_sensitivity(ck, ids, kl_positions=4, batch_size=2, types=FEW, embed_types=FEW)
+    # each layer is gone (by reference counting: nothing refers back to it) before the next one loads
+    loaded = []
+
+    def spy(*a, **k):
+        assert all(r() is None for r in loaded), "a module of the previous layer is still alive"
+        layer = real(*a, **k)
+        loaded.extend(weakref.ref(m) for m in layer.modules())
+        return layer
+
+    real = sensitivity.load_layer
+    monkeypatch.setattr(sensitivity, "load_layer", spy)
+    gc.disable()
+    try:
+        with LargestFloat32() as watch:
+            rep = measure_sensitivity(ck, ids, kl_positions=4, batch_size=2, types=FEW, embed_types=FEW)
+    finally:
+        gc.enable()
+    assert loaded and all(r() is None for r in loaded)
     assert "blk.0.ffn_gate_up_exps.weight" in rep.tensors
     # a float32 copy of the fused tensor (as the float32-resident pass made) has fused.numel() elements;
     # one expert's slice has 1/16 of them
