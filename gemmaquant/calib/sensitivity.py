@@ -112,7 +112,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
     `head_rows`: a bigger LM head has its types scored on that many of its rows (`Head`).
-    `progress(done, total, what)` is called per layer."""
+    `progress(done, total, what)` is called per layer and after the LM head."""
     t0 = time.perf_counter()
     cfg = ckpt.config
     ids = model_ids(ckpt, ids)
@@ -150,12 +150,15 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos)
             layer_err.append(err)
             layer_stream.append(k)
-            if progress:
-                progress(i + 1, cfg.num_hidden_layers, f"layer {i}")
+            if progress:  # the LM head counts as one more step (minutes on a 262144-row table)
+                last = i + 1 == cfg.num_hidden_layers
+                progress(i + 1, cfg.num_hidden_layers + 1, "LM head" if last else f"layer {i + 1}")
         # the head: every perturbed stream through the float table, and the float final states through
         # the table at each type, in one pass over the table's row chunks (`Head`)
         h = main.h
         kls, head_kl = head.kls(h, [s_.h for s_ in streams], candidates(head.W.shape[1], embed_types))
+        if progress:
+            progress(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1, "LM head")
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
     rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
     for name, (own, shape, errs, g, i) in infos.items():
