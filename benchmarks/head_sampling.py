@@ -14,6 +14,11 @@ calibration (8 windows × 512 tokens of the default text, the last 64 positions 
 
 Prints per type the whole-table KL, each sample size's estimate over it, and whether the types rank
 alike; --json writes the numbers (the whole-table pass is the slow part: --reuse reads them back).
+
+    python benchmarks/head_sampling.py --speed [--compile]
+
+profiles where the whole-table pass's time goes instead: seconds to quantize 512 random rows of 2816
+(26B-A4B's table width) at each budget type, and that scaled to 262144 rows.
 """
 
 from __future__ import annotations
@@ -61,9 +66,12 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="the compiled quantizer searches (same bytes)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     ap.add_argument("--reuse", action="store_true", help="read the whole-table KLs from --json")
+    ap.add_argument("--speed", action="store_true", help="time our quantizers per type on a 2816-wide table")
     a = ap.parse_args(argv)
     if a.compile:
         compiling.set_enabled(True)
+    if a.speed:
+        return speed()
     ckpt = resolve_model(a.model)
     h = final_states(ckpt, a.samples, a.len)
     pos = torch.arange(a.len - a.positions, a.len)
@@ -85,6 +93,21 @@ def main(argv=None):
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
     print(table(res))
+
+
+def speed(rows: int = 512, cols: int = 2816) -> None:
+    from gemmaquant.calib.sensitivity_parts import quantized
+
+    W = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16).float()
+    total = 0.0
+    for t in BUDGET_TYPES:
+        quantized(W[:64], t, None)  # first call: compiles where --compile
+        t0 = time.perf_counter()
+        quantized(W, t, None)
+        dt = time.perf_counter() - t0
+        total += dt * 262144 / rows
+        print(f"| {t.name} | {dt:.3f} | {dt * 262144 / rows:.0f} |", flush=True)
+    print(f"all types, 262144 rows: {total:.0f} s")
 
 
 def table(res: dict) -> str:
