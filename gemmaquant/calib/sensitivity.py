@@ -51,7 +51,7 @@ from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .runner import PerLayerInputs, embed_ids, model_ids
 from .sensitivity_parts import (ExpertInputs, Head, InputForms, Stream, Switch, bf16_rows, expert_error,
-                                expert_imatrix, quantized, run_layer, sampled_rows)
+                                expert_imatrix, quantized, run_layer, sampled_rows, trim_heap)
 from .stats import attach, input_groups
 
 T = GGMLType
@@ -196,6 +196,7 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     of its own so that the layer and everything holding its weights go when it returns, before the next
     layer loads."""
     gen = ckpt.config.generation
+    trim_heap()  # what the previous layer's pass freed
     layer = load_layer(ckpt, i, stored=True)  # its Linears and experts in the stored dtype, cast where used
     stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq"})
     forms = InputForms(layer, main.h.shape[0] * main.h.shape[1])
@@ -223,6 +224,7 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
         imat = imatrix_of(st.sum_sq, st.count)
         errs = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
         at_ref.append(Switch(layer, sfx, REFERENCE, imat))
+        trim_heap()
         own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                           sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
         infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
@@ -235,7 +237,9 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             X = routed.of(which)
             imat = expert_imatrix(X)
             errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
+            trim_heap()
             at_ref.append(Switch(layer, f"experts.{which}_proj", REFERENCE, imat, [x is not None for x in X]))
+            trim_heap()
             own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
             infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
     for sw in at_ref:
