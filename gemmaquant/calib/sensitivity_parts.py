@@ -130,6 +130,7 @@ def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: G
         Ws = bf16_rows(W[e], rows)
         D = (Ws - quantized(Ws, t, imat[e])).double()
         total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
+    trim_heap()
     return total
 
 
@@ -158,8 +159,11 @@ class Switch:
             else:
                 W = getattr(self.parent, self.child)
                 self.which, self.shape = self.child.removesuffix("_proj"), tuple(W.shape[1:])
-                self.data = {e: quantize(W[e].to(torch.bfloat16).float(), t, imatrix[e])
-                             for e in range(W.shape[0]) if seen[e]}
+                self.data = {}
+                for e in range(W.shape[0]):
+                    if seen[e]:
+                        self.data[e] = quantize(W[e].to(torch.bfloat16).float(), t, imatrix[e])
+                        trim_heap()  # each expert's temporaries, between the bytes kept
 
     def reference(self) -> None:
         if isinstance(self.data, dict):
