@@ -108,7 +108,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _tree_memory(pid: int) -> tuple[int, int]:
+def tree_memory(pid: int) -> tuple[int, int]:
     """(sum of Pss, sum of Rss) in bytes over `pid` and its descendants, from smaps_rollup. Pss
     shares each page among the processes mapping it, so forked workers are not double-counted."""
     pss = rss = 0
@@ -135,7 +135,7 @@ class _Sampler(threading.Thread):
 
     def run(self):
         while not self.stop.wait(0.2):
-            pss, rss = _tree_memory(self.pid)
+            pss, rss = tree_memory(self.pid)
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
 
 

@@ -13,7 +13,8 @@ Per decoder layer i (one layer resident, the float model's activations h):
   the residual stream, which the later (float) layers carry to the logits: its KL from the float
   logits over its ||δ_layer||² is the layer's gain G_i.
 Then ΔKL(t, T) ≈ G_i · g_t · e(t,T). The tied token embedding gets both of its roles measured: as the
-LM head, the KL of the float final states through the quantized table (exact, per type); as the input
+LM head, the KL of the float final states through the quantized table (per type; on a sample of
+`head_rows` rows of a bigger table, Gemma 3/4's 262144, `sensitivity_parts.Head`); as the input
 embedding, a perturbed stream from the start, scaled by each type's embedding error.
 
 Gemma 4 (calib/sensitivity_parts.py holds the pieces):
@@ -49,8 +50,8 @@ from ..model.loading import load_layer
 from ..model.gemma import embed_scale, make_layer_context
 from .ggml_calibrate import imatrix_of
 from .runner import PerLayerInputs, embed_ids, model_ids
-from .sensitivity_parts import (ExpertInputs, Head, Stream, Switch, bf16_rows, expert_error, expert_imatrix,
-                                quantized, run_layer, sampled_rows)
+from .sensitivity_parts import (ExpertInputs, Head, InputForms, Stream, Switch, bf16_rows, expert_error,
+                                expert_imatrix, quantized, run_layer, sampled_rows, trim_heap)
 from .stats import attach, input_groups
 
 T = GGMLType
@@ -88,11 +89,11 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-def _linear_error(W: torch.Tensor, H: torch.Tensor, t: GGMLType, imatrix, max_rows: int) -> float:
+def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix, max_rows: int) -> float:
     rows = sampled_rows(W.shape[0], max_rows)
     Ws = bf16_rows(W, rows)
     D = (Ws - quantized(Ws, t, imatrix)).double()
-    return float(((D @ H) * D).sum()) * W.shape[0] / len(rows)
+    return forms.error(suffix, D) * W.shape[0] / len(rows)
 
 
 def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
@@ -105,12 +106,13 @@ def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
 
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
-                        batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES,
+                        batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES, head_rows: int = 16384,
                         progress=None) -> SensitivityReport:
     """Estimated ΔKL of every quantizable tensor at every candidate type (module doc).
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
-    `progress(done, total, what)` is called per layer."""
+    `head_rows`: a bigger LM head has its types scored on that many of its rows (`Head`).
+    `progress(done, total, what)` is called per layer and after the LM head."""
     t0 = time.perf_counter()
     cfg = ckpt.config
     ids = model_ids(ckpt, ids)
@@ -118,7 +120,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     rep = SensitivityReport(tokens=n * S)
     kl_pos = torch.arange(max(0, S - kl_positions), S)
     rep.kl_tokens = n * len(kl_pos)
-    head = Head(ckpt, kl_pos)
+    head = Head(ckpt, kl_pos, max_rows=head_rows)
     with torch.no_grad():
         h = embed_ids(ckpt, ids)
         ctx = make_layer_context(cfg, S, torch.device("cpu"), torch.float32)
@@ -148,12 +150,15 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos)
             layer_err.append(err)
             layer_stream.append(k)
-            if progress:
-                progress(i + 1, cfg.num_hidden_layers, f"layer {i}")
+            if progress:  # the LM head counts as one more step (minutes on a 262144-row table)
+                last = i + 1 == cfg.num_hidden_layers
+                progress(i + 1, cfg.num_hidden_layers + 1, "LM head" if last else f"layer {i + 1}")
         # the head: every perturbed stream through the float table, and the float final states through
         # the table at each type, in one pass over the table's row chunks (`Head`)
         h = main.h
         kls, head_kl = head.kls(h, [s_.h for s_ in streams], candidates(head.W.shape[1], embed_types))
+        if progress:
+            progress(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1, "LM head")
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
     rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
     for name, (own, shape, errs, g, i) in infos.items():
@@ -191,14 +196,17 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     of its own so that the layer and everything holding its weights go when it returns, before the next
     layer loads."""
     gen = ckpt.config.generation
-    layer = load_layer(ckpt, i)
-    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq", "xtx"})
+    trim_heap()  # what the previous layer's pass freed
+    layer = load_layer(ckpt, i, stored=True)  # its Linears and experts in the stored dtype, cast where used
+    stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq"})
+    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1])
     routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
     try:
         out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
     finally:
         for hd in handles:
             hd.remove()
+        forms.remove()
         if routed is not None:
             routed.remove()
     for s_ in streams:
@@ -213,10 +221,10 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             continue
         st = stats[hf]
         W = lin.weight.detach()
-        H = st.xtx.double()
         imat = imatrix_of(st.sum_sq, st.count)
-        errs = {t: _linear_error(W, H, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-        at_ref.append(Switch(lin.weight, ckpt.tensor(hf + ".weight"), REFERENCE, imat))
+        errs = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        at_ref.append(Switch(layer, sfx, REFERENCE, imat))
+        trim_heap()
         own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                           sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
         infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
@@ -229,14 +237,17 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             X = routed.of(which)
             imat = expert_imatrix(X)
             errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
-            at_ref.append(Switch(param, ckpt.tensor(f"model.layers.{i}.experts.{which}_proj"), REFERENCE, imat,
-                                 [x is not None for x in X]))
+            trim_heap()
+            at_ref.append(Switch(layer, f"experts.{which}_proj", REFERENCE, imat, [x is not None for x in X]))
+            trim_heap()
             own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
             infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
     for sw in at_ref:
         sw.reference()
     kv = main.kv_copy()
     pert = run_layer(layer, i, main, ctx, batch_size, kv=kv)
+    for sw in at_ref:  # the experts' stand-ins refer back to them: the layer must go with this call
+        sw.restore()
     for b, d in kv.items():  # the residual alone: a producer's own K/V effect has its tensors' streams
         if i in d:
             d[i] = main.kv[b][i]

@@ -8,16 +8,22 @@
 * `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
   on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
   MUL_MAT_ID inputs per expert).
-* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes.
-* `Head`: the LM head's KL, the table streamed in row chunks.
+* `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes
+  (the resident layer stays in the stored dtype, `load_layer(stored=True)`: nothing of the size of a
+  big tensor is ever held in float32, issue 19 §4's 3 GiB on the 26B-A4B and 31B shapes).
+* `InputForms`: each Linear input's XᵀX, or X itself where that is the smaller.
+* `Head`: the LM head's KL, the table streamed in row chunks (the types scored on a sample of a big
+  table's rows, `head_sample`).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
+from ..formats.safetensors import release_pages
 from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
@@ -29,6 +35,27 @@ def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> tor
     """W [rows, n] as llama.cpp's bytes of type t decode (single-threaded: bit-exact every run)."""
     with single_thread():
         return dequantize(quantize(W, t, imatrix), t, tuple(W.shape))
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere). The
+    pass's per-expert temporaries (a few MB each, under glibc's adaptive mmap threshold) come from the
+    heap, interleaved with the Q4_0 bytes it keeps, and their freed pages otherwise stay resident: the
+    heap of a 26B-A4B MoE layer's pass reached 1.45 GB with far less of it in use."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def sampled_rows(n: int, max_rows: int) -> torch.Tensor:
@@ -103,34 +130,132 @@ def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: G
         Ws = bf16_rows(W[e], rows)
         D = (Ws - quantized(Ws, t, imat[e])).double()
         total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
+    trim_heap()
     return total
 
 
 class Switch:
-    """One tensor of the resident layer, switched between its value as loaded and its value at type t.
+    """One measured tensor of the resident layer, switched between its stored value and its value at
+    type t, holding only that type's bytes (Q4_0: 0.56 bytes a weight) and no float copy of the tensor.
 
-    Holds only the type's bytes (Q4_0: 0.56 bytes a weight); the loaded value is read again from the
-    checkpoint's mapping, so no float32 copy stays beside the layer (26B-A4B's fused gate/up experts
-    are 2 GB in float32). A fused [E, rows, n] tensor switches the experts that saw tokens (`seen`),
-    each quantized with its own importance; the others cannot change the output on this text."""
+    A Linear (`load_layer(stored=True)`: a `DenseLinear`) is swapped for a `GGMLLinear` of those bytes,
+    which dequantizes where used; a fused [E, rows, n] expert tensor gets a stand-in per expert
+    (`Experts.standin`) for the experts that saw tokens (`seen`), each quantized with its own
+    importance and dequantized when its expert runs; the others cannot change the output on this text.
+    The values are llama.cpp's decoding of the bytes of the bf16-rounded weight, as llama-quantize
+    quantizes the converter's bf16 GGUF."""
 
-    def __init__(self, param: torch.Tensor, source: torch.Tensor, t: GGMLType, imatrix, seen=None):
-        self.param, self.source, self.t = param, source, t
+    def __init__(self, layer, path: str, t: GGMLType, imatrix, seen=None):
+        self.t = t
+        parent, _, self.child = path.rpartition(".")
+        self.parent = layer.get_submodule(parent) if parent else layer
         with single_thread():
-            if param.dim() == 2:
-                self.data = {None: quantize(source.to(torch.bfloat16).float(), t, imatrix)}
+            if seen is None:  # a Linear: quantized a row chunk at a time (row-local, so the same bytes)
+                self.module = getattr(self.parent, self.child)
+                W = self.module.weight
+                step = max(1, (1 << 22) // W.shape[1])
+                self.data = torch.cat([quantize(W[r:r + step].to(torch.bfloat16).float(), t, imatrix)
+                                       for r in range(0, W.shape[0], step)])
             else:
-                self.data = {e: quantize(source[e].to(torch.bfloat16).float(), t, imatrix[e])
-                             for e in range(param.shape[0]) if seen[e]}
+                W = getattr(self.parent, self.child)
+                self.which, self.shape = self.child.removesuffix("_proj"), tuple(W.shape[1:])
+                self.data = {}
+                for e in range(W.shape[0]):
+                    if seen[e]:
+                        self.data[e] = quantize(W[e].to(torch.bfloat16).float(), t, imatrix[e])
+                        trim_heap()  # each expert's temporaries, between the bytes kept
 
     def reference(self) -> None:
-        shape = tuple(self.param.shape[-2:])
-        with single_thread():
-            for e, d in self.data.items():
-                (self.param if e is None else self.param[e]).copy_(dequantize(d, self.t, shape))
+        if isinstance(self.data, dict):
+            trials = self.parent.standin
+            if trials is None:
+                trials = self.parent.standin = Trials()
+            trials.active[self.which] = self
+        else:
+            from ..model.qlinear import GGMLLinear
+
+            out, n = self.module.weight.shape
+            setattr(self.parent, self.child, GGMLLinear(self.data, self.t, out, n))
 
     def restore(self) -> None:
-        self.param.copy_(self.source)
+        if isinstance(self.data, dict):
+            trials = self.parent.standin
+            trials.active.pop(self.which, None)
+            if not trials.active:
+                self.parent.standin = None
+        else:
+            setattr(self.parent, self.child, self.module)
+
+    def expert(self, e: int) -> torch.Tensor | None:
+        if e not in self.data:
+            return None
+        with single_thread():
+            return dequantize(self.data[e], self.t, self.shape)
+
+
+class Trials:
+    """`Experts.standin` while some of the layer's fused tensors are switched: {"gate_up"/"down": Switch}."""
+
+    def __init__(self):
+        self.active: dict[str, Switch] = {}
+
+    def __call__(self, which: str, e: int) -> torch.Tensor | None:
+        sw = self.active.get(which)
+        return None if sw is None else sw.expert(e)
+
+
+class InputForms:
+    """Per hooked Linear input of a layer, the quadratic form of its layer-output error
+    e = ||X Dᵀ||² = tr(D XᵀX Dᵀ) (D: a weight error, X: the input over the calibration tokens): XᵀX
+    accumulated in float32 as `stats.InputStats` does, or X itself where that is smaller and XᵀX is
+    big (over WIDE channels: 31B's down_proj input has 21504, whose XᵀX takes 1.85 GB, 512 tokens of X
+    44 MB). Both give the same e up to float rounding; inputs of up to WIDE channels (every input of
+    Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H is used in float64
+    column blocks (no float64 copy of it)."""
+
+    BLOCK = 1 << 23  # float64 values of H's columns (or X's rows) at a time: 64 MB
+    WIDE = 4096
+
+    def __init__(self, layer, tokens: int):
+        from .stats import input_groups
+
+        self.groups = input_groups(layer)
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.x: dict[str, list[torch.Tensor]] = {}
+        self.handles = []
+        for src in sorted(set(self.groups.values())):
+            mod = layer.get_submodule(src)
+            n = mod.weight.shape[1]
+            if n <= max(tokens, self.WIDE):
+                self.handles.append(mod.register_forward_pre_hook(partial(self._gram, src)))
+            else:
+                self.x[src] = []
+                self.handles.append(mod.register_forward_pre_hook(
+                    lambda _m, a, s=src: self.x[s].append(a[0].detach().reshape(-1, a[0].shape[-1]).float())))
+
+    def _gram(self, src: str, _m, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        p = x.T @ x
+        self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.x = {s: [torch.cat(v)] for s, v in self.x.items()}
+
+    def error(self, suffix: str, D: torch.Tensor) -> float:
+        """||X Dᵀ||² for the Linear `suffix`, D [rows, n] float64."""
+        src = self.groups[suffix]
+        if src in self.x:
+            X = self.x[src][0]
+            step = max(1, self.BLOCK // X.shape[1])
+            return float(sum((X[r:r + step].double() @ D.T).pow(2).sum() for r in range(0, X.shape[0], step)))
+        H = self.xtx[src]
+        n = H.shape[0]
+        if n <= self.WIDE:
+            return float(((D @ H.double()) * D).sum())
+        step = max(1, self.BLOCK // n)
+        return float(sum(((D @ H[:, c:c + step].double()) * D[:, c:c + step]).sum() for c in range(0, n, step)))
 
 
 class Head:
@@ -139,22 +264,32 @@ class Head:
     table and of the float final states through the table at each GGML type.
 
     The table streams in chunks of `rows` vocabulary rows read from the checkpoint's mapping (Gemma 4
-    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk
-    quantized once per type (llama.cpp quantizes the table row by row, without importance). Per
-    position, with a the float logits and b the other ones, KL = Σ_v p_v (a_v − b_v) − lse(a) + lse(b)
-    (p = softmax(a)): lse(a) in a first pass over the table, the rest accumulated chunk by chunk."""
+    31B's 262144 × 5376 table would be 5.6 GB in float32, and as much again quantized), each chunk's
+    pages dropped once used. Per position, with a the float logits and b the other ones, KL =
+    Σ_v p_v (a_v − b_v) − lse(a) + lse(b) (p = softmax(a)): lse(a) in a first pass over the table, the
+    rest accumulated chunk by chunk. The perturbed streams are always measured on every row.
 
-    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096):
+    The types: llama.cpp quantizes the table row by row, without importance. A table of at most
+    `max_rows` rows is quantized whole at each type. A bigger one (Gemma 3/4's 262144 rows: 11 types
+    took over half an hour with our quantizers on 26B-A4B's 2816 columns) is scored on `max_rows` of
+    its rows, `head_sample`: the quarter that carries the most probability on these positions, all
+    of them, and the rest evenly spaced, each standing for its share of the unsampled rows. With
+    δ = b − a on the quantized rows, KL = log Σ_v p_v e^{δ_v} − Σ_v p_v δ_v exactly, which is the sum
+    over rows of p_v (e^{δ_v} − 1 − δ_v) plus log(1 + s) − s, s = Σ_v p_v (e^{δ_v} − 1): both sums
+    are over rows and are estimated from the sample (benchmarks/head_sampling.py measures the
+    estimate against the whole table on the demo model: RESULTS.md §10)."""
+
+    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096, max_rows: int = 16384):
         from ..model.gemma import RMSNorm
 
         cfg = ckpt.config
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset).requires_grad_(False)
         with torch.no_grad():
             self.norm.weight.copy_(ckpt.tensor("model.norm.weight").float())
         self.tied = "lm_head.weight" not in ckpt.names()
         self.W = ckpt.tensor("model.embed_tokens.weight" if self.tied else "lm_head.weight")  # stored dtype
         self.cap = cfg.final_logit_softcapping
-        self.pos, self.rows = pos, rows
+        self.pos, self.rows, self.max_rows = pos, rows, max_rows
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h[:, self.pos].reshape(-1, h.shape[-1]))
@@ -165,27 +300,80 @@ class Head:
             z = torch.tanh(z / self.cap) * self.cap
         return z.double()
 
+    def _chunk(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) in float32, their pages of the mapping dropped (the whole table would stay
+        resident otherwise: 1.5 GB on 26B-A4B, 2.8 GB on 31B)."""
+        view = self.W[r0:r1]
+        out = view.float()
+        release_pages(view)
+        return out
+
     def kls(self, h_ref: torch.Tensor, streams: list[torch.Tensor], types) -> tuple[list[float], dict]:
         """(mean KL of each perturbed final state [n, S, H] through the float table, {type: mean KL of
         the float final states through the table at that type})."""
         x = self._final(h_ref)
         xs = [self._final(h) for h in streams]
         types = list(types)
-        chunks = [(r, min(r + self.rows, self.W.shape[0])) for r in range(0, self.W.shape[0], self.rows)]
+        V = self.W.shape[0]
+        sample = V > self.max_rows
+        chunks = [(r, min(r + self.rows, V)) for r in range(0, V, self.rows)]
         lse_a = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
         for r0, r1 in chunks:
-            lse_a = torch.logaddexp(lse_a, self._logits(x, self.W[r0:r1].float()).logsumexp(-1))
-        k = len(xs) + len(types)
+            lse_a = torch.logaddexp(lse_a, self._logits(x, self._chunk(r0, r1)).logsumexp(-1))
+        k = len(xs) + (0 if sample else len(types))
         acc = torch.zeros(k, x.shape[0], dtype=torch.float64)
         lse_b = torch.full((k, x.shape[0]), float("-inf"), dtype=torch.float64)
+        mass = torch.zeros(V, dtype=torch.float64)
         for r0, r1 in chunks:
-            Wc = self.W[r0:r1].float()
+            Wc = self._chunk(r0, r1)
             a = self._logits(x, Wc)
             p = (a - lse_a[:, None]).exp()
+            mass[r0:r1] = p.sum(0)
             for j in range(k):
                 b = self._logits(xs[j], Wc) if j < len(xs) else \
                     self._logits(x, quantized(Wc, types[j - len(xs)], None))
                 acc[j] += (p * (a - b)).sum(-1)
                 lse_b[j] = torch.logaddexp(lse_b[j], b.logsumexp(-1))
         kl = (acc - lse_a + lse_b).mean(-1).tolist()
-        return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
+        if not sample:
+            return kl[:len(xs)], dict(zip(types, kl[len(xs):]))
+        return kl, self._sampled(x, lse_a, mass, types)
+
+    def _sampled(self, x: torch.Tensor, lse_a: torch.Tensor, mass: torch.Tensor, types) -> dict:
+        """{type: mean KL} of the table at each type, estimated on `head_sample`'s rows (class doc)."""
+        rows, weight = head_sample(mass, self.max_rows)
+        tail = torch.zeros(len(types), x.shape[0], dtype=torch.float64)  # Σ w p (e^δ − 1 − δ)
+        s = torch.zeros(len(types), x.shape[0], dtype=torch.float64)  # Σ w p (e^δ − 1)
+        for c in range(0, len(rows), self.rows):
+            idx = rows[c:c + self.rows]
+            view = self.W[int(idx[0]):int(idx[-1]) + 1]
+            Wc = view[idx - idx[0]].float()
+            release_pages(view)
+            a = self._logits(x, Wc)
+            pw = (a - lse_a[:, None]).exp() * weight[c:c + self.rows]
+            for j, t in enumerate(types):
+                d = self._logits(x, quantized(Wc, t, None)) - a
+                e = torch.expm1(d)
+                tail[j] += (pw * (e - d)).sum(-1)
+                s[j] += (pw * e).sum(-1)
+        kl = (tail + torch.log1p(s) - s).mean(-1).tolist()
+        return dict(zip(types, kl))
+
+
+def head_sample(mass: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows ascending, weights [float64]) of a sample of at most `n` of a table's rows to score the
+    LM head's types on: the n // 4 rows of most probability mass `mass` [V] (weight 1) and evenly
+    spaced ones of the others (weight: the others' count over those sampled), so that a weighted sum
+    over the sample estimates the sum over all rows."""
+    V = mass.numel()
+    top = mass.topk(min(V, n // 4)).indices
+    rest = torch.ones(V, dtype=torch.bool)
+    rest[top] = False
+    rest = rest.nonzero().squeeze(1)
+    weight = torch.zeros(V, dtype=torch.float64)
+    weight[top] = 1.0
+    if len(rest):
+        pick = rest[sampled_rows(len(rest), n - len(top))]
+        weight[pick] = len(rest) / len(pick)
+    rows = weight.nonzero().squeeze(1)
+    return rows, weight[rows]

@@ -55,6 +55,10 @@ class Experts(nn.Module):
     # to e; the down input before the routing weight), as llama-imatrix's MUL_MAT_ID hook sees them. A
     # class default, so subclasses with their own __init__ (quantized experts) have it too.
     observer = None
+    # standin(which, e) -> weight or None: a value standing in for expert e's stored "gate_up" or "down"
+    # weight (the sensitivity pass tries a GGML type on a fused tensor expert by expert, with no float
+    # copy of the whole tensor); None: the stored one. A class default, like `observer`.
+    standin = None
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
@@ -64,13 +68,16 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def gate_up(self, e: int, like: torch.Tensor) -> torch.Tensor:
-        """Expert `e`'s fused gate/up weight [2I, H] for a matmul with `like` (quantized subclasses
-        dequantize into a shared scratch buffer: use it before asking for the next weight)."""
-        return self.gate_up_proj[e]
+        """Expert `e`'s fused gate/up weight [2I, H] for a matmul with `like`, in its dtype (quantized
+        subclasses dequantize into a shared scratch buffer: use it before asking for the next weight;
+        weights kept narrower than the activations, `load_layer(stored=True)`, are cast per expert)."""
+        w = self.standin("gate_up", e) if self.standin is not None else None
+        return (self.gate_up_proj[e] if w is None else w).to(like.dtype)
 
     def down(self, e: int, like: torch.Tensor) -> torch.Tensor:
-        """Expert `e`'s down weight [H, I]."""
-        return self.down_proj[e]
+        """Expert `e`'s down weight [H, I], as `gate_up`."""
+        w = self.standin("down", e) if self.standin is not None else None
+        return (self.down_proj[e] if w is None else w).to(like.dtype)
 
     def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
         """Expert `e`'s GeGLU MLP on its tokens xe [n, H] → [n, H]."""

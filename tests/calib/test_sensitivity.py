@@ -1,0 +1,135 @@
+"""The budget's sensitivity pass (calib/sensitivity.py, sensitivity_parts.py) on its memory and its LM head:
+  * the resident layer stays in the stored dtype: on a bf16 MoE no float32 tensor as big as a fused
+    expert tensor is ever made (every aten op's output watched), an expert computes what the float32
+    layer's does, and each layer is freed before the next one loads (one layer resident);
+  * the LM head's types scored on a sample of the table's rows against the true KL of the float final
+    states through the whole quantized table (our forward pass, tests/model: equal to transformers')."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gemmaquant.calib import sensitivity
+from gemmaquant.calib.sensitivity import measure_sensitivity
+from gemmaquant.calib.sensitivity_parts import Head, head_sample, quantized
+from gemmaquant.formats.checkpoint import Checkpoint
+from gemmaquant.model.loading import load_layer, load_model
+from gemmaquant.model.qlinear import DenseLinear
+from gemmaquant.numerics.ggml.types import GGMLType as T
+
+from tests.tiny_gemma4 import make_tiny_gemma4
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # transformers' tiny models
+FEW = (T.Q2_K, T.Q4_0, T.Q8_0)  # the reference type Q4_0 and two others
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sens")
+    make_tiny_gemma4("moe", root / "moe", dtype=torch.bfloat16)
+    make_tiny_gemma4("dense", root / "dense")
+    return root
+
+
+class LargestFloat32(TorchDispatchMode):
+    """The most elements any float32 output of an aten op had while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type != "meta":
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny, monkeypatch):
+    ck = Checkpoint(tiny / "moe")
+    fused = ck.tensor("model.layers.0.experts.gate_up_proj")
+    assert fused.dtype == torch.bfloat16
+    layer = load_layer(ck, 0, stored=True)
+    assert layer.experts.gate_up_proj.dtype == layer.experts.down_proj.dtype == torch.bfloat16
+    assert isinstance(layer.mlp.down_proj, DenseLinear) and layer.mlp.down_proj.weight.dtype == torch.bfloat16
+    # one expert is cast where it runs: the same values as the float32 layer's
+    f32 = load_layer(ck, 0)
+    x = torch.randn(5, ck.config.hidden_size)
+    assert torch.equal(layer.experts.expert(3, x), f32.experts.expert(3, x))
+    ids = torch.randint(5, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    # each layer is gone (by reference counting: nothing refers back to it) before the next one loads
+    loaded = []
+
+    def spy(*a, **k):
+        assert all(r() is None for r in loaded), "a module of the previous layer is still alive"
+        layer = real(*a, **k)
+        loaded.extend(weakref.ref(m) for m in layer.modules())
+        return layer
+
+    real = sensitivity.load_layer
+    monkeypatch.setattr(sensitivity, "load_layer", spy)
+    gc.disable()
+    try:
+        with LargestFloat32() as watch:
+            rep = measure_sensitivity(ck, ids, kl_positions=4, batch_size=2, types=FEW, embed_types=FEW)
+    finally:
+        gc.enable()
+    assert loaded and all(r() is None for r in loaded)
+    assert "blk.0.ffn_gate_up_exps.weight" in rep.tensors
+    # a float32 copy of the fused tensor (as the float32-resident pass made) has fused.numel() elements;
+    # one expert's slice has 1/16 of them
+    assert watch.largest < fused.numel() // 2, (watch.largest, fused.numel())
+
+
+def _true_head_kl(ck, ids, pos, t):
+    """KL of the float final states through the whole table at type t (tied head), our forward pass."""
+    model = load_model(ck)
+    with torch.no_grad():
+        h, ctx = model.prepare(ids)
+        for layer in model.layers:
+            h = layer(h, ctx)
+        h = h[:, pos]
+        ref = model.head(h).double().log_softmax(-1)
+        table = model.model.embed_tokens.weight
+        table.copy_(quantized(table.detach().clone(), t, None))
+        q = model.head(h).double().log_softmax(-1)
+    return float((ref.exp() * (ref - q)).sum(-1).mean()), h
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, T.IQ4_NL, T.Q8_0], ids=lambda t: t.name)
+def test_head_kl_whole_and_sampled_against_the_true_kl(tiny, t):
+    """A table within `max_rows` is scored whole (the true KL to float rounding); a bigger one on a sample
+    of half its rows: within 20 % of the true KL here (benchmarks/head_sampling.py measures it on the
+    demo's 262144 rows)."""
+    ck = Checkpoint(tiny / "dense")
+    ids = torch.randint(5, 300, (3, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(16, 24)
+    true, _ = _true_head_kl(ck, ids, pos, t)
+    model = load_model(ck)
+    with torch.no_grad():
+        h, ctx = model.prepare(ids)
+        for layer in model.layers:
+            h = layer(h, ctx)
+    V = ck.config.vocab_size
+    _, whole = Head(ck, pos, rows=100, max_rows=V).kls(h, [], [t])
+    assert whole[t] == pytest.approx(true, rel=1e-6)
+    _, half = Head(ck, pos, rows=100, max_rows=V // 2).kls(h, [], [t])
+    assert half[t] != whole[t]  # sampled: not the whole-table computation
+    assert half[t] == pytest.approx(true, rel=0.2)
+
+
+def test_head_sample_takes_the_heaviest_rows_and_weights_the_rest_to_the_row_count():
+    mass = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows, w = head_sample(mass, 200)
+    assert len(rows) <= 200 and torch.all(rows[1:] > rows[:-1])
+    heavy = set(mass.topk(50).indices.tolist())
+    assert heavy <= set(rows.tolist())
+    assert all(w[i] == 1.0 for i, r in enumerate(rows.tolist()) if r in heavy)
+    assert float(w.sum()) == pytest.approx(1000)  # Σ weights estimates the row count exactly
