@@ -1,4 +1,4 @@
-"""Fixtures of the GGML type-family tests (test_iq*.py, test_kquants_low.py, test_ternary.py)."""
+"""Fixtures of the GGML tests (the type families, the compiled and native quantizers)."""
 
 from __future__ import annotations
 

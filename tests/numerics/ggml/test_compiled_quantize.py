@@ -43,14 +43,6 @@ def no_native(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(native.ENV, "0")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def strict_compiled(w: torch.Tensor, qtype: GGMLType, im: torch.Tensor | None) -> torch.Tensor:
     """quantize(compiled=True), failing where the compiled searches are not what ran."""
     with warnings.catch_warnings():

@@ -62,14 +62,6 @@ def built(request, fresh: pytest.MonkeyPatch):
     return fresh
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def strict_native(w: torch.Tensor, qtype: GGMLType, im: torch.Tensor | None) -> torch.Tensor:
     """quantize(compiled=True), failing where the native searches are not what ran."""
     with warnings.catch_warnings():
