@@ -6,8 +6,9 @@ without llama-cpp-python installed. A test is slow when it carries one of these 
 itself, for tests that are merely long):
   demo        uses the real demo model (fixtures demo_dir / demo_gguf add it; tests/numerics/ggml/demo_gguf.py)
   llamacpp    runs llama.cpp: llama-cpp-python, libggml, the converter from the llama.cpp sources
-  subprocess  starts a process (the CLI end to end, a fresh interpreter)
-While a fast-tier test runs, reaching for any of these fails it, naming the mark it needs.
+  subprocess  starts a process (the CLI end to end, a fresh interpreter, the C compiler)
+While a fast-tier test runs, reaching for any of these fails it, naming the mark it needs; the native
+C quantizers (built by the C compiler) are off there, so fast GGUF tests run the plain ones.
 
 The demo model (Gemma 3 270M) is built once per machine into gemmaquant's cache ($GEMMAQUANT_CACHE,
 else $XDG_CACHE_HOME/gemmaquant, else ~/.cache/gemmaquant), so later test runs reuse it."""
@@ -60,6 +61,9 @@ def _fast_tier_guard(request, monkeypatch):
         tier.forbid("a child process", "subprocess")
 
     tier.FAST = request.node.nodeid
+    # The native C quantizers (the default) start the C compiler: off in the fast tier, whose GGUF
+    # tests run the plain torch quantizers; the slow tier runs the default.
+    monkeypatch.setenv("GEMMAQUANT_NATIVE", "0")
     monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
     monkeypatch.setitem(sys.modules, "llama_cpp", _NoLlamaCpp("llama_cpp"))
     try:

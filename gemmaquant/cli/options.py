@@ -12,11 +12,11 @@ COMPILE_HELP = ("Dequantize GGUF and compressed-tensors weights with torch.compi
                 "kernels with a warning). Pays off where dequantization dominates, not on a short eval "
                 "(figures: benchmarks/RESULTS.md section 6). Also: GEMMAQUANT_COMPILE=1.")
 
-QUANT_COMPILE_HELP = ("GGUF: run the K-quant and 4/5-bit scale searches torch.compile'd (CPU): the same bytes (each "
-                      "type's first chunk is checked against the plain quantizer), 2-4x faster searches after tens of "
-                      "seconds of compiling per type the first time (inductor caches it on disk; a C++ compiler is needed; "
-                      "falls back to the plain path with a warning). Worth it on big models, not on the demo "
-                      "(benchmarks/RESULTS.md section 2). Also: GEMMAQUANT_COMPILE=1.")
+QUANT_COMPILE_HELP = ("GGUF: the quantizers run as native C by default wherever a C compiler exists (built on first use in "
+                      "about 2 s, cached; the same bytes, each type's first chunk checked against the plain quantizer; "
+                      "GEMMAQUANT_NATIVE=0 turns them off). --compile adds torch.compile'd scale searches as their fallback "
+                      "and warns when no compiler is found, and compiles the dequantizers of eval/compare. Also: "
+                      "GEMMAQUANT_COMPILE=1.")
 
 TEXT_HELP = ("UTF-8 text to measure on, a regular file (at most its first 32 MiB are used; default: the built-in "
              "evaluation text, five licence documents that share nothing with the calibration text). Outputs "

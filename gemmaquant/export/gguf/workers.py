@@ -137,7 +137,7 @@ def run_ordered(jobs, workers: int, proc_init: tuple | None = None):
                 # submit() is where the pool forks (all its workers at the first one, with fork):
                 # a signal landing during a fork must not be lost (procs.signals_deferred)
                 if procs is None:
-                    compiled_quantize.prepare()  # with --compile: the workers inherit the native library
+                    compiled_quantize.prepare()  # the workers inherit the native library (or its absence)
                 with signals_deferred():
                     if procs is None:
                         procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),

@@ -1,4 +1,4 @@
-"""The `--compile` path for GGML quantizers (CPU only), in order of preference:
+"""The fast paths of the GGML quantizers (CPU only), in order of preference:
 
 1. native C (`native.py`): Q4_K/Q5_K/Q6_K whole, and the scale searches of the other types (Q4_0-Q5_1
    with an imatrix, Q2_K, Q3_K with an imatrix) through `search.COMPILED`, built with the system C
@@ -8,7 +8,9 @@
    instead of the ~10^4 separate ~1 MB torch ops of the plain path; the block packing around them
    stays plain torch;
 3. the plain quantizer (the caller's, when `run` returns None).
-Same switch as the compiled dequantizers (`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1).
+Native code is the default wherever a C compiler exists (GEMMAQUANT_NATIVE=0 turns it off; without a
+compiler the plain quantizers run quietly); torch.compile only under the compiled dequantizers' switch
+(`numerics/compiling.py`: `--compile`, GEMMAQUANT_COMPILE=1), which also makes a missing compiler a warning.
 
 Inductor's bit-exactness rests on three things: its C++ is built with -ffp-contract=off and without
 -funsafe-math-optimizations (no FMA contraction, no reassociation, no reciprocal for a division;
@@ -82,21 +84,25 @@ def _with(table: dict | None, fn, x: torch.Tensor, imatrix: torch.Tensor | None)
         search.COMPILED.reset(token)
 
 
-def _native_table() -> _Table | None:
+def _native_table(loud: bool) -> _Table | None:
+    """The native searches, or None; `loud`: also warn when there is no C compiler (--compile asked for speed)."""
     if NATIVE_OFF in _native_off or not native.allowed():
         return None
     try:
         table = _Table(native.table())
     except native.NativeError as e:
+        if isinstance(e, native.NoCompiler) and not loud:
+            _native_off[NATIVE_OFF] = None  # the default path without cc: the plain quantizers, quietly
+            return None
         turn_off(_native_off, NATIVE_OFF, "native (C)", str(e), "quantizer searches", TO_INDUCTOR)
         return None
     table.traced = False
     return table
 
 
-def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, k) -> torch.Tensor | None:
+def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, k, loud: bool) -> torch.Tensor | None:
     """The chunk's blocks with the native searches, or None (not available, or they failed)."""
-    if qtype in _native_off or (table := _native_table()) is None:
+    if qtype in _native_off or (table := _native_table(loud)) is None:
         return None
     whole = qtype.name in native.BLOCK_TYPES and x.shape[1] % 256 == 0
     try:
@@ -115,21 +121,20 @@ def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, 
 
 
 def prepare() -> None:
-    """With --compile on, build or load the native library now, so that worker processes forked after
-    this inherit it (or its failure, warned once here) instead of each building or loading it."""
-    if enabled():
-        _native_table()
+    """Build or load the native library now, so that worker processes forked after this inherit it
+    (or its failure, warned once here) instead of each building or loading it."""
+    _native_table(enabled())
 
 
-def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor | None:
-    """The chunk's blocks with the native searches, else the torch.compile'd ones, or None where
-    neither applies or both failed (the caller then runs the plain quantizer)."""
+def run(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, inductor: bool = True) -> torch.Tensor | None:
+    """The chunk's blocks with the native searches, else (`inductor`) the torch.compile'd ones, or None
+    where neither applies or both failed (the caller then runs the plain quantizer)."""
     k = kernels(qtype)
     if x.is_cuda or not (k.compiled_search or qtype in NATIVE_ONLY):
         return None
-    if (got := _run_native(x, qtype, imatrix, k)) is not None:
+    if (got := _run_native(x, qtype, imatrix, k, loud=inductor)) is not None:
         return got
-    if qtype in _off or not k.compiled_search:
+    if not inductor or qtype in _off or not k.compiled_search:
         return None
     table = _table()
     name = f"quantize {qtype.name}"  # as compiled_types() lists it

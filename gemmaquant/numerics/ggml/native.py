@@ -1,7 +1,8 @@
 """The native quantizers: `native/search.c`, a C translation of `search.py`'s make_qx_quants,
 make_qkx2/3 and make_qp_quants, and `native/kquants.c`, of `kquants.py`'s whole Q4_K/Q5_K/Q6_K
 quantizers around them; built on first use with the system C compiler and called through ctypes.
-Part of the `--compile` switch (`compiled_quantize.py` prefers it to torch.compile).
+The default GGUF quantizers wherever a C compiler exists (`compiled_quantize.py`; `--compile` adds the
+torch.compile'd searches as their fallback).
 
 The C works on search.py's [P, M] layout and vectorizes across sub-blocks, so each sub-block's sums
 still run over its P weights in order from 0.0f: the same float32 values as the plain path, which
@@ -55,12 +56,16 @@ LEVELS = (
 _F = ctypes.c_void_p  # tensor data pointers
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
-_failed: str | None = None  # why the library is unavailable in this process
+_failed: NativeError | None = None  # why the library is unavailable in this process
 built_isa: str | None = None  # the level of the library loaded (or last built)
 
 
 class NativeError(RuntimeError):
     """The native searches cannot be built or loaded here."""
+
+
+class NoCompiler(NativeError):
+    """No C compiler to build them with (the plain quantizers run, silently unless --compile asked)."""
 
 
 def allowed() -> bool:
@@ -79,7 +84,7 @@ def compiler() -> list[str]:
         if parts and (exe := shutil.which(parts[0])) is not None:
             return [exe, *parts[1:]]
     named = ", ".join(repr(shlex.split(c)[0]) if shlex.split(c) else "''" for c in candidates)
-    raise NativeError(f"no C compiler: {named} not found (set CC to a C compiler)")
+    raise NoCompiler(f"no C compiler: {named} not found (set CC to a C compiler)")
 
 
 def isa() -> str:
@@ -186,12 +191,15 @@ def library() -> ctypes.CDLL:
     with _lock:
         if _lib is None:
             if _failed is not None:
-                raise NativeError(_failed)
+                raise _failed
             try:
                 _lib = _load()
             except (NativeError, OSError) as e:  # OSError: e.g. a cache directory we cannot write
-                _failed = str(e) if isinstance(e, NativeError) else f"native library: {e}"
-                raise NativeError(_failed) from e
+                if isinstance(e, NativeError):
+                    _failed = e
+                    raise
+                _failed = NativeError(f"native library: {e}")
+                raise _failed from e
         return _lib
 
 

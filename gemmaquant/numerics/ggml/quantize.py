@@ -29,8 +29,10 @@ def quantize(
     """Quantize a [rows, n_per_row] tensor to GGML blocks; returns uint8 [rows, row_bytes].
 
     The source is read as float32 (a bf16/f16 tensor converts exactly, as llama-quantize does).
-    `imatrix` is the per-column importance ([n_per_row], ≥ 0) from llama-imatrix. `compiled`: run the
-    scale searches torch.compile'd (`compiled_quantize.py`, same bytes); None: `compiling.enabled()`.
+    `imatrix` is the per-column importance ([n_per_row], ≥ 0) from llama-imatrix. `compiled` picks the
+    code that computes the same bytes (`compiled_quantize.py`): None (the default) runs the native C
+    quantizers where they build (`GEMMAQUANT_NATIVE=0` turns them off), and the torch.compile'd searches
+    as well when `compiling.enabled()` (`--compile`); True runs both; False only the plain torch quantizers.
     """
     qtype = ggml_type(qtype)
     if w.dim() != 2:
@@ -52,9 +54,9 @@ def quantize(
             raise GemmaQuantError(f"imatrix has {imatrix.numel()} values but the rows have {n} columns")
     out = torch.empty((rows, nbytes), dtype=torch.uint8, device=w.device)
     step = max(1, CHUNK_VALUES // n)
-    use_compiled = compiling.enabled() if compiled is None else compiled
+    inductor = compiling.enabled() if compiled is None else compiled
     for r in range(0, rows, step):
         x = w[r : r + step].contiguous()
-        got = compiled_quantize.run(x, qtype, imatrix) if use_compiled else None
+        got = None if compiled is False else compiled_quantize.run(x, qtype, imatrix, inductor=inductor)
         out[r : r + step] = k.quantize(x, imatrix) if got is None else got
     return out

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gemmaquant.numerics.ggml import native
 from tests.numerics.ggml.libggml import ggml_quantize_init
+
+
+@pytest.fixture(autouse=True)
+def plain_quantizers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These modules check the plain torch quantizers against libggml, so the native C ones (the default
+    wherever a C compiler exists) are off here; a module that tests them says `NATIVE = True`."""
+    if not getattr(request.module, "NATIVE", False):
+        monkeypatch.setenv(native.ENV, "0")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ CASES = [(GGMLType.Q4_K, False), (GGMLType.Q4_K, True), (GGMLType.Q6_K, False), 
          (GGMLType.Q4_1, True), (GGMLType.Q5_1, True), (GGMLType.Q2_K, False), (GGMLType.Q2_K, True),
          (GGMLType.Q3_K, True)]  # fmt: skip
 DEMO = ["model.layers.0.mlp.down_proj.weight", "model.layers.9.self_attn.o_proj.weight"]
+NATIVE = True  # the conftest's plain_quantizers leaves the native path on here
 
 
 def case_id(c) -> str:
@@ -225,6 +226,49 @@ def test_native_off_by_environment(fresh: pytest.MonkeyPatch) -> None:
     w = torch.randn(4, 256) * 0.02
     assert torch.equal(quantize(w, GGMLType.Q6_K, compiled=True), quantize(w, GGMLType.Q6_K, compiled=False))
     assert not compiled_quantize._native_checked and (GGMLType.Q6_K, False) in compiled_quantize._checked
+
+
+@pytest.mark.subprocess  # builds the C library (a second; cached after)
+def test_native_is_the_default_without_torch_compile(built, one_thread) -> None:
+    """quantize() with no `compiled` argument and --compile off: native, and never torch.compile."""
+    built.setattr(compiled_quantize, "_table", lambda: pytest.fail("the default path must not torch.compile"))
+    assert not compiling.enabled()
+    w, im = torch.randn(8, 512) * 0.02, imatrix(512)
+    for qtype, m in ((GGMLType.Q4_K, None), (GGMLType.Q4_0, im)):
+        assert torch.equal(quantize(w, qtype, m), quantize(w, qtype, m, compiled=False))
+        assert (qtype, m is not None) in compiled_quantize._native_checked
+    # a type with no native code and no torch.compile: the plain quantizer, quietly
+    assert torch.equal(quantize(w, GGMLType.Q8_0), quantize(w, GGMLType.Q8_0, compiled=False))
+
+
+def test_default_without_a_compiler_is_quiet(fresh: pytest.MonkeyPatch) -> None:
+    """No C compiler and no --compile: the plain quantizers, no warning (an optional speed-up, not a fault)."""
+    fresh.setenv("CC", "/nonexistent/cc")
+    fresh.setattr(compiled_quantize, "_table", lambda: pytest.fail("the default path must not torch.compile"))
+    w = torch.randn(8, 512) * 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = quantize(w, GGMLType.Q6_K)
+    assert torch.equal(got, quantize(w, GGMLType.Q6_K, compiled=False))
+    assert compiled_quantize.NATIVE_OFF in compiled_quantize._native_off
+
+
+def test_default_with_bytes_that_differ_warns_and_runs_plain(fresh: pytest.MonkeyPatch) -> None:
+    """A native quantizer gone wrong on the default path: a warning, then the plain quantizer (not torch.compile)."""
+    def wrong_bytes(x, name, im):
+        out = quantize(x, name, im, compiled=False)
+        out[0, 0] ^= 1
+        return out
+
+    fresh.setattr(native, "library", lambda: None)
+    fresh.setattr(native, "table", lambda: {})
+    fresh.setattr(native, "quantize_rows", wrong_bytes)
+    fresh.setattr(compiled_quantize, "_table", lambda: pytest.fail("the default path must not torch.compile"))
+    w = torch.randn(8, 512) * 0.02
+    with pytest.warns(compiling.CompiledDequantWarning, match="native Q6_K quantizer turned off.*differs"):
+        got = quantize(w, GGMLType.Q6_K)
+    assert torch.equal(got, quantize(w, GGMLType.Q6_K, compiled=False))
+    assert GGMLType.Q6_K in compiled_quantize._native_off
 
 
 def test_bad_isa_name_is_one_line(fresh: pytest.MonkeyPatch) -> None:
