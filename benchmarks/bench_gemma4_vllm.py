@@ -139,7 +139,8 @@ def run_vllm(python: str, out: Path, log: Path, dtype: str, mine: tuple[list[int
         ref = d.get("moe_reference")
         if ref is not None and ref["layers"]:
             said += (f"; reference expert kernel ({', '.join(ref['kernels'])}) in {ref['layers']} MoE layers, "
-                     f"ran {ref['calls']} times; experts read: {experts_vs_ours(out, dump) if dump.exists() else 'no dump'}")
+                     f"ran {ref['calls']} times; experts read: "
+                     f"{experts_vs_ours(out, dump) if dump.exists() else 'no dump'}")
         elif ref is not None:
             said += "; reference expert kernel not needed (vLLM's own CPU MoE ran)"
         return said

@@ -172,7 +172,8 @@ def _kernel_classes():
 
         @staticmethod
         def _supports_quant_scheme(weight_key, activation_key) -> bool:
-            return weight_key in (kInt4Static, kInt4Static32, kInt4StaticAsym, kInt4Static32Asym) and activation_key is None
+            int4 = (kInt4Static, kInt4Static32, kInt4StaticAsym, kInt4Static32Asym)
+            return weight_key in int4 and activation_key is None
 
         def gemm(self, x, w, which, e):
             if w.element_size() < 2:
@@ -197,19 +198,41 @@ def install(dump: str | None = None) -> None:
     (w13, w2, dtype) as the kernel read them, as float32 (dtype: the precision of the values it multiplies:
     float32 for FP8 codes × scales, bfloat16 for vLLM's emulation-dequantized int4), for a comparison
     outside vLLM."""
-    USED["dump"] = dump
-    import vllm.model_executor.layers.fused_moe.experts.int4_emulation_moe as emu
-    import vllm.model_executor.layers.fused_moe.oracle.fp8 as ofp8
-    import vllm.model_executor.layers.fused_moe.oracle.int_wna16 as owna16
-    import vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_fp8 as ctfp8
+    import importlib
+
+    import vllm
+
+    def need_module(name: str):
+        try:
+            return importlib.import_module(name)
+        except ImportError as err:
+            raise PatchError(f"--cpu-moe-reference: vLLM {vllm.__version__} has no module {name} ({err}); "
+                             "the patch is written against vLLM 0.32's fused-MoE oracles") from err
+
+    layers = "vllm.model_executor.layers."
+    emu = need_module(layers + "fused_moe.experts.int4_emulation_moe")
+    ofp8 = need_module(layers + "fused_moe.oracle.fp8")
+    owna16 = need_module(layers + "fused_moe.oracle.int_wna16")
+    ctfp8 = need_module(layers + "quantization.compressed_tensors.compressed_tensors_moe."
+                                 "compressed_tensors_moe_w8a8_fp8")
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         raise PatchError("--cpu-moe-reference is for vLLM's CPU build (it stands in for a missing CPU kernel)")
-    fp8_experts, wna16_experts = _kernel_classes()
+    # every name first, so that a vLLM without one is refused before anything is patched
     select_fp8 = _need(ctfp8, "select_fp8_moe_backend")
     backend = _need(ofp8, "Fp8MoeBackend")
     _need(backend, "EMULATION"), _need(backend, "NONE")
+    wna16 = _need(owna16, "WNA16MoEBackend")
+    _need(wna16, "EMULATION")
+    _need(emu, "Int4EmulationTritonExperts")
+    priority = _need(owna16, "_get_priority_backends")
+    try:
+        fp8_experts, wna16_experts = _kernel_classes()
+    except ImportError as err:
+        raise PatchError(f"--cpu-moe-reference: vLLM {vllm.__version__} lacks a name the reference kernel "
+                         f"uses ({err})") from err
+    USED["dump"] = dump
 
     def select_fp8_moe_backend(config, weight_key, activation_key, allow_vllm_cutlass=False):
         chosen, cls = select_fp8(config=config, weight_key=weight_key, activation_key=activation_key,
@@ -221,16 +244,10 @@ def install(dump: str | None = None) -> None:
                              f"× activations {activation_key}")
         return backend.EMULATION, fp8_experts
 
-    ctfp8.select_fp8_moe_backend = select_fp8_moe_backend
-
-    wna16 = _need(owna16, "WNA16MoEBackend")
-    _need(wna16, "EMULATION")
-    _need(emu, "Int4EmulationTritonExperts")
-    priority = _need(owna16, "_get_priority_backends")
-
     def _get_priority_backends():
         return [*priority(), wna16.EMULATION]  # CPU: ZEN_CPU, CPU, then vLLM's dequantize-at-load emulation
 
+    ctfp8.select_fp8_moe_backend = select_fp8_moe_backend
     owna16._get_priority_backends = _get_priority_backends
     # make_wna16_moe_kernel and backend_to_kernel_cls import this name when they run
     emu.Int4EmulationTritonExperts = wna16_experts
