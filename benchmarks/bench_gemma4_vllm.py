@@ -19,8 +19,8 @@ vLLM's CPU build has no fused-MoE backend for quantized experts, so the MoE outp
 FP8 MoE backend: NONE"). --cpu-moe-reference installs benchmarks/vllm_cpu_moe_reference.py in the child: vLLM
 still parses the config, maps our per-expert names onto its fused parameters, runs its compressed-tensors
 weight loaders and post-processing, router, dense Linears and attention; only the expert GEMMs run in a torch
-reference kernel on the parameters vLLM loaded (W8A8 FP8 with vLLM's own activation quantizer; w4a16 on the
-bf16 weights vLLM's own EMULATION backend dequantized). The row then also compares those experts, as the
+reference kernel on the parameters vLLM loaded (W8A8 FP8 and INT8 with vLLM's own activation quantizers; w4a16
+on the bf16 weights vLLM's own EMULATION backend dequantized). The row then also compares those experts, as the
 kernel read them, with our dequantization of the output. Without the flag nothing is patched.
 """
 
@@ -73,11 +73,13 @@ def ours(out: Path, dtype: torch.dtype = torch.float32) -> tuple[list[int], list
 def dequantized_f32(m) -> torch.Tensor:
     """Our dequantization of one expert Linear of the output, in float32 (the scale cast first, so no
     rounding to the stored scale's dtype: the values our forward pass multiplies by)."""
-    from gemmaquant.model.qlinear import FP8Linear, PackedLinear
-    from gemmaquant.numerics.ct.dequantize import dequantize_fp8, dequantize_packed
+    from gemmaquant.model.qlinear import FP8Linear, Int8Linear, PackedLinear
+    from gemmaquant.numerics.ct.dequantize import dequantize_fp8, dequantize_int8, dequantize_packed
 
     if isinstance(m, FP8Linear):
         return dequantize_fp8(m.weight, m.weight_scale.float())
+    if isinstance(m, Int8Linear):
+        return dequantize_int8(m.weight, m.weight_scale.float())
     if isinstance(m, PackedLinear):
         return dequantize_packed(m.weight_packed, m.weight_scale.float(), (m.out_features, m.in_features),
                                  m.num_bits, m.weight_zero_point)

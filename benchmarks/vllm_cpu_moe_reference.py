@@ -1,6 +1,7 @@
 """A reference expert kernel for vLLM's CPU build, standing in for the one piece it lacks: a fused-MoE
-backend for quantized experts (vLLM 0.32 CPU: fp8 W8A8 stops at `Unsupported FP8 MoE backend: NONE`,
-w4a16 at `No WNA16 MoE backend supports the deployment configuration`; the GPU kernels need a GPU).
+backend for these quantized experts (vLLM 0.32 CPU: fp8 W8A8 stops at `Unsupported FP8 MoE backend: NONE`,
+int8 W8A8 at `No Int8 MoE backend …`, w4a16 at `No WNA16 MoE backend supports the deployment configuration`;
+its CPU kernels for quantized experts take SiLU experts only, Gemma 4's are gelu-tanh).
 
 Imported by bench_gemma4_vllm.py's vLLM child process only, with `--cpu-moe-reference`; never by
 gemmaquant. Everything else stays vLLM's own: its config parsing, the gemma4 loader mapping our
@@ -15,6 +16,10 @@ loaders and post-processing, its router, its dense Linears and attention. What i
   which the GPU MoE path calls, has no CPU kernel), FP8 codes multiplied and summed in float32,
   scaled by the token scale and the weight's channel (or tensor) scale; vLLM's `apply_moe_activation`
   between the GEMMs; the routing weights applied to each expert's output, summed over the top-k.
+* int8 W8A8 (`CompressedTensorsW8A8Int8MoEMethod`): where `select_int8_moe_backend` finds nothing,
+  its `TRITON` branch (no layout change; there is no INT8 emulation backend) with `ReferenceInt8Experts`:
+  each GEMM input quantized per token by vLLM's `scaled_int8_quant` (the GPU MoE path's own quantizer,
+  which has a CPU kernel), int8 codes multiplied and summed in int32, scaled by token × channel scale.
 * w4a16 (`CompressedTensorsWNA16MoEMethod`): vLLM's own `EMULATION` backend, which unpacks and
   dequantizes the int4 experts to bf16 at load time (`_process_weights_emulation_gptq`) and then
   runs `TritonExperts` — GPU only. The CPU priority list gets `EMULATION` appended, and its experts
@@ -36,13 +41,14 @@ class PatchError(RuntimeError):
 
 
 def _kernel_classes():
+    import vllm._custom_ops as ops
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation, apply_moe_activation
     from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
     from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
     from vllm.model_executor.layers.quantization.utils.quant_utils import (
         GroupShape, kFp8DynamicTokenSym, kFp8StaticChannelSym, kFp8StaticTensorSym, kInt4Static,
-        kInt4Static32, kInt4Static32Asym, kInt4StaticAsym)
+        kInt4Static32, kInt4Static32Asym, kInt4StaticAsym, kInt8DynamicTokenSym, kInt8StaticChannelSym)
     from vllm.platforms import current_platform
 
     class _Reference(mk.FusedMoEExpertsModular):
@@ -161,6 +167,29 @@ def _kernel_classes():
             y = (xq.float() @ w.float().t()) * xs.float().reshape(-1, 1) * ws.reshape(1, -1)
             return y.to(x.dtype)
 
+    class ReferenceInt8Experts(_Reference):
+        """W8A8 INT8 experts (per-channel weight scales, dynamic symmetric per-token input scales, the one
+        layout vLLM's compressed-tensors INT8 MoE method accepts)."""
+
+        @staticmethod
+        def _supports_quant_scheme(weight_key, activation_key) -> bool:
+            return (weight_key, activation_key) == (kInt8StaticChannelSym, kInt8DynamicTokenSym)
+
+        def weight_scale(self, which, e):
+            ws = self.quant_config.w1_scale if which == "w1" else self.quant_config.w2_scale
+            return ws[e].float().reshape(-1)
+
+        def dequantized(self, w, which):
+            return torch.stack([w[e].float() * self.weight_scale(which, e).reshape(-1, 1) for e in range(w.shape[0])])
+
+        def gemm(self, x, w, which, e):
+            if w.dtype != torch.int8:
+                raise TypeError(f"expected int8 experts, got {w.dtype}")
+            # vLLM's own per-token int8 quantizer (the GPU MoE path's, which has a CPU kernel); int32 sums
+            xq, xs, _ = ops.scaled_int8_quant(x.contiguous(), None, None, True)
+            acc = xq.to(torch.int32) @ w.to(torch.int32).t()
+            return (acc.float() * xs.float().reshape(-1, 1) * self.weight_scale(which, e).reshape(1, -1)).to(x.dtype)
+
     class ReferenceWNA16Experts(_Reference):
         """Int4 weight-only experts, already dequantized to bf16 by vLLM's EMULATION conversion."""
 
@@ -180,7 +209,7 @@ def _kernel_classes():
                 raise TypeError(f"expected weights dequantized by vLLM's EMULATION conversion, got {w.dtype}")
             return x @ w.to(x.dtype).t()
 
-    return ReferenceFp8Experts, ReferenceWNA16Experts
+    return ReferenceFp8Experts, ReferenceInt8Experts, ReferenceWNA16Experts
 
 
 def _need(module, name: str):
@@ -193,7 +222,7 @@ def _need(module, name: str):
 
 
 def install(dump: str | None = None) -> None:
-    """Patch the two backend selections (call before building the LLM; the engine must run in this
+    """Patch the three backend selections (call before building the LLM; the engine must run in this
     process: VLLM_ENABLE_V1_MULTIPROCESSING=0). dump: a path where `report()` saves each MoE layer's
     (w13, w2, dtype) as the kernel read them, as float32 (dtype: the precision of the values it multiplies:
     float32 for FP8 codes × scales, bfloat16 for vLLM's emulation-dequantized int4), for a comparison
@@ -215,6 +244,9 @@ def install(dump: str | None = None) -> None:
     owna16 = need_module(layers + "fused_moe.oracle.int_wna16")
     ctfp8 = need_module(layers + "quantization.compressed_tensors.compressed_tensors_moe."
                                  "compressed_tensors_moe_w8a8_fp8")
+    ctint8 = need_module(layers + "quantization.compressed_tensors.compressed_tensors_moe."
+                                  "compressed_tensors_moe_w8a8_int8")
+    oint8 = need_module(layers + "fused_moe.oracle.int8")
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -227,8 +259,11 @@ def install(dump: str | None = None) -> None:
     _need(wna16, "EMULATION")
     _need(emu, "Int4EmulationTritonExperts")
     priority = _need(owna16, "_get_priority_backends")
+    select_int8 = _need(ctint8, "select_int8_moe_backend")
+    int8_backend = _need(oint8, "Int8MoeBackend")
+    _need(int8_backend, "TRITON")
     try:
-        fp8_experts, wna16_experts = _kernel_classes()
+        fp8_experts, int8_experts, wna16_experts = _kernel_classes()
     except ImportError as err:
         raise PatchError(f"--cpu-moe-reference: vLLM {vllm.__version__} lacks a name the reference kernel "
                          f"uses ({err})") from err
@@ -244,10 +279,20 @@ def install(dump: str | None = None) -> None:
                              f"× activations {activation_key}")
         return backend.EMULATION, fp8_experts
 
+    def select_int8_moe_backend(config, weight_key, activation_key):
+        try:
+            return select_int8(config=config, weight_key=weight_key, activation_key=activation_key)
+        except NotImplementedError:
+            if not int8_experts._supports_quant_scheme(weight_key, activation_key):
+                raise
+        # TRITON: the conversion that leaves w13/w2 as loaded (there is no INT8 EMULATION backend)
+        return int8_backend.TRITON, int8_experts
+
     def _get_priority_backends():
         return [*priority(), wna16.EMULATION]  # CPU: ZEN_CPU, CPU, then vLLM's dequantize-at-load emulation
 
     ctfp8.select_fp8_moe_backend = select_fp8_moe_backend
+    ctint8.select_int8_moe_backend = select_int8_moe_backend
     owna16._get_priority_backends = _get_priority_backends
     # make_wna16_moe_kernel and backend_to_kernel_cls import this name when they run
     emu.Int4EmulationTritonExperts = wna16_experts
