@@ -135,7 +135,8 @@ def _kernel_classes():
 
     class ReferenceFp8Experts(_Reference):
         """W8A8 FP8 experts: per-channel or per-tensor weight scales, dynamic per-token or static input
-        scales (the two compressed-tensors MoE layouts vLLM accepts)."""
+        scales (the two compressed-tensors MoE layouts vLLM accepts). The static per-tensor layout has not
+        run: our fp8-static output stops earlier, at a dense Linear vLLM's CPU build cannot requantize."""
 
         @staticmethod
         def _supports_quant_scheme(weight_key, activation_key) -> bool:
