@@ -1,6 +1,7 @@
-"""The native C scale searches (`numerics/ggml/native.py`, `native/search.c`) against llama.cpp's own
-C quantizer (libggml's ggml_quantize_chunk), with any fallback made an error (a silent fallback
-would pass while the native searches were wrong), at this CPU's ISA level and at the baseline one;
+"""The native C quantizers (`numerics/ggml/native.py`: the searches of `native/search.c`, the whole
+quantizers of `native/kquants.c`, `lowk.c`, `iq4.c`) against llama.cpp's own C quantizer (libggml's
+ggml_quantize_chunk), with any fallback made an error (a silent fallback would pass while the
+native code was wrong), at this CPU's ISA level and at the baseline one;
 and the fallbacks: no C compiler, a failed build, bytes that differ (fast: nothing is built there).
 Skips where no C compiler exists."""
 
