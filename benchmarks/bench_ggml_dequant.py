@@ -23,9 +23,10 @@ checked bit-equal with any fallback to the plain path made an error; "compile s"
 With --quantize, --compile adds the compiled quantizers (`numerics/ggml/compiled_quantize.py`: the
 scale searches torch.compile'd), checked byte-equal to libggml's with any fallback made an error;
 "compile s" is the first call (compiling or loading inductor's cache, plus the bit check).
-With --quantize, --native adds the native C searches (`numerics/ggml/native.py`, preferred by
+With --quantize, --native adds the native C quantizers (`numerics/ggml/native.py`, preferred by
 --compile; here --compile's column runs with them off), checked the same way; its first call
-builds or loads the library and runs the bit check.
+builds or loads the library and runs the bit check. Q2_K, Q3_K, IQ4_NL and IQ4_XS run native or
+plain, never torch.compile'd ("native or plain only" in the compiled column).
 --quantize-only skips the dequantizer table.
 --ct adds compressed-tensors' formats: our plain-torch dequantizers vs compressed-tensors'
 `decompress` on the same tensors (bit-equal, checked), both returning fresh bf16 tensors.
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from gemmaquant.numerics import compiling
-from gemmaquant.numerics.ggml import native, registry
+from gemmaquant.numerics.ggml import compiled_quantize, native, registry
 from gemmaquant.numerics.ggml.dequantize import dequantize
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.registry import REQUIRES_IMATRIX
@@ -181,7 +182,7 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
         fns = [lambda: quantize(w, qtype, im, compiled=False)]
         ran, first_s, got = [], [], []
         for _, fn, label in paths:
-            if not registry.TYPES[qtype].compiled_search:
+            if not (registry.TYPES[qtype].compiled_search or qtype in compiled_quantize.NATIVE_ONLY):
                 ran.append(False)
                 continue
             t0 = time.perf_counter()
@@ -206,7 +207,8 @@ def bench_quantize(args: argparse.Namespace, types: list[GGMLType]) -> None:
         mine, ratios, firsts, k = [], [], [], 1
         for i, did in enumerate(ran):
             if not did:
-                mine.append("no search to compile")
+                native_only = paths[i][0] == "compiled" and qtype in compiled_quantize.NATIVE_ONLY
+                mine.append("native or plain only" if native_only else "no search to compile")
                 ratios.append("n/a")
                 firsts.append("")
                 continue

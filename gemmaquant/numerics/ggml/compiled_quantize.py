@@ -1,8 +1,9 @@
 """The fast paths of the GGML quantizers (CPU only), in order of preference:
 
-1. native C (`native.py`): Q4_K/Q5_K/Q6_K whole, and the scale searches of the other types (Q4_0-Q5_1
-   with an imatrix, Q2_K, Q3_K with an imatrix) through `search.COMPILED`, built with the system C
-   compiler on first use (Q2_K/Q3_K: native or plain, never torch.compile'd);
+1. native C (`native.py`): Q3_K/Q4_K/Q5_K/Q6_K, IQ4_NL and IQ4_XS whole (with and without an
+   imatrix), and the scale searches of Q4_0-Q5_1 (with an imatrix) and Q2_K through `search.COMPILED`,
+   built with the system C compiler on first use (Q2_K/Q3_K/IQ4_*: native or plain, never
+   torch.compile'd);
 2. torch.compile: the scale searches of `search.py` (make_qx_quants, make_qkx2/3, make_qp_quants),
    each traced whole, so that inductor turns every candidate step into one loop over the sub-blocks
    instead of the ~10^4 separate ~1 MB torch ops of the plain path; the block packing around them
@@ -49,8 +50,9 @@ NATIVE_OFF = "all"  # _native_off's key when the native library itself is unavai
 _native_off: dict = {}  # types whose native searches differed (turn_off's table), or NATIVE_OFF
 _native_checked: set[tuple[GGMLType, bool]] = set()
 TO_INDUCTOR = "the torch.compile'd searches"
-# Types whose searches run native but were never checked through torch.compile: no inductor fallback.
-NATIVE_ONLY = {GGMLType.Q2_K, GGMLType.Q3_K}
+# Types that run native (searches, or whole) but were never checked through torch.compile: no inductor
+# fallback.
+NATIVE_ONLY = {GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS}
 
 
 class _Table(dict):
@@ -104,7 +106,7 @@ def _run_native(x: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, 
     """The chunk's blocks with the native searches, or None (not available, or they failed)."""
     if qtype in _native_off or (table := _native_table(loud)) is None:
         return None
-    whole = qtype.name in native.BLOCK_TYPES and x.shape[1] % 256 == 0
+    whole = native.whole(qtype.name, x.shape[1])
     try:
         got = native.quantize_rows(x, qtype.name, imatrix) if whole else _with(table, k.quantize, x, imatrix)
     except Exception as e:  # noqa: BLE001 - any failure falls back to the next path

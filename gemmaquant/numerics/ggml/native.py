@@ -1,11 +1,14 @@
-"""The native quantizers: `native/search.c`, a C translation of `search.py`'s make_qx_quants,
-make_qkx2/3 and make_qp_quants, and `native/kquants.c`, of `kquants.py`'s whole Q4_K/Q5_K/Q6_K
-quantizers around them; built on first use with the system C compiler and called through ctypes.
+"""The native quantizers, built on first use with the system C compiler and called through ctypes:
+`native/search.c`, a C translation of `search.py`'s make_qx_quants, make_qkx2/3 and make_qp_quants
+(the searches of Q4_0-Q5_1 with an imatrix and of Q2_K); and whole quantizers, bytes out:
+`native/kquants.c`, `kquants.py`'s Q4_K/Q5_K/Q6_K around those searches; `native/lowk.c`,
+`kquants_low.py`'s Q3_K (without an imatrix its own make_q3_quants, with one make_qx_quants);
+`native/iq4.c`, `iq4.py`'s IQ4_NL and IQ4_XS (search and packing), with or without an imatrix.
 The default GGUF quantizers wherever a C compiler exists (`compiled_quantize.py`; `--compile` adds the
 torch.compile'd searches as their fallback).
 
-The C works on search.py's [P, M] layout and vectorizes across sub-blocks, so each sub-block's sums
-still run over its P weights in order from 0.0f: the same float32 values as the plain path, which
+The C works on tiles of search.py's [P, M] layout and vectorizes across sub-blocks, so each
+sub-block's sums still run over its P weights in order from 0.0f: the same float32 values as the plain path, which
 is what lets its bytes equal libggml's. The flags forbid what would change a value: no
 -ffast-math, -ffp-contract=off (no FMA contraction even where the target has FMA). The target is
 the newest x86-64 level (v2, v3 = AVX2, v4 = AVX-512) that this CPU has, read from /proc/cpuinfo
@@ -39,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemmaquant.numerics.ggml import search
+from gemmaquant.numerics.ggml import iq4, search
 
 ENV = "GEMMAQUANT_NATIVE"
 ISA_ENV = "GEMMAQUANT_NATIVE_ISA"
 SOURCE = Path(__file__).with_name("native") / "search.c"
-SOURCES = (SOURCE, SOURCE.with_name("kquants.c"))
+SOURCES = (SOURCE, SOURCE.with_name("kquants.c"), SOURCE.with_name("lowk.c"), SOURCE.with_name("iq4.c"))
 HEADERS = (SOURCE.with_name("common.h"),)
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99", "-fPIC", "-shared")
 # x86-64 micro-architecture levels by the /proc/cpuinfo flags each needs beyond the one before.
@@ -177,7 +180,10 @@ def _load() -> ctypes.CDLL:
     lib.gq_pmax.restype = ctypes.c_int
     lib.gq_quantize_q6_k.argtypes = [_F, _F, i64, i64, _F, i32, _F]
     lib.gq_quantize_q45_k.argtypes = [_F, _F, i64, i64, i32, _F]
-    lib.gq_quantize_q6_k.restype = lib.gq_quantize_q45_k.restype = ctypes.c_int
+    lib.gq_quantize_q3_k.argtypes = [_F, _F, i64, i64, _F, _F, i32, _F]
+    lib.gq_quantize_iq4.argtypes = [_F, _F, i64, i64, i32, _F, _F]
+    for fn in (lib.gq_quantize_q6_k, lib.gq_quantize_q45_k, lib.gq_quantize_q3_k, lib.gq_quantize_iq4):
+        fn.restype = ctypes.c_int
     lib.gq_f32_to_f16.argtypes = [_F, i64, _F]
     lib.gq_f32_to_f16.restype = None
     return lib
@@ -262,26 +268,45 @@ def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int):
     return scale, L
 
 
-# Whole quantizers in C (`native/kquants.c`, kquants.py's quantize_q45_k / quantize_q6_k): the torch
-# ops around the searches cost three times the native searches themselves. By type name: block bytes.
-BLOCK_TYPES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+# Whole quantizers in C: `native/kquants.c` (kquants.py's quantize_q45_k / quantize_q6_k), `native/lowk.c`
+# (kquants_low.py's quantize_q3_k), `native/iq4.c` (iq4.py's quantize_iq4_nl / quantize_iq4_xs): the torch
+# ops around the searches cost three times the native searches themselves, and Q3_K's reference search
+# and IQ4's have no native search of their own. By type name: (block size, block bytes).
+BLOCK_TYPES = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "Q3_K": (256, 110),
+               "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+
+
+def whole(qtype_name: str, n: int) -> bool:
+    """Whether rows of n values of this type quantize whole in C (`quantize_rows`)."""
+    return qtype_name in BLOCK_TYPES and n % BLOCK_TYPES[qtype_name][0] == 0
 
 
 def quantize_rows(x: torch.Tensor, qtype_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """[rows, n] float32 (n a multiple of 256) -> [rows, row_bytes] uint8 blocks of Q4_K/Q5_K/Q6_K."""
+    """[rows, n] float32 (n a multiple of the block size) -> [rows, row_bytes] uint8 blocks of a
+    `BLOCK_TYPES` type."""
     lib = library()
     x = _f32(x)
     rows, n = x.shape
-    bpr = n // 256
+    block, nbytes = BLOCK_TYPES[qtype_name]
+    bpr = n // block
     nb = rows * bpr
-    out = torch.empty((rows, bpr * BLOCK_TYPES[qtype_name]), dtype=torch.uint8)
+    out = torch.empty((rows, bpr * nbytes), dtype=torch.uint8)
     im = None if imatrix is None else _f32(imatrix.reshape(-1))
     im_ptr = None if im is None else im.data_ptr()
     if qtype_name == "Q6_K":
         grid = np.asarray(search.qx_grid(32), dtype=np.float32)
         rc = lib.gq_quantize_q6_k(x.data_ptr(), im_ptr, nb, bpr, grid.ctypes.data, len(grid), out.data_ptr())
+    elif qtype_name == "Q3_K":
+        grid4, grid32 = (np.asarray(search.qx_grid(m), dtype=np.float32) for m in (4, 32))
+        rc = lib.gq_quantize_q3_k(x.data_ptr(), im_ptr, nb, bpr, grid4.ctypes.data, grid32.ctypes.data, len(grid4),
+                                  out.data_ptr())
+    elif qtype_name in ("IQ4_NL", "IQ4_XS"):
+        kv = iq4.kvalues()
+        rc = lib.gq_quantize_iq4(x.data_ptr(), im_ptr, nb, bpr, block, kv.data_ptr(), out.data_ptr())
     else:
         rc = lib.gq_quantize_q45_k(x.data_ptr(), im_ptr, nb, bpr, 15 if qtype_name == "Q4_K" else 31, out.data_ptr())
+    if rc == -2:
+        raise NativeError(f"native {qtype_name} quantizer: its level table is not gguf's kvalues")
     if rc != 0:
         raise MemoryError(f"native {qtype_name} quantizer: out of memory for {nb} blocks")
     return out

@@ -19,7 +19,7 @@ from gemmaquant.export.gguf.writer import write_gguf
 from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.formats.demo import ensure_demo_checkpoint
 from gemmaquant.numerics import compiling
-from gemmaquant.numerics.ggml import native
+from gemmaquant.numerics.ggml import compiled_quantize, native
 from gemmaquant.schemes import get_scheme
 
 from . import llamacpp_ref as ref
@@ -63,6 +63,25 @@ def test_compiled_q4_k_m_identical_to_llama_quantize(tiny256, tmp_path, monkeypa
     if workers == "threads":
         suffix = " (native)" if path == "native" else ""
         assert {f"quantize Q4_K{suffix}", f"quantize Q6_K{suffix}"} <= set(compiling.compiled_types())
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["no-imatrix", "imatrix"])
+@pytest.mark.parametrize("preset,qtype", [("q3_k_m", "Q3_K"), ("iq4_xs", "IQ4_XS")])
+def test_native_whole_low_bit_files_identical(tiny256, tmp_path, monkeypatch, preset, qtype, with_imatrix):
+    """The whole Q3_K and IQ4_XS quantizers in C (threads, so that the test sees the native path ran)."""
+    try:
+        native.library()
+    except native.NativeError as e:
+        pytest.skip(str(e))
+    d, bf16, im = tiny256
+    monkeypatch.setattr(compiling, "_enabled", True)
+    monkeypatch.setattr(compiling, "_passed", set())  # this test's bit checks only
+    monkeypatch.setattr(compiled_quantize, "_native_checked", set())
+    monkeypatch.setenv("GEMMAQUANT_GGUF_WORKERS", "threads")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiling.CompiledDequantWarning)
+        _same_file(Checkpoint(d), bf16, preset, tmp_path, im if with_imatrix else None)
+    assert f"quantize {qtype} (native)" in compiling.compiled_types()
 
 
 @pytest.mark.demo

@@ -1,6 +1,7 @@
-"""The native C scale searches (`numerics/ggml/native.py`, `native/search.c`) against llama.cpp's own
-C quantizer (libggml's ggml_quantize_chunk), with any fallback made an error (a silent fallback
-would pass while the native searches were wrong), at this CPU's ISA level and at the baseline one;
+"""The native C quantizers (`numerics/ggml/native.py`: the searches of `native/search.c`, the whole
+quantizers of `native/kquants.c`, `lowk.c`, `iq4.c`) against llama.cpp's own C quantizer (libggml's
+ggml_quantize_chunk), with any fallback made an error (a silent fallback would pass while the
+native code was wrong), at this CPU's ISA level and at the baseline one;
 and the fallbacks: no C compiler, a failed build, bytes that differ (fast: nothing is built there).
 Skips where no C compiler exists."""
 
@@ -13,20 +14,22 @@ import pytest
 import torch
 
 from gemmaquant.numerics import compiling
-from gemmaquant.numerics.ggml import compiled_quantize, native, search
+from gemmaquant.numerics.ggml import compiled_quantize, iq4, native, search
 from gemmaquant.numerics.ggml.quantize import quantize
 from gemmaquant.numerics.ggml.types import GGMLType
 from tests.numerics.ggml.family_checks import demo_rows, random_rows
 from tests.numerics.ggml.libggml import ggml_quantize, require_libggml
 from tests.numerics.ggml.test_quantize import assert_same_blocks, imatrix
 
-# (type, with an imatrix): every quantizer whose search runs native; Q4_0/Q5_0/Q4_1/Q5_1 search only
-# with an imatrix (make_qx_quants with weights, make_qkx3), Q3_K's reference path only make_q3_quants
-# (not native).
+# (type, with an imatrix): every quantizer that runs native, whole (Q3_K-Q6_K, IQ4_NL, IQ4_XS) or its
+# searches only (Q4_0/Q5_0/Q4_1/Q5_1 search only with an imatrix: make_qx_quants with weights, make_qkx3;
+# Q2_K).
 CASES = [(GGMLType.Q4_K, False), (GGMLType.Q4_K, True), (GGMLType.Q6_K, False), (GGMLType.Q6_K, True),
          (GGMLType.Q5_K, False), (GGMLType.Q5_K, True), (GGMLType.Q4_0, True), (GGMLType.Q5_0, True),
          (GGMLType.Q4_1, True), (GGMLType.Q5_1, True), (GGMLType.Q2_K, False), (GGMLType.Q2_K, True),
-         (GGMLType.Q3_K, True)]  # fmt: skip
+         (GGMLType.Q3_K, False), (GGMLType.Q3_K, True), (GGMLType.IQ4_NL, False), (GGMLType.IQ4_NL, True),
+         (GGMLType.IQ4_XS, False), (GGMLType.IQ4_XS, True)]  # fmt: skip
+WHOLE = [c for c in CASES if native.whole(c[0].name, 256)]
 DEMO = ["model.layers.0.mlp.down_proj.weight", "model.layers.9.self_attn.o_proj.weight"]
 NATIVE = True  # the conftest's plain_quantizers leaves the native path on here
 
@@ -102,13 +105,26 @@ def test_native_bytes_equal_libggml(built, qtype: GGMLType, with_imatrix: bool, 
 @pytest.mark.subprocess
 @pytest.mark.llamacpp
 @pytest.mark.demo
-@pytest.mark.parametrize("qtype,with_imatrix", CASES[:6], ids=case_id)
+@pytest.mark.parametrize("qtype,with_imatrix", WHOLE, ids=case_id)
 def test_native_demo_tensors(demo_dir: Path, built, qtype: GGMLType, with_imatrix: bool, one_thread) -> None:
     require_libggml()
     for name in DEMO:
         w = demo_rows(demo_dir, name, 96)
         im = imatrix(w.shape[1], seed=3) if with_imatrix else None
         assert_same_blocks(strict_native(w, qtype, im), ggml_quantize(w, qtype, im), qtype)
+
+
+@pytest.mark.subprocess
+@pytest.mark.llamacpp
+@pytest.mark.demo
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
+def test_native_iq4_nl_on_rows_iq4_xs_cannot_take(demo_dir: Path, built, with_imatrix: bool, one_thread) -> None:
+    """IQ4_NL where a scheme's IQ4_XS falls back to it: rows of 640 (not a multiple of 256)."""
+    require_libggml()
+    w = demo_rows(demo_dir, "model.layers.0.self_attn.q_proj.weight", 128).T.contiguous()
+    assert w.shape[1] % 256 != 0
+    im = imatrix(w.shape[1], seed=4) if with_imatrix else None
+    assert_same_blocks(strict_native(w, GGMLType.IQ4_NL, im), ggml_quantize(w, GGMLType.IQ4_NL, im), GGMLType.IQ4_NL)
 
 
 @pytest.mark.subprocess
@@ -278,13 +294,29 @@ def test_bad_isa_name_is_one_line(fresh: pytest.MonkeyPatch) -> None:
 
 
 def test_native_only_types_never_reach_torch_compile(fresh: pytest.MonkeyPatch) -> None:
-    """Q2_K/Q3_K: native searches or the plain ones, never an (unchecked) torch.compile'd search."""
+    """Q2_K/Q3_K/IQ4_*: native or plain, never an (unchecked) torch.compile'd search."""
     fresh.setenv(native.ENV, "0")
-    fresh.setattr(compiled_quantize, "_table", lambda: pytest.fail("Q2_K/Q3_K must not compile"))
+    fresh.setattr(compiled_quantize, "_table", lambda: pytest.fail("Q2_K/Q3_K/IQ4 must not compile"))
     w = torch.randn(4, 512) * 0.02
-    for qtype in (GGMLType.Q2_K, GGMLType.Q3_K):
-        im = imatrix(512)
-        assert torch.equal(quantize(w, qtype, im, compiled=True), quantize(w, qtype, im, compiled=False))
+    for qtype in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS):
+        for im in (None, imatrix(512)):
+            assert torch.equal(quantize(w, qtype, im, compiled=True), quantize(w, qtype, im, compiled=False))
+
+
+@pytest.mark.subprocess
+def test_iq4_level_table_that_differs_falls_back(built) -> None:
+    """The C keeps kvalues_iq4nl as a constant; a gguf whose table differed would turn it off, not
+    write other levels' codes."""
+    levels = iq4.kvalues().clone()
+    levels[14] += 1.0
+    built.setattr(iq4, "kvalues", lambda device="cpu": levels)
+    w = torch.randn(4, 512) * 0.02
+    with pytest.raises(native.NativeError, match="level table"):
+        native.quantize_rows(w, "IQ4_XS", None)
+    with pytest.warns(compiling.CompiledDequantWarning, match="native IQ4_XS quantizer turned off.*level table"):
+        got = quantize(w, GGMLType.IQ4_XS, compiled=True)
+    assert torch.equal(got, quantize(w, GGMLType.IQ4_XS, compiled=False))
+    assert GGMLType.IQ4_XS in compiled_quantize._native_off
 
 
 def test_compiler_choice(fresh: pytest.MonkeyPatch) -> None:

@@ -11,67 +11,6 @@
 
 #include "common.h"
 
-/* float32 -> IEEE half bits, round to nearest even; overflow to inf. */
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    uint32_t ax = x & 0x7FFFFFFF;
-    if (ax >= 0x7F800000) return sign | (ax > 0x7F800000 ? 0x7E00 : 0x7C00);
-    if (ax >= 0x477FF000) return sign | 0x7C00; /* >= 65520 rounds to inf */
-    if (ax < 0x38800000) {                      /* below 2^-14: a subnormal half (or 2^-14 itself) */
-        float a;
-        memcpy(&a, &ax, sizeof a);
-        /* a * 2^24 is exact (a power-of-two scale into range) and < 2^10: the 1.5*2^23 trick rounds it */
-        float t = a * 16777216.0f + 12582912.0f;
-        uint32_t ti;
-        memcpy(&ti, &t, sizeof ti);
-        return sign | (uint16_t)(ti - 0x4B400000u);
-    }
-    uint32_t h = ((ax >> 23) - 112) << 10 | ((ax >> 13) & 0x3FF); /* rebias 127 -> 15 */
-    uint32_t rem = ax & 0x1FFF;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++; /* a carry moves into the exponent, as it should */
-    return sign | (uint16_t)h;
-}
-
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, x;
-    if (e == 0) {
-        float v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24: exact */
-        memcpy(&x, &v, sizeof x);
-        x |= sign;
-    } else if (e == 31) {
-        x = sign | 0x7F800000 | (m << 13);
-    } else {
-        x = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &x, sizeof f);
-    return f;
-}
-
-static void put_f16(uint8_t *p, uint16_t h) {
-    p[0] = (uint8_t)(h & 0xFF);
-    p[1] = (uint8_t)(h >> 8);
-}
-
-/* [nb, 256] rows -> [width, nb*256/width]: one column per sub-block (kquants._columns). */
-static void columns(float *dst, const float *src, int64_t nb, int width) {
-    int64_t M = nb * (256 / width);
-    for (int64_t m = 0; m < M; m++)
-        for (int i = 0; i < width; i++) dst[i * M + m] = src[m * width + i];
-}
-
-/* The importance of block b's column i (the imatrix row repeats every `bpr` blocks). */
-static void imatrix_columns(float *dst, const float *im, int64_t nb, int64_t bpr, int width) {
-    int per = 256 / width;
-    int64_t M = nb * per;
-    for (int64_t m = 0; m < M; m++) {
-        const float *src = im + (m / per % bpr) * 256 + (m % per) * width;
-        for (int i = 0; i < width; i++) dst[i * M + m] = src[i];
-    }
-}
-
 /* x: [nb, 256]; imatrix: [bpr * 256] or NULL; grid: make_qx_quants' 19 numerators for nmax 32;
  * out: [nb, 210]. Returns 0, or -1 when out of memory. */
 int gq_quantize_q6_k(const float *x, const float *imatrix, int64_t nb, int64_t bpr, const float *grid, int ngrid,
