@@ -1,6 +1,7 @@
 /* Shared by the native sources (native.py compiles them into one library). */
 #ifndef GQ_COMMON_H
 #define GQ_COMMON_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -71,6 +72,31 @@ static inline void imatrix_columns(float *dst, const float *im, int64_t nb, int6
     for (int64_t m = 0; m < M; m++) {
         const float *src = im + (m / per % bpr) * 256 + (m % per) * width;
         for (int i = 0; i < width; i++) dst[i * M + m] = src[i];
+    }
+}
+
+/* sqrtf as ggml's reference C computes it through double (the same float for every input). */
+static inline float sqrt_f(float v) { return (float)sqrt((double)v); }
+
+/* ggml's imatrix weighting of the K-quants: w = imatrix * sqrt(sigma2 + x^2), sigma2 = 2 * mean(x^2) over
+   each 256-value block, on the [width, M] columns xs (w holds the imatrix columns on entry); sums[m]: the
+   sum of sub-block m's weights in order from 0.0f. x: [nb, 256]. */
+static inline void sigma_weights(const float *x, const float *xs, float *w, float *sums, int64_t nb, int width) {
+    int per = 256 / width;
+    int64_t M = nb * per;
+    for (int64_t b = 0; b < nb; b++) {
+        float s = 0.0f;
+        for (int k = 0; k < 256; k++) s += x[b * 256 + k] * x[b * 256 + k];
+        float sigma2 = (2.0f * s) / 256.0f;
+        for (int64_t m = b * per; m < b * per + per; m++) {
+            float sum = 0.0f;
+            for (int i = 0; i < width; i++) {
+                float v = xs[i * M + m];
+                w[i * M + m] = w[i * M + m] * sqrt_f(sigma2 + v * v);
+                sum += w[i * M + m];
+            }
+            sums[m] = sum;
+        }
     }
 }
 

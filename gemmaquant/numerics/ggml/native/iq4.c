@@ -34,8 +34,6 @@ static inline float nearest_level(float v, int *index) {
     return below ? lo : hi;
 }
 
-static float sqrt_f(float v) { return (float)sqrt((double)v); }
-
 /* Σ (w*q)*x and Σ (w*q)*q over each lane's 32 weights, q the level nearest to id*x. */
 static void sums(float (*xt)[TM], float (*wt)[TM], const float *id, float *sqx, float *sq2) {
     for (int j = 0; j < TM; j++) sqx[j] = sq2[j] = 0.0f;

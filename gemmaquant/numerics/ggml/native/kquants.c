@@ -79,8 +79,6 @@ int gq_quantize_q6_k(const float *x, const float *imatrix, int64_t nb, int64_t b
     return ok ? 0 : -1;
 }
 
-static float sqrt_f(float v) { return (float)sqrt((double)v); }
-
 /* Q4_K (nmax 15) / Q5_K (nmax 31). x: [nb, 256]; imatrix: [bpr * 256] or NULL; out: [nb, 144 | 176]. */
 int gq_quantize_q45_k(const float *x, const float *imatrix, int64_t nb, int64_t bpr, int nmax, uint8_t *out) {
     int64_t M = nb * 8;
@@ -109,20 +107,7 @@ int gq_quantize_q45_k(const float *x, const float *imatrix, int64_t nb, int64_t 
                 gq_make_qkx(xs, w, 32, M, 31, -0.5f, 0.1f, 15, 0, 0, scales, mins, L);
         } else {
             imatrix_columns(w, imatrix, nb, bpr, 32);
-            for (int64_t b = 0; b < nb; b++) {
-                float s = 0.0f;
-                for (int k = 0; k < 256; k++) s += x[b * 256 + k] * x[b * 256 + k];
-                float sigma2 = (2.0f * s) / 256.0f;
-                for (int64_t m = b * 8; m < b * 8 + 8; m++) {
-                    float sum = 0.0f;
-                    for (int i = 0; i < 32; i++) {
-                        float v = xs[i * M + m];
-                        w[i * M + m] = w[i * M + m] * sqrt_f(sigma2 + v * v);
-                        sum += w[i * M + m];
-                    }
-                    sw[m] = sum;
-                }
-            }
+            sigma_weights(x, xs, w, sw, nb, 32);
             gq_make_qkx(xs, w, 32, M, nmax, -0.9f, 0.05f, 36, 1, 0, scales, mins, L);
             /* make_qp_quants over the 8 scales (then mins) of each block: [8, nb] */
             for (int64_t b = 0; b < nb; b++)

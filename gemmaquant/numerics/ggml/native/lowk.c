@@ -81,8 +81,6 @@ static void make_q3_quants(const float *x, int64_t M, int nmax, float *scale_out
     }
 }
 
-static float sqrt_f(float v) { return (float)sqrt((double)v); }
-
 /* x: [nb, 256]; imatrix: [bpr * 256] or NULL; grid4, grid32: make_qx_quants' numerators for nmax 4
  * and 32 (imatrix only); out: [nb, 110]. Returns 0, or -1 when out of memory. */
 int gq_quantize_q3_k(const float *x, const float *imatrix, int64_t nb, int64_t bpr, const float *grid4,
@@ -109,20 +107,9 @@ int gq_quantize_q3_k(const float *x, const float *imatrix, int64_t nb, int64_t b
         } else {
             columns(xs, x, nb, 16);
             imatrix_columns(w, imatrix, nb, bpr, 16);
-            for (int64_t b = 0; b < nb; b++) {
-                float s = 0.0f;
-                for (int k = 0; k < 256; k++) s += x[b * 256 + k] * x[b * 256 + k];
-                float sigma2 = (2.0f * s) / 256.0f;
-                for (int64_t m = b * 16; m < b * 16 + 16; m++) {
-                    float sum = 0.0f;
-                    for (int i = 0; i < 16; i++) {
-                        float v = xs[i * M + m];
-                        w[i * M + m] = w[i * M + m] * sqrt_f(sigma2 + v * v);
-                        sum += w[i * M + m];
-                    }
-                    s16[(m % 16) * nb + b] = sum;
-                }
-            }
+            sigma_weights(x, xs, w, t16, nb, 16); /* t16: the sums, as scratch until the scales below */
+            for (int64_t b = 0; b < nb; b++)
+                for (int s = 0; s < 16; s++) s16[s * nb + b] = t16[b * 16 + s];
             gq_make_qx_quants(xs, w, 16, M, 4, grid4, ngrid, scales, L);
             for (int64_t b = 0; b < nb; b++)
                 for (int s = 0; s < 16; s++) t16[s * nb + b] = scales[b * 16 + s];
