@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gguf_optimized.py --llama-bin BUILD/bin [--llama-src LLAMA_CPP_TREE]
         [--dir WORK] [--types q4_0 q3_k_m q2_k iq4_xs iq3_m q6_k q5_k_m] [--budget q3_k_m q4_0]
-        [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
+        [--budget-keep TENSOR ...] [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
         [--weights-only]
 
 BUILD/bin must hold llama-quantize, llama-imatrix and llama-perplexity (a plain CMake build of the
@@ -105,16 +105,17 @@ def sensitivity(ckpt, ids, path: Path, samples: int) -> dict:
     return res
 
 
-def budget_types(sens: dict, template: Path, target_size: int) -> tuple[dict, int]:
-    """Types for every measured tensor so that the file fits target_size (the template's other bytes,
-    header included, stay as they are)."""
+def budget_types(sens: dict, template: Path, target_size: int, keep: tuple = ()) -> tuple[dict, int]:
+    """Types for every measured tensor but those in `keep` so that the file fits target_size (the
+    template's other bytes, header and `keep` included, stay as they are)."""
     from gemmaquant.calib.budget import Option, solve, tensor_bytes, total_bytes
     from gemmaquant.numerics.ggml.types import GGMLType
 
     layout = tensor_types(template)
-    fixed = template.stat().st_size - sum(tensor_bytes(tuple(layout[n][1]), layout[n][0]) for n in sens["tensors"])
+    chosen = {n: s for n, s in sens["tensors"].items() if n not in keep}
+    fixed = template.stat().st_size - sum(tensor_bytes(tuple(layout[n][1]), layout[n][0]) for n in chosen)
     options = {n: [Option(GGMLType[t], tensor_bytes(tuple(s["shape"]), GGMLType[t]), kl) for t, kl in s["kl"].items()]
-               for n, s in sens["tensors"].items()}
+               for n, s in chosen.items()}
     choice = solve(options, target_size - fixed)
     return choice, fixed + total_bytes(choice)
 
@@ -133,6 +134,9 @@ def main():
     ap.add_argument("--chunks", type=int, default=-1, help="llama-perplexity --chunks (-1: the whole text)")
     ap.add_argument("--calib-chunks", type=int, default=-1,
                     help="first N of llama-imatrix's chunks for our calibration (-1: all, the same tokens)")
+    ap.add_argument("--budget-keep", nargs="*", default=[], metavar="TENSOR",
+                    help="GGUF tensors the budget leaves at llama.cpp's type (e.g. token_embd.weight: then the "
+                         "budget only re-spends the decoder layers' bytes); its files get a '.keep' infix")
     ap.add_argument("--sens-samples", type=int, default=8, help="calibration chunks the sensitivity pass uses")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--damp", type=float, default=None,
@@ -229,30 +233,35 @@ def main():
                 if not f.exists():
                     run([bins["quantize"], *imx_flag, bf16, f, p.upper(), t], f.with_suffix(".quantize.log"))
             target = min(f.stat().st_size for f in refs)
-            mix = d / f"budget-llama.{p}.gguf"
-            tt = d / f"budget.{p}.types.txt"
+            keep = tuple(args.budget_keep)
+            tag = f"{p}.keep" if keep else p
+            mix = d / f"budget-llama.{tag}.gguf"
+            tt = d / f"budget.{tag}.types.txt"
             slack = 0
             while not mix.exists():
-                choice, predicted = budget_types(sens, refs[1], target - slack)
-                tt.write_text("".join(f"^{n.replace('.', chr(92) + '.')}$={c.qtype.name.lower()}\n" for n, c in choice.items()))
-                (d / f"budget.{p}.plan.json").write_text(json.dumps(
+                choice, predicted = budget_types(sens, refs[1], target - slack, keep)
+                layout = tensor_types(refs[1])
+                plan = {**{n: layout[n][0] for n in keep}, **{n: c.qtype for n, c in choice.items()}}
+                tt.write_text("".join(f"^{n.replace('.', chr(92) + '.')}$={q.name.lower()}\n" for n, q in plan.items()))
+                (d / f"budget.{tag}.plan.json").write_text(json.dumps(
                     {n: {"type": c.qtype.name, "kl_est": c.damage, "bytes": c.nbytes, "why": c.why} for n, c in choice.items()},
                     indent=1))
-                log = d / f"budget-llama.{p}.quantize.log"
+                log = d / f"budget-llama.{tag}.quantize.log"
                 run([bins["quantize"], "--imatrix", imatrix, "--tensor-type-file", tt, bf16, mix, "Q8_0", t], log)
                 got = tensor_types(mix)
-                bad = [n for n, c in choice.items() if got[n][0] != c.qtype]
+                bad = [n for n, q in plan.items() if got[n][0] != q]
                 if bad:
                     raise SystemExit(f"llama-quantize did not keep the planned types of {bad[:5]}")
                 if mix.stat().st_size > target:  # the header differs from the template's: shrink and redo
                     slack += mix.stat().st_size - target
                     mix.unlink()
                     log.unlink()
-            ours = d / f"budget.{p}.gguf"
-            info = build_ours(ckpt, ids, mix, ours, d / f"budget.{p}.json", args.threads, opts)
+            ours = d / f"budget.{tag}.gguf"
+            info = build_ours(ckpt, ids, mix, ours, d / f"budget.{tag}.json", args.threads, opts)
             row = rows.setdefault(p, {})
-            row["budget, llama rounding"] = with_weights(mix, score(mix))
-            row["ours budgeted"] = with_weights(ours, {**score(ours), "calib": info, "target_bytes": target,
+            kept = f" ({', '.join(keep)} kept)" if keep else ""
+            row["budget, llama rounding" + kept] = with_weights(mix, score(mix))
+            row["ours budgeted" + kept] = with_weights(ours, {**score(ours), "calib": info, "target_bytes": target,
                                                        "sensitivity_seconds": sens["seconds"]})
 
     print(f"\nKL(bf16 || Q) by llama-perplexity on {args.text.name}, -c {args.ctx}; {base_log.count('[')} chunks\n")
