@@ -202,8 +202,10 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
         data = max(data, int((opts.target_bpw or 0) * ckpt.config.param_count() / 8))
         if opts.target_size is not None:
             from .calib.budget import parse_size
+            from .export.gguf.optimized import PRESET
 
-            data = max(data, parse_size(opts.target_size))
+            if opts.target_size.strip().lower() != PRESET:  # preset: the plan's own size, `data`
+                data = max(data, parse_size(opts.target_size))
         data *= 2 if opts.algorithm == "gptq" else 1
     return (data + per_tensor * len(rows) + sum(p.stat().st_size for p in ckpt.side_files()) + (64 << 10))
 

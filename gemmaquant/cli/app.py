@@ -137,7 +137,8 @@ def quantize_cmd(
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose each tensor's type by measured "
                                                "sensitivity so that the tensor data takes at most this many bits per weight."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same for a whole-file size "
-                                              "(1.2GB, 900MiB, bytes); the file is at most this big."),
+                                              "(1.2GB, 900MiB, bytes); the file is at most this big. 'preset': "
+                                              "the size of the file --scheme alone writes (llama.cpp's)."),
     mmproj: Optional[str] = typer.Option(None, "--mmproj", help="GGUF of a multimodal Gemma 3 or 4: type of the "
                                          "vision (and audio) towers' mmproj file written beside it as "
                                          "mmproj-<name>-<TYPE>.gguf (f16 default, bf16, q8_0, f32), or none."),

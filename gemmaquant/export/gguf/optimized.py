@@ -32,13 +32,18 @@ KEY_PLAN = "gemmaquant.budget.plan"
 MAX_STR = 127  # longest value of our string keys (as llama-quantize caps its imatrix strings)
 
 
+PRESET = "preset"  # --target-size preset: the size of the scheme's own file
+
+
 @dataclass
 class Budget:
-    """--target-bpw X or --target-size S (exactly one)."""
+    """--target-bpw X or --target-size S (exactly one). `preset`: the size is the scheme's own file's,
+    known once the model is (`resolve_budget`)."""
 
     bpw: float | None = None
     size: int | None = None
     text: str = ""
+    preset: bool = False
 
     def describe(self) -> str:
         return self.text
@@ -54,6 +59,8 @@ def make_budget(target_bpw: float | None, target_size: str | None) -> Budget | N
             raise GemmaQuantError(f"--target-bpw {target_bpw}: must be a number of bits per weight in (0, 64)")
         return Budget(bpw=float(target_bpw), text=f"--target-bpw {target_bpw:g}")
     if target_size is not None:
+        if str(target_size).strip().lower() == PRESET:
+            return Budget(preset=True, text=f"--target-size {PRESET}")
         size = parse_size(str(target_size))
         return Budget(size=size, text=f"--target-size {target_size} ({size:,} bytes)")
     return None
@@ -117,6 +124,24 @@ def header_size(ckpt: Checkpoint, scheme: Scheme, plans, imatrix_meta, extra_kv)
     from .header import header_bytes
 
     return len(header_bytes(ckpt.path, ckpt.config, scheme, plans, imatrix_meta, extra_kv)[0])
+
+
+def preset_file_bytes(ckpt: Checkpoint, scheme: Scheme) -> int:
+    """The size of the file `--scheme` alone writes, which is llama.cpp's byte for byte (without an
+    imatrix's keys: the smaller of llama-quantize's files with and without `--imatrix`)."""
+    from ...calib.budget import padded, tensor_bytes
+
+    base = preset_plans(ckpt, scheme, True)
+    return header_size(ckpt, scheme, base, None, None) + sum(padded(tensor_bytes(p.shape, p.type)) for p in base)
+
+
+def resolve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget | None) -> Budget | None:
+    """`--target-size preset` made a size in bytes: the same file size as llama.cpp's of that preset, with
+    the types chosen by measured sensitivity instead of the preset's rules."""
+    if budget is None or not budget.preset:
+        return budget
+    size = preset_file_bytes(ckpt, scheme)
+    return Budget(size=size, text=f"--target-size {PRESET} ({size:,} bytes, the {scheme.name} file's)")
 
 
 @dataclass
@@ -198,7 +223,7 @@ def dry_run_rows(ckpt: Checkpoint, scheme: Scheme, opts) -> list[dict] | None:
         return None
     check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
     calib_text(opts.calib)
-    return budget_rows(solve_budget(ckpt, scheme, budget, calibration_ids(ckpt, opts)))
+    return budget_rows(solve_budget(ckpt, scheme, resolve_budget(ckpt, scheme, budget), calibration_ids(ckpt, opts)))
 
 
 def _reason(c) -> str:
@@ -231,6 +256,7 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
 
     gptq = opts.algorithm == "gptq"
     t0 = time.perf_counter()
+    budget = resolve_budget(ckpt, scheme, budget)
     ids = calibration_ids(ckpt, opts)
     calib_desc = f"{ids.shape[0]} windows × {ids.shape[1]} tokens of {text.describe()}"
     imatrix_meta = {"dataset": cap(text.describe()), "entries_count": 7 * ckpt.config.num_hidden_layers,

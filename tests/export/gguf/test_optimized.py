@@ -16,7 +16,8 @@ import pytest
 from gemmaquant.calib.budget import Option, parse_size, solve, tensor_bytes
 from gemmaquant.errors import GemmaQuantError
 from gemmaquant.numerics.ggml.types import GGMLType
-from gemmaquant.export.gguf.optimized import KEY_ALGORITHM, KEY_PLAN, KEY_TARGET, check_request, make_budget
+from gemmaquant.export.gguf.optimized import (KEY_ALGORITHM, KEY_PLAN, KEY_TARGET, check_request, make_budget,
+                                              preset_file_bytes)
 from gemmaquant.schemes import get_scheme
 
 from tests.reliability import check_error, run_cli, write_tiny
@@ -86,6 +87,8 @@ def test_bad_sizes(text):
     ("q4_k_m", None, 4.5, "1GB", "exclude each other"),
     ("q4_k_m", None, 0.0, None, "--target-bpw 0.0"),
     ("q4_k_m", None, None, "lots", "--target-size 'lots'"),
+    ("w4a16", None, None, "preset", "--target-size applies to GGUF schemes only"),
+    ("q4_k_m", None, 4.5, "preset", "exclude each other"),
 ])
 def test_unsupported_combinations_are_one_clear_error(scheme, algorithm, bpw, size, match):
     with pytest.raises(GemmaQuantError, match=match):
@@ -121,9 +124,9 @@ def src(tmp_path_factory):
     return d
 
 
-def quantize_json(src, out, capsys, *extra, threads=1):
+def quantize_json(src, out, capsys, *extra, threads=1, scheme="q4_k_m"):
     """`quantize SRC --scheme q4_k_m` with the tiny calibration; its --json summary."""
-    res = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--json", "--quiet", "--threads", threads,
+    res = run_cli(["quantize", src, "--scheme", scheme, "-o", out, "--json", "--quiet", "--threads", threads,
                    *CALIB, *extra], capsys)
     assert res.code == 0, res.stderr
     return json.loads(res.stdout)
@@ -210,6 +213,33 @@ def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys
     assert plan == {n: t for n, t in got.items() if t != "F32"}
     assert str(target) in kv_value(r, KEY_TARGET).replace(",", "")
     _finite_logits(out)
+
+
+@pytest.mark.parametrize("scheme", ["q4_k_m", "q3_k_m", "q4_0", "q6_k"])
+def test_preset_size_is_the_size_of_the_presets_own_file(src, tmp_path, scheme):
+    """What `--target-size preset` aims at: the file our plain writer makes for the preset (byte-identical
+    to llama-quantize's, tests/export/gguf/test_writer_presets.py), to the byte."""
+    from gemmaquant.export.gguf.writer import write_gguf
+    from gemmaquant.formats.checkpoint import Checkpoint
+
+    out = tmp_path / "plain.gguf"
+    write_gguf(Checkpoint(src), scheme, out)
+    assert preset_file_bytes(Checkpoint(src), get_scheme(scheme)) == out.stat().st_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["q3_k_m", "q4_0"])
+def test_target_size_preset_fits_the_presets_file_and_says_so(src, tmp_path, capsys, scheme):
+    plain = tmp_path / "plain.gguf"
+    quantize_json(src, plain, capsys, scheme=scheme)
+    out = tmp_path / "budget.gguf"
+    s = quantize_json(src, out, capsys, "--target-size", "Preset", scheme=scheme)
+    assert out.stat().st_size == s["output_bytes"] <= plain.stat().st_size
+    r, layout = layout_of(out)
+    assert kv_value(r, KEY_TARGET) == f"--target-size preset ({plain.stat().st_size:,} bytes, the {scheme} file's)"
+    plan = dict(e.split("=") for e in kv_value(r, KEY_PLAN))
+    assert plan == {n: T(v[0]).name for n, v in layout.items() if T(v[0]) != T.F32}
+    assert any(f"--target-size preset ({plain.stat().st_size:,} bytes" in n for n in s["notes"])
 
 
 @pytest.mark.slow
