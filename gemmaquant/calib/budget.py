@@ -223,5 +223,6 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = -1.0
     if unit not in units or not value > 0:
-        raise GemmaQuantError(f"--target-size {text!r} is not a size (examples: 1.2GB, 900MiB, 123456789)")
+        raise GemmaQuantError(f"--target-size {text!r} is not a size (examples: 1.2GB, 900MiB, 123456789) "
+                              "nor 'preset' (the size of the scheme's own file)")
     return int(value * units[unit])

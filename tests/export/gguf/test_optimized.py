@@ -73,10 +73,10 @@ def test_sizes(text, want):
     assert parse_size(text) == want
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-1GB", "1.2XB", "0"])
+@pytest.mark.parametrize("text", ["", "abc", "-1GB", "1.2XB", "0", "presets"])
 def test_bad_sizes(text):
-    with pytest.raises(GemmaQuantError, match="--target-size"):
-        parse_size(text)
+    with pytest.raises(GemmaQuantError, match="--target-size .* nor 'preset'"):
+        make_budget(None, text)
 
 
 @pytest.mark.parametrize("scheme,algorithm,bpw,size,match", [
