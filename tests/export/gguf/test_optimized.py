@@ -243,6 +243,21 @@ def test_target_size_preset_fits_the_presets_file_and_says_so(src, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_target_size_preset_in_a_set_is_each_presets_own_size(src, tmp_path, capsys):
+    res = run_cli(["quantize", src, "--scheme", "q4_0,q3_k_m", "--out", f"{tmp_path / 'budget'}/", "--target-size",
+                   "preset", "--quiet", "--threads", 1, *CALIB], capsys)
+    assert res.code == 0, res.stderr
+    res = run_cli(["quantize", src, "--scheme", "q4_0,q3_k_m", "--out", f"{tmp_path / 'plain'}/", "--quiet"], capsys)
+    assert res.code == 0, res.stderr
+    for name in ("Q4_0", "Q3_K_M"):
+        plain, tuned = (tmp_path / d / f"{src.name}.{name}.gguf" for d in ("plain", "budget"))
+        assert tuned.stat().st_size <= plain.stat().st_size
+        r, _ = layout_of(tuned)
+        assert kv_value(r, KEY_TARGET).startswith(f"--target-size preset ({plain.stat().st_size:,} bytes, the "
+                                                  f"{name.lower()} file's)")
+
+
+@pytest.mark.slow
 def test_target_bpw_and_errors(src, tmp_path, capsys):
     out = tmp_path / "bpw.gguf"
     s = quantize_json(src, out, capsys, "--target-bpw", "4.0", "--card")
