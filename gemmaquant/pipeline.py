@@ -198,14 +198,13 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
     per_tensor = 256 if scheme.is_gguf else 0  # name + dims + type + offset, ≤ 31 bytes of padding
     data = sum(r["bytes"] for r in rows)
     if scheme.is_gguf and opts.tuned:
-        # a budget may exceed the preset; gptq patches a template copy beside the output
-        data = max(data, int((opts.target_bpw or 0) * ckpt.config.param_count() / 8))
-        if opts.target_size is not None:
-            from .calib.budget import parse_size
-            from .export.gguf.optimized import PRESET
+        # a budget may exceed the preset (--target-size preset: the plan's own size, `data`); gptq
+        # patches a template copy beside the output
+        from .export.gguf.optimized import make_budget
 
-            if opts.target_size.strip().lower() != PRESET:  # preset: the plan's own size, `data`
-                data = max(data, parse_size(opts.target_size))
+        budget = make_budget(opts.target_bpw, opts.target_size)
+        if budget is not None:
+            data = max(data, int((budget.bpw or 0) * ckpt.config.param_count() / 8), budget.size or 0)
         data *= 2 if opts.algorithm == "gptq" else 1
     return (data + per_tensor * len(rows) + sum(p.stat().st_size for p in ckpt.side_files()) + (64 << 10))
 
