@@ -3,7 +3,7 @@
     python benchmarks/bench_gguf_optimized.py --llama-bin BUILD/bin [--llama-src LLAMA_CPP_TREE]
         [--dir WORK] [--types q4_0 q3_k_m q2_k iq4_xs iq3_m q6_k q5_k_m] [--budget q3_k_m q4_0]
         [--budget-keep TENSOR ...] [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
-        [--weights-only]
+        [--weights-only] [--float-target RIDGE]
 
 BUILD/bin must hold llama-quantize, llama-imatrix and llama-perplexity (a plain CMake build of the
 llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the demo model:
@@ -91,6 +91,46 @@ def build_ours(ckpt, ids, template: Path, out: Path, info: Path, threads: int, o
     return res
 
 
+def float_target_weight(W, xtx, xfx, ridge: float):
+    """W + W·(FᵀX − XᵀX)·(XᵀX + λI)⁻¹: the least-squares fit of the float outputs, ridged toward W."""
+    H = xtx.double()
+    A = H + ridge * H.diagonal().mean().clamp(min=1e-30) * torch.eye(H.shape[0], dtype=H.dtype)
+    return (W.double() + torch.linalg.solve(A, (W.double() @ (xfx.double() - H)).T).T).to(W.dtype)
+
+
+def build_float_target(ckpt, ids, template: Path, out: Path, info: Path, threads: int, ridge: float) -> dict:
+    """`build_ours` with the float target: the library's error feedback on W_t instead of W."""
+    from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_layer_tensor
+    from gemmaquant.calib.runner import run_layers
+    from gemmaquant.calib.stats import INPUT_OF
+    from gemmaquant.export.gguf.patch import GGUFPatcher
+    from gemmaquant.formats.gguf.names import gguf_name
+
+    if out.exists() and info.exists():
+        return json.loads(info.read_text())
+    torch.set_num_threads(threads)
+    types = {n: t for n, (t, _) in tensor_types(template).items() if n.startswith("blk.") and len(_) == 2}
+    t0 = time.perf_counter()
+    with GGUFPatcher(template, out, force=True) as p:
+        def on_layer(i, layer, stats):
+            for sfx in INPUT_OF:
+                name = gguf_name(f"model.layers.{i}.{sfx}.weight", ckpt.config.generation)
+                if name not in types:
+                    continue
+                st, lin = stats[f"model.layers.{i}.{sfx}"], layer.get_submodule(sfx)
+                W = float_target_weight(lin.weight.detach(), st.xtx, st.xfx, ridge)
+                data, values, *_ = optimize_layer_tensor(W, st.xtx, types[name], imatrix_of(st.sum_sq, st.count))
+                p.write(name, data.numpy())
+                with torch.no_grad():
+                    lin.weight.copy_(values.to(lin.weight.dtype))
+
+        run_layers(ckpt, ids, kinds={"xtx", "sum_sq", "xfx"}, on_layer=on_layer, sequential=True, float_target=True)
+    res = {"seconds": time.perf_counter() - t0, "tokens": int(ids.numel()), "options": {"float_target": ridge},
+           "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+    info.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def sensitivity(ckpt, ids, path: Path, samples: int) -> dict:
     from gemmaquant.calib.sensitivity import BUDGET_TYPES, measure_sensitivity
 
@@ -141,6 +181,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--damp", type=float, default=None,
                     help="error-feedback damping, a fraction of mean(diag H) (default: the library's)")
+    ap.add_argument("--float-target", type=float, default=None, metavar="RIDGE",
+                    help="build `ours` with the float-output target (a variant that did not help; see above)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--weights-only", action="store_true",
                     help="also score each file's weights alone: its F32 dequantization (llama-quantize "
@@ -219,10 +261,15 @@ def main():
             run([bins["quantize"], bf16, llama, p.upper(), t], d / f"llama.{p}.quantize.log")
         if not imx.exists():
             run([bins["quantize"], "--imatrix", imatrix, bf16, imx, p.upper(), t], d / f"llama-imx.{p}.quantize.log")
-        ours = d / f"ours.{p}.gguf"
-        info = build_ours(ckpt, ids, imx, ours, d / f"ours.{p}.json", args.threads, opts)
+        label = "ours gptq" if args.float_target is None else f"ours gptq, float target (ridge {args.float_target:g})"
+        if args.float_target is None:
+            ours = d / f"ours.{p}.gguf"
+            info = build_ours(ckpt, ids, imx, ours, d / f"ours.{p}.json", args.threads, opts)
+        else:
+            ours = d / f"ours-ft.{p}.gguf"
+            info = build_float_target(ckpt, ids, imx, ours, d / f"ours-ft.{p}.json", args.threads, args.float_target)
         rows[p] = {"llama": with_weights(llama, score(llama)), "llama+imatrix": with_weights(imx, score(imx)),
-                   "ours gptq": with_weights(ours, {**score(ours), "calib": info})}
+                   label: with_weights(ours, {**score(ours), "calib": info})}
         print(p, {k: (v["bytes"], v["kl_mean"]) for k, v in rows[p].items()}, flush=True)
 
     if args.budget:
