@@ -11,6 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"docs/([a-z0-9-]+\.md)((?:[ ,]*§\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?)*)")
 LINK = re.compile(r"\]\(([a-z0-9-]+\.md)?(#[a-z0-9-]+)?\)")
+# Shipped data, not the repository's prose: the calibration text's code samples name their own fictional
+# projects' docs/ pages. They are still searched for machine paths.
+DATA_TEXTS = {ROOT / "gemmaquant" / "calib" / "default_calib.txt",
+              ROOT / "gemmaquant" / "formats" / "texts" / "default_eval.txt"}
 
 
 def _tracked() -> list[Path]:
@@ -48,6 +52,8 @@ def _slug(heading: str) -> str:
 def test_every_docs_citation_resolves():
     seen = 0
     for path, text in _text_files():
+        if path in DATA_TEXTS:
+            continue
         for m in CITATION.finditer(text):
             page = ROOT / "docs" / m.group(1)
             where = f"{path.relative_to(ROOT)}: docs/{m.group(1)}{m.group(2)}"
