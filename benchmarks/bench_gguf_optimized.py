@@ -52,14 +52,15 @@ def run(cmd: list, log: Path) -> str:
     return log.read_text()
 
 
-def calib_ids(ckpt, calib: Path, ctx: int) -> torch.Tensor:
-    """llama-imatrix's chunks of the calibration text: its tokenizer call (BOS, no special-token
-    parsing), chunks of ctx with BOS written over the first token."""
-    from gemmaquant.calib.data import load_tokenizer_for
+def calib_ids(ckpt, calib: Path | None, ctx: int) -> torch.Tensor:
+    """llama-imatrix's chunks of the calibration text (None: gemmaquant's built-in one): its tokenizer
+    call (BOS, no special-token parsing), chunks of ctx with BOS written over the first token."""
+    from gemmaquant.calib.data import default_text, load_tokenizer_for
     from gemmaquant.calib.imatrix import llama_chunks
 
     tok = load_tokenizer_for(ckpt.path, rows=ckpt.config.vocab_size)
-    ids = tok.encode(calib.read_text(encoding="utf-8"), add_bos=True, parse_special=False)
+    text = default_text() if calib is None else calib.read_text(encoding="utf-8")
+    ids = tok.encode(text, add_bos=True, parse_special=False)
     return llama_chunks(ids, ctx, ckpt.config.bos_token_id)
 
 

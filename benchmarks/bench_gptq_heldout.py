@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +58,6 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from gemmaquant.calib.data import default_text
     from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_layer_tensor
     from gemmaquant.calib.ggml_gptq import layer_loss
     from gemmaquant.formats.checkpoint import Checkpoint
@@ -70,12 +68,7 @@ def main():
 
     torch.set_num_threads(1)
     ckpt = Checkpoint(args.model or ensure_demo_checkpoint())
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = args.calib
-        if calib is None:  # calib_ids reads a file
-            calib = Path(tmp) / "calib.txt"
-            calib.write_text(default_text(), encoding="utf-8")
-        train = collect(ckpt, calib_ids(ckpt, calib, args.ctx)[:args.chunks], args.layers)
+    train = collect(ckpt, calib_ids(ckpt, args.calib, args.ctx)[:args.chunks], args.layers)
     test = collect(ckpt, calib_ids(ckpt, args.heldout, args.ctx)[:args.heldout_chunks], args.layers)["stats"]
     types = {n: t for n, (t, _) in tensor_types(args.template).items()}
     gen = ckpt.config.generation

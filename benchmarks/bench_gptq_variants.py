@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +227,6 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from gemmaquant.calib.data import default_text
     from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_layer_tensor
     from gemmaquant.calib.ggml_gptq import DAMP, layer_loss
     from gemmaquant.formats.checkpoint import Checkpoint
@@ -240,12 +238,7 @@ def main():
     damp = DAMP if args.damp is None else args.damp
     torch.set_num_threads(2)
     ckpt = Checkpoint(args.model or ensure_demo_checkpoint())
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = args.calib
-        if calib is None:
-            calib = Path(tmp) / "calib.txt"
-            calib.write_text(default_text(), encoding="utf-8")
-        train = collect(ckpt, calib_ids(ckpt, calib, args.ctx)[:args.chunks], args.layers)
+    train = collect(ckpt, calib_ids(ckpt, args.calib, args.ctx)[:args.chunks], args.layers)
     test = collect(ckpt, calib_ids(ckpt, args.heldout, args.ctx)[:args.heldout_chunks], args.layers)
     types = {n: t for n, (t, _) in tensor_types(args.template).items()}
     rows = []
