@@ -17,6 +17,14 @@ LM head, the KL of the float final states through the quantized table (per type;
 `head_rows` rows of a bigger table, Gemma 3/4's 262144, `sensitivity_parts.Head`); as the input
 embedding, a perturbed stream from the start, scaled by each type's embedding error.
 
+llama.cpp's CPU backend also rounds every quantized product's input to 8 bits, in blocks of the weight
+type's `vec_dot_type`: Q8_0's 32 for the 32-weight types, Q8_K's 256 for the K- and IQ-quants. On a
+GeGLU output (ffn_down's input: a few large values per token) blocks of 256 cost several times what
+blocks of 32 do, as much as Q6_K's weights themselves. So e(t,T) also counts that rounding at T's block
+(`InputForms.act_error`, a sum per input channel: the rounding errors of different channels do not add
+up coherently), and the LM head's KL is taken through the rounded final states. The gains stay per unit
+of the weights' error: the trials run float activations. (`activations=False`: the weights alone.)
+
 Gemma 4 (calib/sensitivity_parts.py holds the pieces):
 * every tensor llama-quantize quantizes is measured (`choosable`): a layer's own Linears (KV-shared
   layers have no k/v, k_eq_v full layers no v), the per-layer input gate and projection, and each fused
@@ -89,11 +97,14 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix, max_rows: int) -> float:
+def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix,
+                  max_rows: int) -> tuple[float, float]:
+    """(the weights' layer-output error, what llama.cpp's CPU rounding of the input adds) at type t."""
     rows = sampled_rows(W.shape[0], max_rows)
     Ws = bf16_rows(W, rows)
-    D = (Ws - quantized(Ws, t, imatrix)).double()
-    return forms.error(suffix, D) * W.shape[0] / len(rows)
+    Wq = quantized(Ws, t, imatrix)
+    scale = W.shape[0] / len(rows)
+    return forms.error(suffix, (Ws - Wq).double()) * scale, forms.act_error(suffix, Wq, t) * scale
 
 
 def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
@@ -107,8 +118,11 @@ def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
                         batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES, head_rows: int = 16384,
-                        progress=None) -> SensitivityReport:
+                        activations: bool = True, progress=None) -> SensitivityReport:
     """Estimated ΔKL of every quantizable tensor at every candidate type (module doc).
+
+    `activations`: a decoder Linear's cost at a type includes llama.cpp's CPU rounding of its input to
+    8 bits for that type (`InputForms.act_error`), not only its weights' error.
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
     `head_rows`: a bigger LM head has its types scored on that many of its rows (`Head`).
@@ -120,7 +134,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
     rep = SensitivityReport(tokens=n * S)
     kl_pos = torch.arange(max(0, S - kl_positions), S)
     rep.kl_tokens = n * len(kl_pos)
-    head = Head(ckpt, kl_pos, max_rows=head_rows)
+    head = Head(ckpt, kl_pos, max_rows=head_rows, activations=activations)
     with torch.no_grad():
         h = embed_ids(ckpt, ids)
         ctx = make_layer_context(cfg, S, torch.device("cpu"), torch.float32)
@@ -145,9 +159,9 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
         ple_err = _per_layer_table(ckpt, ids, h, streams, embed_types)  # Gemma 4 E2B/E4B: a second stream
         layer_stream: list[int] = []  # stream index of layer i's all-at-reference copy
         layer_err: list[float] = []
-        infos: dict[str, tuple] = {}  # GGUF name -> (stream index or None, shape, errs, tensor gain)
+        infos: dict[str, tuple] = {}  # GGUF name -> (stream or None, shape, errs, tensor gain, layer, act errs)
         for i in range(cfg.num_hidden_layers):
-            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos)
+            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos, activations)
             layer_err.append(err)
             layer_stream.append(k)
             if progress:  # the LM head counts as one more step (minutes on a 262144-row table)
@@ -161,14 +175,16 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             progress(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1, "LM head")
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
     rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
-    for name, (own, shape, errs, g, i) in infos.items():
+    for name, (own, shape, errs, g, i, act) in infos.items():
+        # the gains are per unit of the weights' error (the trials run float activations); the input's
+        # 8-bit rounding at each type then costs what the same error of the weights would
         if own is None:  # the layer's gain times the tensor's share of the layer's output error
             G = rep.layer_gain[i]
-            kl = {t: G * g * e for t, e in errs.items()}
+            kl = {t: G * g * (e + act.get(t, 0.0)) for t, e in errs.items()}
             why = f"layer gain {G:.3g}, tensor gain {g:.3g}"
         else:  # a K/V producer's k/v: its own stream carries the residual and the shared K/V to the logits
             unit = kls[own] / max(errs[REFERENCE], 1e-30)
-            kl = {t: unit * e for t, e in errs.items()}
+            kl = {t: unit * (e + act.get(t, 0.0)) for t, e in errs.items()}
             why = f"K/V shared with later layers: own gain {unit:.3g}"
         rep.tensors[name] = TensorSensitivity(name, shape, kl, why)
     if ple_err is not None:
@@ -190,7 +206,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
 
 
 def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], ctx, batch_size: int, types,
-                max_rows: int, infos: dict) -> tuple[float, int]:
+                max_rows: int, infos: dict, activations: bool) -> tuple[float, int]:
     """Decoder layer i (module doc): every stream through it, each measured tensor's errors and trial into
     `infos`, the all-at-reference stream appended; (its layer output error, its stream index). A function
     of its own so that the layer and everything holding its weights go when it returns, before the next
@@ -199,7 +215,7 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     trim_heap()  # what the previous layer's pass freed
     layer = load_layer(ckpt, i, stored=True)  # its Linears and experts in the stored dtype, cast where used
     stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq"})
-    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1])
+    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1], activations)
     routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
     try:
         out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
@@ -222,12 +238,13 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
         st = stats[hf]
         W = lin.weight.detach()
         imat = imatrix_of(st.sum_sq, st.count)
-        errs = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        both = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
+        errs = {t: e for t, (e, _) in both.items()}
         at_ref.append(Switch(layer, sfx, REFERENCE, imat))
         trim_heap()
         own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
                           sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
-        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, a) in both.items()})
     if routed is not None:
         for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
             name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
@@ -236,12 +253,14 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
                 continue
             X = routed.of(which)
             imat = expert_imatrix(X)
-            errs = {t: expert_error(W, X, imat, t, max(8, max_rows // 8)) for t in candidates(W.shape[-1], types)}
+            both = {t: expert_error(W, X, imat, t, max(8, max_rows // 8), activations)
+                    for t in candidates(W.shape[-1], types)}
+            errs = {t: e for t, (e, _) in both.items()}
             trim_heap()
             at_ref.append(Switch(layer, f"experts.{which}_proj", REFERENCE, imat, [x is not None for x in X]))
             trim_heap()
             own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
-            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i)
+            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, a) in both.items()})
     for sw in at_ref:
         sw.reference()
     kv = main.kv_copy()

@@ -5,13 +5,15 @@
   of its own embedding (a stream started by a quantized token or per-layer table reads those).
 * `ExpertInputs`: the tokens the router really sends to each expert of a MoE layer (the fused gate/up
   input and the down input before the routing weight, as `Experts.observer` reports them).
-* `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type, summed over experts
+* `expert_error`: a fused [E, rows, n] expert tensor's layer-output error at a type (and what llama.cpp's
+  CPU rounding of its inputs adds), summed over experts
   on their own routed inputs (each expert quantized with its own importance, as llama-imatrix records
   MUL_MAT_ID inputs per expert).
 * `Switch`: a resident tensor switched to the reference type and back, holding only that type's bytes
   (the resident layer stays in the stored dtype, `load_layer(stored=True)`: nothing of the size of a
   big tensor is ever held in float32, issue 19 §4's 3 GiB on the 26B-A4B and 31B shapes).
-* `InputForms`: each Linear input's XᵀX, or X itself where that is the smaller.
+* `InputForms`: each Linear input's XᵀX, or X itself where that is the smaller, and what llama.cpp's
+  CPU rounding of it to 8 bits adds.
 * `Head`: the LM head's KL, the table streamed in row chunks (the types scored on a sample of a big
   table's rows, `head_sample`).
 """
@@ -24,6 +26,7 @@ from functools import partial
 import torch
 
 from ..formats.safetensors import release_pages
+from ..model.qlinear import act_block, ggml_act_quant
 from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
@@ -119,19 +122,25 @@ def bf16_rows(W: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return W[rows].detach().to(torch.bfloat16).float()
 
 
-def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType, max_rows: int) -> float:
-    """Σ_e ||X_e (W_e − Ŵ_e)ᵀ||² over the experts that saw tokens (an expert no token reaches adds no
-    error on this text), on up to `max_rows` evenly spaced rows per expert, scaled to all rows."""
-    total = 0.0
+def expert_error(W: torch.Tensor, X: list[torch.Tensor | None], imat: list, t: GGMLType, max_rows: int,
+                 activations: bool = False) -> tuple[float, float]:
+    """(Σ_e ||X_e (W_e − Ŵ_e)ᵀ||², and with `activations` Σ_e ||(q8(X_e) − X_e) Ŵ_eᵀ||²: llama.cpp's CPU
+    rounding of each expert's input for type t, exactly) over the experts that saw tokens (an expert no
+    token reaches adds no error on this text), on up to `max_rows` evenly spaced rows per expert,
+    scaled to all rows."""
+    total = act = 0.0
     rows = sampled_rows(W.shape[1], max_rows)
+    scale = W.shape[1] / len(rows)
     for e, x in enumerate(X):
         if x is None:
             continue
         Ws = bf16_rows(W[e], rows)
-        D = (Ws - quantized(Ws, t, imat[e])).double()
-        total += float((x.double() @ D.T).pow(2).sum()) * W.shape[1] / len(rows)
+        Wq = quantized(Ws, t, imat[e])
+        total += float((x.double() @ (Ws - Wq).double().T).pow(2).sum()) * scale
+        if activations and act_block(t) is not None:
+            act += float(((ggml_act_quant(x, t) - x).double() @ Wq.double().T).pow(2).sum()) * scale
     trim_heap()
-    return total
+    return total, act
 
 
 class Switch:
@@ -211,32 +220,65 @@ class InputForms:
     big (over WIDE channels: 31B's down_proj input has 21504, whose XᵀX takes 1.85 GB, 512 tokens of X
     44 MB). Both give the same e up to float rounding; inputs of up to WIDE channels (every input of
     Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H is used in float64
-    column blocks (no float64 copy of it)."""
+    column blocks (no float64 copy of it).
+
+    With `activations`, also llama.cpp's CPU rounding of the same inputs to 8 bits (`qlinear.act_block`:
+    blocks of 32 for the 32-weight types, 256 for the K- and IQ-quants): per channel j, N_j = Σ_t r_tj²
+    of its rounding error r. The product then adds ≈ Σ_j N_j ||Ŵ_:,j||² to e (`act_error`): r is nearly
+    independent of x and across channels, so the cross terms average out. That is what makes a Q6_K
+    ffn_down (its GeGLU input rounded in blocks of 256) cost more on a CPU than its weights alone."""
 
     BLOCK = 1 << 23  # float64 values of H's columns (or X's rows) at a time: 64 MB
     WIDE = 4096
 
-    def __init__(self, layer, tokens: int):
+    ROWS = 512  # tokens rounded at a time (31B's 21504-wide down input: 44 MB per copy)
+
+    def __init__(self, layer, tokens: int, activations: bool = False):
         from .stats import input_groups
 
         self.groups = input_groups(layer)
         self.xtx: dict[str, torch.Tensor] = {}
         self.x: dict[str, list[torch.Tensor]] = {}
+        self.act: dict[str, dict[int, torch.Tensor]] = {}  # src -> {block: N [n] float64}
         self.handles = []
         for src in sorted(set(self.groups.values())):
             mod = layer.get_submodule(src)
             n = mod.weight.shape[1]
+            if activations:
+                self.act[src] = {b: torch.zeros(n, dtype=torch.float64) for b in (32, 256) if n % b == 0}
             if n <= max(tokens, self.WIDE):
                 self.handles.append(mod.register_forward_pre_hook(partial(self._gram, src)))
             else:
                 self.x[src] = []
-                self.handles.append(mod.register_forward_pre_hook(
-                    lambda _m, a, s=src: self.x[s].append(a[0].detach().reshape(-1, a[0].shape[-1]).float())))
+                self.handles.append(mod.register_forward_pre_hook(partial(self._keep, src)))
+
+    def _keep(self, src: str, _m, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.x[src].append(x)
+        self._round(src, x)
 
     def _gram(self, src: str, _m, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         p = x.T @ x
         self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
+        self._round(src, x)
+
+    def _round(self, src: str, x: torch.Tensor) -> None:
+        for block, acc in self.act.get(src, {}).items():
+            qtype = GGMLType.Q8_0 if block == 32 else GGMLType.Q6_K  # any weight type of that block
+            for r in range(0, x.shape[0], self.ROWS):
+                xs = x[r:r + self.ROWS]
+                acc.add_((ggml_act_quant(xs, qtype) - xs).double().pow(2).sum(0))
+
+    def act_error(self, suffix: str, Wq: torch.Tensor, qtype: GGMLType) -> float:
+        """Σ_j N_j ||Wq_:,j||²: what rounding this Linear's input as llama.cpp's CPU backend does for
+        weights of `qtype` adds to its layer-output error (Wq [rows, n]: the quantized weights); 0
+        without `activations`."""
+        block = act_block(qtype)
+        acc = self.act.get(self.groups[suffix], {})
+        if block not in acc:
+            return 0.0
+        return float((Wq.double().pow(2).sum(0) * acc[block]).sum())
 
     def remove(self) -> None:
         for h in self.handles:
@@ -269,6 +311,10 @@ class Head:
     Σ_v p_v (a_v − b_v) − lse(a) + lse(b) (p = softmax(a)): lse(a) in a first pass over the table, the
     rest accumulated chunk by chunk. The perturbed streams are always measured on every row.
 
+    With `activations`, the final states through the table at type t are rounded first as llama.cpp's
+    CPU backend rounds them for t (`qlinear.ggml_act_quant`): the head's KL per type is then exactly
+    the one llama.cpp's CPU product has, on these states.
+
     The types: llama.cpp quantizes the table row by row, without importance. A table of at most
     `max_rows` rows is quantized whole at each type. A bigger one (Gemma 3/4's 262144 rows: 11 types
     took over half an hour with our quantizers on 26B-A4B's 2816 columns) is scored on `max_rows` of
@@ -279,7 +325,7 @@ class Head:
     are over rows and are estimated from the sample (benchmarks/head_sampling.py measures the
     estimate against the whole table on the demo model: RESULTS.md §10)."""
 
-    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096, max_rows: int = 16384):
+    def __init__(self, ckpt, pos: torch.Tensor, rows: int = 4096, max_rows: int = 16384, activations: bool = False):
         from ..model.gemma import RMSNorm
 
         cfg = ckpt.config
@@ -290,9 +336,14 @@ class Head:
         self.W = ckpt.tensor("model.embed_tokens.weight" if self.tied else "lm_head.weight")  # stored dtype
         self.cap = cfg.final_logit_softcapping
         self.pos, self.rows, self.max_rows = pos, rows, max_rows
+        self.activations = activations
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h[:, self.pos].reshape(-1, h.shape[-1]))
+
+    def _rounded(self, x: torch.Tensor, t: GGMLType) -> torch.Tensor:
+        """The final states as llama.cpp's CPU backend feeds them to a table of type t (`activations`)."""
+        return ggml_act_quant(x, t) if self.activations else x
 
     def _logits(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.linear(x, W)
@@ -331,7 +382,7 @@ class Head:
             mass[r0:r1] = p.sum(0)
             for j in range(k):
                 b = self._logits(xs[j], Wc) if j < len(xs) else \
-                    self._logits(x, quantized(Wc, types[j - len(xs)], None))
+                    self._logits(self._rounded(x, types[j - len(xs)]), quantized(Wc, types[j - len(xs)], None))
                 acc[j] += (p * (a - b)).sum(-1)
                 lse_b[j] = torch.logaddexp(lse_b[j], b.logsumexp(-1))
         kl = (acc - lse_a + lse_b).mean(-1).tolist()
@@ -352,7 +403,7 @@ class Head:
             a = self._logits(x, Wc)
             pw = (a - lse_a[:, None]).exp() * weight[c:c + self.rows]
             for j, t in enumerate(types):
-                d = self._logits(x, quantized(Wc, t, None)) - a
+                d = self._logits(self._rounded(x, t), quantized(Wc, t, None)) - a
                 e = torch.expm1(d)
                 tail[j] += (pw * (e - d)).sum(-1)
                 s[j] += (pw * e).sum(-1)

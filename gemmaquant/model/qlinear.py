@@ -68,6 +68,14 @@ def int8_act_quant(x: Tensor, scale: Tensor | None = None, zero_point: Tensor | 
 _Q8_0_ACT = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL)
 
 
+def act_block(qtype: GGMLType) -> int | None:
+    """The block llama.cpp's CPU backend rounds a product's activations in for weights of `qtype`:
+    32 (Q8_0/Q8_1), 256 (Q8_K), None for float weights (F32, F16, BF16: no 8-bit rounding)."""
+    if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        return None
+    return 32 if qtype in _Q8_0_ACT else 256
+
+
 def ggml_act_quant(x: Tensor, qtype: GGMLType) -> Tensor:
     """The activation rounding of llama.cpp's CPU matmuls (`vec_dot_type` of the weight type), as a
     fake-quantized float32 x [..., K]:
@@ -80,9 +88,9 @@ def ggml_act_quant(x: Tensor, qtype: GGMLType) -> Tensor:
         return x.float()
     if qtype in (GGMLType.F16, GGMLType.BF16):
         return x.to(torch.float16 if qtype == GGMLType.F16 else torch.bfloat16).float()
-    block = 32 if qtype in _Q8_0_ACT else 256
+    block = act_block(qtype)
     xf = x.float().reshape(*x.shape[:-1], -1, block)
-    if qtype in _Q8_0_ACT:
+    if block == 32:
         d = xf.abs().amax(-1, keepdim=True) / 127.0
         inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
         v = xf * inv
@@ -91,9 +99,10 @@ def ggml_act_quant(x: Tensor, qtype: GGMLType) -> Tensor:
     else:
         idx = xf.abs().argmax(-1, keepdim=True)  # first index of the largest |x|
         m = xf.gather(-1, idx)
-        iscale = torch.where(m != 0, -127.0 / m, torch.zeros_like(m))
+        # tensor / tensor: torch computes `scalar / tensor` as a reciprocal times the scalar, 1 ulp off C's
+        iscale = torch.where(m != 0, torch.full_like(m, -127.0) / m, torch.zeros_like(m))
         q = torch.round(xf * iscale).clamp(max=127)
-        out = torch.where(m != 0, q * (1.0 / iscale), torch.zeros_like(xf))
+        out = torch.where(m != 0, q * (torch.ones_like(iscale) / iscale), torch.zeros_like(xf))
     return out.reshape(x.shape)
 
 

@@ -88,8 +88,10 @@ def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny, monkeypatc
     assert watch.largest < fused.numel() // 2, (watch.largest, fused.numel())
 
 
-def _true_head_kl(ck, ids, pos, t):
-    """KL of the float final states through the whole table at type t (tied head), our forward pass."""
+def _true_head_kl(ck, ids, pos, t, rounded=False):
+    """KL of the float final states through the whole table at type t (tied head), our forward pass;
+    `rounded`: the final normed states rounded first by libggml's own Q8_0/Q8_K row quantizer, as
+    llama.cpp's CPU backend feeds them to a table of type t."""
     model = load_model(ck)
     with torch.no_grad():
         h, ctx = model.prepare(ids)
@@ -99,7 +101,16 @@ def _true_head_kl(ck, ids, pos, t):
         ref = model.head(h).double().log_softmax(-1)
         table = model.model.embed_tokens.weight
         table.copy_(quantized(table.detach().clone(), t, None))
+        if rounded:
+            from gemmaquant.model.qlinear import act_block
+            from tests.numerics.ggml.libggml import ggml_round_activations
+
+            norm = model.model.norm
+            hook = norm.register_forward_hook(lambda _m, _a, y: ggml_round_activations(
+                y.reshape(-1, y.shape[-1]), act_block(t)).reshape(y.shape))
         q = model.head(h).double().log_softmax(-1)
+        if rounded:
+            hook.remove()
     return float((ref.exp() * (ref - q)).sum(-1).mean()), h
 
 
@@ -125,6 +136,28 @@ def test_head_kl_whole_and_sampled_against_the_true_kl(tiny, t):
     assert half[t] == pytest.approx(true, rel=0.2)
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_head_kl_with_llamacpp_activation_rounding(tiny, t):
+    """With `activations` the head's KL per type is the true KL of llama.cpp's CPU product: the final states
+    rounded by libggml for the table's type (Q8_0 blocks of 32: the tiny model's 64 columns take no
+    256-weight type), then through the quantized table; and more than the weights' alone."""
+    ck = Checkpoint(tiny / "dense")
+    ids = torch.randint(5, 300, (3, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(16, 24)
+    true, h = _true_head_kl(ck, ids, pos, t, rounded=True)
+    model = load_model(ck)
+    with torch.no_grad():
+        h, ctx = model.prepare(ids)
+        for layer in model.layers:
+            h = layer(h, ctx)
+    V = ck.config.vocab_size
+    _, got = Head(ck, pos, rows=100, max_rows=V, activations=True).kls(h, [], [t])
+    _, weights = Head(ck, pos, rows=100, max_rows=V).kls(h, [], [t])
+    assert got[t] == pytest.approx(true, rel=1e-5)
+    assert got[t] > weights[t]
+
+
 def test_head_sample_takes_the_heaviest_rows_and_weights_the_rest_to_the_row_count():
     mass = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows, w = head_sample(mass, 200)
@@ -133,3 +166,78 @@ def test_head_sample_takes_the_heaviest_rows_and_weights_the_rest_to_the_row_cou
     assert heavy <= set(rows.tolist())
     assert all(w[i] == 1.0 for i, r in enumerate(rows.tolist()) if r in heavy)
     assert float(w.sum()) == pytest.approx(1000)  # Σ weights estimates the row count exactly
+
+
+@pytest.fixture(scope="module")
+def demo_layer3(demo_dir):
+    """The real demo's layer 3 on 4 windows of the built-in text: its InputForms with llama.cpp's
+    activation rounding, and the float inputs of q_proj, o_proj and down_proj."""
+    from gemmaquant.calib.data import default_text, load_tokenizer_for
+    from gemmaquant.calib.imatrix import llama_chunks
+    from gemmaquant.calib.sensitivity_parts import InputForms
+
+    ck = Checkpoint(demo_dir)
+    tok = load_tokenizer_for(ck.path, rows=ck.config.vocab_size)
+    ids = llama_chunks(tok.encode(default_text(), add_bos=True, parse_special=False), 256,
+                       ck.config.bos_token_id)[:4]
+    model = load_model(ck)
+    layer = model.layers[3]
+    forms = InputForms(layer, ids.numel(), activations=True)
+    X, hooks = {}, []
+    for sfx in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        hooks.append(layer.get_submodule(sfx).register_forward_pre_hook(
+            lambda _m, a, s=sfx: X.setdefault(s, []).append(a[0].reshape(-1, a[0].shape[-1]).detach().float())))
+    with torch.no_grad():
+        model(ids, logits_from=ids.shape[1] - 1)
+    for h in hooks:
+        h.remove()
+    forms.remove()
+    return layer, forms, {s: torch.cat(v).double() for s, v in X.items()}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("sfx,qtype", [("mlp.down_proj", T.Q6_K), ("mlp.down_proj", T.Q4_K), ("mlp.down_proj", T.Q8_0),
+                                       ("self_attn.o_proj", T.Q6_K), ("self_attn.o_proj", T.Q5_1),
+                                       ("self_attn.q_proj", T.Q8_0), ("self_attn.q_proj", T.IQ4_NL)],
+                         ids=lambda v: getattr(v, "name", v))
+def test_activation_rounding_term_against_the_product_llamacpp_computes(demo_layer3, sfx, qtype):
+    """What the sensitivity adds for llama.cpp's CPU rounding of a Linear's input (a per-channel sum,
+    `InputForms.act_error`) against the exact error of the product llama.cpp computes, its input rounded
+    by libggml's own Q8_0/Q8_K row quantizer: within 3 %, and with the weights' error the whole
+    ||q8(X)Ŵᵀ − XWᵀ||² within 3 % (the cross terms average out; 0.3 % here), on a real Gemma 3 layer."""
+    from tests.numerics.ggml.libggml import ggml_round_activations
+    from gemmaquant.calib.ggml_calibrate import imatrix_of
+    from gemmaquant.model.qlinear import act_block
+
+    layer, forms, X = demo_layer3
+    x = X[sfx]
+    W = layer.get_submodule(sfx).weight.detach().float()
+    Wq = quantized(W, qtype, imatrix_of(x.pow(2).sum(0), x.shape[0])).double()
+    R = ggml_round_activations(x.float(), act_block(qtype)).double()
+    exact_act = float(((R - x) @ Wq.T).pow(2).sum())
+    est_act = forms.act_error(sfx, Wq, qtype)
+    assert est_act == pytest.approx(exact_act, rel=0.03)
+    whole = float((R @ Wq.T - x @ W.double().T).pow(2).sum())
+    assert forms.error(sfx, W.double() - Wq) + est_act == pytest.approx(whole, rel=0.03)
+
+
+@pytest.mark.llamacpp
+def test_blocks_of_256_cost_more_than_blocks_of_32_on_the_geglu_output(demo_layer3):
+    """Why the term matters: down_proj's input (the GeGLU output, a few large values per token) rounded in
+    Q8_K blocks of 256 costs several times what Q8_0 blocks of 32 cost, for the same weights; q_proj's
+    normed input much less so. Without `activations` the term is 0."""
+    layer, forms, X = demo_layer3
+    ratios = {}
+    for sfx in ("mlp.down_proj", "self_attn.q_proj"):
+        W = layer.get_submodule(sfx).weight.detach().double()
+        if W.shape[1] % 256:
+            ratios[sfx] = None
+            continue
+        ratios[sfx] = forms.act_error(sfx, W, T.Q6_K) / forms.act_error(sfx, W, T.Q8_0)
+    assert ratios["mlp.down_proj"] > 3, ratios
+    assert ratios["self_attn.q_proj"] is None  # 640 columns: no 256-weight type at all
+    from gemmaquant.calib.sensitivity_parts import InputForms
+
+    plain = InputForms(layer, 1)
+    assert plain.act_error("mlp.down_proj", layer.mlp.down_proj.weight.detach(), T.Q6_K) == 0.0
+    plain.remove()

@@ -1,7 +1,8 @@
 """Quantized Linear modules equal a dense Linear over the reference-dequantized weight.
 
 References: the `gguf` package's numpy dequantizers (GGML blocks) and compressed-tensors'
-decompressors and fake-quantizer (FP8/INT8/packed INT4/INT8)."""
+decompressors and fake-quantizer (FP8/INT8/packed INT4/INT8); libggml's Q8_0/Q8_K row quantizers for
+llama.cpp's CPU rounding of activations."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gemmaquant.numerics.ct import quantize_fp8, quantize_int8, quantize_pack
 from gemmaquant.numerics.ggml.quantize import quantize as ggml_quantize
 from gemmaquant.numerics.ggml.types import GGMLType
 from gemmaquant.model.qlinear import (DenseLinear, FP8Linear, GGMLLinear, Int8Linear, PackedLinear, QuantEmbedding,
-                                fp8_act_quant, int8_act_quant)
+                                act_block, fp8_act_quant, ggml_act_quant, int8_act_quant)
 
 ct_q = pytest.importorskip("compressed_tensors.quantization")
 from compressed_tensors.compressors.naive_quantized.base import (  # noqa: E402
@@ -177,3 +178,27 @@ def test_forward_without_autograd_reuses_one_buffer_and_stays_exact():
     xg = x.clone().requires_grad_()
     mods[0](xg).sum().backward()
     assert torch.allclose(xg.grad, refs[0].sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL,
+                                   GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS])
+def test_ggml_act_quant_is_libggml_rounding(qtype):
+    """llama.cpp's CPU matmul rounds activations to its weight type's vec_dot_type: Q8_0 for the
+    32-weight types, Q8_K for the 256-weight ones. Ours equals libggml's own row quantizer and
+    dequantizer bit for bit, outliers, zero blocks and exact ties included."""
+    from tests.numerics.ggml.libggml import ggml_round_activations
+
+    x = _x(k=1024).reshape(-1, 1024)
+    x[2, :256] = 0.0  # an all-zero block
+    x[3, 5] = -x[3].abs().max() * 3  # the block's extreme is negative
+    x[4, :32] = torch.arange(32) * (127 / 31 / 127)  # values on the grid's half steps
+    block = act_block(qtype)
+    assert block == (32 if qtype in (GGMLType.Q4_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL) else 256)
+    assert torch.equal(ggml_act_quant(x, qtype), ggml_round_activations(x, block))
+
+
+def test_float_weights_keep_their_activations():
+    x = _x(k=256)
+    assert act_block(GGMLType.F32) is None and torch.equal(ggml_act_quant(x, GGMLType.F32), x)
+    assert torch.equal(ggml_act_quant(x, GGMLType.BF16), x.to(torch.bfloat16).float())

@@ -94,3 +94,24 @@ def ggml_quantize(w: torch.Tensor, qtype: int, imatrix: torch.Tensor | None = No
     )  # fmt: skip
     assert written == rows * nbytes, (written, rows, nbytes)
     return torch.from_numpy(dst)
+
+
+def ggml_round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [rows, n] float32 as llama.cpp's CPU backend rounds a product's activations: through
+    `quantize_row_q8_0_ref` (block 32) or `quantize_row_q8_K_ref` (block 256) and back through
+    `dequantize_row_q8_0` / `dequantize_row_q8_K`, all in libggml-base."""
+    lib = require_libggml()
+    q, deq = (lib.quantize_row_q8_0_ref, lib.dequantize_row_q8_0) if block == 32 else \
+        (lib.quantize_row_q8_K_ref, lib.dequantize_row_q8_K)
+    for f in (q, deq):
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    nbytes = 34 if block == 32 else 4 + 256 + 2 * 16  # block_q8_0: fp16 d, 32 int8; block_q8_K: f32 d, 256 int8, 16 int16 sums
+    src = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    rows, n = src.shape
+    out = np.zeros_like(src)
+    buf = np.zeros(n // block * nbytes, dtype=np.uint8)
+    for r in range(rows):
+        q(src[r].ctypes.data, buf.ctypes.data, n)
+        deq(buf.ctypes.data, out[r].ctypes.data, n)
+    return torch.from_numpy(out)
