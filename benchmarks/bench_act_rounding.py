@@ -62,8 +62,8 @@ def round_hook(block: int, perm: torch.Tensor | None = None):
     return hook
 
 
-def kl_with(model, ids, blocks: dict[str, int], perms: list | None = None) -> float:
-    """Mean KL(float || float with the named inputs rounded) over the second half of each window."""
+def logprobs_with(model, ids, blocks: dict[str, int], perms: list | None = None) -> list[torch.Tensor]:
+    """Per window, the log-probabilities of its second half, with the named inputs rounded."""
     hooks = []
     for name, block in blocks.items():
         if name == "head":  # the final normed states, as the table's product rounds them
@@ -74,15 +74,15 @@ def kl_with(model, ids, blocks: dict[str, int], perms: list | None = None) -> fl
             p = perms[i] if perms is not None and name == "down" else None
             hooks.append(layer.get_submodule(SUFFIX[name]).register_forward_pre_hook(round_hook(block, p)))
     try:
-        kls = []
+        out = []
         with torch.no_grad():
             for w in ids:
                 lp = model(w[None], logits_from=ids.shape[1] // 2)[0].double().log_softmax(-1)
-                kls.append(lp)
+                out.append(lp)
     finally:
         for h in hooks:
             h.remove()
-    return kls
+    return out
 
 
 def mean_kl(ref: list, got: list) -> float:
@@ -160,16 +160,16 @@ def main() -> None:
         return
 
     ids = windows(ck, args.text.read_text(), args.chunks)
-    ref = kl_with(model, ids, {})
+    ref = logprobs_with(model, ids, {})
     print(f"KL(float || float with llama.cpp's activation rounding) on {args.text.name}, {len(ids)} x {ids.shape[1]}"
           f" tokens, second halves\n")
     print("| inputs rounded | q6_k's blocks (o, down: 256) | o, down in blocks of 32 |")
     print("|---|---:|---:|")
     for label, names in GROUPS.items():
-        k6 = mean_kl(ref, kl_with(model, ids, {n: Q6K_BLOCKS[n] for n in names}))
-        k32 = mean_kl(ref, kl_with(model, ids, {n: 32 for n in names}))
+        k6 = mean_kl(ref, logprobs_with(model, ids, {n: Q6K_BLOCKS[n] for n in names}))
+        k32 = mean_kl(ref, logprobs_with(model, ids, {n: 32 for n in names}))
         print(f"| {label} | {k6:.6f} | {k32:.6f} |", flush=True)
-    kp = mean_kl(ref, kl_with(model, ids, {"down": 256}, perms))
+    kp = mean_kl(ref, logprobs_with(model, ids, {"down": 256}, perms))
     print(f"\ndown_proj in blocks of 256, FFN hidden units sorted by calibration max |input|: {kp:.6f}")
 
 

@@ -28,33 +28,7 @@ import numpy as np
 import torch
 
 from bench_gguf_optimized import calib_ids, tensor_types
-
-
-def act_kind(qtype) -> str:
-    """The 8-bit type llama.cpp's CPU backend rounds a dot product's activations to (vec_dot_type)."""
-    from gemmaquant.numerics.ggml.types import GGMLType as T
-
-    if qtype in (T.Q4_0, T.Q5_0, T.Q8_0, T.IQ4_NL):
-        return "q8_0"
-    if qtype in (T.Q4_1, T.Q5_1):
-        return "q8_1"
-    return "q8_K"
-
-
-def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """x [T, n] as the CPU backend rounds it: Q8_0/Q8_1: d = amax/127 per 32 (fp16), round(x/d); Q8_K: per
-    256, iscale = −127/max (signed max of |x|), nearest_int(iscale·x) ≤ 127, d = 1/iscale (fp32)."""
-    n = x.shape[-1]
-    if kind in ("q8_0", "q8_1"):
-        b = x.reshape(-1, n // 32, 32)
-        d = b.abs().amax(-1, keepdim=True) / 127
-        q = torch.round(b * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
-        return (q * d.half().float()).reshape(x.shape)
-    b = x.reshape(-1, n // 256, 256)
-    mx = torch.gather(b, -1, b.abs().argmax(-1, keepdim=True))
-    isc = torch.where(mx != 0, -127 / mx, torch.zeros_like(mx))
-    q = torch.round(b * isc).clamp(max=127)
-    return (q * torch.where(isc != 0, 1 / isc, torch.zeros_like(isc))).reshape(x.shape)
+from gemmaquant.model.qlinear import act_block, ggml_act_quant
 
 
 def collect_inputs(ckpt, ids, layers: list[int]) -> dict:
@@ -125,14 +99,14 @@ def main():
     rows = []
     for name, d in train.items():
         qtype = types[gguf_name(name + ".weight", ckpt.config.generation)]
-        kind = act_kind(qtype)
+        kind = f"blocks of {act_block(qtype)}"  # llama.cpp's CPU rounding of this product's input
         W = d["W"].to(torch.bfloat16).float()
         X, Xt = d["X"].double(), test[name]["X"]
         H = X.T @ X
-        E = round_activations(X.float(), kind).double() - X
+        E = ggml_act_quant(X.float(), qtype).double() - X
         D = (E * E).sum(0)
         im = imatrix_of((X * X).sum(0), X.shape[0])
-        Yt, Xq = Xt.double() @ W.double().T, round_activations(Xt, kind).double()
+        Yt, Xq = Xt.double() @ W.double().T, ggml_act_quant(Xt, qtype).double()
 
         def score(V):
             V = V.double()

@@ -88,16 +88,22 @@ def test_moe_layer_stays_bf16_no_float32_copy_of_a_fused_tensor(tiny, monkeypatc
     assert watch.largest < fused.numel() // 2, (watch.largest, fused.numel())
 
 
+def _final_states(model, ids):
+    """The float model's last hidden states (before the final norm) for ids."""
+    with torch.no_grad():
+        h, ctx = model.prepare(ids)
+        for layer in model.layers:
+            h = layer(h, ctx)
+    return h
+
+
 def _true_head_kl(ck, ids, pos, t, rounded=False):
     """KL of the float final states through the whole table at type t (tied head), our forward pass;
     `rounded`: the final normed states rounded first by libggml's own Q8_0/Q8_K row quantizer, as
     llama.cpp's CPU backend feeds them to a table of type t."""
     model = load_model(ck)
+    h = _final_states(model, ids)[:, pos]
     with torch.no_grad():
-        h, ctx = model.prepare(ids)
-        for layer in model.layers:
-            h = layer(h, ctx)
-        h = h[:, pos]
         ref = model.head(h).double().log_softmax(-1)
         table = model.model.embed_tokens.weight
         table.copy_(quantized(table.detach().clone(), t, None))
@@ -111,7 +117,7 @@ def _true_head_kl(ck, ids, pos, t, rounded=False):
         q = model.head(h).double().log_softmax(-1)
         if rounded:
             hook.remove()
-    return float((ref.exp() * (ref - q)).sum(-1).mean()), h
+    return float((ref.exp() * (ref - q)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("t", [T.Q4_0, T.IQ4_NL, T.Q8_0], ids=lambda t: t.name)
@@ -122,12 +128,8 @@ def test_head_kl_whole_and_sampled_against_the_true_kl(tiny, t):
     ck = Checkpoint(tiny / "dense")
     ids = torch.randint(5, 300, (3, 24), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(16, 24)
-    true, _ = _true_head_kl(ck, ids, pos, t)
-    model = load_model(ck)
-    with torch.no_grad():
-        h, ctx = model.prepare(ids)
-        for layer in model.layers:
-            h = layer(h, ctx)
+    true = _true_head_kl(ck, ids, pos, t)
+    h = _final_states(load_model(ck), ids)
     V = ck.config.vocab_size
     _, whole = Head(ck, pos, rows=100, max_rows=V).kls(h, [], [t])
     assert whole[t] == pytest.approx(true, rel=1e-6)
@@ -145,12 +147,8 @@ def test_head_kl_with_llamacpp_activation_rounding(tiny, t):
     ck = Checkpoint(tiny / "dense")
     ids = torch.randint(5, 300, (3, 24), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(16, 24)
-    true, h = _true_head_kl(ck, ids, pos, t, rounded=True)
-    model = load_model(ck)
-    with torch.no_grad():
-        h, ctx = model.prepare(ids)
-        for layer in model.layers:
-            h = layer(h, ctx)
+    true = _true_head_kl(ck, ids, pos, t, rounded=True)
+    h = _final_states(load_model(ck), ids)
     V = ck.config.vocab_size
     _, got = Head(ck, pos, rows=100, max_rows=V, activations=True).kls(h, [], [t])
     _, weights = Head(ck, pos, rows=100, max_rows=V).kls(h, [], [t])
