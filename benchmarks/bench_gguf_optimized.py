@@ -3,7 +3,7 @@
     python benchmarks/bench_gguf_optimized.py --llama-bin BUILD/bin [--llama-src LLAMA_CPP_TREE]
         [--dir WORK] [--types q4_0 q3_k_m q2_k iq4_xs iq3_m q6_k q5_k_m] [--budget q3_k_m q4_0]
         [--budget-keep TENSOR ...] [--text FILE] [--calib FILE] [--ctx 512] [--chunks N] [--calib-chunks N] [--threads 2] [--damp D] [--json OUT]
-        [--weights-only] [--float-target RIDGE] [--sens-weights-only]
+        [--weights-only] [--float-target RIDGE] [--sens-weights-only] [--sens-feedback]
 
 BUILD/bin must hold llama-quantize, llama-imatrix and llama-perplexity (a plain CMake build of the
 llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the demo model:
@@ -17,6 +17,8 @@ llama.cpp tree; they all get `-nr`, no weight repacking). Per type P, on the dem
   sensitivity, calib/sensitivity.py + calib/budget.py, to fit the size of llama.cpp's smaller P file)
   and budget.P (that mix with our error-feedback codes). The sensitivity counts llama.cpp's CPU
   rounding of each Linear's input for each type; --sens-weights-only leaves it out (files tagged .w).
+  --sens-feedback scores the decoder Linears at their error-feedback codes, as the CLI does for
+  `--algorithm gptq` (files tagged .fb).
 Each file is scored by `llama-perplexity --kl-divergence` against the bf16 GGUF's logits on --text
 (default: benchmarks/heldout/gpl3_apache2.txt, neither the calibration text nor the shipped evaluation
 text; see benchmarks/heldout/NOTICE.md). Files and logs already in --dir are reused: delete to redo.
@@ -133,13 +135,13 @@ def build_float_target(ckpt, ids, template: Path, out: Path, info: Path, threads
     return res
 
 
-def sensitivity(ckpt, ids, path: Path, samples: int, activations: bool = True) -> dict:
+def sensitivity(ckpt, ids, path: Path, samples: int, activations: bool = True, feedback: bool = False) -> dict:
     from gemmaquant.calib.sensitivity import BUDGET_TYPES, measure_sensitivity
 
     if path.exists():
         return json.loads(path.read_text())
     rep = measure_sensitivity(ckpt, ids[:samples], embed_types=BUDGET_TYPES, types=BUDGET_TYPES,
-                              activations=activations,
+                              activations=activations, feedback=feedback,
                               progress=lambda a, b, w: print(f"  sensitivity {w}", flush=True))
     res = {"seconds": rep.seconds, "tokens": rep.tokens, "kl_tokens": rep.kl_tokens, "layer_gain": rep.layer_gain,
            "tensors": {n: {"shape": list(s.shape), "kl": {t.name: v for t, v in s.kl.items()}, "detail": s.detail}
@@ -184,6 +186,9 @@ def main():
     ap.add_argument("--sens-weights-only", action="store_true",
                     help="budget from the weights' errors alone, without llama.cpp's CPU rounding of the "
                          "activations (files tagged .w)")
+    ap.add_argument("--sens-feedback", action="store_true",
+                    help="score the decoder Linears at their error-feedback codes, as `--algorithm gptq` does "
+                         "(files tagged .fb)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--damp", type=float, default=None,
                     help="error-feedback damping, a fraction of mean(diag H) (default: the library's)")
@@ -279,8 +284,10 @@ def main():
         print(p, {k: (v["bytes"], v["kl_mean"]) for k, v in rows[p].items()}, flush=True)
 
     if args.budget:
-        w = ".w" if args.sens_weights_only else ""  # its own files: both kinds of plan side by side
-        sens = sensitivity(ckpt, ids, d / f"sensitivity{w}.json", args.sens_samples, not args.sens_weights_only)
+        # their own files: the kinds of plan side by side
+        w = (".w" if args.sens_weights_only else "") + (".fb" if args.sens_feedback else "")
+        sens = sensitivity(ckpt, ids, d / f"sensitivity{w}.json", args.sens_samples, not args.sens_weights_only,
+                           args.sens_feedback)
         for p in args.budget:
             refs = [d / f"llama.{p}.gguf", d / f"llama-imx.{p}.gguf"]
             for f, imx_flag in zip(refs, ([], ["--imatrix", imatrix])):
@@ -314,7 +321,8 @@ def main():
             info = build_ours(ckpt, ids, mix, ours, d / f"budget.{tag}.json", args.threads, opts)
             row = rows.setdefault(p, {})
             kept = f" ({', '.join(keep)} kept)" if keep else ""
-            kept += ", weights-only sensitivity" if w else ""
+            kept += ", weights-only sensitivity" if args.sens_weights_only else ""
+            kept += ", scored at error-feedback codes" if args.sens_feedback else ""
             row["budget, llama rounding" + kept] = with_weights(mix, score(mix))
             row["ours budgeted" + kept] = with_weights(ours, {**score(ours), "calib": info, "target_bytes": target,
                                                        "sensitivity_seconds": sens["seconds"]})

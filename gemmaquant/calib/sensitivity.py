@@ -25,6 +25,10 @@ blocks of 32 do, as much as Q6_K's weights themselves. So e(t,T) also counts tha
 up coherently), and the LM head's KL is taken through the rounded final states. The gains stay per unit
 of the weights' error: the trials run float activations. (`activations=False`: the weights alone.)
 
+For a file whose decoder Linears get error-feedback codes (`--algorithm gptq`), e(t,T) is those codes'
+error instead (`feedback`): fitted on half of the windows, scored on the other half, as a ratio to
+llama.cpp's rounding on the same half. The gains stay measured with llama.cpp's rounding.
+
 Gemma 4 (calib/sensitivity_parts.py holds the pieces):
 * every tensor llama-quantize quantizes is measured (`choosable`): a layer's own Linears (KV-shared
   layers have no k/v, k_eq_v full layers no v), the per-layer input gate and projection, and each fused
@@ -56,11 +60,11 @@ from ..numerics.ggml.types import BLOCK, GGMLType
 from ..formats.gguf.names import gguf_name
 from ..model.loading import load_layer
 from ..model.gemma import embed_scale, make_layer_context
-from .ggml_calibrate import imatrix_of
+from .ggml_calibrate import imatrix_of, optimize_layer_tensor
 from .runner import PerLayerInputs, embed_ids, model_ids
 from .sensitivity_parts import (ExpertInputs, Head, InputForms, Stream, Switch, bf16_rows, expert_error,
                                 expert_imatrix, quantized, run_layer, sampled_rows, trim_heap)
-from .stats import attach, input_groups
+from .stats import INPUT_OF, attach, input_groups
 
 T = GGMLType
 # Types the budget chooses from, by increasing size (bits per weight in brackets).
@@ -97,14 +101,28 @@ class SensitivityReport:
     seconds: float = 0.0
 
 
-def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix,
-                  max_rows: int) -> tuple[float, float]:
-    """(the weights' layer-output error, what llama.cpp's CPU rounding of the input adds) at type t."""
+def _linear_error(W: torch.Tensor, forms: InputForms, suffix: str, t: GGMLType, imatrix, max_rows: int,
+                  factors: dict | None = None) -> tuple[float, float, float]:
+    """At type t: (the layer-output error of llama.cpp's rounding, that of the codes the file will hold,
+    what llama.cpp's CPU rounding of the input adds to the latter's).
+
+    `factors` (a cache of the fit half's H factors, shared by the Linears reading the same input): the
+    file holds error-feedback codes (`--algorithm gptq`, `ggml_calibrate.optimize_layer_tensor`). They
+    are fitted on half of the windows, and their error is llama.cpp's on all tokens times the ratio of
+    the two on the other half: on the tokens it was fitted on, error feedback looks much better than it
+    is (RESULTS.md §11, tenth round)."""
     rows = sampled_rows(W.shape[0], max_rows)
     Ws = bf16_rows(W, rows)
     Wq = quantized(Ws, t, imatrix)
     scale = W.shape[0] / len(rows)
-    return forms.error(suffix, (Ws - Wq).double()) * scale, forms.act_error(suffix, Wq, t) * scale
+    D = (Ws - Wq).double()
+    e = forms.error(suffix, D) * scale
+    if factors is None:
+        return e, e, forms.act_error(suffix, Wq, t) * scale
+    _, Wf, *_ = optimize_layer_tensor(Ws, forms.hessian(suffix, "fit"), t, imatrix, factors=factors)
+    held = forms.error(suffix, D, "held")
+    ratio = forms.error(suffix, (Ws - Wf).double(), "held") / held if held > 0 else 1.0
+    return e, e * ratio, forms.act_error(suffix, Wf, t) * scale
 
 
 def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
@@ -118,11 +136,17 @@ def choosable(name: str, shape: tuple[int, ...], allowed=CANDIDATES) -> bool:
 
 def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 256, kl_positions: int = 64,
                         batch_size: int = 4, embed_types=CANDIDATES, types=CANDIDATES, head_rows: int = 16384,
-                        activations: bool = True, progress=None) -> SensitivityReport:
+                        activations: bool = True, feedback: bool = False, progress=None) -> SensitivityReport:
     """Estimated ΔKL of every quantizable tensor at every candidate type (module doc).
 
     `activations`: a decoder Linear's cost at a type includes llama.cpp's CPU rounding of its input to
     8 bits for that type (`InputForms.act_error`), not only its weights' error.
+    `feedback`: the decoder-layer Linears that `--algorithm gptq` writes with error-feedback codes
+    (`stats.INPUT_OF`) are scored at those codes, not at llama.cpp's rounding (`_linear_error`). The
+    token table and Gemma 4's experts and per-layer input Linears keep llama.cpp's rounding in such a
+    file, and in the scores. Without it a budget for a gptq file pays the decoder's types as if
+    rounded, and buys decoder bytes that error feedback would have made cheap with table bytes
+    (RESULTS.md §11, tenth round: the q5_k_m-sized plan).
 
     ids [n, S]: calibration windows; the KL is taken on the last `kl_positions` positions of each.
     `head_rows`: a bigger LM head has its types scored on that many of its rows (`Head`).
@@ -159,9 +183,11 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
         ple_err = _per_layer_table(ckpt, ids, h, streams, embed_types)  # Gemma 4 E2B/E4B: a second stream
         layer_stream: list[int] = []  # stream index of layer i's all-at-reference copy
         layer_err: list[float] = []
-        infos: dict[str, tuple] = {}  # GGUF name -> (stream or None, shape, errs, tensor gain, layer, act errs)
+        # GGUF name -> (stream or None, shape, errs, tensor gain, layer, act errs, llama.cpp's error at REFERENCE)
+        infos: dict[str, tuple] = {}
         for i in range(cfg.num_hidden_layers):
-            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos, activations)
+            err, k = _layer_pass(ckpt, i, main, streams, ctx, batch_size, types, max_rows, infos, activations,
+                                 feedback)
             layer_err.append(err)
             layer_stream.append(k)
             if progress:  # the LM head counts as one more step (minutes on a 262144-row table)
@@ -175,7 +201,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             progress(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1, "LM head")
     g_emb = kls[0] / max(emb_err[REFERENCE], 1e-30)
     rep.layer_gain = [kls[k] / max(e, 1e-30) for k, e in zip(layer_stream, layer_err)]
-    for name, (own, shape, errs, g, i, act) in infos.items():
+    for name, (own, shape, errs, g, i, act, ref) in infos.items():
         # the gains are per unit of the weights' error (the trials run float activations); the input's
         # 8-bit rounding at each type then costs what the same error of the weights would
         if own is None:  # the layer's gain times the tensor's share of the layer's output error
@@ -183,7 +209,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
             kl = {t: G * g * (e + act.get(t, 0.0)) for t, e in errs.items()}
             why = f"layer gain {G:.3g}, tensor gain {g:.3g}"
         else:  # a K/V producer's k/v: its own stream carries the residual and the shared K/V to the logits
-            unit = kls[own] / max(errs[REFERENCE], 1e-30)
+            unit = kls[own] / max(ref, 1e-30)
             kl = {t: unit * (e + act.get(t, 0.0)) for t, e in errs.items()}
             why = f"K/V shared with later layers: own gain {unit:.3g}"
         rep.tensors[name] = TensorSensitivity(name, shape, kl, why)
@@ -206,7 +232,7 @@ def measure_sensitivity(ckpt: Checkpoint, ids: torch.Tensor, *, max_rows: int = 
 
 
 def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], ctx, batch_size: int, types,
-                max_rows: int, infos: dict, activations: bool) -> tuple[float, int]:
+                max_rows: int, infos: dict, activations: bool, feedback: bool) -> tuple[float, int]:
     """Decoder layer i (module doc): every stream through it, each measured tensor's errors and trial into
     `infos`, the all-at-reference stream appended; (its layer output error, its stream index). A function
     of its own so that the layer and everything holding its weights go when it returns, before the next
@@ -215,7 +241,7 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     trim_heap()  # what the previous layer's pass freed
     layer = load_layer(ckpt, i, stored=True)  # its Linears and experts in the stored dtype, cast where used
     stats, handles = attach(layer, f"model.layers.{i}.", {"sum_sq"})
-    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1], activations)
+    forms = InputForms(layer, main.h.shape[0] * main.h.shape[1], activations, split=feedback)
     routed = ExpertInputs(layer.experts) if hasattr(layer, "experts") else None
     try:
         out = run_layer(layer, i, main, ctx, batch_size)  # float: producers keep their K/V in main
@@ -229,7 +255,9 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
         s_.h = run_layer(layer, i, s_, ctx, batch_size)
     trial = partial(run_layer, layer, i, main, ctx, batch_size)
     at_ref: list[Switch] = []  # every measured tensor, switchable to the reference type
-    for sfx in input_groups(layer):  # every decoder-layer Linear, in order
+    factors: dict[str, dict] = {}  # input -> H factors of its fit half (q/k/v and gate/up share one)
+    groups = input_groups(layer)
+    for sfx in groups:  # every decoder-layer Linear, in order
         hf = f"model.layers.{i}.{sfx}"
         name = gguf_name(hf + ".weight", gen)
         lin = layer.get_submodule(sfx)
@@ -238,13 +266,15 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
         st = stats[hf]
         W = lin.weight.detach()
         imat = imatrix_of(st.sum_sq, st.count)
-        both = {t: _linear_error(W, forms, sfx, t, imat, max_rows) for t in candidates(W.shape[1], types)}
-        errs = {t: e for t, (e, _) in both.items()}
+        fb = factors.setdefault(groups[sfx], {}) if feedback and sfx in INPUT_OF else None
+        both = {t: _linear_error(W, forms, sfx, t, imat, max_rows, fb) for t in candidates(W.shape[1], types)}
+        errs = {t: e for t, (_, e, _) in both.items()}
+        ref = both[REFERENCE][0]  # the trial below runs llama.cpp's rounding
         at_ref.append(Switch(layer, sfx, REFERENCE, imat))
         trim_heap()
-        own = _trial_gain(main, at_ref[-1], errs, trial, out, streams,
+        own = _trial_gain(main, at_ref[-1], ref, trial, out, streams,
                           sfx.endswith(("k_proj", "v_proj")) and layer.self_attn.stores_kv)
-        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, a) in both.items()})
+        infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, _, a) in both.items()}, ref)
     if routed is not None:
         for which, param in (("gate_up", layer.experts.gate_up_proj), ("down", layer.experts.down_proj)):
             name = gguf_name(f"model.layers.{i}.experts.{which}_proj", gen)
@@ -259,8 +289,9 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
             trim_heap()
             at_ref.append(Switch(layer, f"experts.{which}_proj", REFERENCE, imat, [x is not None for x in X]))
             trim_heap()
-            own = _trial_gain(main, at_ref[-1], errs, trial, out, streams, False)
-            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, a) in both.items()})
+            own = _trial_gain(main, at_ref[-1], errs[REFERENCE], trial, out, streams, False)
+            infos[name] = (*own[:1], tuple(W.shape), errs, own[1], i, {t: a for t, (_, a) in both.items()},
+                           errs[REFERENCE])
     for sw in at_ref:
         sw.reference()
     kv = main.kv_copy()
@@ -275,10 +306,11 @@ def _layer_pass(ckpt: Checkpoint, i: int, main: Stream, streams: list[Stream], c
     return float(((pert - out).double() ** 2).sum()), len(streams) - 1
 
 
-def _trial_gain(main: Stream, switch: Switch, errs, trial, out, streams: list[Stream], producer: bool):
-    """One tensor at the reference type for one forward of its layer: (None, g_t), g_t its layer output
-    error per unit of its own error; for a K/V producer's k/v (whose K/V later layers read) the trial
-    output becomes a stream of its own, carrying its K/V: (stream index, None)."""
+def _trial_gain(main: Stream, switch: Switch, ref: float, trial, out, streams: list[Stream], producer: bool):
+    """One tensor at the reference type (llama.cpp's rounding, whose own error is `ref`) for one forward
+    of its layer: (None, g_t), g_t its layer output error per unit of its own error; for a K/V
+    producer's k/v (whose K/V later layers read) the trial output becomes a stream of its own, carrying
+    its K/V: (stream index, None)."""
     switch.reference()
     try:
         kv = main.kv_copy()
@@ -288,7 +320,7 @@ def _trial_gain(main: Stream, switch: Switch, errs, trial, out, streams: list[St
     if producer:
         streams.append(Stream(y, main.ple, kv))
         return len(streams) - 1, None
-    return None, float(((y - out).double() ** 2).sum()) / max(errs[REFERENCE], 1e-30)
+    return None, float(((y - out).double() ** 2).sum()) / max(ref, 1e-30)
 
 
 def _per_layer_table(ckpt: Checkpoint, ids: torch.Tensor, h: torch.Tensor, streams: list[Stream], types):

@@ -226,20 +226,29 @@ class InputForms:
     blocks of 32 for the 32-weight types, 256 for the K- and IQ-quants): per channel j, N_j = Σ_t r_tj²
     of its rounding error r. The product then adds ≈ Σ_j N_j ||Ŵ_:,j||² to e (`act_error`): r is nearly
     independent of x and across channels, so the cross terms average out. That is what makes a Q6_K
-    ffn_down (its GeGLU input rounded in blocks of 256) cost more on a CPU than its weights alone."""
+    ffn_down (its GeGLU input rounded in blocks of 256) cost more on a CPU than its weights alone.
+
+    With `split`, the calibration windows are also kept in two halves (even windows: `fit`, odd:
+    `held`; one window: its first and second half of positions), for scoring error-feedback codes
+    fitted on one half on the other (`hessian`, `error(..., part=)`): on the few tokens of this pass,
+    codes look far better on their own fitting tokens than on others (RESULTS.md §11, tenth round)."""
 
     BLOCK = 1 << 23  # float64 values of H's columns (or X's rows) at a time: 64 MB
     WIDE = 4096
 
     ROWS = 512  # tokens rounded at a time (31B's 21504-wide down input: 44 MB per copy)
 
-    def __init__(self, layer, tokens: int, activations: bool = False):
+    def __init__(self, layer, tokens: int, activations: bool = False, split: bool = False):
         from .stats import input_groups
 
         self.groups = input_groups(layer)
         self.xtx: dict[str, torch.Tensor] = {}
         self.x: dict[str, list[torch.Tensor]] = {}
         self.act: dict[str, dict[int, torch.Tensor]] = {}  # src -> {block: N [n] float64}
+        self.split, self.tokens = split, tokens
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}  # src -> {"fit"|"held": XᵀX}, XᵀX path
+        self.held: dict[str, list[torch.Tensor]] = {}  # src -> per kept X chunk, its rows in `held`
+        self.windows: dict[str, int] = {}  # src -> windows seen (the split goes by window)
         self.handles = []
         for src in sorted(set(self.groups.values())):
             mod = layer.get_submodule(src)
@@ -252,13 +261,31 @@ class InputForms:
                 self.x[src] = []
                 self.handles.append(mod.register_forward_pre_hook(partial(self._keep, src)))
 
+    def _held_rows(self, src: str, shape: torch.Size) -> torch.Tensor:
+        """Which tokens of a batch [b, S, n] (or [S, n]) go to the `held` half: the odd windows, or
+        the second half of the positions when the pass has one window."""
+        b, S = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
+        first = self.windows.get(src, 0)
+        self.windows[src] = first + b
+        if self.tokens <= S:  # one window: split its positions
+            return (torch.arange(S) >= S // 2).repeat(b)
+        return ((torch.arange(b) + first) % 2 == 1).repeat_interleave(S)
+
     def _keep(self, src: str, _m, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.x[src].append(x)
+        if self.split:
+            self.held.setdefault(src, []).append(self._held_rows(src, args[0].shape))
         self._round(src, x)
 
     def _gram(self, src: str, _m, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        if self.split:
+            held = self._held_rows(src, args[0].shape)
+            acc = self.parts.setdefault(src, {})
+            for part, rows in (("fit", x[~held]), ("held", x[held])):
+                p = rows.T @ rows
+                acc[part] = p if part not in acc else acc[part].add_(p)
         p = x.T @ x
         self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
         self._round(src, x)
@@ -284,15 +311,31 @@ class InputForms:
         for h in self.handles:
             h.remove()
         self.x = {s: [torch.cat(v)] for s, v in self.x.items()}
+        self.held = {s: [torch.cat(v)] for s, v in self.held.items()}
 
-    def error(self, suffix: str, D: torch.Tensor) -> float:
-        """||X Dᵀ||² for the Linear `suffix`, D [rows, n] float64."""
+    def _rows(self, src: str, part: str | None) -> torch.Tensor:
+        X = self.x[src][0]
+        if part is None:
+            return X
+        held = self.held[src][0]
+        return X[held] if part == "held" else X[~held]
+
+    def hessian(self, suffix: str, part: str | None = None) -> torch.Tensor:
+        """XᵀX (float32) of the Linear `suffix`'s input: all tokens, or one half (`split`)."""
         src = self.groups[suffix]
         if src in self.x:
-            X = self.x[src][0]
+            X = self._rows(src, part)
+            return X.T @ X
+        return self.xtx[src] if part is None else self.parts[src][part]
+
+    def error(self, suffix: str, D: torch.Tensor, part: str | None = None) -> float:
+        """||X Dᵀ||² for the Linear `suffix`, D [rows, n] float64; X: all tokens, or one half (`split`)."""
+        src = self.groups[suffix]
+        if src in self.x:
+            X = self._rows(src, part)
             step = max(1, self.BLOCK // X.shape[1])
             return float(sum((X[r:r + step].double() @ D.T).pow(2).sum() for r in range(0, X.shape[0], step)))
-        H = self.xtx[src]
+        H = self.xtx[src] if part is None else self.parts[src][part]
         n = H.shape[0]
         if n <= self.WIDE:
             return float(((D @ H.double()) * D).sum())

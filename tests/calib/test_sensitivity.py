@@ -3,7 +3,10 @@
     expert tensor is ever made (every aten op's output watched), an expert computes what the float32
     layer's does, and each layer is freed before the next one loads (one layer resident);
   * the LM head's types scored on a sample of the table's rows against the true KL of the float final
-    states through the whole quantized table (our forward pass, tests/model: equal to transformers')."""
+    states through the whole quantized table (our forward pass, tests/model: equal to transformers');
+  * llama.cpp's CPU rounding of the inputs against libggml's own;
+  * for --algorithm gptq files, the decoder Linears scored at error-feedback codes fitted on half of the
+    windows and measured on the other half, and nothing else rescored."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gemmaquant.calib import sensitivity
 from gemmaquant.calib.sensitivity import measure_sensitivity
-from gemmaquant.calib.sensitivity_parts import Head, head_sample, quantized
+from gemmaquant.calib.sensitivity_parts import Head, InputForms, head_sample, quantized
 from gemmaquant.formats.checkpoint import Checkpoint
 from gemmaquant.model.loading import load_layer, load_model
 from gemmaquant.model.qlinear import DenseLinear
@@ -169,7 +172,8 @@ def test_head_sample_takes_the_heaviest_rows_and_weights_the_rest_to_the_row_cou
 @pytest.fixture(scope="module")
 def demo_layer3(demo_dir):
     """The real demo's layer 3 on 4 windows of the built-in text: its InputForms with llama.cpp's
-    activation rounding, and the float inputs of q_proj, o_proj and down_proj."""
+    activation rounding and the windows split in halves, and the float inputs of q_proj, o_proj and
+    down_proj (window-major rows)."""
     from gemmaquant.calib.data import default_text, load_tokenizer_for
     from gemmaquant.calib.imatrix import llama_chunks
     from gemmaquant.calib.sensitivity_parts import InputForms
@@ -180,7 +184,7 @@ def demo_layer3(demo_dir):
                        ck.config.bos_token_id)[:4]
     model = load_model(ck)
     layer = model.layers[3]
-    forms = InputForms(layer, ids.numel(), activations=True)
+    forms = InputForms(layer, ids.numel(), activations=True, split=True)
     X, hooks = {}, []
     for sfx in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         hooks.append(layer.get_submodule(sfx).register_forward_pre_hook(
@@ -239,3 +243,85 @@ def test_blocks_of_256_cost_more_than_blocks_of_32_on_the_geglu_output(demo_laye
     plain = InputForms(layer, 1)
     assert plain.act_error("mlp.down_proj", layer.mlp.down_proj.weight.detach(), T.Q6_K) == 0.0
     plain.remove()
+
+
+def _halves(x: torch.Tensor, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(even windows' rows, odd windows' rows) of window-major rows x."""
+    w = x.reshape(windows, -1, x.shape[-1])
+    return w[0::2].reshape(-1, x.shape[-1]), w[1::2].reshape(-1, x.shape[-1])
+
+
+@pytest.mark.parametrize("sfx,qtype", [("self_attn.q_proj", T.Q4_0), ("self_attn.q_proj", T.Q8_0),
+                                       ("mlp.down_proj", T.Q6_K), ("mlp.down_proj", T.Q3_K)],
+                         ids=lambda v: getattr(v, "name", v))
+def test_feedback_codes_are_fitted_on_even_windows_and_scored_on_odd_ones(demo_layer3, sfx, qtype):
+    """A real Gemma 3 layer: the error-feedback codes (what --algorithm gptq writes) fitted on the even
+    windows' inputs beat llama.cpp's rounding on the odd windows, but by much less than on their own
+    windows (why the sensitivity splits them); the score is llama.cpp's error on all windows times the
+    odd windows' ratio, all checked against the inputs captured apart from InputForms."""
+    from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_layer_tensor
+
+    layer, forms, X = demo_layer3
+    x = X[sfx]
+    fit, held = _halves(x, 4)
+    assert torch.allclose(forms.hessian(sfx, "fit").double(), fit.T @ fit, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(forms.hessian(sfx, "held").double(), held.T @ held, rtol=1e-4, atol=1e-3)
+    W = layer.get_submodule(sfx).weight.detach().to(torch.bfloat16).float()
+    imat = imatrix_of(x.pow(2).sum(0).float(), x.shape[0])
+    e_llama, e_fb, act = sensitivity._linear_error(W, forms, sfx, qtype, imat, W.shape[0], {})
+    Wq = quantized(W, qtype, imat).double()
+    Wf = optimize_layer_tensor(W, (fit.T @ fit).float(), qtype, imat)[1].double()
+
+    def err(rows, V):
+        return float((rows @ (W.double() - V).T).pow(2).sum())
+
+    assert e_llama == pytest.approx(err(x, Wq), rel=1e-4)
+    ratio_held, ratio_fit = err(held, Wf) / err(held, Wq), err(fit, Wf) / err(fit, Wq)
+    assert e_fb == pytest.approx(e_llama * ratio_held, rel=1e-3)
+    assert act == pytest.approx(forms.act_error(sfx, Wf.float(), qtype), rel=1e-4)  # H summed in float32
+    assert ratio_fit < ratio_held < 1.0, (ratio_fit, ratio_held)
+
+
+def test_split_with_inputs_kept_as_rows_equals_the_grams(demo_layer3, monkeypatch):
+    """A Linear input wider than the tokens (31B's down_proj) keeps X, not XᵀX: its halves and errors
+    equal those of the XᵀX path."""
+    layer, forms, X = demo_layer3
+    monkeypatch.setattr(InputForms, "WIDE", 1000)
+    kept = InputForms(layer, 1024, split=True)  # down_proj's 2048 inputs > 1024 tokens: rows kept
+    fit, held = _halves(X["mlp.down_proj"], 4)
+    with torch.no_grad():  # the same inputs in two calls of two windows, in window order
+        w = X["mlp.down_proj"].float().reshape(4, -1, 2048)
+        layer.mlp.down_proj(w[:2])
+        layer.mlp.down_proj(w[2:])
+    kept.remove()
+    assert "mlp.down_proj" in kept.x
+    D = torch.randn(8, 2048, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    for part, rows in ((None, X["mlp.down_proj"]), ("fit", fit), ("held", held)):
+        assert torch.allclose(kept.hessian("mlp.down_proj", part).double(), rows.T @ rows, rtol=1e-4, atol=1e-3)
+        assert kept.error("mlp.down_proj", D, part) == pytest.approx(float((rows @ D.T).pow(2).sum()), rel=1e-6)
+        assert forms.error("mlp.down_proj", D, part) == pytest.approx(float((rows @ D.T).pow(2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_feedback_rescores_only_the_linears_gptq_writes(tiny, kind):
+    """`feedback` changes the scores of the decoder Linears --algorithm gptq writes (stats.INPUT_OF) and
+    nothing else: not the gains (measured with llama.cpp's rounding), the token table, Gemma 4's experts
+    or its per-layer input Linears (which such a file holds at llama.cpp's rounding)."""
+    from gemmaquant.calib.stats import INPUT_OF
+    from gemmaquant.formats.gguf.names import gguf_name
+
+    ck = Checkpoint(tiny / kind)
+    ids = torch.randint(5, 250, (4, 16), generator=torch.Generator().manual_seed(1))
+    args = dict(kl_positions=4, batch_size=2, types=FEW, embed_types=FEW)
+    plain = measure_sensitivity(ck, ids, **args)
+    fb = measure_sensitivity(ck, ids, feedback=True, **args)
+    assert fb.layer_gain == plain.layer_gain
+    assert set(fb.tensors) == set(plain.tensors)
+    written = {gguf_name(f"model.layers.{i}.{s}.weight", ck.config.generation)
+               for i in range(ck.config.num_hidden_layers) for s in INPUT_OF}
+    rescored = {n for n in plain.tensors if fb.tensors[n].kl != plain.tensors[n].kl}
+    assert rescored and rescored <= written
+    assert "token_embd.weight" in plain.tensors and "token_embd.weight" not in rescored
+    if kind == "moe":
+        assert "blk.0.ffn_gate_up_exps.weight" in plain.tensors
+    assert len(rescored) >= len(written & set(plain.tensors)) // 2

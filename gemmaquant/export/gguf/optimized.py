@@ -159,8 +159,9 @@ class BudgetPlan:
 
 
 def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatrix_meta=None,
-                 extra_kv=None, progress=None) -> BudgetPlan:
-    """Per-tensor types from measured sensitivity so that the file (or its tensor data, for bpw) fits."""
+                 extra_kv=None, feedback: bool = False, progress=None) -> BudgetPlan:
+    """Per-tensor types from measured sensitivity so that the file (or its tensor data, for bpw) fits.
+    `feedback`: the decoder Linears will hold error-feedback codes (--algorithm gptq), scored as such."""
     from ...calib.budget import Option, padded, solve, tensor_bytes
     from ...calib.sensitivity import BUDGET_TYPES, candidates, choosable, measure_sensitivity
     from ...numerics.ggml.types import GGMLType
@@ -192,7 +193,7 @@ def solve_budget(ckpt: Checkpoint, scheme: Scheme, budget: Budget, ids, *, imatr
                                   "bytes, every tensor at its smallest type)")
         room = limit - head - fixed
     sens = measure_sensitivity(ckpt, ids[:SENSITIVITY_SAMPLES], embed_types=BUDGET_TYPES, types=BUDGET_TYPES,
-                               progress=progress)
+                               feedback=feedback, progress=progress)
     if set(sens.tensors) != {p.name for p in chosen}:
         raise GemmaQuantError("the sensitivity pass measured other tensors than the plan has (internal error)")
     options = {n: [Option(t, tensor_bytes(s.shape, t), kl) for t, kl in s.kl.items()] for n, s in sens.tensors.items()}
@@ -223,7 +224,8 @@ def dry_run_rows(ckpt: Checkpoint, scheme: Scheme, opts) -> list[dict] | None:
         return None
     check_for_model(ckpt.config, str(ckpt.path), calib_samples=opts.calib_samples, calib_len=opts.calib_len)
     calib_text(opts.calib)
-    return budget_rows(solve_budget(ckpt, scheme, resolve_budget(ckpt, scheme, budget), calibration_ids(ckpt, opts)))
+    return budget_rows(solve_budget(ckpt, scheme, resolve_budget(ckpt, scheme, budget), calibration_ids(ckpt, opts),
+                                    feedback=opts.algorithm == "gptq"))
 
 
 def _reason(c) -> str:
@@ -271,12 +273,15 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
         if "imatrix" in im_args and imatrix_meta is None:
             imatrix_meta = {"entries_count": len(im_args["imatrix"])}  # as write_gguf fills it in
     if budget is not None:
-        bp = solve_budget(ckpt, scheme, budget, ids, imatrix_meta=imatrix_meta, extra_kv=kv, progress=calib_progress)
+        bp = solve_budget(ckpt, scheme, budget, ids, imatrix_meta=imatrix_meta, extra_kv=kv, feedback=gptq,
+                          progress=calib_progress)
         kv[KEY_TARGET] = cap(budget.text)
         kv[KEY_PLAN] = bp.plan_strings()
         plans = bp.plans
         notes.append(f"size budget {budget.text}: {len(bp.kl)} tensors' types chosen by measured sensitivity "
-                     f"({min(len(ids), SENSITIVITY_SAMPLES)} calibration windows, {bp.sensitivity_seconds:.0f} s), "
+                     f"({min(len(ids), SENSITIVITY_SAMPLES)} calibration windows"
+                     f"{', decoder Linears scored at their error-feedback codes' if gptq else ''}, "
+                     f"{bp.sensitivity_seconds:.0f} s), "
                      f"estimated ΔKL {bp.estimated_kl:.4g} nats/token; plan (also in GGUF key {KEY_PLAN}): "
                      + ", ".join(s.removesuffix(".weight").replace("=", " ") for s in bp.plan_strings()))
     if not gptq:

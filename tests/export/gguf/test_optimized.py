@@ -199,7 +199,7 @@ def test_target_size_is_met_to_the_byte_recorded_and_loads(src, tmp_path, capsys
     target = plain.stat().st_size * 85 // 100
     out = tmp_path / "budget.gguf"
     dry = run_cli(["quantize", src, "--scheme", "q4_k_m", "-o", out, "--dry-run", "--json", "--threads", 1,
-                   *CALIB, "--target-size", target], capsys)
+                   *CALIB, "--algorithm", "gptq", "--target-size", target], capsys)
     assert dry.code == 0, dry.stderr
     planned = {r["tensor"]: r["type"] for r in json.loads(dry.stdout)["tensors"]}
     s = quantize_json(src, out, capsys, "--algorithm", "gptq", "--target-size", target)
