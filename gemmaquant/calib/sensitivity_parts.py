@@ -249,6 +249,7 @@ class InputForms:
         self.parts: dict[str, dict[str, torch.Tensor]] = {}  # src -> {"fit"|"held": XᵀX}, XᵀX path
         self.held: dict[str, list[torch.Tensor]] = {}  # src -> per kept X chunk, its rows in `held`
         self.windows: dict[str, int] = {}  # src -> windows seen (the split goes by window)
+        self.grams: dict[tuple, torch.Tensor] = {}  # (src, part) -> XᵀX made from kept rows
         self.handles = []
         for src in sorted(set(self.groups.values())):
             mod = layer.get_submodule(src)
@@ -323,9 +324,11 @@ class InputForms:
     def hessian(self, suffix: str, part: str | None = None) -> torch.Tensor:
         """XᵀX (float32) of the Linear `suffix`'s input: all tokens, or one half (`split`)."""
         src = self.groups[suffix]
-        if src in self.x:
-            X = self._rows(src, part)
-            return X.T @ X
+        if src in self.x:  # made once per input and half: every candidate type of every reader uses it
+            if (src, part) not in self.grams:
+                X = self._rows(src, part)
+                self.grams[(src, part)] = X.T @ X
+            return self.grams[(src, part)]
         return self.xtx[src] if part is None else self.parts[src][part]
 
     def error(self, suffix: str, D: torch.Tensor, part: str | None = None) -> float:
