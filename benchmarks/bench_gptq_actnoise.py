@@ -61,9 +61,11 @@ def collect_inputs(ckpt, ids, layers: list[int]) -> dict:
 
 def noise_aware(W, H, D, qtype, count, ridge: float):
     from gemmaquant.calib.ggml_calibrate import imatrix_of, optimize_layer_tensor
-    from gemmaquant.calib.ggml_gptq import DAMP, prepare_hessian
+    from gemmaquant.calib.ggml_gptq import DAMP
 
-    H = prepare_hessian(H)
+    H = H.double().clone()
+    dead = H.diagonal() == 0  # inputs never seen: H_jj = 1, as the factor takes them
+    H[dead, dead] = 1.0
     reg = ridge * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
     Hd = H + torch.diag(D) + reg
     Ws = torch.linalg.solve(Hd, (W.double() @ (H + reg)).T).T  # W (H + reg)(H + D + reg)⁻¹, symmetric

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import GemmaQuantError
 from ..formats.checkpoint import Checkpoint
 from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
@@ -111,16 +112,25 @@ def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: tor
     def on_layer(i, layer, stats):
         prefix = f"model.layers.{i}."
         factors: dict[int, dict] = {}  # id(stats) -> H factors: q/k/v and gate/up share their input
+        todo = []
         for sfx in INPUT_OF:  # every decoder-layer Linear, in order
             name = gguf_name(prefix + sfx + ".weight", gen)
             qtype = types.get(name)
-            if qtype is None or qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
-                continue
+            if qtype is not None and qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+                todo.append((sfx, name, qtype))
+        last = {id(stats[prefix + sfx]): sfx for sfx, _, _ in todo}
+        for sfx, name, qtype in todo:
             st = stats[prefix + sfx]
             lin = layer.get_submodule(sfx)
-            data, values, loss_llama, loss, optimized = optimize_layer_tensor(
-                lin.weight.detach(), st.xtx, qtype, imatrix_of(st.sum_sq, st.count),
-                feedback=feedback, damp=damp, act_order=act_order, factors=factors.setdefault(id(st), {}))
+            try:
+                data, values, loss_llama, loss, optimized = optimize_layer_tensor(
+                    lin.weight.detach(), st.xtx, qtype, imatrix_of(st.sum_sq, st.count),
+                    feedback=feedback, damp=damp, act_order=act_order, factors=factors.setdefault(id(st), {}))
+            except GemmaQuantError as e:
+                raise GemmaQuantError(f"{name}: {e}") from None
+            if last[id(st)] == sfx:  # its input's XᵀX and factor go before the next input's (31B: 1-2 GB each)
+                st.xtx = None
+                factors.pop(id(st))
             rep.tensors.append(TensorResult(name, qtype, loss_llama, loss, optimized))
             if sink is not None:
                 sink(name, data.numpy())

@@ -40,11 +40,11 @@ from ..numerics.ggml.iq4 import best_index, kvalues, search_scales
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
 from ..numerics.ggml.types import GGMLType
+from . import hessian
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit as refit_fields
 
 T = GGMLType
-_MAX_DAMP_TRIES = 6
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
 # and the less H is damped, the lower the error on its own inputs and the higher on other text's.
 # 0.3 beat 0.1 on six of the seven types llama-perplexity judged on held-out text and tied on the
@@ -215,30 +215,6 @@ def llama_rounding(W: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor
                     None if offset is None else _per_sub(offset, rows), keep, inexact)
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ in float64 (damping raised until PD)."""
-    H = H.double()
-    mean_diag = H.diagonal().mean().item() or 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(_MAX_DAMP_TRIES):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0:
-                return U
-        damp *= 10
-    raise GemmaQuantError(f"the layer's Hessian is not positive definite even with damping {damp / 10:g}")
-
-
-def prepare_hessian(H: torch.Tensor) -> torch.Tensor:
-    """A copy of H (float64) where inputs never seen (H_jj = 0) get H_jj = 1: no information, so their
-    columns are rounded as llama.cpp rounds them and feed no error forward."""
-    H = H.double().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    return H
-
-
 @dataclass
 class HessianFactor:
     """What GPTQ needs from H: the column processing order and U, the upper Cholesky factor of
@@ -250,16 +226,18 @@ class HessianFactor:
 
 
 def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = True, group: int = 1) -> HessianFactor:
-    """Act-order: groups by decreasing Σ diag(H) (stable), as w4a16 GPTQ orders its columns."""
-    H = prepare_hessian(H)
+    """Act-order: groups by decreasing Σ diag(H) (stable), as w4a16 GPTQ orders its columns; inputs never
+    seen count with H_jj = 1 (`hessian.inverse_cholesky`)."""
     n = H.shape[0]
     if act_order:
-        gperm = torch.argsort(H.diagonal().view(n // group, group).sum(dim=1), descending=True, stable=True)
+        diag = H.diagonal().double()
+        diag = torch.where(diag == 0, torch.ones_like(diag), diag)
+        gperm = torch.argsort(diag.view(n // group, group).sum(dim=1), descending=True, stable=True)
         perm = (gperm[:, None] * group + torch.arange(group)).reshape(-1)
     else:
         perm = torch.arange(n)
     with single_thread():
-        U = inverse_cholesky(H[perm][:, perm], damp).float()
+        U = hessian.inverse_cholesky(H, damp, perm)
     return HessianFactor(perm, U, group)
 
 
@@ -281,7 +259,7 @@ def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: in
     rows, n = W.shape
     perm, U = f.perm, f.U
     Wt = W.float().T[perm].contiguous()  # [n, rows], processing order: one row per input column
-    codes = torch.empty(n, rows, dtype=torch.long)
+    codes = torch.empty(n, rows, dtype=torch.int16)  # every type's codes fit (31B's down_proj: 0.2 GB, not 0.9)
     cols = perm.tolist()
     sub = r.sub
     with single_thread():
@@ -302,13 +280,13 @@ def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: in
                 Wt[i2:] -= U[i1:i2, i2:].T @ Err1
     out = torch.empty_like(codes)
     out[perm] = codes
-    return out.T.contiguous()
+    del codes
+    return out.T.contiguous().long()
 
 
 def layer_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W − Ŵ) H (W − Ŵ)ᵀ) = ||X(W − Ŵ)ᵀ||² for H = XᵀX (float64)."""
-    D = (W.double() - What.double())
-    return float(((D @ H.double()) * D).sum())
+    return hessian.loss(W, What, H)
 
 
 @dataclass

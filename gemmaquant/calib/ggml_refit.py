@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics.ggml.types import BLOCK, GGMLType
+from . import hessian
 from .ggml_codes import sub_grid
 
 T = GGMLType
@@ -28,6 +29,7 @@ T = GGMLType
 FIELDS = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.IQ4_NL: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2),
           T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)}
 _ROWS_PER_CHUNK_ELEMS = 1 << 24  # bound on the [rows, n, unknowns] float64 product per chunk (128 MiB)
+_ROWS_PER_SLICE_ELEMS = 1 << 24  # weights refitted at a time (`refit`): 128 MB per float64 copy
 
 
 def _with_fields(b: torch.Tensor, offsets: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
@@ -60,26 +62,37 @@ def bases(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torch.Ten
 
 def row_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """[rows] (w − v) H (w − v)ᵀ in float64."""
-    D = W.double() - V.double()
-    return ((D @ H) * D).sum(dim=1)
+    return hessian.row_losses(W.double() - V.double(), H)
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor, *,
           ridge: float = 1e-12) -> torch.Tensor:
     """`data` [rows, row_bytes] uint8 with each row's fp16 fields re-solved for its codes (see the module
-    doc); rows whose loss the rounded solution does not lower keep their bytes."""
+    doc); rows whose loss the rounded solution does not lower keep their bytes. Rows are independent:
+    they are refitted a slice at a time, so that the float64 temporaries (a few per weight) stay small
+    for big tensors (31B's 5376 × 21504 down_proj: 0.9 GB per float64 copy)."""
+    rows, n = W.shape
+    Hr = H.float().view(n, n // BLOCK[qtype][0], BLOCK[qtype][0])
+    out = torch.empty_like(data)
+    step = max(1, _ROWS_PER_SLICE_ELEMS // n)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        out[r0:r1] = _refit_rows(W[r0:r1], H, Hr, data[r0:r1], qtype, codes[r0:r1], ridge)
+    return out
+
+
+def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor, data: torch.Tensor, qtype: GGMLType,
+                codes: torch.Tensor, ridge: float) -> torch.Tensor:
     rows, n = W.shape
     size, nbytes = BLOCK[qtype]
     offsets = FIELDS[qtype]
     K, nb = len(offsets), n // size
     p = nb * K
-    H = H.double()
-    Wd = W.double()
     Bs = bases(data, qtype, codes)  # [rows, nb, K, size]
-    WH = Wd @ H
-    # the normal equations in float32 (the costly product, n² per row), solved in float64: their
-    # error is far below the fp16 rounding of the result, and a row only changes if its loss drops
-    Hr = H.float().view(n, nb, size)
+    WH = hessian.matmul_h(W, H)  # float64, without a float64 copy of a wide H
+    # the normal equations in float32 (the costly product, n² per row; Hr: H in float32 by block),
+    # solved in float64: their error is far below the fp16 rounding of the result, and a row only
+    # changes if its loss drops
     sol = torch.empty(rows, p, dtype=torch.float64)
     sol_joint = torch.empty(rows, p, dtype=torch.float64) if K == 2 else None
     step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))

@@ -28,24 +28,7 @@ import torch
 
 from ..numerics.ct.grid import WeightQuant, minmax_qparams, search_qparams
 from ..numerics.ct.quantize import int_range
-
-_MAX_DAMP_TRIES = 6
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)⁻¹, in float64; raises the damping until H is PD."""
-    H = H.double()
-    mean_diag = H.diagonal().mean().item() or 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(_MAX_DAMP_TRIES):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0:
-                return U
-        damp *= 10
-    raise ValueError(f"Hessian is not positive definite even with damping {damp / 10:g}")
+from .hessian import inverse_cholesky, matmul_h, row_losses
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int | None,
@@ -67,15 +50,15 @@ def _gptq(W, H, *, bits, group_size, symmetric, damp, act_order, block_size, mse
         raise ValueError(f"in_features {cols} is not a multiple of the group size {gs}")
     qmin, qmax = int_range(bits)
     W = W.float().clone()
-    H = H.double().clone()
-    dead = H.diagonal() == 0  # inputs never seen: no information, quantize as zero like the reference
-    H[dead, dead] = 1
+    diag = H.diagonal().double()
+    dead = diag == 0  # inputs never seen: no information, quantize as zero like the reference
+    diag = torch.where(dead, torch.ones_like(diag), diag)  # and H_jj = 1 (`hessian.inverse_cholesky`)
     W[:, dead] = 0
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
     invperm = torch.argsort(perm)
     W = W[:, perm]
-    Hinv = _inverse_cholesky(H[perm][:, perm], damp).float()
+    Hinv = inverse_cholesky(H, damp, perm)
 
     # Column-major working copies (one row of Wt = one input column), so the per-column loop touches
     # contiguous memory; Python-side bookkeeping avoids a tensor op per column.
@@ -146,22 +129,20 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, q: WeightQuant, ridge: float 
     rows, cols = W.shape
     gs = cols if q.group_size is None else q.group_size
     G = cols // gs
-    H = H.double()
     W = W.double()
     c = q.codes.double()
     if q.zero_point is not None:
         c = c - q.zero_point.double().repeat_interleave(gs, dim=1)
     A = torch.empty(rows, G, G, dtype=torch.float64)
-    for h in range(G):  # A[r, g, h] = c_rgᵀ H_gh c_rh
-        T = c[:, h * gs:(h + 1) * gs] @ H[h * gs:(h + 1) * gs]  # [rows, cols]
+    for h in range(G):  # A[r, g, h] = c_rgᵀ H_gh c_rh (H's rows cast a group at a time: no float64 copy)
+        T = c[:, h * gs:(h + 1) * gs] @ H[h * gs:(h + 1) * gs].double()  # [rows, cols]
         A[:, :, h] = (c * T).view(rows, G, gs).sum(-1)
-    b = (c * (W @ H)).view(rows, G, gs).sum(-1)  # [rows, G]
+    b = (c * matmul_h(W, H)).view(rows, G, gs).sum(-1)  # [rows, G]
     A = A + ridge * A.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None] * torch.eye(G, dtype=A.dtype)
     s_new = torch.linalg.solve(A, b).to(torch.bfloat16).double()
 
     def loss(s):  # per row (w − ŵ)ᵀ H (w − ŵ)
-        d = W - c * s.repeat_interleave(gs, dim=1)
-        return ((d @ H) * d).sum(1)
+        return row_losses(W - c * s.repeat_interleave(gs, dim=1), H)
 
     s_old = q.scale.double()
     s_new = torch.where((c.view(rows, G, gs) == 0).all(-1), s_old, s_new)  # an all-zero group: any scale

@@ -177,7 +177,7 @@ def calibrate(ckpt: Checkpoint, scheme: Scheme | str, *, algorithm: str | None =
                     W = float_target_weight(W, st.xtx, st.xfx, damp)
                 return gptq_quantize(W, st.xtx, bits=w.num_bits, group_size=gs, symmetric=w.symmetric,
                                      damp=damp, act_order=act_order, mse=gptq_mse, refit=gptq_refit)
-            except ValueError as e:
+            except (ValueError, GemmaQuantError) as e:
                 raise GemmaQuantError(f"GPTQ failed on {where}: {e}") from None
 
         def emit(name, part):
