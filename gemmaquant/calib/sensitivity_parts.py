@@ -32,6 +32,7 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from .ggml_calibrate import imatrix_of
 from .ggml_gptq import single_thread
+from .hessian import quad_form
 
 
 def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:
@@ -220,7 +221,7 @@ class InputForms:
     big (over WIDE channels: 31B's down_proj input has 21504, whose XᵀX takes 1.85 GB, 512 tokens of X
     44 MB). Both give the same e up to float rounding; inputs of up to WIDE channels (every input of
     Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H is used in float64
-    column blocks (no float64 copy of it).
+    column blocks (no float64 copy of it: `hessian.quad_form`).
 
     With `activations`, also llama.cpp's CPU rounding of the same inputs to 8 bits (`qlinear.act_block`:
     blocks of 32 for the 32-weight types, 256 for the K- and IQ-quants): per channel j, N_j = Σ_t r_tj²
@@ -231,9 +232,10 @@ class InputForms:
     With `split`, the calibration windows are also kept in two halves (even windows: `fit`, odd:
     `held`; one window: its first and second half of positions), for scoring error-feedback codes
     fitted on one half on the other (`hessian`, `error(..., part=)`): on the few tokens of this pass,
-    codes look far better on their own fitting tokens than on others (RESULTS.md §11, tenth round)."""
+    codes look far better on their own fitting tokens than on others (RESULTS.md §11, tenth round).
+    The whole input's XᵀX is then not kept: its form is the sum of the halves'."""
 
-    BLOCK = 1 << 23  # float64 values of H's columns (or X's rows) at a time: 64 MB
+    BLOCK = 1 << 23  # float64 values of X's rows at a time: 64 MB
     WIDE = 4096
 
     ROWS = 512  # tokens rounded at a time (31B's 21504-wide down input: 44 MB per copy)
@@ -248,6 +250,7 @@ class InputForms:
         self.split, self.tokens = split, tokens
         self.parts: dict[str, dict[str, torch.Tensor]] = {}  # src -> {"fit"|"held": XᵀX}, XᵀX path
         self.held: dict[str, list[torch.Tensor]] = {}  # src -> per kept X chunk, its rows in `held`
+        self.fit_rows: dict[str, int] = {}  # src -> kept X's first rows that are the `fit` half (remove())
         self.windows: dict[str, int] = {}  # src -> windows seen (the split goes by window)
         self.grams: dict[tuple, torch.Tensor] = {}  # (src, part) -> XᵀX made from kept rows
         self.handles = []
@@ -281,14 +284,15 @@ class InputForms:
 
     def _gram(self, src: str, _m, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if self.split:
+        if self.split:  # the whole XᵀX is the halves' sum: not kept (31B's down_proj: 1.85 GB each)
             held = self._held_rows(src, args[0].shape)
             acc = self.parts.setdefault(src, {})
             for part, rows in (("fit", x[~held]), ("held", x[held])):
                 p = rows.T @ rows
                 acc[part] = p if part not in acc else acc[part].add_(p)
-        p = x.T @ x
-        self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
+        else:
+            p = x.T @ x
+            self.xtx[src] = p if src not in self.xtx else self.xtx[src].add_(p)
         self._round(src, x)
 
     def _round(self, src: str, x: torch.Tensor) -> None:
@@ -309,17 +313,31 @@ class InputForms:
         return float((Wq.double().pow(2).sum(0) * acc[block]).sum())
 
     def remove(self) -> None:
+        """Stop recording. A kept X becomes one tensor, with `split` its `fit` rows first (each half
+        then a view of it)."""
         for h in self.handles:
             h.remove()
-        self.x = {s: [torch.cat(v)] for s, v in self.x.items()}
-        self.held = {s: [torch.cat(v)] for s, v in self.held.items()}
+        for src, chunks in self.x.items():
+            if not self.split:
+                self.x[src] = [torch.cat(chunks)]
+                continue
+            masks = self.held.pop(src)
+            k = sum(int((~m).sum()) for m in masks)
+            X = torch.empty(sum(c.shape[0] for c in chunks), chunks[0].shape[1], dtype=chunks[0].dtype)
+            at = [0, k]  # next free row of the fit and the held half
+            while chunks:  # one copy: each chunk is freed once placed
+                c, m = chunks.pop(0), masks.pop(0)
+                for half, rows in enumerate((c[~m], c[m])):
+                    X[at[half]:at[half] + rows.shape[0]] = rows
+                    at[half] += rows.shape[0]
+            self.x[src], self.fit_rows[src] = [X], k
 
     def _rows(self, src: str, part: str | None) -> torch.Tensor:
         X = self.x[src][0]
         if part is None:
             return X
-        held = self.held[src][0]
-        return X[held] if part == "held" else X[~held]
+        k = self.fit_rows[src]
+        return X[k:] if part == "held" else X[:k]
 
     def hessian(self, suffix: str, part: str | None = None) -> torch.Tensor:
         """XᵀX (float32) of the Linear `suffix`'s input: all tokens, or one half (`split`)."""
@@ -329,6 +347,8 @@ class InputForms:
                 X = self._rows(src, part)
                 self.grams[(src, part)] = X.T @ X
             return self.grams[(src, part)]
+        if part is None and self.split:
+            return self.parts[src]["fit"] + self.parts[src]["held"]
         return self.xtx[src] if part is None else self.parts[src][part]
 
     def error(self, suffix: str, D: torch.Tensor, part: str | None = None) -> float:
@@ -338,12 +358,9 @@ class InputForms:
             X = self._rows(src, part)
             step = max(1, self.BLOCK // X.shape[1])
             return float(sum((X[r:r + step].double() @ D.T).pow(2).sum() for r in range(0, X.shape[0], step)))
-        H = self.xtx[src] if part is None else self.parts[src][part]
-        n = H.shape[0]
-        if n <= self.WIDE:
-            return float(((D @ H.double()) * D).sum())
-        step = max(1, self.BLOCK // n)
-        return float(sum(((D @ H[:, c:c + step].double()) * D[:, c:c + step]).sum() for c in range(0, n, step)))
+        if part is None and self.split:  # the halves' sum: the whole XᵀX is not kept
+            return self.error(suffix, D, "fit") + self.error(suffix, D, "held")
+        return quad_form(D, self.xtx[src] if part is None else self.parts[src][part])
 
 
 class Head:
