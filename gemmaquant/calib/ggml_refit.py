@@ -60,6 +60,20 @@ def bases(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torch.Ten
     return torch.stack(out, dim=2)
 
 
+def _normal_by_columns(Hr: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
+    """Bᵀ H B [r, p, p] (float32) for the rows' bases Bf [r, nb, K, size] and Hr = H [n, nb, size], one
+    block column of H at a time. The one-product form makes H·B [r, n, p] at once, which on a wide input
+    allows only a few rows per product, each re-reading all of H (31B's down_proj: 1.85 GB per 4 rows,
+    memory-bound); here H is read once per chunk of rows, in products of r·K columns."""
+    r, nb, K, size = Bf.shape
+    A = torch.empty(r, nb, K, nb, K)
+    Bt = Bf.permute(1, 3, 0, 2).reshape(nb, size, r * K)  # per block: its basis vectors, [size, r·K]
+    for c in range(nb):
+        T = (Hr[:, c, :] @ Bt[c]).view(nb, size, r, K)  # H[:, block c] · block c's basis
+        A[:, :, :, c, :] = torch.einsum("rbki,birq->rbkq", Bf, T)
+    return A.view(r, nb * K, nb * K)
+
+
 def row_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """[rows] (w − v) H (w − v)ᵀ in float64."""
     return hessian.row_losses(W.double() - V.double(), H)
@@ -97,11 +111,17 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor, data: torch.
     sol_joint = torch.empty(rows, p, dtype=torch.float64) if K == 2 else None
     step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))
     eye = torch.eye(p, dtype=torch.float64)
+    wide = n > hessian.WIDE
+    if wide:  # rows at a time: their basis [r, n, K], one block column's H·basis and A within 64 MB
+        step = max(1, min(_ROWS_PER_CHUNK_ELEMS // (4 * n * K), _ROWS_PER_CHUNK_ELEMS // (4 * p * p)))
     for r0 in range(0, rows, step):
         B = Bs[r0:r0 + step]  # [r, nb, K, size]
         Bf = B.float()
-        Tm = torch.einsum("nbi,rbki->rnbk", Hr, Bf).reshape(B.shape[0], nb, size, p)  # H·basis, by column
-        A = torch.einsum("rbki,rbiq->rbkq", Bf, Tm).reshape(B.shape[0], p, p).double()
+        if wide:
+            A = _normal_by_columns(Hr, Bf).double()
+        else:  # one product (bit for bit the earlier bytes)
+            Tm = torch.einsum("nbi,rbki->rnbk", Hr, Bf).reshape(B.shape[0], nb, size, p)  # H·basis, by column
+            A = torch.einsum("rbki,rbiq->rbkq", Bf, Tm).reshape(B.shape[0], p, p).double()
         g = (B * WH[r0:r0 + step].view(-1, nb, 1, size)).sum(-1).reshape(B.shape[0], p)
         lam = ridge * A.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)
         f = torch.linalg.solve(A + lam[:, None, None] * eye, g)

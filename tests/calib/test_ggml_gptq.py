@@ -167,16 +167,22 @@ def test_layer_loss_is_the_output_error(data):
     assert layer_loss(W, V, H) == pytest.approx(float(((X.double() @ (W - V).double().T) ** 2).sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("path", ["narrow", "wide"])
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
-def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype):
+def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype, path, monkeypatch):
     """The refit's fields against an independent least-squares solve in X space (numpy lstsq of
     X·basis against X·w, per row, rounded to fp16 as the block stores it); codes and integer
-    sub-scales unchanged; no row's loss goes up; gguf-py decodes the bytes to our values."""
+    sub-scales unchanged; no row's loss goes up; gguf-py decodes the bytes to our values. `wide`: the
+    input counts as wide (calib/hessian.py), so the factor, the forms and the refit's normal equations
+    take their wide-input paths."""
     from gguf.quants import dequantize as gguf_dequantize
 
+    from gemmaquant.calib import hessian
     from gemmaquant.calib.ggml_refit import FIELDS, bases, refit, row_losses
     from gemmaquant.numerics.ggml.types import BLOCK
 
+    if path == "wide":
+        monkeypatch.setattr(hessian, "WIDE", N // 2)
     W, X, H, imatrix = data
     plain = optimize_tensor(W, H, qtype, imatrix, refit=False)
     o = optimize_tensor(W, H, qtype, imatrix)
