@@ -3,22 +3,24 @@ calibration tokens), for both of its users: w4a16 GPTQ (calib/gptq.py) and the G
 (calib/ggml_gptq.py, ggml_refit.py).
 
 * `inverse_cholesky`: the upper Cholesky factor U of (H + damping)⁻¹ in a column order, float32;
-* `row_losses` / `quad_form` / `loss`: (w − ŵ) H (w − ŵ)ᵀ per row / summed / summed by row slices,
-  in float64.
+* `row_losses` / `quad_form` / `loss`: (w − ŵ) H (w − ŵ)ᵀ per row / summed / summed by row slices, and
+  `matmul_h`: W H, all in float64.
 
 Why one module: Gemma 4 31B's down_proj reads a 21504-wide input. Its XᵀX is 1.85 GB in float32 and
 every float64 copy of it 3.7 GB; the textbook steps (a float64 copy, an identity matrix, the damped
-sum, L, (LLᵀ)⁻¹, U) held several at once, and a `--algorithm gptq` run of the 31B shapes went past
-12 GiB (RESULTS.md §11). An input of up to `WIDE` channels (every input of Gemma 3 270M and of the
-test models; the attention inputs of most Gemmas) keeps the float64 steps, bit for bit as before. A
-wider one (the down_proj input of every Gemma from 1B up) is factored in float32 inside one n × n
-buffer: its rows filled from H in the
+sum, L, (LLᵀ)⁻¹, U) held several at once, and a `--algorithm gptq` run of the 31B shapes ran out of
+memory (RESULTS.md §11, eleventh round).
+
+An input of up to `WIDE` channels (every input of Gemma 3 270M and of the test models; the attention
+inputs of most Gemmas) keeps the float64 steps, bit for bit as before. A wider one (the down_proj input
+of every Gemma from 1B up) is factored in float32 inside one n × n buffer: its rows filled from H in the
 reversed processing order, an in-place blocked Cholesky, an in-place blocked inverse of the triangle,
 and a 180° rotation, using U = R L⁻¹ R for R H_p R = L Lᵀ (R: the reversal; then
-H_p⁻¹ = R L⁻ᵀ L⁻¹ R = UᵀU with U upper triangular). The quadratic forms of a wide H cast one block of
-its columns to float64 at a time. GPTQ implementations commonly factor in float32 (AutoGPTQ,
-llm-compressor); with the damping these passes use (0.3 of mean diag H for the GGML types) the
-factor's float32 error is far below the rounding it guides.
+H_p⁻¹ = R L⁻ᵀ L⁻¹ R = UᵀU with U upper triangular). GPTQ implementations commonly factor in float32
+(AutoGPTQ, llm-compressor); with the damping these passes use (0.3 of mean diag H for the GGML types)
+the factor's float32 error is far below the rounding it guides. The quadratic forms of a wide H cast
+one block of its columns to float64 at a time, and the losses go by row slices: the float64 difference
+of a big weight is as large as H.
 """
 
 from __future__ import annotations
