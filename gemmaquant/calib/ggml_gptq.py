@@ -230,8 +230,7 @@ def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = Tru
     seen count with H_jj = 1 (`hessian.inverse_cholesky`)."""
     n = H.shape[0]
     if act_order:
-        diag = H.diagonal().double()
-        diag = torch.where(diag == 0, torch.ones_like(diag), diag)
+        diag = hessian.seen_diagonal(H.diagonal().double())
         gperm = torch.argsort(diag.view(n // group, group).sum(dim=1), descending=True, stable=True)
         perm = (gperm[:, None] * group + torch.arange(group)).reshape(-1)
     else:

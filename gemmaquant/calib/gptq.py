@@ -28,7 +28,7 @@ import torch
 
 from ..numerics.ct.grid import WeightQuant, minmax_qparams, search_qparams
 from ..numerics.ct.quantize import int_range
-from .hessian import inverse_cholesky, matmul_h, row_losses
+from .hessian import inverse_cholesky, matmul_h, row_losses, seen_diagonal
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int | None,
@@ -52,7 +52,7 @@ def _gptq(W, H, *, bits, group_size, symmetric, damp, act_order, block_size, mse
     W = W.float().clone()
     diag = H.diagonal().double()
     dead = diag == 0  # inputs never seen: no information, quantize as zero like the reference
-    diag = torch.where(dead, torch.ones_like(diag), diag)  # and H_jj = 1 (`hessian.inverse_cholesky`)
+    diag = seen_diagonal(diag)  # and H_jj = 1, as the factor takes them
     W[:, dead] = 0
 
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)

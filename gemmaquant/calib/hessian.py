@@ -93,14 +93,15 @@ def inverse_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = N
     raise GemmaQuantError(f"the layer's Hessian is not positive definite even with damping {damp / 10:g}")
 
 
-def _seen(diag: torch.Tensor) -> torch.Tensor:
+def seen_diagonal(diag: torch.Tensor) -> torch.Tensor:
+    """diag H with the inputs never seen (H_jj = 0) at 1, as the factor takes them (act-order sorts by it)."""
     return torch.where(diag == 0, torch.ones_like(diag), diag)
 
 
 def _factor64(H: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor | None:
     """The float64 steps (narrow inputs), exactly as both GPTQs computed them before."""
     Hp = H.double()[perm][:, perm]
-    Hp.diagonal().copy_(_seen(Hp.diagonal()))
+    Hp.diagonal().copy_(seen_diagonal(Hp.diagonal()))
     mean_diag = Hp.diagonal().mean().item() or 1.0
     eye = torch.eye(Hp.shape[0], dtype=torch.float64)
     L, info = torch.linalg.cholesky_ex(Hp + damp * mean_diag * eye)
@@ -118,7 +119,7 @@ def _factor32(H: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor 
     for r in range(0, n, PANEL):  # A = R H_p R, by row blocks (no second n × n copy)
         A[r:r + PANEL] = H[rev[r:r + PANEL]][:, rev].float()
     d = A.diagonal()
-    d.copy_(_seen(d))
+    d.copy_(seen_diagonal(d))
     mean_diag = float(d.double().mean()) or 1.0
     d.add_(damp * mean_diag)
     if not _cholesky_in_place(A):
