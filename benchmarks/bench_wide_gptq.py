@@ -3,6 +3,8 @@ whether narrow inputs keep their bytes.
 
     python benchmarks/bench_wide_gptq.py refit 256 21504 Q4_K        # the refit's two ways of building its
                                                                      # normal equations, timed side by side
+    python benchmarks/bench_wide_gptq.py losses 256 21504 Q4_K       # a wide input's row losses: float32
+                                                                     # products against float64 ones
     python benchmarks/bench_wide_gptq.py trace 5376 21504 Q4_K       # each step of one optimize_layer_tensor:
                                                                      # seconds and memory (31B's down_proj shape)
     python benchmarks/bench_wide_gptq.py hash /tmp/offgrid           # sha256 of layer 3's error-feedback bytes
@@ -52,7 +54,7 @@ def refit(rows: int, n: int, types: list[str]) -> None:
         codes = gptq_codes(W, hessian_factor(H), r)
         data = pack_codes(r.data, t, codes)
         out = {}
-        for label, limit in (("one product", 10**9), ("by block column", wide)):
+        for label, limit in (("one product", 10**9), ("by block", wide)):
             hessian.WIDE = limit
             t0 = time.perf_counter()
             out[label] = ggml_refit.refit(W, H, data, t, codes)
@@ -63,6 +65,38 @@ def refit(rows: int, n: int, types: list[str]) -> None:
         lb = ggml_refit.row_losses(W, sub_grid(b, t, rows).values(codes), H)
         print(f"  rows whose bytes differ: {int((a != b).any(1).sum())} of {rows}; "
               f"loss ratio {float(lb.sum() / la.sum()):.9f}", flush=True)
+
+
+def losses(rows: int, n: int, name: str, tokens: int = 4096) -> None:
+    """Row losses of llama.cpp's rounding error on a wide input, the float32 column-block products of
+    `hessian.row_losses` against a float64 product of a float64 copy of H. The inputs have channel scales
+    spread over e^±2 and a mean offset (activations are neither centred nor even)."""
+    from gemmaquant.calib import hessian
+    from gemmaquant.calib.ggml_gptq import llama_rounding
+    from gemmaquant.numerics.ggml.types import GGMLType
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.exp(torch.randn(n, generator=g))
+    H = torch.zeros(n, n)
+    for _ in range(tokens // 512):
+        X = (torch.randn(512, n, generator=g) + 0.5) * scale
+        H.addmm_(X.T, X)
+    W = (torch.randn(rows, n, generator=g) * 0.02).bfloat16().float()
+    r = llama_rounding(W, GGMLType[name.upper()], H.diagonal() / tokens)
+    D = W - r.grid.values(r.codes)
+    t0 = time.perf_counter()
+    Hd = H.double()
+    want = ((D.double() @ Hd) * D.double()).sum(dim=1)
+    t64 = time.perf_counter() - t0
+    del Hd
+    assert n > hessian.WIDE, f"n = {n} is not wide (> {hessian.WIDE}): both would be float64"
+    t0 = time.perf_counter()
+    got = hessian.row_losses(D, H)
+    t32 = time.perf_counter() - t0
+    rel = ((got - want) / want).abs()
+    print(f"{rows} rows x {n}, {name}: float64 {t64:.1f} s (with the copy of H), float32 blocks {t32:.1f} s; "
+          f"relative error of a row's loss: max {float(rel.max()):.2e}, median {float(rel.median()):.2e}; "
+          f"of their sum {abs(float(got.sum() / want.sum()) - 1):.2e}")
 
 
 def trace(rows: int, n: int, name: str, stop_after: str | None) -> None:
@@ -88,7 +122,7 @@ def trace(rows: int, n: int, name: str, stop_after: str | None) -> None:
         pass
 
     for mod, fn in ((gc, "hessian_factor"), (gg, "llama_rounding"), (gg, "gptq_codes"), (gg, "pack_codes"),
-                    (gg, "refit_fields"), (gg, "layer_loss"), (gc, "layer_loss")):
+                    (gg, "refit_with_losses"), (gg, "layer_loss"), (gc, "layer_loss")):
         orig = getattr(mod, fn)
 
         def wrap(*a, _o=orig, _n=fn, **k):
@@ -154,6 +188,10 @@ def main(argv=None):
     p.add_argument("rows", type=int)
     p.add_argument("n", type=int)
     p.add_argument("types", nargs="+")
+    p = sub.add_parser("losses")
+    p.add_argument("rows", type=int)
+    p.add_argument("n", type=int)
+    p.add_argument("type")
     p = sub.add_parser("trace")
     p.add_argument("rows", type=int)
     p.add_argument("n", type=int)
@@ -165,6 +203,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     if a.cmd == "refit":
         refit(a.rows, a.n, a.types)
+    elif a.cmd == "losses":
+        losses(a.rows, a.n, a.type)
     elif a.cmd == "trace":
         trace(a.rows, a.n, a.type, a.stop_after)
     else:

@@ -42,7 +42,7 @@ from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_in
 from ..numerics.ggml.types import GGMLType
 from . import hessian
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
-from .ggml_refit import refit as refit_fields
+from .ggml_refit import refit_with_losses
 
 T = GGMLType
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
@@ -284,7 +284,7 @@ def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: in
 
 
 def layer_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W − Ŵ) H (W − Ŵ)ᵀ) = ||X(W − Ŵ)ᵀ||² for H = XᵀX (float64)."""
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) = ||X(W − Ŵ)ᵀ||² for H = XᵀX (`hessian.loss`)."""
     return hessian.loss(W, What, H)
 
 
@@ -316,13 +316,14 @@ def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, ima
         factor = factor or hessian_factor(H, damp=damp, act_order=act_order)
         codes = gptq_codes(W, factor, r, block_size=block_size)
     data = pack_codes(r.data, r.qtype, codes)
-    grid = r.grid
     if feedback and refit:
         with single_thread():  # bytes independent of --threads
-            data = refit_fields(W, H, data, r.qtype, codes)
-        grid = sub_grid(data, r.qtype, W.shape[0])
-    values = grid.values(codes)
-    loss = layer_loss(W, values, H)
+            data, row_loss = refit_with_losses(W, H, data, r.qtype, codes)
+        values = sub_grid(data, r.qtype, W.shape[0]).values(codes)
+        loss = float(row_loss.sum())  # the refit took each row's loss with its final fields
+    else:
+        values = r.grid.values(codes)
+        loss = layer_loss(W, values, H)
     if feedback and loss >= loss_llama:
         return Optimized(r.data, base, loss_llama, loss_llama)
     return Optimized(data, values, loss_llama, loss)

@@ -60,51 +60,66 @@ def bases(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torch.Ten
     return torch.stack(out, dim=2)
 
 
-def _normal_by_columns(Hr: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
-    """Bᵀ H B [r, p, p] (float32) for the rows' bases Bf [r, nb, K, size] and Hr = H [n, nb, size], one
-    block column of H at a time. The one-product form makes H·B [r, n, p] at once, which on a wide input
+def _normal_by_blocks(H: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
+    """Bᵀ H B [r, p, p] (float32) for the rows' bases Bf [r, nb, K, size] on a wide input (H [n, n]), one
+    block of H's rows at a time. The one-product form makes H·B [r, n, p] at once, which on a wide input
     allows only a few rows per product, each re-reading all of H (31B's down_proj: 1.85 GB per 4 rows,
-    memory-bound); here H is read once per chunk of rows, in products of r·K columns."""
+    memory-bound). Here block c's basis vectors of all the chunk's rows meet H's rows of block c in one
+    product, only up to block c (A is symmetric: the blocks below are the transposes), and each block's
+    sums are a batched product of small contiguous matrices (RESULTS.md §11, twelfth round: against the
+    earlier way by block column with an einsum)."""
     r, nb, K, size = Bf.shape
     A = torch.empty(r, nb, K, nb, K)
-    Bt = Bf.permute(1, 3, 0, 2).reshape(nb, size, r * K)  # per block: its basis vectors, [size, r·K]
+    Bc = Bf.transpose(0, 1).reshape(nb, r * K, size)  # per block: the chunk's basis vectors [r·K, size]
     for c in range(nb):
-        T = (Hr[:, c, :] @ Bt[c]).view(nb, size, r, K)  # H[:, block c] · block c's basis
-        A[:, :, :, c, :] = torch.einsum("rbki,birq->rbkq", Bf, T)
+        m = (c + 1) * size
+        # T[r, b, q, i] = Σ_j β_{r,c,q}[j] H[c·size + j, b·size + i], for the blocks b ≤ c
+        T = (Bc[c] @ H[c * size:m, :m].float()).view(r, K, c + 1, size).transpose(1, 2)
+        blk = torch.matmul(Bf[:, :c + 1], T.transpose(-1, -2))  # [r, b, k, q]: β_{r,b,k}ᵀ H[b, c] β_{r,c,q}
+        A[:, :c + 1, :, c, :] = blk
+        A[:, c, :, :c, :] = blk[:, :c].permute(0, 3, 1, 2)
     return A.view(r, nb * K, nb * K)
 
 
 def row_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """[rows] (w − v) H (w − v)ᵀ in float64."""
-    return hessian.row_losses(W.double() - V.double(), H)
+    """[rows] (w − v) H (w − v)ᵀ, float64 (`hessian.row_losses`)."""
+    return hessian.error_losses(W, V, H)
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor, *,
           ridge: float = 1e-12) -> torch.Tensor:
     """`data` [rows, row_bytes] uint8 with each row's fp16 fields re-solved for its codes (see the module
-    doc); rows whose loss the rounded solution does not lower keep their bytes. Rows are independent:
-    they are refitted a slice at a time, so that the float64 temporaries (a few per weight) stay small
-    for big tensors (31B's 5376 × 21504 down_proj: 0.9 GB per float64 copy)."""
+    doc); rows whose loss the rounded solution does not lower keep their bytes."""
+    return refit_with_losses(W, H, data, qtype, codes, ridge=ridge)[0]
+
+
+def refit_with_losses(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor,
+                      *, ridge: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`refit`'s bytes, each row's loss with them [rows] float64): the refit compares the rows' losses
+    anyway, so its caller need not take them again (on 31B's down_proj one product is a minute).
+    Rows are independent: they are refitted a slice at a time, so that the float64 temporaries (a few
+    per weight) stay small for big tensors (31B's 5376 × 21504 down_proj: 0.9 GB per float64 copy)."""
     rows, n = W.shape
-    Hr = H.float().view(n, n // BLOCK[qtype][0], BLOCK[qtype][0])
+    Hr = H.float().view(n, n // BLOCK[qtype][0], BLOCK[qtype][0]) if n <= hessian.WIDE else None
     out = torch.empty_like(data)
+    losses = torch.empty(rows, dtype=torch.float64)
     step = max(1, _ROWS_PER_SLICE_ELEMS // n)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
-        out[r0:r1] = _refit_rows(W[r0:r1], H, Hr, data[r0:r1], qtype, codes[r0:r1], ridge)
-    return out
+        out[r0:r1], losses[r0:r1] = _refit_rows(W[r0:r1], H, Hr, data[r0:r1], qtype, codes[r0:r1], ridge)
+    return out, losses
 
 
-def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor, data: torch.Tensor, qtype: GGMLType,
-                codes: torch.Tensor, ridge: float) -> torch.Tensor:
+def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor | None, data: torch.Tensor, qtype: GGMLType,
+                codes: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows, n = W.shape
     size, nbytes = BLOCK[qtype]
     offsets = FIELDS[qtype]
     K, nb = len(offsets), n // size
     p = nb * K
     Bs = bases(data, qtype, codes)  # [rows, nb, K, size]
-    WH = hessian.matmul_h(W, H)  # float64, without a float64 copy of a wide H
-    # the normal equations in float32 (the costly product, n² per row; Hr: H in float32 by block),
+    WH = hessian.matmul_h(W, H)  # float64 (a wide H's products float32, without a copy of it)
+    # the normal equations in float32 (the costly product, n² per row),
     # solved in float64: their error is far below the fp16 rounding of the result, and a row only
     # changes if its loss drops
     sol = torch.empty(rows, p, dtype=torch.float64)
@@ -112,13 +127,13 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor, data: torch.
     step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))
     eye = torch.eye(p, dtype=torch.float64)
     wide = n > hessian.WIDE
-    if wide:  # rows at a time: their basis [r, n, K], one block column's H·basis and A within 64 MB
+    if wide:  # rows at a time: their basis [r, n, K], one block's H·basis and A within 64 MB
         step = max(1, min(_ROWS_PER_CHUNK_ELEMS // (4 * n * K), _ROWS_PER_CHUNK_ELEMS // (4 * p * p)))
     for r0 in range(0, rows, step):
         B = Bs[r0:r0 + step]  # [r, nb, K, size]
         Bf = B.float()
         if wide:
-            A = _normal_by_columns(Hr, Bf).double()
+            A = _normal_by_blocks(H, Bf).double()
         else:  # one product (bit for bit the earlier bytes)
             Tm = torch.einsum("nbi,rbki->rnbk", Hr, Bf).reshape(B.shape[0], nb, size, p)  # H·basis, by column
             A = torch.einsum("rbki,rbiq->rbkq", Bf, Tm).reshape(B.shape[0], p, p).double()
@@ -145,4 +160,4 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor, data: torch.
         loss = row_losses(W, sub_grid(new, qtype, rows).values(codes), H)
         better = loss < best_loss
         best, best_loss = torch.where(better[:, None], new, best), torch.where(better, loss, best_loss)
-    return best
+    return best, best_loss

@@ -3,8 +3,8 @@ calibration tokens), for both of its users: w4a16 GPTQ (calib/gptq.py) and the G
 (calib/ggml_gptq.py, ggml_refit.py).
 
 * `inverse_cholesky`: the upper Cholesky factor U of (H + damping)⁻¹ in a column order, float32;
-* `row_losses` / `quad_form` / `loss`: (w − ŵ) H (w − ŵ)ᵀ per row / summed / summed by row slices, and
-  `matmul_h`: W H, all in float64.
+* `row_losses` / `error_losses` / `quad_form` / `loss`: (w − ŵ) H (w − ŵ)ᵀ per row / per row of W − V /
+  summed / summed by row slices, and `matmul_h`: W H, all with float64 results.
 
 Why one module: Gemma 4 31B's down_proj reads a 21504-wide input. Its XᵀX is 1.85 GB in float32 and
 every float64 copy of it 3.7 GB; the textbook steps (a float64 copy, an identity matrix, the damped
@@ -18,9 +18,11 @@ reversed processing order, an in-place blocked Cholesky, an in-place blocked inv
 and a 180° rotation, using U = R L⁻¹ R for R H_p R = L Lᵀ (R: the reversal; then
 H_p⁻¹ = R L⁻ᵀ L⁻¹ R = UᵀU with U upper triangular). GPTQ implementations commonly factor in float32
 (AutoGPTQ, llm-compressor); with the damping these passes use (0.3 of mean diag H for the GGML types)
-the factor's float32 error is far below the rounding it guides. The quadratic forms of a wide H cast
-one block of its columns to float64 at a time, and the losses go by row slices: the float64 difference
-of a big weight is as large as H.
+the factor's float32 error is far below the rounding it guides. The products of a wide H are float32
+(H as stored), one block of its columns at a time, each block's sums accumulated in float64: a row's
+loss is then within 2e-7 of the float64 product's (RESULTS.md §11, twelfth round), in less than half the
+time, and no block of H is cast. The losses go by row slices: the float64 difference of a big weight is
+as large as H.
 """
 
 from __future__ import annotations
@@ -31,26 +33,38 @@ from ..errors import GemmaQuantError
 
 WIDE = 4096  # wider inputs are factored in float32 in place, and their forms taken by column blocks
 PANEL = 512  # columns per step of the in-place factorizations
-BLOCK = 1 << 23  # float64 values cast at a time in a quadratic form (64 MB)
-SLICE = 1 << 24  # weights per row slice of a loss (128 MB per float64 copy)
+BLOCK = 1 << 23  # values of H per column block of a wide product (32 MB)
+SLICE = 1 << 24  # weights per row slice of a loss (128 MB per float64 difference)
 MAX_DAMP_TRIES = 6
 
 
 def row_losses(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """[rows] d H dᵀ in float64 for the rows d of D [rows, n] (a weight error); H [n, n]."""
-    D = D.double()
+    """[rows] d H dᵀ (float64) for the rows d of D [rows, n] (a weight error); H [n, n]. Float64 products
+    for an input up to `WIDE`; float32 ones on a wider input's column blocks (module doc)."""
     n = H.shape[0]
     if n <= WIDE:
+        D = D.double()
         return ((D @ H.double()) * D).sum(dim=1)
+    D = D.float()
     out = torch.zeros(D.shape[0], dtype=torch.float64)
     step = max(1, BLOCK // n)
     for c in range(0, n, step):
-        out += ((D @ H[:, c:c + step].double()) * D[:, c:c + step]).sum(dim=1)
+        out += ((D @ H[:, c:c + step].float()).double() * D[:, c:c + step].double()).sum(dim=1)
     return out
 
 
+def error_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """[rows] (w − v) H (w − v)ᵀ for the rows of W and V [rows, n]."""
+    return row_losses(_difference(W, V, H), H)
+
+
+def _difference(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """W − V in the precision of the products with H (`row_losses`)."""
+    return W.double() - V.double() if H.shape[0] <= WIDE else W.float() - V.float()
+
+
 def quad_form(D: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H Dᵀ) = ||X Dᵀ||² for H = XᵀX, in float64."""
+    """tr(D H Dᵀ) = ||X Dᵀ||² for H = XᵀX."""
     if H.shape[0] <= WIDE:
         D = D.double()
         return float(((D @ H.double()) * D).sum())
@@ -58,23 +72,24 @@ def quad_form(D: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def loss(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W − V) H (W − V)ᵀ) in float64, W and V [rows, n], a slice of `SLICE` weights at a time (the
-    float64 difference of 31B's down_proj is 0.9 GB whole)."""
+    """tr((W − V) H (W − V)ᵀ), W and V [rows, n], a slice of `SLICE` weights at a time (the float64
+    difference of 31B's down_proj is 0.9 GB whole)."""
     rows, n = W.shape
     step = max(1, SLICE // max(n, 1))
-    return sum(quad_form(W[r:r + step].double() - V[r:r + step].double(), H) for r in range(0, rows, step))
+    return sum(quad_form(_difference(W[r:r + step], V[r:r + step], H), H) for r in range(0, rows, step))
 
 
 def matmul_h(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """W H in float64 (W [rows, n]), a wide H cast by column blocks."""
-    W = W.double()
+    """W H as float64 (W [rows, n]): a float64 product up to `WIDE`, float32 ones on a wider input's column
+    blocks (module doc)."""
     n = H.shape[0]
     if n <= WIDE:
-        return W @ H.double()
+        return W.double() @ H.double()
+    W = W.float()
     out = torch.empty(W.shape[0], n, dtype=torch.float64)
     step = max(1, BLOCK // n)
     for c in range(0, n, step):
-        out[:, c:c + step] = W @ H[:, c:c + step].double()
+        out[:, c:c + step] = W @ H[:, c:c + step].float()
     return out
 
 

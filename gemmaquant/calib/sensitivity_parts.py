@@ -220,8 +220,8 @@ class InputForms:
     accumulated in float32 as `stats.InputStats` does, or X itself where that is smaller and XᵀX is
     big (over WIDE channels: 31B's down_proj input has 21504, whose XᵀX takes 1.85 GB, 512 tokens of X
     44 MB). Both give the same e up to float rounding; inputs of up to WIDE channels (every input of
-    Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H is used in float64
-    column blocks (no float64 copy of it: `hessian.quad_form`).
+    Gemma 3 270M and of the test models) take exactly the former XᵀX path. A wide H's forms are float32
+    products on its column blocks, summed in float64 (no float64 copy of it: `hessian.quad_form`).
 
     With `activations`, also llama.cpp's CPU rounding of the same inputs to 8 bits (`qlinear.act_block`:
     blocks of 32 for the 32-weight types, 256 for the K- and IQ-quants): per channel j, N_j = Σ_t r_tj²

@@ -194,6 +194,8 @@ def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype, path
         mask[at:at + 2] = False
     assert torch.equal(o.data.view(-1, nbytes)[:, mask], plain.data.view(-1, nbytes)[:, mask])
     assert o.loss < plain.loss
+    # the loss the refit reports (its rows' losses, not taken again) is that of the bytes
+    assert o.loss == pytest.approx(float(((X.double() @ (W - o.values).double().T) ** 2).sum()), rel=1e-4)
     np.testing.assert_array_equal(gguf_dequantize(o.data.numpy(), int(qtype)).reshape(ROWS, N), o.values.numpy())
 
     Hd = H.double()

@@ -131,4 +131,8 @@ def test_quadratic_forms_against_x(n, monkeypatch):
     want = ((X @ D.T) ** 2).sum(0)
     assert torch.allclose(hessian.row_losses(D, H), want, rtol=1e-5)
     assert hessian.quad_form(D, H) == pytest.approx(float(want.sum()), rel=1e-5)
-    assert torch.allclose(hessian.matmul_h(D, H), D @ H.double(), rtol=1e-12, atol=0)
+    got, want = hessian.matmul_h(D, H), D @ H.double()
+    if n <= hessian.WIDE:  # float64 products
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    else:  # float32 products on column blocks
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
