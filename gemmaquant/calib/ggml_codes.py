@@ -35,6 +35,9 @@ RANGE = {T.Q4_0: (0, 15), T.Q5_0: (0, 31), T.Q4_1: (0, 15), T.Q5_1: (0, 31), T.Q
          T.Q2_K: (0, 3), T.Q3_K: (0, 7), T.Q4_K: (0, 15), T.Q5_K: (0, 31), T.Q6_K: (0, 63),
          T.IQ4_NL: (0, 15), T.IQ4_XS: (0, 15)}
 ZERO = {T.Q4_0: 8, T.Q5_0: 16, T.Q3_K: 4, T.Q6_K: 32}
+# blocks packed at a time: the int64 temporaries of packing stay near 100 MB (31B's down_proj at Q4_K has
+# 451,584 blocks, and its codes as int64 take 0.9 GB)
+PACK_BLOCKS = 1 << 16
 
 
 @dataclass
@@ -47,7 +50,7 @@ class SubGrid:
 
     def level(self, q: torch.Tensor) -> torch.Tensor:
         if self.qtype in (T.IQ4_NL, T.IQ4_XS):
-            return kvalues(q.device)[q]
+            return kvalues(q.device)[q.long()]  # codes may come as int16 (`ggml_gptq.gptq_codes`)
         return (q - ZERO.get(self.qtype, 0)).float()
 
     def value(self, q: torch.Tensor, s: int | slice) -> torch.Tensor:
@@ -199,9 +202,15 @@ def pack_codes(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torc
     rows = data.shape[0]
     out = data.clone()
     b = _blocks(out, qtype)
+    q = codes.reshape(b.shape[0], BLOCK[qtype][0])
+    for s in range(0, b.shape[0], PACK_BLOCKS):  # views of `out`: packed in place
+        _pack_blocks(b[s:s + PACK_BLOCKS], qtype, q[s:s + PACK_BLOCKS].long())
+    return out.view(rows, -1)
+
+
+def _pack_blocks(b: torch.Tensor, qtype: GGMLType, q: torch.Tensor) -> None:
+    """Blocks b [nb, bytes] (written in place) get the codes q [nb, block] int64."""
     nb = b.shape[0]
-    block = BLOCK[qtype][0]
-    q = codes.reshape(nb, block).long()
     if qtype in (T.Q4_0, T.IQ4_NL):
         b[:, 2:18] = _pack_nibbles(q)
     elif qtype == T.Q4_1:
@@ -233,4 +242,3 @@ def pack_codes(data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor) -> torc
         b[:, 128:192] = qh.reshape(nb, 64).to(torch.uint8)
     else:  # IQ4_XS
         b[:, 8:136] = _pack_nibbles(q)
-    return out.view(rows, -1)

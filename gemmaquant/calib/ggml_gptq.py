@@ -60,7 +60,7 @@ class Rounding:
     qtype: GGMLType
     data: torch.Tensor  # [rows, row_bytes] uint8: llama.cpp's bytes
     grid: SubGrid
-    codes: torch.Tensor  # [rows, n] int64: llama.cpp's codes
+    codes: torch.Tensor  # [rows, n] int16: llama.cpp's codes (every type's fit; a quarter of int64)
     kind: str  # the rounding rule, see `decide`
     iscale: torch.Tensor | None  # [rows, n/sub] float32 multiplier of the rule (mul/roundf/floor/iq4 kinds)
     offset: torch.Tensor | None  # [rows, n/sub] subtracted before scaling (floor kind: the ref Q4_1 min)
@@ -210,7 +210,7 @@ def llama_rounding(W: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor
             kind, iscale, offset = "floor", torch.where(d != 0, div(1.0, d), 0.0), mn
         else:
             kind, inexact = "nearest", nb
-    return Rounding(qtype, data, grid, codes, kind,
+    return Rounding(qtype, data, grid, codes.to(torch.int16), kind,
                     None if iscale is None else _per_sub(iscale, rows),
                     None if offset is None else _per_sub(offset, rows), keep, inexact)
 
@@ -254,7 +254,7 @@ def single_thread():
 
 
 def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: int = 128) -> torch.Tensor:
-    """Codes [rows, n] for W [rows, n] chosen column by column with error feedback (factor `f` of H)."""
+    """Codes [rows, n] int16 for W [rows, n] chosen column by column with error feedback (factor `f` of H)."""
     rows, n = W.shape
     perm, U = f.perm, f.U
     Wt = W.float().T[perm].contiguous()  # [n, rows], processing order: one row per input column
@@ -280,7 +280,7 @@ def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: in
     out = torch.empty_like(codes)
     out[perm] = codes
     del codes
-    return out.T.contiguous().long()
+    return out.T.contiguous()
 
 
 def layer_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:

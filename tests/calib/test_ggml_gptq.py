@@ -53,17 +53,22 @@ def data():
 
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "ref"])
-def test_codes_and_grid_round_trip_llama_bytes(data, qtype, with_imatrix):
-    """Unpacking and repacking llama.cpp's bytes is the identity, and code × grid is the dequantizer."""
-    W, _, _, imatrix = data
+def test_codes_and_grid_round_trip_llama_bytes(data, qtype, with_imatrix, monkeypatch):
+    """Unpacking and repacking llama.cpp's bytes is the identity, and code × grid is the dequantizer;
+    also with the codes as int16 (as error feedback keeps them) and packed a few blocks at a time."""
     from gguf.quants import dequantize as gguf_dequantize
 
+    from gemmaquant.calib import ggml_codes
+
+    W, _, _, imatrix = data
     b = quantize(W, qtype, imatrix if with_imatrix else None)
     codes = unpack_codes(b, qtype, ROWS)
     assert torch.equal(pack_codes(b, qtype, codes), b)
-    values = sub_grid(b, qtype, ROWS).values(codes)
     ref = gguf_dequantize(b.numpy(), int(qtype)).reshape(ROWS, N)
-    np.testing.assert_array_equal(values.numpy(), ref)
+    for c in (codes, codes.to(torch.int16)):
+        np.testing.assert_array_equal(sub_grid(b, qtype, ROWS).values(c).numpy(), ref)
+    monkeypatch.setattr(ggml_codes, "PACK_BLOCKS", 3)
+    assert torch.equal(pack_codes(b, qtype, codes.to(torch.int16)), b)
 
 
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
