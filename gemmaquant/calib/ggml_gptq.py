@@ -29,7 +29,6 @@ The grid types (IQ3_S) store 4 weights per grid point: see `ggml_gptq_grid.py`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +40,7 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
 from ..numerics.ggml.types import GGMLType
 from . import hessian
+from .hessian import single_thread
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit_with_losses
 
@@ -238,19 +238,6 @@ def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = Tru
     with single_thread():
         U = hessian.inverse_cholesky(H, damp, perm)
     return HessianFactor(perm, U, group)
-
-
-@contextmanager
-def single_thread():
-    """Run the column loops on one torch thread: their ops are small (one column of a tensor), and with
-    two threads each ends in a barrier that a busy machine stretches up to 30x (measured here);
-    one thread also keeps the result independent of --threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: int = 128) -> torch.Tensor:

@@ -27,7 +27,8 @@ from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.iqgrid_tables import grid_tables
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
-from .ggml_gptq import DAMP, HessianFactor, Optimized, hessian_factor, layer_loss, single_thread
+from .ggml_gptq import DAMP, HessianFactor, Optimized, hessian_factor, layer_loss
+from .hessian import single_thread
 
 GRID_TYPES = (GGMLType.IQ3_S,)
 _BYTES = 110  # IQ3_S block: d(2) qs(64) qh(8) signs(32) scales(4)

@@ -27,6 +27,8 @@ as large as H.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import GemmaQuantError
@@ -36,6 +38,20 @@ PANEL = 512  # columns per step of the in-place factorizations
 BLOCK = 1 << 23  # values of H per column block of a wide product (32 MB)
 SLICE = 1 << 24  # weights per row slice of a loss (128 MB per float64 difference)
 MAX_DAMP_TRIES = 6
+
+
+@contextmanager
+def single_thread():
+    """Run on one torch thread. For the GPTQ column loops: their ops are small (one column of a tensor),
+    and with two threads each ends in a barrier that a busy machine stretches up to 30x (measured
+    here). For the products of a wide H: MKL's sums of such long, thin products differ with the number
+    of threads. One thread keeps every result, and so the bytes and budget plans, independent of --threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def row_losses(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -48,8 +64,9 @@ def row_losses(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     D = D.float()
     out = torch.zeros(D.shape[0], dtype=torch.float64)
     step = max(1, BLOCK // n)
-    for c in range(0, n, step):
-        out += ((D @ H[:, c:c + step].float()).double() * D[:, c:c + step].double()).sum(dim=1)
+    with single_thread():
+        for c in range(0, n, step):
+            out += ((D @ H[:, c:c + step].float()).double() * D[:, c:c + step].double()).sum(dim=1)
     return out
 
 
@@ -88,8 +105,9 @@ def matmul_h(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     W = W.float()
     out = torch.empty(W.shape[0], n, dtype=torch.float64)
     step = max(1, BLOCK // n)
-    for c in range(0, n, step):
-        out[:, c:c + step] = W @ H[:, c:c + step].float()
+    with single_thread():
+        for c in range(0, n, step):
+            out[:, c:c + step] = W @ H[:, c:c + step].float()
     return out
 
 

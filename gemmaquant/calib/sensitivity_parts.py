@@ -31,8 +31,7 @@ from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from .ggml_calibrate import imatrix_of
-from .ggml_gptq import single_thread
-from .hessian import quad_form
+from .hessian import quad_form, single_thread
 
 
 def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:

@@ -136,3 +136,26 @@ def test_quadratic_forms_against_x(n, monkeypatch):
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
     else:  # float32 products on column blocks
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_wide_products_do_not_depend_on_the_thread_count(monkeypatch):
+    """MKL sums a long, thin float32 product differently on 1 and 2 threads (this shape differs by
+    itself); the wide path runs them on one thread, so losses, refits and budget plans do not depend on
+    --threads, and the caller's thread count is restored."""
+    monkeypatch.setattr(hessian, "WIDE", 512)
+    n = 1024
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(n, n, generator=g)
+    H = X.T @ X
+    D = torch.randn(64, n, generator=g) * 0.01
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append((hessian.row_losses(D, H), hessian.matmul_h(D, H)))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])
