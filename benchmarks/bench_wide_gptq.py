@@ -61,8 +61,8 @@ def refit(rows: int, n: int, types: list[str]) -> None:
             print(f"{t.name} {label}: {time.perf_counter() - t0:.1f} s", flush=True)
         hessian.WIDE = wide
         a, b = out.values()
-        la = ggml_refit.row_losses(W, sub_grid(a, t, rows).values(codes), H)
-        lb = ggml_refit.row_losses(W, sub_grid(b, t, rows).values(codes), H)
+        la = hessian.error_losses(W, sub_grid(a, t, rows).values(codes), H)
+        lb = hessian.error_losses(W, sub_grid(b, t, rows).values(codes), H)
         print(f"  rows whose bytes differ: {int((a != b).any(1).sum())} of {rows}; "
               f"loss ratio {float(lb.sum() / la.sum()):.9f}", flush=True)
 

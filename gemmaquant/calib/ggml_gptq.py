@@ -40,9 +40,9 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.search import GROUP_MAX_EPS, div, first_abs_max, nearest_int, roundf, running_min_max, seq_sum, sqrt
 from ..numerics.ggml.types import GGMLType
 from . import hessian
-from .hessian import single_thread
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit_with_losses
+from .hessian import single_thread
 
 T = GGMLType
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,

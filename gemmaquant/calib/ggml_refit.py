@@ -81,11 +81,6 @@ def _normal_by_blocks(H: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
     return A.view(r, nb * K, nb * K)
 
 
-def row_losses(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """[rows] (w − v) H (w − v)ᵀ, float64 (`hessian.row_losses`)."""
-    return hessian.error_losses(W, V, H)
-
-
 def refit(W: torch.Tensor, H: torch.Tensor, data: torch.Tensor, qtype: GGMLType, codes: torch.Tensor, *,
           ridge: float = 1e-12) -> torch.Tensor:
     """`data` [rows, row_bytes] uint8 with each row's fp16 fields re-solved for its codes (see the module
@@ -126,7 +121,7 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor | None, data:
     sol_joint = torch.empty(rows, p, dtype=torch.float64) if K == 2 else None
     step = max(1, _ROWS_PER_CHUNK_ELEMS // (n * p))
     eye = torch.eye(p, dtype=torch.float64)
-    wide = n > hessian.WIDE
+    wide = Hr is None  # `refit_with_losses` decided: the input is wider than hessian.WIDE
     if wide:  # rows at a time: their basis [r, n, K], one block's H·basis and A within 64 MB
         step = max(1, min(_ROWS_PER_CHUNK_ELEMS // (4 * n * K), _ROWS_PER_CHUNK_ELEMS // (4 * p * p)))
     for r0 in range(0, rows, step):
@@ -152,12 +147,12 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hr: torch.Tensor | None, data:
         sol[r0:r0 + step] = f
     blocks = data.reshape(-1, nbytes)
     old_f = _fields(blocks, offsets)
-    best, best_loss = data, row_losses(W, sub_grid(data, qtype, rows).values(codes), H)
+    best, best_loss = data, hessian.error_losses(W, sub_grid(data, qtype, rows).values(codes), H)
     for cand in [sol] + ([sol_joint] if K == 2 else []):
         new_f = cand.view(-1, K).float()
         finite = torch.isfinite(new_f.to(torch.float16).float()).all(dim=1, keepdim=True)
         new = _with_fields(blocks, offsets, torch.where(finite, new_f, old_f)).view(rows, -1)
-        loss = row_losses(W, sub_grid(new, qtype, rows).values(codes), H)
+        loss = hessian.error_losses(W, sub_grid(new, qtype, rows).values(codes), H)
         better = loss < best_loss
         best, best_loss = torch.where(better[:, None], new, best), torch.where(better, loss, best_loss)
     return best, best_loss

@@ -82,7 +82,7 @@ def _difference(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tens
 
 def quad_form(D: torch.Tensor, H: torch.Tensor) -> float:
     """tr(D H Dᵀ) = ||X Dᵀ||² for H = XᵀX."""
-    if H.shape[0] <= WIDE:
+    if H.shape[0] <= WIDE:  # summed whole, not by row: the sums (and the plans scored by them) as before
         D = D.double()
         return float(((D @ H.double()) * D).sum())
     return float(row_losses(D, H).sum())

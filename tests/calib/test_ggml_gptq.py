@@ -183,7 +183,8 @@ def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype, path
     from gguf.quants import dequantize as gguf_dequantize
 
     from gemmaquant.calib import hessian
-    from gemmaquant.calib.ggml_refit import FIELDS, bases, refit, row_losses
+    from gemmaquant.calib.ggml_refit import FIELDS, bases, refit
+    from gemmaquant.calib.hessian import error_losses
     from gemmaquant.numerics.ggml.types import BLOCK
 
     if path == "wide":
@@ -207,7 +208,7 @@ def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype, path
     refitted = refit(W, H, plain.data, qtype, codes)
     v_old = sub_grid(plain.data, qtype, ROWS).values(codes)
     v_new = sub_grid(refitted, qtype, ROWS).values(codes)
-    assert (row_losses(W, v_new, Hd) <= row_losses(W, v_old, Hd)).all()
+    assert (error_losses(W, v_new, Hd) <= error_losses(W, v_old, Hd)).all()
     B = bases(plain.data, qtype, codes).reshape(ROWS, N // size, len(FIELDS[qtype]), size)
     Xd = X.double().numpy()
     for r in range(ROWS):
@@ -218,6 +219,6 @@ def test_refit_solves_the_fp16_fields_and_touches_nothing_else(data, qtype, path
         XB = Xd @ basis
         f, *_ = np.linalg.lstsq(XB, Xd @ W[r].double().numpy(), rcond=None)
         ref = torch.from_numpy(basis @ f.astype(np.float16).astype(np.float64))
-        ref_loss = float(row_losses(W[r:r + 1], ref[None], Hd)[0])
-        got = float(row_losses(W[r:r + 1], v_new[r:r + 1], Hd)[0])
+        ref_loss = float(error_losses(W[r:r + 1], ref[None], Hd)[0])
+        got = float(error_losses(W[r:r + 1], v_new[r:r + 1], Hd)[0])
         assert got <= ref_loss * (1 + 1e-3) + 1e-12, (r, got, ref_loss)
