@@ -94,7 +94,7 @@ def split_loss(W, V, Hs) -> float:
 def dynamic_scales(W, H, qtype, imatrix, damp):
     from gemmaquant.calib.ggml_codes import SUB, pack_codes, sub_grid
     from gemmaquant.calib.ggml_gptq import hessian_factor, llama_rounding
-    from gemmaquant.calib.hessian import single_thread
+    from gemmaquant.calib.threads import single_thread
     from gemmaquant.calib.ggml_refit import refit
     from gemmaquant.numerics.ggml.types import BLOCK
 

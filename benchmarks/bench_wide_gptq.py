@@ -7,11 +7,13 @@ whether narrow inputs keep their bytes.
                                                                      # products against float64 ones
     python benchmarks/bench_wide_gptq.py trace 5376 21504 Q4_K       # each step of one optimize_layer_tensor:
                                                                      # seconds and memory (31B's down_proj shape)
+    python benchmarks/bench_wide_gptq.py trace 5376 21504 Q4_K --threads 2   # the same on 2 threads, and the
+                                                                     # sha256 of its bytes (equal on any count)
     python benchmarks/bench_wide_gptq.py hash /tmp/offgrid           # sha256 of layer 3's error-feedback bytes
                                                                      # (6 GGML types) and w4a16 GPTQ codes/scales
 
 `hash` imports whatever gemmaquant PYTHONPATH gives: run it against two trees to compare their bytes.
-Random weights and inputs (refit, trace) come from a fixed seed; one torch thread.
+Random weights and inputs (refit, trace) come from a fixed seed; one torch thread unless --threads.
 """
 
 from __future__ import annotations
@@ -140,10 +142,11 @@ def trace(rows: int, n: int, name: str, stop_after: str | None) -> None:
         setattr(mod, fn, wrap)
     t0 = time.perf_counter()
     try:
-        gc.optimize_layer_tensor(W, H, GGMLType[name.upper()], imat)
+        data, *_ = gc.optimize_layer_tensor(W, H, GGMLType[name.upper()], imat)
+        print("sha256", hashlib.sha256(data.numpy().tobytes()).hexdigest())
     except Stop:
         print(f"stopped after {stop_after}")
-    print(f"{time.perf_counter() - t0:.0f} s; peak {peak[0]:.2f} GiB (in {peak[1]}), {peak[0] - base:.2f} above setup")
+    print(f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread(s); peak {peak[0]:.2f} GiB (in {peak[1]}), {peak[0] - base:.2f} above setup")
 
 
 def hash_bytes(model: str) -> None:
@@ -197,10 +200,11 @@ def main(argv=None):
     p.add_argument("n", type=int)
     p.add_argument("type")
     p.add_argument("--stop-after", help="a step name (e.g. pack_codes): stop the tensor there")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the wide steps run jobs on them)")
     p = sub.add_parser("hash")
     p.add_argument("model")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(a, "threads", 1))
     if a.cmd == "refit":
         refit(a.rows, a.n, a.types)
     elif a.cmd == "losses":

@@ -38,6 +38,7 @@ ZERO = {T.Q4_0: 8, T.Q5_0: 16, T.Q3_K: 4, T.Q6_K: 32}
 # blocks packed at a time: the int64 temporaries of packing stay near 100 MB (31B's down_proj at Q4_K has
 # 451,584 blocks, and its codes as int64 take 0.9 GB)
 PACK_BLOCKS = 1 << 16
+VALUE_ROWS = 1 << 22  # weights per row slice of `SubGrid.values`
 
 
 @dataclass
@@ -63,14 +64,19 @@ class SubGrid:
         return v + (b if q.dim() == b.dim() else b[:, None])
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
-        """[rows, n] codes -> [rows, n] values."""
+        """[rows, n] codes -> [rows, n] values float32, a slice of `VALUE_ROWS` weights' rows at a time (whole,
+        the levels and products of 31B's down_proj were three float32 copies of it, 1.4 GB)."""
         rows, n = codes.shape
         sub = SUB[self.qtype]
-        lv = self.level(codes).view(rows, n // sub, sub)
-        v = self.A[:, :, None] * lv
-        if self.B is not None:
-            v = v + self.B[:, :, None]
-        return v.view(rows, n)
+        out = torch.empty(rows, n)
+        step = max(1, VALUE_ROWS // n)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            v = self.A[r0:r1, :, None] * self.level(codes[r0:r1]).view(r1 - r0, n // sub, sub)
+            if self.B is not None:
+                v = v + self.B[r0:r1, :, None]
+            out[r0:r1] = v.view(r1 - r0, n)
+        return out
 
 
 def _blocks(data: torch.Tensor, qtype: GGMLType) -> torch.Tensor:

@@ -42,7 +42,7 @@ from ..numerics.ggml.types import GGMLType
 from . import hessian
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit_with_losses
-from .hessian import single_thread
+from .threads import parallel_map, row_slices, single_thread
 
 T = GGMLType
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
@@ -50,6 +50,8 @@ T = GGMLType
 # 0.3 beat 0.1 on six of the seven types llama-perplexity judged on held-out text and tied on the
 # seventh (RESULTS.md §11, fifth round).
 DAMP = 0.3
+FEED = 1024  # columns per job of the error feedback's block product (`feed_forward`)
+ROUND_ROWS = 1 << 23  # weights per row slice of llama.cpp's rounding (`llama_rounding`)
 
 
 @dataclass
@@ -155,12 +157,34 @@ def _recover_qx_iscale(x: torch.Tensor, codes: torch.Tensor, nmax: int) -> tuple
 
 def llama_rounding(W: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor | None) -> Rounding:
     """llama.cpp's quantization of W [rows, n] (float32 of bf16 values, as llama-quantize reads a bf16
-    GGUF) with `imatrix` [n] (or None), opened up for rounding with error feedback."""
+    GGUF) with `imatrix` [n] (or None), opened up for rounding with error feedback.
+
+    A slice of `ROUND_ROWS` weights' rows at a time: every step is row-local (llama.cpp quantizes rows
+    independently), so the slices give the whole tensor's result, and the search's temporaries (several
+    per weight) stay those of a slice: 2.3 GB above the rest on 31B's down_proj whole (RESULTS.md §11,
+    thirteenth round)."""
     qtype = GGMLType[qtype.upper()] if isinstance(qtype, str) else GGMLType(qtype)
     if qtype not in SCALAR_TYPES:
         raise GemmaQuantError(f"error-feedback rounding supports {', '.join(t.name for t in SCALAR_TYPES)}; "
                               f"not {qtype.name}")
     W = W.float()
+    rows, n = W.shape
+    slices = row_slices(rows, ROUND_ROWS // n)
+    if len(slices) == 1:
+        return _rounding(W, qtype, imatrix)
+    parts = [_rounding(W[r0:r1], qtype, imatrix) for r0, r1 in slices]
+
+    def cat(get):
+        got = [get(p) for p in parts]
+        return None if got[0] is None else torch.cat(got)
+
+    f = parts[0]
+    grid = SubGrid(qtype, cat(lambda p: p.grid.A), cat(lambda p: p.grid.B))
+    return Rounding(qtype, cat(lambda p: p.data), grid, cat(lambda p: p.codes), f.kind, cat(lambda p: p.iscale),
+                    cat(lambda p: p.offset), cat(lambda p: p.keep), sum(p.inexact for p in parts))
+
+
+def _rounding(W: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None) -> Rounding:
     rows, n = W.shape
     data = quantize(W, qtype, imatrix)
     grid = sub_grid(data, qtype, rows)
@@ -262,12 +286,25 @@ def gptq_codes(W: torch.Tensor, f: HessianFactor, r: Rounding, *, block_size: in
                 if i + 1 < i2 - i1:
                     W1[i + 1:] -= U[i1 + i, i1 + i + 1:i2, None] * err[None, :]
                 Err1[i] = err
-            if i2 < n:
-                Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+            feed_forward(Wt, U, Err1, i1, i2)
     out = torch.empty_like(codes)
     out[perm] = codes
     del codes
     return out.T.contiguous()
+
+
+def feed_forward(Wt: torch.Tensor, U: torch.Tensor, Err: torch.Tensor, i1: int, i2: int) -> None:
+    """Wt[i2:] −= U[i1:i2, i2:]ᵀ Err: the errors of columns i1..i2 fed to the columns not yet rounded
+    (Wt: [n, rows], one row per column in processing order). The product is half of GPTQ's time on a
+    wide input; it goes by blocks of `FEED` of those columns, as jobs of `threads.parallel_map` (each
+    block's values are the whole product's: MKL sums each over the same 128 terms)."""
+    n = Wt.shape[0]
+
+    def block(a):
+        b = min(a + FEED, n)
+        Wt[a:b] -= U[i1:i2, a:b].T @ Err
+
+    parallel_map(block, range(i2, n, FEED))
 
 
 def layer_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:

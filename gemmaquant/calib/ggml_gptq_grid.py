@@ -27,8 +27,8 @@ from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.iqgrid_tables import grid_tables
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
-from .ggml_gptq import DAMP, HessianFactor, Optimized, hessian_factor, layer_loss
-from .hessian import single_thread
+from .ggml_gptq import DAMP, HessianFactor, Optimized, feed_forward, hessian_factor, layer_loss
+from .threads import single_thread
 
 GRID_TYPES = (GGMLType.IQ3_S,)
 _BYTES = 110  # IQ3_S block: d(2) qs(64) qh(8) signs(32) scales(4)
@@ -105,8 +105,7 @@ def grid_gptq(W: torch.Tensor, f: HessianFactor, r: GridRounding, *, block_size:
                     if k + j + 1 < i2 - i1:
                         W1[k + j + 1:] -= U[a + j, a + j + 1:i2, None] * err[None, :]
                     Err1[k + j] = err
-            if i2 < n:
-                Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+            feed_forward(Wt, U, Err1, i1, i2)
     out = torch.empty_like(values)
     out[perm] = values
     return index, neg, out.T.contiguous()

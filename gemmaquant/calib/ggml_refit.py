@@ -22,6 +22,7 @@ import torch
 from ..numerics.ggml.types import BLOCK, GGMLType
 from . import hessian
 from .ggml_codes import sub_grid
+from .threads import parallel_map
 
 T = GGMLType
 
@@ -67,17 +68,20 @@ def _normal_by_blocks(H: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
     memory-bound). Here block c's basis vectors of all the chunk's rows meet H's rows of block c in one
     product, only up to block c (A is symmetric: the blocks below are the transposes), and each block's
     sums are a batched product of small contiguous matrices (RESULTS.md §11, twelfth round: against the
-    earlier way by block column with an einsum)."""
+    earlier way by block column with an einsum). The blocks are jobs of `threads.parallel_map`."""
     r, nb, K, size = Bf.shape
     A = torch.empty(r, nb, K, nb, K)
     Bc = Bf.transpose(0, 1).reshape(nb, r * K, size)  # per block: the chunk's basis vectors [r·K, size]
-    for c in range(nb):
+
+    def block(c):  # writes A's blocks (b, c) and (c, b), b ≤ c: no two jobs write the same place
         m = (c + 1) * size
         # T[r, b, q, i] = Σ_j β_{r,c,q}[j] H[c·size + j, b·size + i], for the blocks b ≤ c
         T = (Bc[c] @ H[c * size:m, :m].float()).view(r, K, c + 1, size).transpose(1, 2)
         blk = torch.matmul(Bf[:, :c + 1], T.transpose(-1, -2))  # [r, b, k, q]: β_{r,b,k}ᵀ H[b, c] β_{r,c,q}
         A[:, :c + 1, :, c, :] = blk
         A[:, c, :, :c, :] = blk[:, :c].permute(0, 3, 1, 2)
+
+    parallel_map(block, reversed(range(nb)))  # the biggest first: the threads end together
     return A.view(r, nb * K, nb * K)
 
 

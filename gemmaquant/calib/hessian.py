@@ -23,15 +23,19 @@ the factor's float32 error is far below the rounding it guides. The products of 
 loss is then within 2e-7 of the float64 product's (RESULTS.md §11, twelfth round), in less than half the
 time, and no block of H is cast. The losses go by row slices: the float64 difference of a big weight is
 as large as H.
+
+The wide steps use all of --threads without the count reaching a result (`threads.py`): the factor's
+fill, trailing updates and inverse go by blocks of `PANEL` rows, the forms and W·H by column blocks of
+H, each block a job on one torch thread, in blocks that n alone fixes. The inverse of the triangle
+takes only the products below the diagonal (half of them).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from ..errors import GemmaQuantError
+from .threads import parallel_map, single_thread
 
 WIDE = 4096  # wider inputs are factored in float32 in place, and their forms taken by column blocks
 PANEL = 512  # columns per step of the in-place factorizations
@@ -40,33 +44,21 @@ SLICE = 1 << 24  # weights per row slice of a loss (128 MB per float64 differenc
 MAX_DAMP_TRIES = 6
 
 
-@contextmanager
-def single_thread():
-    """Run on one torch thread. For the GPTQ column loops: their ops are small (one column of a tensor),
-    and with two threads each ends in a barrier that a busy machine stretches up to 30x (measured
-    here). For the products of a wide H: MKL's sums of such long, thin products differ with the number
-    of threads. One thread keeps every result, and so the bytes and budget plans, independent of --threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def row_losses(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """[rows] d H dᵀ (float64) for the rows d of D [rows, n] (a weight error); H [n, n]. Float64 products
-    for an input up to `WIDE`; float32 ones on a wider input's column blocks (module doc)."""
+    for an input up to `WIDE`; float32 ones on a wider input's column blocks (module doc), the blocks
+    as jobs of `threads.parallel_map`, their sums added in block order."""
     n = H.shape[0]
     if n <= WIDE:
         D = D.double()
         return ((D @ H.double()) * D).sum(dim=1)
     D = D.float()
-    out = torch.zeros(D.shape[0], dtype=torch.float64)
     step = max(1, BLOCK // n)
-    with single_thread():
-        for c in range(0, n, step):
-            out += ((D @ H[:, c:c + step].float()).double() * D[:, c:c + step].double()).sum(dim=1)
+    parts = parallel_map(lambda c: ((D @ H[:, c:c + step].float()).double() * D[:, c:c + step].double()).sum(dim=1),
+                         range(0, n, step))
+    out = torch.zeros(D.shape[0], dtype=torch.float64)
+    for p in parts:
+        out += p
     return out
 
 
@@ -98,16 +90,18 @@ def loss(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> float:
 
 def matmul_h(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """W H as float64 (W [rows, n]): a float64 product up to `WIDE`, float32 ones on a wider input's column
-    blocks (module doc)."""
+    blocks (module doc), as jobs of `threads.parallel_map`."""
     n = H.shape[0]
     if n <= WIDE:
         return W.double() @ H.double()
     W = W.float()
     out = torch.empty(W.shape[0], n, dtype=torch.float64)
     step = max(1, BLOCK // n)
-    with single_thread():
-        for c in range(0, n, step):
-            out[:, c:c + step] = W @ H[:, c:c + step].float()
+
+    def block(c):
+        out[:, c:c + step] = W @ H[:, c:c + step].float()
+
+    parallel_map(block, range(0, n, step))
     return out
 
 
@@ -119,7 +113,11 @@ def inverse_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = N
     n = H.shape[0]
     perm = torch.arange(n) if perm is None else perm
     for _ in range(MAX_DAMP_TRIES):
-        U = _factor64(H, damp, perm) if n <= WIDE else _factor32(H, damp, perm)
+        if n <= WIDE:
+            U = _factor64(H, damp, perm)
+        else:
+            with single_thread():  # its steps outside the jobs too: the same factor on any --threads
+                U = _factor32(H, damp, perm)
         if U is not None:
             return U
         damp *= 10
@@ -145,12 +143,16 @@ def _factor64(H: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor 
 
 
 def _factor32(H: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor | None:
-    """The float32 in-place steps (module doc): one n × n buffer besides H."""
+    """The float32 in-place steps (module doc): one n × n buffer besides H. Each step's products go by
+    blocks of `PANEL` rows, fixed by n alone, as jobs of `threads.parallel_map`."""
     n = H.shape[0]
     rev = perm.flip(0)
     A = torch.empty(n, n, dtype=torch.float32)
-    for r in range(0, n, PANEL):  # A = R H_p R, by row blocks (no second n × n copy)
+
+    def fill(r):  # A = R H_p R, by row blocks (no second n × n copy)
         A[r:r + PANEL] = H[rev[r:r + PANEL]][:, rev].float()
+
+    parallel_map(fill, range(0, n, PANEL))
     d = A.diagonal()
     d.copy_(seen_diagonal(d))
     mean_diag = float(d.double().mean()) or 1.0
@@ -176,15 +178,19 @@ def _cholesky_in_place(A: torch.Tensor) -> bool:
             break
         P = torch.linalg.solve_triangular(Lkk.mT, A[k1:, k0:k1], upper=True, left=False)  # A21 L11⁻ᵀ
         A[k1:, k0:k1] = P
-        for r0 in range(k1, n, PANEL):  # A22 −= P Pᵀ, the lower triangle (and diagonal blocks) only
+
+        def update(r0):  # A22 −= P Pᵀ, the lower triangle (and diagonal blocks) only
             r1 = min(r0 + PANEL, n)
             A[r0:r1, k1:r1] -= P[r0 - k1:r1 - k1] @ P[:r1 - k1].T
+
+        parallel_map(update, reversed(range(k1, n, PANEL)))  # the biggest first: the threads end together
     A.tril_()
     return True
 
 
 def _tri_inverse_in_place(L: torch.Tensor) -> None:
-    """L (lower triangular) := L⁻¹, by panels from the last: M21 = −M22 L21 L11⁻¹, M11 = L11⁻¹."""
+    """L (lower triangular) := L⁻¹, by panels from the last: M21 = −M22 L21 L11⁻¹, M11 = L11⁻¹. M22 is
+    lower triangular, so the rows r0..r1 of M22 L21 need its columns up to r1 only (half the products)."""
     n = L.shape[0]
     starts = list(range(0, n, PANEL))
     for j0 in reversed(starts):
@@ -193,8 +199,14 @@ def _tri_inverse_in_place(L: torch.Tensor) -> None:
         eye = torch.eye(j1 - j0, dtype=L.dtype)
         inv11 = torch.linalg.solve_triangular(L11, eye, upper=False)
         if j1 < n:
-            T = L[j1:, j1:] @ L[j1:, j0:j1]  # M22 L21 (M22 already inverted, zero above its diagonal)
-            L[j1:, j0:j1] = -(T @ inv11)
+            below = list(range(j1, n, PANEL))
+
+            def product(r0):  # rows r0..r1 of −M22 L21 L11⁻¹ (read all before any is written)
+                r1 = min(r0 + PANEL, n)
+                return -((L[r0:r1, j1:r1] @ L[j1:r1, j0:j1]) @ inv11)
+
+            blocks = parallel_map(product, reversed(below))[::-1]
+            L[j1:, j0:j1] = torch.cat(blocks)
         L[j0:j1, j0:j1] = inv11
 
 

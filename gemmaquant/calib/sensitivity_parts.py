@@ -31,7 +31,8 @@ from ..numerics.ggml.dequantize import dequantize
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from .ggml_calibrate import imatrix_of
-from .hessian import quad_form, single_thread
+from .hessian import quad_form
+from .threads import single_thread
 
 
 def quantized(W: torch.Tensor, t: GGMLType, imatrix: torch.Tensor | None) -> torch.Tensor:

@@ -55,7 +55,8 @@ def data():
 @pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "ref"])
 def test_codes_and_grid_round_trip_llama_bytes(data, qtype, with_imatrix, monkeypatch):
     """Unpacking and repacking llama.cpp's bytes is the identity, and code × grid is the dequantizer;
-    also with the codes as int16 (as error feedback keeps them) and packed a few blocks at a time."""
+    also with the codes as int16 (as error feedback keeps them), decoded a few rows and packed a few
+    blocks at a time."""
     from gguf.quants import dequantize as gguf_dequantize
 
     from gemmaquant.calib import ggml_codes
@@ -67,19 +68,34 @@ def test_codes_and_grid_round_trip_llama_bytes(data, qtype, with_imatrix, monkey
     ref = gguf_dequantize(b.numpy(), int(qtype)).reshape(ROWS, N)
     for c in (codes, codes.to(torch.int16)):
         np.testing.assert_array_equal(sub_grid(b, qtype, ROWS).values(c).numpy(), ref)
+    monkeypatch.setattr(ggml_codes, "VALUE_ROWS", 3 * N)  # decoded by slices of 3 rows, as big tensors are
+    np.testing.assert_array_equal(sub_grid(b, qtype, ROWS).values(codes.to(torch.int16)).numpy(), ref)
     monkeypatch.setattr(ggml_codes, "PACK_BLOCKS", 3)
     assert torch.equal(pack_codes(b, qtype, codes.to(torch.int16)), b)
 
 
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "ref"])
-def test_without_feedback_the_bytes_are_llamas(data, qtype, with_imatrix):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_without_feedback_the_bytes_are_llamas(data, qtype, with_imatrix, sliced, monkeypatch):
     """Feedback off = llama.cpp's own final rounding step: the same bytes (Q4_1/Q5_1 + imatrix: the
-    nearest stored value, whose error is never larger, weight by weight)."""
+    nearest stored value, whose error is never larger, weight by weight); also with llama.cpp's
+    rounding taken by row slices (`ROUND_ROWS`: 5 rows, so 4 slices of these 16), as big tensors are."""
+    from gemmaquant.calib import ggml_gptq
+
     W, _, H, imatrix = data
     im = imatrix if with_imatrix else None
     llama = quantize(W, qtype, im)
+    if sliced:
+        whole = llama_rounding(W, qtype, im)
+        monkeypatch.setattr(ggml_gptq, "ROUND_ROWS", 5 * N)
     r = llama_rounding(W, qtype, im)
+    if sliced:  # every field of the opened-up rounding is the whole tensor's
+        for f in ("data", "codes", "iscale", "offset", "keep"):
+            a, b = getattr(r, f), getattr(whole, f)
+            assert (a is None and b is None) or torch.equal(a, b), f
+        assert torch.equal(r.grid.A, whole.grid.A) and (r.kind, r.inexact) == (whole.kind, whole.inexact)
+        assert (r.grid.B is None and whole.grid.B is None) or torch.equal(r.grid.B, whole.grid.B)
     codes = r.decide(W)
     ours = pack_codes(r.data, qtype, codes)
     if with_imatrix and qtype in INEXACT:
