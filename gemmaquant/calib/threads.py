@@ -4,15 +4,15 @@ Their bytes and budget plans must not depend on `--threads` (issue 21: byte-iden
 threads). torch's own threads split a product differently for each thread count, and MKL then sums
 the long, thin float32 products of a wide input (31B's down_proj: 21504 channels) in a different
 order. So those products run on one torch thread (`single_thread`), and the threads are used one
-level up instead (`parallel_map`): independent jobs (row slices of a weight, row blocks of a factor)
-fixed in advance whatever the thread count, each on one torch thread, run concurrently on as many
-Python threads as torch was given, their results taken in order. A job's result is then the same
-on any thread: 1 or 16 threads give the same bytes.
+level up instead (`parallel_map`): independent jobs (column blocks of H, row blocks of a factor,
+blocks of a product) fixed in advance by the shapes alone, each on one torch thread, run concurrently
+on as many Python threads as torch was given, their results taken in order. A job's result is then
+the same on any thread: 1 or 16 threads give the same bytes.
 
 Python threads suit these jobs: each is a few large products, and torch releases the GIL inside
-them (two threads measured 2.1x on the refit of 512 rows of that down_proj, on 2 cores). They do not
-suit a chain of small ops, like GPTQ's column loop: there the GIL serializes the dispatch (measured:
-no gain), so that loop stays on one thread.
+them (RESULTS.md §11, thirteenth round: 31B's down_proj in 0.54x the time on 2 cores). They do not
+suit a chain of small ops, like GPTQ's column loop: there the GIL serializes the dispatch (two
+threads gained nothing), so that loop stays on one thread.
 """
 
 from __future__ import annotations
