@@ -42,7 +42,7 @@ from ..numerics.ggml.types import GGMLType
 from . import hessian
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit_with_losses
-from .threads import parallel_map, row_slices, single_thread
+from .threads import parallel_map, single_thread
 
 T = GGMLType
 # Damping of H, a fraction of mean(diag H). Not GPTQ's usual 0.01: the calibration text is one text,
@@ -169,10 +169,10 @@ def llama_rounding(W: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor
                               f"not {qtype.name}")
     W = W.float()
     rows, n = W.shape
-    slices = row_slices(rows, ROUND_ROWS // n)
-    if len(slices) == 1:
+    step = max(1, ROUND_ROWS // n)
+    if rows <= step:
         return _rounding(W, qtype, imatrix)
-    parts = [_rounding(W[r0:r1], qtype, imatrix) for r0, r1 in slices]
+    parts = [_rounding(W[r:r + step], qtype, imatrix) for r in range(0, rows, step)]
 
     def cat(get):
         got = [get(p) for p in parts]

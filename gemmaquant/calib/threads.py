@@ -81,9 +81,3 @@ def parallel_map(fn: Callable[..., R], items: Iterable) -> list[R]:
                 for f in futures:
                     f.cancel()
                 raise
-
-
-def row_slices(rows: int, step: int) -> list[tuple[int, int]]:
-    """[(r0, r1)]: rows in slices of `step` (the last shorter)."""
-    step = max(1, step)
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]

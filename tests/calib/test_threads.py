@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemmaquant.calib import ggml_gptq, hessian, threads
-from gemmaquant.calib.threads import parallel_map, row_slices, single_thread, workers
+from gemmaquant.calib.threads import parallel_map, single_thread, workers
 
 
 @pytest.fixture
@@ -97,18 +97,13 @@ def test_an_error_in_a_job_reaches_the_caller_and_the_count_is_restored(two_thre
     assert torch.get_num_threads() == 2
 
 
-def test_row_slices():
-    assert row_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert row_slices(3, 0) == [(0, 1), (1, 2), (2, 3)]
-    assert row_slices(0, 4) == []
-
-
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0"])
 def test_wide_feedback_bytes_do_not_depend_on_the_thread_count(qtype, monkeypatch):
     """The whole wide path with several jobs in every step: the factor's fill, trailing updates and
     inverse (64-column panels), the feedback's block product (`FEED` 96), the losses' and W·H's column
-    blocks and the refit's normal equations. The products are long enough that MKL's own threads would
-    sum them differently (test_hessian: test_wide_products_...)."""
+    blocks and the refit's normal equations. It checks that the jobs are fixed by the shapes and their
+    results taken in order; at these sizes MKL's own threads would not change the sums, so that each job
+    runs on one thread is `test_a_jobs_products_use_one_thread`'s to check."""
     monkeypatch.setattr(hessian, "WIDE", 256)
     monkeypatch.setattr(hessian, "PANEL", 64)
     monkeypatch.setattr(hessian, "BLOCK", 64 * 512)
