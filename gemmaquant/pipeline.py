@@ -199,13 +199,16 @@ def estimate_output_bytes(ckpt: Checkpoint, scheme: Scheme, opts: QuantizeOption
     data = sum(r["bytes"] for r in rows)
     if scheme.is_gguf and opts.tuned:
         # a budget may exceed the preset (--target-size preset: the plan's own size, `data`); gptq
-        # patches a template copy beside the output
+        # patches a template copy beside the output, and parks XᵀX there (calib/ggml_calibrate.py)
         from .export.gguf.optimized import make_budget
 
         budget = make_budget(opts.target_bpw, opts.target_size)
         if budget is not None:
             data = max(data, int((budget.bpw or 0) * ckpt.config.param_count() / 8), budget.size or 0)
-        data *= 2 if opts.algorithm == "gptq" else 1
+        if opts.algorithm == "gptq":  # the template, and the wide inputs' XᵀX parked beside it
+            from .calib.ggml_calibrate import parked_bytes
+
+            data = 2 * data + parked_bytes(ckpt)
     return (data + per_tensor * len(rows) + sum(p.stat().st_size for p in ckpt.side_files()) + (64 << 10))
 
 

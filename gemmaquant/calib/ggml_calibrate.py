@@ -7,6 +7,12 @@
                                                       sink(GGUF name, bytes); W ← what the bytes decode to
         h = layer(h)   (the quantized layer: layer i+1 is calibrated on what it will really see)
 
+Memory: the statistics pass holds every input's XᵀX of the layer at once (31B's full-attention layers:
+3.2 GB, beside the float32 layer's 2.1 GB). Then each wide input's XᵀX (over `hessian.WIDE` channels)
+waits in a file beside the output until its Linears' turn, and again while their codes are chosen
+from its factor, which is let go before the refit (`spill.Held`, `HessianFactor.release`): one n × n
+matrix of the widest input at a time, not three.
+
 Tensors outside the decoder layers (token_embd) and types without error-feedback rounding keep
 llama.cpp's bytes; the latter are still written back dequantized so later layers see them.
 Deterministic: the same ids give the same bytes (torch's CPU forward, GPTQ and the bit-exact GGML
@@ -18,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +36,10 @@ from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from ..formats.gguf.names import gguf_name
 from .ggml_codes import SCALAR_TYPES
+from . import hessian
 from .ggml_gptq import DAMP, hessian_factor, layer_loss, optimize_tensor
 from .runner import Progress, run_layers
+from .spill import Held, held
 from .stats import INPUT_OF
 
 Sink = Callable[[str, np.ndarray], None]
@@ -72,11 +81,13 @@ def imatrix_of(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
     return sum_sq.float() / float(round(count))
 
 
-def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor, *,
+def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor | Held, qtype: GGMLType, imatrix: torch.Tensor, *,
                           feedback: bool = True, damp: float = DAMP, act_order: bool = True,
-                          factors: dict | None = None):
+                          factors: dict | None = None, last: bool = False):
     """(bytes [rows, row_bytes] uint8, decoded values [rows, n], loss_llama, loss, optimized).
-    `factors`: a cache of H's factors (per group size), shared by the Linears reading the same input."""
+    `factors`: a cache of H's factors (per group size), shared by the Linears reading the same input;
+    `last`: no later Linear reads this input, its factor is released once the codes are chosen (the
+    refit and the losses need H only)."""
     from .ggml_gptq_grid import optimize_grid_tensor
 
     W = W.to(torch.bfloat16).float()  # what llama-quantize reads from the converter's bf16 GGUF
@@ -87,24 +98,41 @@ def optimize_layer_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, ima
             group = 4 if grid else 1
             factors = {} if factors is None else factors
             if group not in factors:
+                if isinstance(H, Held):
+                    H.park()  # factored from its file's rows, if it has one: not beside its factor
                 factors[group] = hessian_factor(H, damp=damp, act_order=act_order, group=group)
             factor = factors[group]
         run = optimize_grid_tensor if grid else optimize_tensor
-        o = run(W, H, qtype, imatrix, feedback=feedback, factor=factor)
+        o = run(W, H, qtype, imatrix, feedback=feedback, factor=factor, release=last and factor is not None)
         return o.data, o.values, o.loss_llama, o.loss, True
     data = quantize(W, qtype, imatrix)
     values = dequantize(data, qtype, tuple(W.shape))
-    loss = layer_loss(W, values, H)
+    loss = layer_loss(W, values, held(H).get())
     return data, values, loss, loss, False
+
+
+def parked_bytes(ckpt: Checkpoint) -> int:
+    """The disk `optimize_gguf_tensors(park=)` takes at most: the wide inputs' XᵀX (float32) of the layer
+    where they are largest, all parked at once after its statistics pass (31B: 3.2 GB)."""
+    names = set(ckpt.names())
+    most = 0
+    for i in range(ckpt.config.num_hidden_layers):
+        widths = {src: ckpt.shape(f"model.layers.{i}.{sfx}.weight")[-1]
+                  for sfx, src in INPUT_OF.items() if f"model.layers.{i}.{sfx}.weight" in names}
+        most = max(most, sum(4 * n * n for n in widths.values() if n > hessian.WIDE))
+    return most
 
 
 def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: torch.Tensor, *,
                           sink: Sink | None = None, feedback: bool = True, damp: float = DAMP,
                           act_order: bool = True, batch_size: int = 4, progress: Progress | None = None,
-                          layers: range | None = None) -> OptimizeReport:
+                          layers: range | None = None, park: Path | None = None) -> OptimizeReport:
     """Error-feedback bytes for every decoder-layer Linear named in `types` (GGUF name -> type).
 
-    `sink(name, bytes)` receives each tensor's bytes (uint8 [rows, row_bytes]) as its layer finishes."""
+    `sink(name, bytes)` receives each tensor's bytes (uint8 [rows, row_bytes]) as its layer finishes.
+    `park`: a directory where each wide input's XᵀX (over `hessian.WIDE` channels) waits in a file
+    until its Linears are rounded, and while their codes are chosen (`spill.Held`): one wide XᵀX or
+    factor is in memory at a time (31B: 1.85 GB, not the 3.2 GB of a layer's XᵀX plus a factor)."""
     t0 = time.perf_counter()
     gen = ckpt.config.generation
     rep = OptimizeReport(tokens=int(ids.numel()))
@@ -119,23 +147,37 @@ def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: tor
             if qtype is not None and qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
                 todo.append((sfx, name, qtype))
         last = {id(stats[prefix + sfx]): sfx for sfx, _, _ in todo}
-        for sfx, name, qtype in todo:
-            st = stats[prefix + sfx]
-            lin = layer.get_submodule(sfx)
-            try:
-                data, values, loss_llama, loss, optimized = optimize_layer_tensor(
-                    lin.weight.detach(), st.xtx, qtype, imatrix_of(st.sum_sq, st.count),
-                    feedback=feedback, damp=damp, act_order=act_order, factors=factors.setdefault(id(st), {}))
-            except GemmaQuantError as e:
-                raise GemmaQuantError(f"{name}: {e}") from None
-            if last[id(st)] == sfx:  # its input's XᵀX and factor go before the next input's (31B: 1-2 GB each)
-                st.xtx = None
-                factors.pop(id(st))
-            rep.tensors.append(TensorResult(name, qtype, loss_llama, loss, optimized))
-            if sink is not None:
-                sink(name, data.numpy())
-            with torch.no_grad():
-                lin.weight.copy_(values.to(lin.weight.dtype))
+        hs: dict[int, Held] = {}  # id(stats) -> its XᵀX, which the stats no longer hold (it can be parked)
+        try:
+            for sfx, _, _ in todo:
+                st = stats[prefix + sfx]
+                if id(st) not in hs:
+                    wide = st.xtx.shape[0] > hessian.WIDE
+                    hs[id(st)] = Held(st.xtx, park if wide else None)
+                    st.xtx = None
+                    hs[id(st)].park()  # a wide one waits in a file until its Linears' turn
+            for sfx, name, qtype in todo:
+                st = stats[prefix + sfx]
+                lin = layer.get_submodule(sfx)
+                try:
+                    data, values, loss_llama, loss, optimized = optimize_layer_tensor(
+                        lin.weight.detach(), hs[id(st)], qtype, imatrix_of(st.sum_sq, st.count), feedback=feedback,
+                        damp=damp, act_order=act_order, factors=factors.setdefault(id(st), {}),
+                        last=last[id(st)] == sfx)
+                except GemmaQuantError as e:
+                    raise GemmaQuantError(f"{name}: {e}") from None
+                if last[id(st)] == sfx:  # its input's XᵀX and factor go before the next input's (31B: 1-2 GB each)
+                    hs.pop(id(st)).close()
+                    factors.pop(id(st))
+                rep.tensors.append(TensorResult(name, qtype, loss_llama, loss, optimized))
+                if sink is not None:
+                    sink(name, data.numpy())
+                with torch.no_grad():
+                    lin.weight.copy_(values.to(lin.weight.dtype))
+                del data, values
+        finally:
+            for h in hs.values():
+                h.close()
 
     run_layers(ckpt, ids, kinds={"xtx", "sum_sq"}, on_layer=on_layer, sequential=True, batch_size=batch_size,
                progress=progress, layers=layers)

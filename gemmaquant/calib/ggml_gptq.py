@@ -42,6 +42,7 @@ from ..numerics.ggml.types import GGMLType
 from . import hessian
 from .ggml_codes import RANGE, SCALAR_TYPES, SUB, SubGrid, pack_codes, sub_grid, unpack_codes
 from .ggml_refit import refit_with_losses
+from .spill import Held, held
 from .threads import parallel_map, single_thread
 
 T = GGMLType
@@ -245,13 +246,20 @@ class HessianFactor:
     (H + damping)⁻¹ in that order (float32). Linears that read the same input share one."""
 
     perm: torch.Tensor  # [n] int64
-    U: torch.Tensor  # [n, n] float32
+    U: torch.Tensor | None  # [n, n] float32; None once released
     group: int  # columns decided together (1, or 4 for IQ3_S): act-order moves whole groups
 
+    def release(self) -> None:
+        """Drop U (31B's down_proj: 1.85 GB) once its last Linear has its codes: what follows the codes
+        (the refit, the losses) needs H, not U. Whoever still holds this factor cannot use it again."""
+        self.U = None
 
-def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = True, group: int = 1) -> HessianFactor:
+
+def hessian_factor(H: torch.Tensor | Held, *, damp: float = DAMP, act_order: bool = True,
+                   group: int = 1) -> HessianFactor:
     """Act-order: groups by decreasing Σ diag(H) (stable), as w4a16 GPTQ orders its columns; inputs never
-    seen count with H_jj = 1 (`hessian.inverse_cholesky`)."""
+    seen count with H_jj = 1 (`hessian.inverse_cholesky`). A parked wide H (`spill.Held`) is factored
+    from its file's rows, without coming back into memory: the same factor."""
     n = H.shape[0]
     if act_order:
         diag = hessian.seen_diagonal(H.diagonal().double())
@@ -259,6 +267,8 @@ def hessian_factor(H: torch.Tensor, *, damp: float = DAMP, act_order: bool = Tru
         perm = (gperm[:, None] * group + torch.arange(group)).reshape(-1)
     else:
         perm = torch.arange(n)
+    if isinstance(H, Held) and n <= hessian.WIDE:  # the float64 steps take H whole
+        H = H.get()
     with single_thread():
         U = hessian.inverse_cholesky(H, damp, perm)
     return HessianFactor(perm, U, group)
@@ -320,25 +330,33 @@ class Optimized:
     loss: float  # and of ours
 
 
-def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, imatrix: torch.Tensor | None, *,
+def optimize_tensor(W: torch.Tensor, H: torch.Tensor | Held, qtype: GGMLType | str, imatrix: torch.Tensor | None, *,
                     feedback: bool = True, damp: float = DAMP, act_order: bool = True, block_size: int = 128,
-                    factor: HessianFactor | None = None, refit: bool = True) -> Optimized:
+                    factor: HessianFactor | None = None, refit: bool = True, release: bool = False) -> Optimized:
     """One tensor: llama.cpp's scales, codes by error feedback (`feedback=False`: llama.cpp's bytes).
-    `factor`: `hessian_factor(H, ...)` if already computed (it then overrides damp and act_order).
+    `factor`: `hessian_factor(H, ...)` if already computed (it then overrides damp and act_order);
+    `release`: this is its last Linear, `HessianFactor.release` it once the codes are chosen (a factor
+    made here is always let go then). H (`spill.Held`) waits in its file, if it has one, while the
+    codes are chosen: with a released factor, one n × n matrix is in memory at a time.
     `refit`: then re-solve the blocks' fp16 scale fields for those codes (`ggml_refit.py`).
 
     If the error feedback does not lower the calibration loss (it always should, but a rank-poor H
     can mislead it), llama.cpp's bytes are kept."""
     W = W.float()
+    h = held(H)
     with single_thread():
         r = llama_rounding(W, qtype, imatrix)
-        base = r.grid.values(r.codes)
-    loss_llama = layer_loss(W, base, H)
     if not feedback:
         codes = r.decide(W)
     else:
-        factor = factor or hessian_factor(H, damp=damp, act_order=act_order)
+        h.park()
+        release = release or factor is None
+        factor = factor or hessian_factor(h, damp=damp, act_order=act_order)
         codes = gptq_codes(W, factor, r, block_size=block_size)
+        if release:
+            factor.release()
+    H = h.get()
+    loss_llama = layer_loss(W, r.grid.values(r.codes), H)  # llama's values are decoded again if kept
     data = pack_codes(r.data, r.qtype, codes)
     if feedback and refit:
         with single_thread():  # bytes independent of --threads
@@ -349,5 +367,6 @@ def optimize_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType | str, ima
         values = r.grid.values(codes)
         loss = layer_loss(W, values, H)
     if feedback and loss >= loss_llama:
-        return Optimized(r.data, base, loss_llama, loss_llama)
+        del values
+        return Optimized(r.data, r.grid.values(r.codes), loss_llama, loss_llama)
     return Optimized(data, values, loss_llama, loss)

@@ -28,6 +28,7 @@ from ..numerics.ggml.iqgrid_tables import grid_tables
 from ..numerics.ggml.quantize import quantize
 from ..numerics.ggml.types import GGMLType
 from .ggml_gptq import DAMP, HessianFactor, Optimized, feed_forward, hessian_factor, layer_loss
+from .spill import Held, held
 from .threads import single_thread
 
 GRID_TYPES = (GGMLType.IQ3_S,)
@@ -126,24 +127,33 @@ def pack_grid(r: GridRounding, index: torch.Tensor, neg: torch.Tensor) -> torch.
     return b.view(rows, -1)
 
 
-def optimize_grid_tensor(W: torch.Tensor, H: torch.Tensor, qtype: GGMLType, imatrix: torch.Tensor | None, *,
+def optimize_grid_tensor(W: torch.Tensor, H: torch.Tensor | Held, qtype: GGMLType, imatrix: torch.Tensor | None, *,
                          feedback: bool = True, damp: float = DAMP, act_order: bool = True,
-                         block_size: int = 128, factor: HessianFactor | None = None) -> Optimized:
+                         block_size: int = 128, factor: HessianFactor | None = None,
+                         release: bool = False) -> Optimized:
     """IQ3_S: llama.cpp's scales, grid points and signs by block error feedback (see the module doc).
     `feedback=False`: each group's nearest grid point in plain squared error (not llama.cpp's codes,
     which are picked at the unrounded scale). llama.cpp's bytes are kept if ours do not lower
-    ||X(W − Ŵ)ᵀ||². `factor`: `hessian_factor(H, group=4, ...)` if already computed."""
+    ||X(W − Ŵ)ᵀ||². `factor`: `hessian_factor(H, group=4, ...)` if already computed; `release` and a
+    `spill.Held` H: as in `ggml_gptq.optimize_tensor`."""
     if GGMLType(qtype) not in GRID_TYPES:
         raise ValueError(f"grid error feedback supports {', '.join(t.name for t in GRID_TYPES)}")
     W = W.float()
+    h = held(H)
     with single_thread():
         r = llama_grid_rounding(W, imatrix)
-    loss_llama = layer_loss(W, r.values, H)
     if feedback:
-        factor = factor or hessian_factor(H, damp=damp, act_order=act_order, group=4)
+        h.park()
+        release = release or factor is None
+        factor = factor or hessian_factor(h, damp=damp, act_order=act_order, group=4)
     else:
+        release = False
         factor = hessian_factor(torch.eye(W.shape[1], dtype=torch.float64), damp=0.0, act_order=False, group=4)
     index, neg, values = grid_gptq(W, factor, r, block_size=block_size)
+    if release:
+        factor.release()
+    H = h.get()
+    loss_llama = layer_loss(W, r.values, H)
     loss = layer_loss(W, values, H)
     if loss >= loss_llama:
         return Optimized(r.data, r.values, loss_llama, loss_llama)

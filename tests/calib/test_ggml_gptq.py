@@ -146,6 +146,35 @@ def test_act_order_and_block_size_do_not_break_validity(data):
     assert torch.equal(same.data, a.data)  # lazy block updates are exact: block size changes nothing
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.IQ3_S], ids=lambda t: t.name)
+def test_a_factor_released_after_its_codes_gives_the_same_bytes(data, qtype):
+    """`release`: the last Linear of an input lets its factor's U go once its codes are chosen (the refit
+    and the losses read H only); the bytes and losses are those of a kept factor."""
+    W, _, H, imatrix = data
+    grid = qtype == T.IQ3_S
+    run = optimize_grid_tensor if grid else optimize_tensor
+    f = hessian_factor(H, group=4 if grid else 1)
+    kept = run(W, H, qtype, imatrix, factor=f)
+    assert f.U is not None
+    released = run(W, H, qtype, imatrix, factor=f, release=True)
+    assert f.U is None
+    assert torch.equal(kept.data, released.data) and torch.equal(kept.values, released.values)
+    assert (kept.loss, kept.loss_llama) == (released.loss, released.loss_llama) and kept.loss < kept.loss_llama
+
+
+def test_codes_that_do_not_lower_the_loss_give_way_to_llamas_bytes(data, monkeypatch):
+    """A rank-poor H can mislead error feedback: if its codes do not lower the calibration loss, the
+    tensor keeps llama.cpp's bytes, and the values returned are what those bytes decode to."""
+    import gemmaquant.calib.ggml_gptq as gg
+    from gguf.quants import dequantize as gguf_dequantize
+
+    W, _, H, imatrix = data
+    monkeypatch.setattr(gg, "gptq_codes", lambda W, f, r, **k: torch.zeros_like(r.codes))  # bad codes
+    o = optimize_tensor(W, H, T.Q4_K, imatrix)
+    assert torch.equal(o.data, quantize(W, T.Q4_K, imatrix)) and o.loss == o.loss_llama
+    np.testing.assert_array_equal(gguf_dequantize(o.data.numpy(), int(T.Q4_K)).reshape(ROWS, N), o.values.numpy())
+
+
 def test_iq3_s_block_feedback(data):
     W, X, H, imatrix = data
     from gguf.quants import dequantize as gguf_dequantize

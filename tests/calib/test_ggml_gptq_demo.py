@@ -83,3 +83,63 @@ def test_streaming_driver_and_same_bytes_with_1_and_2_threads(ckpt, ids):
     assert digests[0] == digests[1]
     assert set(digests[0]) == set(types) - {"blk.1.attn_k.weight"}  # F32: not a quantized type
     assert all(t.optimized and t.loss < t.loss_llama for t in rep.tensors)
+
+
+def test_wide_inputs_wait_in_a_file_one_at_a_time(ckpt, ids, tmp_path, monkeypatch):
+    """`park`: each wide input's XᵀX waits in a file until its Linears are rounded and while their codes
+    are chosen. The bytes are those without parking; with it, no wide XᵀX is in memory when a Linear's
+    turn comes, and only its factor while its codes are chosen (without: the o_proj's codes are chosen
+    beside its own XᵀX and the down_proj's)."""
+    import gc
+
+    import gemmaquant.calib.ggml_calibrate as gcal
+    import gemmaquant.calib.ggml_gptq as gg
+    from gemmaquant.calib import hessian
+    from gemmaquant.calib.spill import Held
+
+    # every input of the demo is wide then: q/k/v's and gate/up's (640), o_proj's (1024), down_proj's (2048)
+    monkeypatch.setattr(hessian, "WIDE", 600)
+    types = {"blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_0, "blk.0.attn_output.weight": T.Q5_K,
+             "blk.0.ffn_gate.weight": T.Q4_0, "blk.0.ffn_down.weight": T.Q4_K}
+
+    def wide_in_memory():  # n × n tensors, n > 600, made since the run began and still reachable
+        gc.collect()
+        return sum(1 for t in gc.get_objects() if type(t) is torch.Tensor and t.dim() == 2
+                   and t.shape[0] == t.shape[1] > 600 and id(t) not in old_ids)
+
+    def spy(orig, log):
+        def call(*a, **k):
+            log.append(wide_in_memory())
+            return orig(*a, **k)
+        return call
+
+    parked = []
+
+    class Counted(Held):
+        def __init__(self, H, directory=None):
+            parked.append(4 * H.numel() if directory else 0)
+            super().__init__(H, directory)
+
+    monkeypatch.setattr(gcal, "Held", Counted)
+    monkeypatch.setattr(gcal, "optimize_layer_tensor", spy(gcal.optimize_layer_tensor, entry := []))
+    monkeypatch.setattr(gg, "gptq_codes", spy(gg.gptq_codes, codes := []))
+    digests = []
+    for park in (None, tmp_path):
+        entry.clear(), codes.clear()
+        gc.collect()
+        before = [t for t in gc.get_objects() if type(t) is torch.Tensor]  # alive: their ids stay theirs
+        old_ids = {id(t) for t in before}
+        got = {}
+        optimize_gguf_tensors(ckpt, types, ids[:4], sink=lambda name, b: got.__setitem__(name, b),
+                              layers=range(0, 1), park=park)
+        digests.append({k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in got.items()})
+        # q, k (sharing an input and its factor), o, gate, down; at k's turn q's XᵀX is back from q's losses
+        if park is None:
+            assert (entry, codes) == ([4, 5, 3, 2, 1], [5, 5, 4, 3, 2])
+        else:
+            assert (entry, codes) == ([0, 2, 0, 0, 0], [1, 1, 1, 1, 1])
+        del before
+    assert digests[0] == digests[1] and len(digests[0]) == 5
+    # the disk the parked files take, as the output's disk check counts it
+    assert sum(parked) == 4 * (640 ** 2 + 1024 ** 2 + 640 ** 2 + 2048 ** 2) == gcal.parked_bytes(ckpt)
+    assert list(tmp_path.iterdir()) == []

@@ -307,7 +307,7 @@ def write_tuned(ckpt: Checkpoint, scheme: Scheme, out: Path, opts, budget: Budge
             notes.append(few)
         # the template is ours and lies beside the output: moved into place, not copied (one file's disk)
         with GGUFPatcher(template, out, force=opts.force, inputs=[ckpt.path, *inputs], consume=True) as patch:
-            res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=calib_progress)
+            res = optimize_gguf_tensors(ckpt, types, ids, sink=patch.write, progress=calib_progress, park=work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes.append(f"--algorithm gptq: {res.summary()}; not llama-quantize's bytes (same types, sizes and offsets)")
