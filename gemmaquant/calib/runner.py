@@ -8,6 +8,8 @@
                         → the layer is freed
 With `sequential=False` the outputs come from the float layer in the statistics pass itself (one pass
 per layer), which is what llama-imatrix and SmoothQuant's float statistics want.
+The passes give the same values on any thread count (`threads.py`): each runs on one torch thread, the
+Linears' products and the statistics' XᵀX as jobs on all of them (on the CPU).
 With `sequential=True` the buffer of the next layer's input exists only during the pass that writes it:
 the statistics pass and `on_layer` (the rounding, where a big layer's peak is) see one [n, S, hidden]
 buffer, not two (Gemma 4 31B at the default 128 × 512 tokens: 1.4 GB each).
@@ -27,10 +29,12 @@ Gemma4ForConditionalGeneration checkpoint embed as pad, as the model does.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..formats.checkpoint import Checkpoint
 from ..errors import GemmaQuantError
@@ -38,6 +42,7 @@ from ..model.loading import load_layer
 from ..model.gemma import DecoderLayer, RMSNorm, embed_scale, make_layer_context
 from ..model.gemma4_blocks import combine_per_layer
 from .stats import InputStats, Pairing, attach
+from .threads import linear, single_thread
 
 # on_layer(index, layer, {full Linear name: stats}) — may modify `layer` in place.
 OnLayer = Callable[[int, DecoderLayer, dict[str, InputStats]], None]
@@ -132,6 +137,8 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
             if progress:
                 progress(done, len(layers), f"layer {i}")
             layer = load_layer(ckpt, i, dtype, device)
+            if torch.device(device).type == "cpu":
+                _linears_by_jobs(layer)
             ctx.start_layer(i)
             if ctx_f is not None:
                 ctx_f.start_layer(i)
@@ -163,18 +170,33 @@ def run_layers(ckpt: Checkpoint, ids: torch.Tensor, *, kinds, on_layer: OnLayer 
     return h
 
 
+def _linears_by_jobs(layer: DecoderLayer) -> None:
+    """Every bias-free nn.Linear of the layer computes by `threads.linear` jobs (an instance `forward`:
+    the hooks still run around it)."""
+    for mod in layer.modules():
+        if type(mod) is nn.Linear and mod.bias is None:
+            mod.forward = partial(_linear_forward, mod)
+
+
+def _linear_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, mod.weight)
+
+
 def _pass(layer, h, out, ctx: _Batches, batch_size, device, keep: bool) -> None:
-    for b in range(0, h.shape[0], batch_size):
-        y = layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))
-        if keep:
-            out[b:b + batch_size] = y.to(out.device)
+    with single_thread():  # the values the same on any thread count (threads.py): products by jobs
+        for b in range(0, h.shape[0], batch_size):
+            y = layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))
+            if keep:
+                out[b:b + batch_size] = y.to(out.device)
 
 
 def _paired_pass(layer, h_f, out_f, h, ctx_f: _Batches, ctx: _Batches, batch_size, device, pair: Pairing) -> None:
     """Per mini-batch: the float stream (hooks store its Linear inputs, its output is kept), then the
     quantized stream (hooks pair its inputs with the stored ones)."""
-    for b in range(0, h.shape[0], batch_size):
-        pair.float_pass = True
-        out_f[b:b + batch_size] = layer(h_f[b:b + batch_size].to(device), ctx_f.context(b, b + batch_size)).to(out_f.device)
-        pair.float_pass = False
-        layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))
+    with single_thread():  # as `_pass`
+        for b in range(0, h.shape[0], batch_size):
+            pair.float_pass = True
+            out_f[b:b + batch_size] = layer(h_f[b:b + batch_size].to(device),
+                                            ctx_f.context(b, b + batch_size)).to(out_f.device)
+            pair.float_pass = False
+            layer(h[b:b + batch_size].to(device), ctx.context(b, b + batch_size))

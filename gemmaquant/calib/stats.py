@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .threads import add_gram
+
 KINDS = ("absmax", "abs_sum", "sum_sq", "xtx", "xfx")
 
 # HF suffix of every decoder-layer Linear → the hooked Linear whose input it shares.
@@ -72,14 +74,12 @@ class InputStats:
         if "sum_sq" in self.kinds:
             s = x.double().pow(2).sum(0)
             self.sum_sq = s if self.sum_sq is None else self.sum_sq + s
-        if "xtx" in self.kinds:
-            p = x.T @ x
-            self.xtx = p if self.xtx is None else self.xtx.add_(p)
+        if "xtx" in self.kinds:  # by jobs: the same sums on any thread count (threads.py)
+            self.xtx = add_gram(self.xtx, x, x)
         if "xfx" in self.kinds:
             if ref is None:
                 raise ValueError("xfx needs the float model's input (run_layers(float_target=True))")
-            p = ref.reshape(-1, x.shape[-1]).float().T @ x
-            self.xfx = p if self.xfx is None else self.xfx.add_(p)
+            self.xfx = add_gram(self.xfx, ref.reshape(-1, x.shape[-1]).float(), x)
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -9,6 +9,12 @@ blocks of a product) fixed in advance by the shapes alone, each on one torch thr
 on as many Python threads as torch was given, their results taken in order. A job's result is then
 the same on any thread: 1 or 16 threads give the same bytes.
 
+The calibration's forward passes go the same way (`calib/runner.py`): each pass on one torch thread,
+its Linears' products as jobs by blocks of output features (`linear`), the statistics' XᵀX by blocks
+of columns (`add_gram`). MKL's sums there depend on the thread count too, on most shapes of 31B and
+on some of smaller models (RESULTS.md §11, fourteenth round): the statistics of 31B's layer 0 came
+out different on 1 and 2 threads, and so would the bytes calibrated on them.
+
 Python threads suit these jobs: each is a few large products, and torch releases the GIL inside
 them (RESULTS.md §11, thirteenth round: 31B's down_proj in 0.54x the time on 2 cores). They do not
 suit a chain of small ops, like GPTQ's column loop: there the GIL serializes the dispatch (two
@@ -81,3 +87,35 @@ def parallel_map(fn: Callable[..., R], items: Iterable) -> list[R]:
                 for f in futures:
                     f.cancel()
                 raise
+
+
+OUT_BLOCK = 512  # output features per job of `linear`
+GRAM_BLOCK = 512  # columns per job of `add_gram`
+
+
+def linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ (`F.linear` without a bias) by blocks of `OUT_BLOCK` rows of W, as jobs of `parallel_map`:
+    the same values on any thread count."""
+    n_out, n_in = W.shape
+    x2 = x.reshape(-1, n_in)
+    out = x2.new_empty((x2.shape[0], n_out))
+
+    def block(a):
+        out[:, a:a + OUT_BLOCK] = x2 @ W[a:a + OUT_BLOCK].T
+
+    parallel_map(block, range(0, n_out, OUT_BLOCK))
+    return out.view(*x.shape[:-1], n_out)
+
+
+def add_gram(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + aᵀ b (a [T, n], b [T, m]; acc [n, m] or None for zeros), added in place by blocks of
+    `GRAM_BLOCK` columns of b, as jobs of `parallel_map`: the same values on any thread count, and no
+    [n, m] temporary (31B's down_proj input: 1.85 GB per mini-batch)."""
+    if acc is None:
+        acc = a.new_zeros((a.shape[1], b.shape[1]))
+
+    def block(c):
+        acc[:, c:c + GRAM_BLOCK] += a.T @ b[:, c:c + GRAM_BLOCK]
+
+    parallel_map(block, range(0, b.shape[1], GRAM_BLOCK))
+    return acc

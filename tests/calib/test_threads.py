@@ -128,3 +128,51 @@ def test_wide_feedback_bytes_do_not_depend_on_the_thread_count(qtype, monkeypatc
     for data, loss, loss_llama in got[1:]:
         assert torch.equal(data, got[0][0])
         assert (loss, loss_llama) == got[0][1:]
+
+
+# shapes where this machine's MKL sums a float32 product differently on 1 and 2 torch threads
+# (RESULTS.md §11, fourteenth round): a short batch, few outputs, a wide input
+PRODUCT_SHAPES = [(16, 4608, 64), (128, 8192, 640), (512, 2048, 64)]
+
+
+@pytest.mark.parametrize("m,k,n", PRODUCT_SHAPES)
+def test_linear_by_jobs_is_the_same_on_any_thread_count(m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    x, W = torch.randn(2, m // 2, k, generator=g), torch.randn(n, k, generator=g)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append(threads.linear(x, W))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0].shape == (2, m // 2, n)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    ref = torch.nn.functional.linear(x.double(), W.double())
+    assert float((got[0] - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+# (tokens, n, m) where aᵀb [n, m] over the tokens differs on 1 and 2 torch threads here
+GRAM_SHAPES = [(2048, 64, 640), (4608, 640, 64), (8192, 16, 64)]
+
+
+@pytest.mark.parametrize("t,n,m", GRAM_SHAPES)
+def test_gram_by_jobs_accumulates_in_place_the_same_on_any_thread_count(t, n, m):
+    g = torch.Generator().manual_seed(t + n + m)
+    a1, a2 = torch.randn(t, n, generator=g), torch.randn(t, n, generator=g)
+    b1, b2 = torch.randn(t, m, generator=g), torch.randn(t, m, generator=g)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            acc = threads.add_gram(None, a1, b1)
+            same = threads.add_gram(acc, a2, b2)
+            assert same is acc  # in place
+            got.append(acc)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    ref = a1.double().T @ b1.double() + a2.double().T @ b2.double()
+    assert float((got[0] - ref).abs().max() / ref.abs().max()) < 1e-5
