@@ -85,11 +85,12 @@ DEMO = {
 DEMO_GPTQ = (["--scheme", "w4a16", *CALIB], "g-W4A16-gptq", {
     "LICENSE.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
     "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
-    "README.md": "2af18ca4feeab7ca6817acaed93bf4cf235ce0322dd378fc2c691e6c70314e53",
+    "README.md": "063fde425a354f22b518fb4d8b33c956ce84dea66b0ad444e8e1c185078c3194",
     "config.json": "4bf8c371821a81ba937e9e0c98b61851ec7c8fc11820cf5358b28d159076e6d3",
     "gemmaquant.json": "cb510594d0b5cf08411a8f596648aeb892330ee7adf0b746d6873ec8b530e849",
     "generation_config.json": "5c2827c04d82b66f631239911c43f5766f0025f98c2bb2f63cdb6d7283748510",
-    "model.safetensors": "e11ed36b443aee37a1d1a595e53072b84e9039dd2e72ff222f47db6d79ab9c24",
+    # changed with the calibration's products by thread-independent jobs (RESULTS.md §11, fourteenth round)
+    "model.safetensors": "f79043be5f082e718bffe7c37e98a8792c7a67bc2e1296f9d1f270756c8fb77c",
     "special_tokens_map.json": "db82f8bd9b25d14f9c788e6bde64de84d42f1c2538f1c245ba6cb3e872d14b18",
     "tokenizer.json": "80476a34c9abd261a00973e7e142c9ffdf8c92658fe5a9c8e56fb080b0d34595",
     "tokenizer.model": "ddf1daa24c8d975cc1b8459f4718c969d41be714c59c26dd4fd037059941413f",
