@@ -159,14 +159,15 @@ def optimize_gguf_tensors(ckpt: Checkpoint, types: dict[str, GGMLType], ids: tor
             for sfx, name, qtype in todo:
                 st = stats[prefix + sfx]
                 lin = layer.get_submodule(sfx)
+                is_last = last[id(st)] == sfx
                 try:
                     data, values, loss_llama, loss, optimized = optimize_layer_tensor(
                         lin.weight.detach(), hs[id(st)], qtype, imatrix_of(st.sum_sq, st.count), feedback=feedback,
                         damp=damp, act_order=act_order, factors=factors.setdefault(id(st), {}),
-                        last=last[id(st)] == sfx)
+                        last=is_last)
                 except GemmaQuantError as e:
                     raise GemmaQuantError(f"{name}: {e}") from None
-                if last[id(st)] == sfx:  # its input's XᵀX and factor go before the next input's (31B: 1-2 GB each)
+                if is_last:  # its input's XᵀX and factor go before the next input's (31B: 1-2 GB each)
                     hs.pop(id(st)).close()
                     factors.pop(id(st))
                 rep.tensors.append(TensorResult(name, qtype, loss_llama, loss, optimized))

@@ -38,8 +38,9 @@ class Parked:
             os.unlink(path)
             self.file = os.fdopen(fd, "w+b", buffering=0)
             view = _bytes(t.contiguous())
-            for a in range(0, self.nbytes, CHUNK):
-                self.file.write(view[a:a + CHUNK])
+            done = 0
+            while done < self.nbytes:  # an unbuffered write may take fewer bytes than it was given
+                done += self.file.write(view[done:done + CHUNK])
         except OSError as e:
             self.close()
             raise GemmaQuantError(f"{directory}: cannot park a {self.nbytes / 1e9:.2f} GB calibration matrix "
