@@ -211,11 +211,16 @@ def test_demo_gguf_logits_match_llama_cpp(demo_art, llama):
         ours = demo_art.model(torch.tensor([ids]))[0]
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     rel = ((ours - ref).norm() / ref.norm()).item()
-    # Measured: top-1 0.955 (6 of 133 tokens, all with llama.cpp's top-2 margin < 0.43 logits),
-    # rel 0.040, KL 0.0056. llama.cpp rounds activations to Q8_0/Q8_K in its matmuls, keeps K/V in
-    # fp16 and looks GELU up in an fp16 table; a random tiny Gemma 3 shows the same 2-3 % gap between
-    # llama.cpp and transformers, while we equal transformers to 1e-6 (test_tiny_gguf_matches_transformers).
-    assert top1 >= 0.95, top1
+    # llama.cpp rounds activations to Q8_0/Q8_K in its matmuls, keeps K/V in fp16 and looks GELU up in
+    # an fp16 table; a random tiny Gemma 3 shows the same 2-3 % gap between llama.cpp and transformers,
+    # while we equal transformers to 1e-6 (test_tiny_gguf_matches_transformers). Which near-ties flip
+    # follows llama.cpp's kernels for the CPU: 6 of 133 tokens on an AVX-512 machine (top-1 0.955, rel
+    # 0.040, KL 0.0056), 7 of 133 on an AMD AVX2 one (0.947). So the check is on the flips themselves:
+    # each is a token llama.cpp ranks within a small margin of its own first choice.
+    flips = (ours.argmax(-1) != ref.argmax(-1)).nonzero().flatten()
+    margins = ref.amax(-1)[flips] - ref[flips, ours.argmax(-1)[flips]]
+    assert (margins < 0.5).all(), f"top-1 flips at tokens {flips.tolist()}, llama.cpp's margins {margins.tolist()}"
+    assert top1 >= 0.9, top1
     assert rel < 0.05, rel
 
 
