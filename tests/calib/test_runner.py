@@ -211,7 +211,8 @@ def test_float_target_pairs_float_and_quantized_inputs(tiny):
 def test_a_layer_and_its_statistics_are_freed_before_the_next_loads(tiny, monkeypatch, mode):
     """Only ONE decoder layer is resident: by the time layer i+1 loads, layer i's float32 weights and its
     statistics are gone by reference counting alone (Python's gc disabled). A reference cycle through a
-    Linear kept each float32 layer until gc ran: 1.8 GiB per layer on the 31B shapes (RESULTS.md §11)."""
+    Linear kept each float32 layer until gc ran: 1.8 GiB beside the next layer on the 31B shapes (RESULTS.md
+    §11, fifteenth round)."""
     import gc
     import weakref
 
