@@ -78,7 +78,7 @@ def run_cli(args: list[str], capsys) -> CliResult:
 
     old_argv, old_term, old_hup = sys.argv, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     # `--threads N` sets torch's process-wide thread count: restored, or a later test in this process
-    # computes with N threads (GPTQ's digests in test_pipeline_bytes.py depend on the thread count)
+    # computes with N threads (outside the calibration passes torch's float ops differ by thread count)
     import torch
 
     old_threads = torch.get_num_threads()
