@@ -17,7 +17,7 @@ import time
 import traceback
 
 
-def _memory() -> dict[str, float]:
+def memory() -> dict[str, float]:
     """GiB of Rss, Pss_Anon and Pss_File of this process."""
     got = {}
     with open("/proc/self/smaps_rollup") as f:
@@ -28,27 +28,28 @@ def _memory() -> dict[str, float]:
     return got
 
 
+def main_thread_frames() -> list[str]:
+    """The main thread's stack, gemmaquant's frames only, outermost first ("calib/runner.py:12 run_layers")."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    return [f"{s.filename.split('gemmaquant/')[-1]}:{s.lineno} {s.name}"
+            for s in traceback.extract_stack(frame) if "gemmaquant" in s.filename]
+
+
 def main() -> None:
     from gemmaquant.cli.app import main as cli
 
-    main_id = threading.main_thread().ident
     peak = {"anon": 0.0, "file": 0.0, "at": 0.0, "stack": []}
     t0 = time.time()
-
-    def frames() -> list[str]:
-        frame = sys._current_frames().get(main_id)
-        return [f"{s.filename.split('gemmaquant/')[-1]}:{s.lineno} {s.name}"
-                for s in traceback.extract_stack(frame) if "gemmaquant" in s.filename]
 
     def sample() -> None:
         last = 0.0
         while True:
-            m = _memory()
+            m = memory()
             if m["Pss_Anon"] > peak["anon"]:
-                peak.update(anon=m["Pss_Anon"], file=m["Pss_File"], at=time.time() - t0, stack=frames())
+                peak.update(anon=m["Pss_Anon"], file=m["Pss_File"], at=time.time() - t0, stack=main_thread_frames())
             if time.time() - last > 20:
                 last = time.time()
-                where = frames()
+                where = main_thread_frames()
                 print(f"[{time.time() - t0:6.0f} s] anonymous {m['Pss_Anon']:.2f} GiB, file {m['Pss_File']:.2f} GiB, "
                       f"in {where[-1] if where else '-'}", file=sys.stderr, flush=True)
             time.sleep(0.1)

@@ -13,20 +13,15 @@ round):
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
-import traceback
 
 import torch
+from memory_stack import main_thread_frames, memory
 
 
 def anonymous_gib() -> float:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss_Anon:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("no Pss_Anon in /proc/self/smaps_rollup")
+    return memory()["Pss_Anon"]
 
 
 def main(argv=None):
@@ -44,20 +39,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     print(f"gemmaquant from {gemmaquant.__file__}")
 
-    main_id = threading.main_thread().ident
     phase = {"name": "load"}
     peaks: dict[str, tuple[float, list[str]]] = {}
-
-    def frames() -> list[str]:
-        fr = sys._current_frames().get(main_id)
-        return [f"{s.filename.split('gemmaquant/')[-1]}:{s.lineno} {s.name}"
-                for s in traceback.extract_stack(fr) if "gemmaquant" in s.filename]
 
     def sample() -> None:
         while True:
             m, p = anonymous_gib(), phase["name"]
             if m > peaks.get(p, (0.0,))[0]:
-                peaks[p] = (m, frames()[-2:])
+                peaks[p] = (m, main_thread_frames()[-2:])
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True).start()

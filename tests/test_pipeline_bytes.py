@@ -61,13 +61,9 @@ def cpu_kind() -> str:
     return f"{vendor} {torch.backends.cpu.get_cpu_capability()}"
 
 
-def _expected(case: str, want: dict[str, str]) -> dict[str, str]:
-    """`want` with the files whose bytes this CPU kind writes differently (ON_CPU)."""
-    return {**want, **ON_CPU.get(cpu_kind(), {}).get(case, {})}
-
-
 def _check(case: str, got: dict[str, str], want: dict[str, str]) -> None:
-    expected = _expected(case, want)
+    """`got` equals `want` with the files whose bytes this CPU kind writes differently (ON_CPU)."""
+    expected = {**want, **ON_CPU.get(cpu_kind(), {}).get(case, {})}
     differ = {k: v for k, v in got.items() if expected.get(k) != v}
     assert got == expected, f"{case} on {cpu_kind()}: these files differ (their digests here): {differ}"
 
